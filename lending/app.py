@@ -1,0 +1,44 @@
+"""Running a worker: find or start Redis, run the worker, clean up."""
+
+from __future__ import annotations
+
+import structlog
+
+from .connection import check_reachable, make_client
+from .embedded import EmbeddedRedis
+from .errors import RedisUnavailable
+from .settings import Settings
+from .worker import Worker
+
+log = structlog.get_logger(__name__)
+
+
+async def run(settings: Settings) -> int:
+    """Run one worker until it is stopped; returns the exit code.
+
+    With no Redis configured, the default URL is tried first; if nothing answers there,
+    the embedded redis-server is started on 127.0.0.1:6379 with its data in
+    ``settings.data_dir``, and stopped again when the worker exits.
+    """
+    embedded: EmbeddedRedis | None = None
+    url = settings.effective_redis_url
+    client = make_client(url, max_connections=settings.concurrency * 2 + 16)
+    try:
+        try:
+            await check_reachable(client, url)
+        except RedisUnavailable:
+            if settings.redis_url is not None:
+                raise
+            await client.aclose()
+            embedded = EmbeddedRedis(settings.data_dir, port=6379)
+            log.info("no Redis at the default URL: starting the embedded redis-server",
+                     url=embedded.url, data_dir=str(settings.data_dir.resolve()))
+            embedded.start()
+            client = make_client(embedded.url, max_connections=settings.concurrency * 2 + 16)
+            await check_reachable(client, embedded.url)
+        return await Worker(settings, client).run()
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded redis-server stopped", data_dir=str(settings.data_dir.resolve()))

@@ -1,0 +1,173 @@
+"""Command lines: a thin shell that parses options into ``Settings`` and calls in.
+
+Every option can also come from an environment variable, shown in ``--help``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import app
+from .client import submit, wait_for_event
+from .connection import check_reachable, make_client, redacted
+from .errors import ConfigError, LendingError, RedisUnavailable
+from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
+from .keys import LEND, RETURN, Keys
+from .logs import configure_logging
+from .settings import DEFAULT_REDIS_URL, Settings
+
+PASSWORD_NOTE = (
+    "A password in the URL is never logged; prefer the REDIS_URL environment variable, "
+    "which (unlike an argument) does not show in ps output."
+)
+EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
+EXIT_TIMEOUT = 3
+EXIT_UNREACHABLE = 5
+
+redis_url_option = click.option(
+    "--redis-url", envvar="REDIS_URL", show_envvar=True, default=None,
+    help=f"Redis URL [default: {DEFAULT_REDIS_URL}]. {PASSWORD_NOTE}",
+)
+namespace_option = click.option(
+    "--namespace", envvar="LENDING_NAMESPACE", show_envvar=True, default="lending", show_default=True,
+    help="Key namespace: every key starts with {NAMESPACE}.",
+)
+
+
+def _int_option(name: str, default: int, help_text: str) -> Any:
+    env = "LENDING_" + name.upper().replace("-", "_")
+    return click.option(f"--{name}", type=click.IntRange(min=0), envvar=env, show_envvar=True,
+                        default=default, show_default=True, help=help_text)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("worker_id", envvar="LENDING_WORKER_ID")
+@redis_url_option
+@namespace_option
+@_int_option("storage-capacity", 20, "Books the automated storage holds.")
+@_int_option("max-books-per-user", 5, "Books one user may hold at once.")
+@_int_option("max-books-per-request", 50, "Distinct books one request may name.")
+@_int_option("claim-idle-ms", 30_000, "Take over entries idle this long on a dead consumer.")
+@_int_option("max-deliveries", 5, "Deliveries before an entry is dead-lettered.")
+@_int_option("concurrency", 64, "Requests processed at once by this worker.")
+@_int_option("worker-ttl-ms", 10_000, "Lifetime of the worker-id heartbeat key.")
+@click.option("--force", is_flag=True, envvar="LENDING_FORCE", show_envvar=True,
+              help="Start even if another live worker holds WORKER_ID.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LENDING_DATA_DIR",
+              show_envvar=True, default=Path(".lending-data"), show_default=True,
+              help="Data folder of the embedded redis-server (used when no Redis is configured).")
+@click.option("--log-format", type=click.Choice(["console", "json"]), envvar="LENDING_LOG_FORMAT",
+              show_envvar=True, default="console", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), envvar="LENDING_LOG_LEVEL",
+              show_envvar=True, default="info", show_default=True)
+@click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), envvar="LENDING_SHELVING_FAIL_RATE",
+              show_envvar=True, default=0.0, show_default=True,
+              help="Share of shelving calls that fail (simulating the remote service).")
+@click.option("--shelving-latency-ms", type=click.FloatRange(min=0), envvar="LENDING_SHELVING_LATENCY_MS",
+              show_envvar=True, default=0.0, show_default=True,
+              help="Mean latency added to each shelving call (simulating the remote service).")
+def worker_command(worker_id: str, **options: Any) -> None:
+    """Run lending worker WORKER_ID: the lending service and the shelving mock.
+
+    Without --redis-url (or REDIS_URL) it uses redis://localhost:6379, and if nothing
+    listens there it starts the embedded redis-server on 127.0.0.1:6379 with its data
+    in --data-dir. Stop with Ctrl-C or SIGTERM; a second signal exits at once.
+    """
+    configure_logging(options["log_format"], options["log_level"])
+    try:
+        settings = Settings(worker_id=worker_id, **options)
+        code = asyncio.run(app.run(settings))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except LendingError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("action", type=click.Choice(["request", "return"]))
+@click.argument("user")
+@click.argument("books", nargs=-1, required=True)
+@redis_url_option
+@namespace_option
+@click.option("--timeout", type=click.FloatRange(min=0), envvar="LENDING_TIMEOUT", show_envvar=True,
+              default=10.0, show_default=True, help="Seconds to wait for the outcome.")
+@click.option("--no-wait", is_flag=True, help="Queue the request and exit without waiting.")
+@click.option("--json", "as_json", is_flag=True, help="Print the event as one JSON object.")
+def get_books_command(
+    action: str, user: str, books: tuple[str, ...], redis_url: str | None, namespace: str,
+    timeout: float, no_wait: bool, as_json: bool,
+) -> None:
+    """Ask the library to lend (request) or take back (return) BOOKS for USER.
+
+    Prints the outcome: ACCEPTED, DENIED, RETURNED, REJECTED or FAILED, the request
+    id, the books and the reason. Exit codes: 0 accepted/returned (or queued with
+    --no-wait), 1 denied, 2 rejected or usage error, 3 no outcome within --timeout
+    (the request stays queued), 4 failed, 5 Redis unreachable.
+    """
+    stream_action = LEND if action == "request" else RETURN
+    url = redis_url or DEFAULT_REDIS_URL
+    sys.exit(asyncio.run(_get_books(url, Keys(namespace), stream_action, user, books, timeout, no_wait, as_json)))
+
+
+async def _get_books(
+    url: str, keys: Keys, action: str, user: str, books: tuple[str, ...], timeout: float, no_wait: bool, as_json: bool
+) -> int:
+    client = make_client(url)
+    try:
+        await check_reachable(client, url)
+        request_id, after = await submit(client, keys, action, user, books)
+        if no_wait:
+            click.echo(json.dumps({"status": "queued", "action": action, "request_id": request_id})
+                       if as_json else f"QUEUED {request_id}")
+            return 0
+        event = await wait_for_event(client, keys, action, request_id, after, timeout)
+    except RedisUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_UNREACHABLE
+    except OSError as exc:
+        click.echo(f"error: lost Redis at {redacted(url)}: {exc}", err=True)
+        return EXIT_UNREACHABLE
+    finally:
+        await client.aclose()
+    if event is None:
+        click.echo(
+            f"no outcome for {action} request {request_id} within {timeout:g} s; "
+            f"the request stays queued (id {request_id}) and will be processed when a worker runs",
+            err=True,
+        )
+        return EXIT_TIMEOUT
+    click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
+    return EXIT_BY_STATUS.get(event.status, 4)
+
+
+def format_event(event: Event) -> str:
+    parts = [event.status.upper(), event.request_id, "books=" + ",".join(event.books)]
+    if event.skipped:
+        parts.append("skipped=" + ",".join(event.skipped))
+    line = " ".join(parts)
+    return f"{line} reason: {event.reason}" if event.reason else line
+
+
+@click.group()
+def main() -> None:
+    """The lending service's commands."""
+
+
+main.add_command(worker_command, "worker")
+main.add_command(get_books_command, "get-books")
+
+
+def worker_main() -> None:
+    worker_command(prog_name="main.py")
+
+
+def get_books_main() -> None:
+    get_books_command(prog_name="get_books.py")

@@ -1,0 +1,41 @@
+"""Redis clients built from a URL, and the start-up reachability check."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .errors import RedisUnavailable
+
+
+def make_client(url: str, *, max_connections: int = 128) -> Redis:
+    """An asyncio client for ``url``; bytes in and out, since entries may hold any bytes."""
+    return Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=3.0,
+        # Above the XREADGROUP block time, so a blocked read never times out by itself.
+        socket_timeout=10.0,
+        max_connections=max_connections,
+        health_check_interval=30,
+    )
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':***' if user else '***'}@{host}"
+
+
+async def check_reachable(client: Redis, url: str) -> None:
+    """Raise ``RedisUnavailable`` with a one-line reason if ``client`` cannot PING."""
+    try:
+        await client.ping()
+    except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+        raise RedisUnavailable(redacted(url), str(exc) or type(exc).__name__) from exc

@@ -1,0 +1,41 @@
+"""The package's errors: one root, subclasses that carry what went wrong."""
+
+from __future__ import annotations
+
+
+class LendingError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(LendingError):
+    """A setting has a value the service cannot work with."""
+
+
+class RedisUnavailable(LendingError):
+    """Redis did not answer at ``url``."""
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(f"cannot reach Redis at {url}: {cause}")
+        self.url = url
+        self.cause = cause
+
+
+class WorkerIdTaken(LendingError):
+    """Another live process holds this worker id."""
+
+    def __init__(self, worker_id: str, key: str) -> None:
+        super().__init__(
+            f"worker id {worker_id!r} is held by another live worker ({key} exists); "
+            "pick another id, wait for its heartbeat to expire, or pass --force"
+        )
+        self.worker_id = worker_id
+        self.key = key
+
+
+class Contention(LendingError):
+    """A request could not be committed after repeated conflicts with concurrent work."""
+
+    def __init__(self, request_id: str, attempts: int) -> None:
+        super().__init__(f"request {request_id} still conflicted after {attempts} attempts")
+        self.request_id = request_id
+        self.attempts = attempts

@@ -1,0 +1,75 @@
+"""Key names of one namespace: the contract other programs rely on.
+
+Every key starts with the hash tag ``{NS}`` so that a namespace lives in one Redis
+Cluster slot, and its scripts and transactions may touch any of its keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LENDING_GROUP = "lending-service"
+SHELVING_GROUP = "shelving-service"
+
+LEND = "lend"
+RETURN = "return"
+ACTIONS = (LEND, RETURN)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds the key names of namespace ``namespace``."""
+
+    namespace: str
+
+    @property
+    def prefix(self) -> str:
+        return "{" + self.namespace + "}"
+
+    @property
+    def lend_requests(self) -> str:
+        return f"{self.prefix}:lend-requests"
+
+    @property
+    def return_requests(self) -> str:
+        return f"{self.prefix}:return-requests"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def lent_books(self) -> str:
+        return f"{self.prefix}:lent-books"
+
+    @property
+    def storage(self) -> str:
+        return f"{self.prefix}:storage"
+
+    @property
+    def shelving_state(self) -> str:
+        return f"{self.prefix}:shelving:state"
+
+    @property
+    def shelving_returns(self) -> str:
+        return f"{self.prefix}:shelving:returns"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead-letters"
+
+    def user_count(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{user_id}:count"
+
+    def reservation(self, request_id: str) -> str:
+        return f"{self.prefix}:reservations:{request_id}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:workers:{worker_id}"
+
+    def requests(self, action: str) -> str:
+        """The request stream of ``action`` (``lend`` or ``return``)."""
+        return self.lend_requests if action == LEND else self.return_requests
+
+    def action_of(self, stream: str) -> str:
+        return LEND if stream == self.lend_requests else RETURN

@@ -1,0 +1,86 @@
+"""All configuration of a worker in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://localhost:6379"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of a lending worker; the CLI builds one, tests build their own.
+
+    :param redis_url: Redis to use; ``None`` means the default URL, falling back to the
+        embedded redis-server when nothing listens there.
+    :param namespace: prefix of every key, inside a ``{}`` hash tag (one cluster slot).
+    :param storage_capacity: how many books the automated storage holds.
+    :param max_books_per_user: how many books one user may hold at once.
+    :param max_books_per_request: how many distinct books one request may name.
+    :param claim_idle_ms: entries pending on another consumer for longer are taken over.
+    :param max_deliveries: deliveries after which an entry is dead-lettered.
+    :param worker_ttl_ms: lifetime of the worker-id key, renewed while the worker lives.
+    :param read_count: entries read per XREADGROUP call.
+    :param concurrency: requests processed at the same time by one worker.
+    :param request_timeout_s: a request taking longer is abandoned and retried.
+    :param retry_idle_ms: how long a failed entry waits before its next delivery.
+    :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
+    """
+
+    worker_id: str = "worker-1"
+    redis_url: str | None = None
+    namespace: str = "lending"
+    storage_capacity: int = 20
+    max_books_per_user: int = 5
+    max_books_per_request: int = 50
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    force: bool = False
+    data_dir: Path = Path(".lending-data")
+    log_format: str = "console"
+    log_level: str = "info"
+    worker_ttl_ms: int = 10_000
+    read_count: int = 100
+    concurrency: int = 64
+    request_timeout_s: float = 10.0
+    retry_idle_ms: int = 1_000
+    shutdown_grace_s: float = 8.0
+    shelving_fail_rate: float = 0.0
+    shelving_latency_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = list(self._problems())
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        out = []
+        if not self.namespace or any(c in self.namespace for c in "{}") or self.namespace.strip() != self.namespace:
+            out.append(f"namespace {self.namespace!r} must be non-empty, without braces or outer spaces")
+        if not self.worker_id or len(self.worker_id) > 128 or not self.worker_id.isprintable():
+            out.append(f"worker id {self.worker_id!r} must be 1-128 printable characters")
+        for name in ("max_books_per_user", "max_books_per_request", "max_deliveries", "read_count", "concurrency"):
+            if getattr(self, name) < 1:
+                out.append(f"{name.replace('_', '-')} must be at least 1")
+        for name in ("storage_capacity", "claim_idle_ms", "retry_idle_ms"):
+            if getattr(self, name) < 0:
+                out.append(f"{name.replace('_', '-')} must not be negative")
+        if self.worker_ttl_ms < 1000:
+            out.append("worker ttl must be at least 1000 ms")
+        if not 0.0 <= self.shelving_fail_rate <= 1.0:
+            out.append("shelving fail rate must be between 0 and 1")
+        if self.log_format not in ("console", "json"):
+            out.append("log format must be console or json")
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL

@@ -1,0 +1,96 @@
+"""A mock of the remote shelving service, run beside the lending service.
+
+Books are handed out with an idempotent ``get_book(book_id, context_id)``: asking again
+with the same context answers yes again. Books come back through the
+``{NS}:shelving:returns`` stream, consumed by the ``shelving-service`` group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
+from .errors import LendingError
+from .keys import SHELVING_GROUP, Keys
+from .scripts import Scripts
+from .stream import Delivery
+
+
+class Grant(enum.IntEnum):
+    """The shelving service's answer for one book."""
+
+    REFUSED = 0  # handed out to another context
+    NEW = 1  # handed out to this context now
+    HELD = 2  # already handed out to this context (a retry)
+
+
+class ShelvingUnavailable(LendingError):
+    """The (simulated) remote shelving service failed to answer."""
+
+
+class ShelvingService:
+    """The shelving mock. ``fail_rate`` and ``latency_ms`` simulate a remote service."""
+
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        scripts: Scripts,
+        *,
+        fail_rate: float = 0.0,
+        latency_ms: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._scripts = scripts
+        self._fail_rate = fail_rate
+        self._latency_s = latency_ms / 1000.0
+        self._rng = rng or random.Random()
+
+    async def get_books(self, book_ids: Sequence[str], context_id: str) -> dict[str, Grant]:
+        """Hand out each of ``book_ids`` to ``context_id`` if it can; one call for all."""
+        if self._latency_s:
+            await asyncio.sleep(self._rng.uniform(0.5, 1.5) * self._latency_s)
+        if self._fail_rate and self._rng.random() < self._fail_rate:
+            raise ShelvingUnavailable("shelving service did not answer (simulated failure)")
+        codes = await self._scripts.shelving_get(
+            self._client, [self._keys.shelving_state], [context_id, *book_ids]
+        )
+        return {book: Grant(int(code)) for book, code in zip(book_ids, codes)}
+
+    async def get_book(self, book_id: str, context_id: str) -> bool:
+        """The remote API of the book: may ``context_id`` have ``book_id``?"""
+        grants = await self.get_books([book_id], context_id)
+        return grants[book_id] is not Grant.REFUSED
+
+    async def release(self, delivery: Delivery) -> bool:
+        """Apply one ``shelving:returns`` entry; ``False`` when it was already applied."""
+        raw = delivery.fields.get(b"book_ids", b"")
+        books = [book for book in raw.decode("utf-8", "replace").split(",") if book]
+        done = await self._scripts.shelving_release(
+            self._client,
+            [self._keys.shelving_returns, self._keys.shelving_state],
+            [SHELVING_GROUP, delivery.entry_id, *books],
+        )
+        return bool(done)
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        """A returns entry that keeps failing: park it, acknowledged, with the error."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.xack(self._keys.shelving_returns, SHELVING_GROUP, delivery.entry_id)
+            pipe.xadd(
+                self._keys.dead_letters,
+                {
+                    "stream": self._keys.shelving_returns,
+                    "entry_id": delivery.entry_id,
+                    "error": error,
+                    "deliveries": str(delivery.deliveries),
+                    **{f"field:{k.decode('utf-8', 'replace')}": v for k, v in delivery.fields.items()},
+                },
+            )
+            await pipe.execute()

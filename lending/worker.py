@@ -1,0 +1,161 @@
+"""A worker process: the lending service and the shelving mock, consuming side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import uuid
+from functools import partial
+
+import structlog
+from redis.asyncio import Redis
+
+from .errors import WorkerIdTaken
+from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from .scripts import Scripts
+from .service import LendingService
+from .settings import Settings
+from .shelving import ShelvingService
+from .stream import ConsumerConfig, StreamConsumer, is_transient
+
+log = structlog.get_logger(__name__)
+
+READY_MESSAGE = "Ready to process events..."
+
+
+class Worker:
+    """Runs the consumers of one worker id until a signal (or ``handle_sig``) stops it.
+
+    :param settings: the worker's configuration.
+    :param client: a connected Redis client; the worker does not close it.
+    :param handle_signals: install SIGINT/SIGTERM handlers (off for tests and embedding).
+    """
+
+    def __init__(self, settings: Settings, client: Redis, *, handle_signals: bool = True) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._client = client
+        self._handle_signals = handle_signals
+        self._scripts = Scripts()
+        self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.shelving = ShelvingService(
+            client,
+            self.keys,
+            self._scripts,
+            fail_rate=settings.shelving_fail_rate,
+            latency_ms=settings.shelving_latency_ms,
+        )
+        self.lending = LendingService(client, settings, self._scripts, self.shelving)
+        config = ConsumerConfig(
+            group=LENDING_GROUP,
+            consumer=settings.worker_id,
+            concurrency=settings.concurrency,
+            read_count=settings.read_count,
+            claim_idle_ms=settings.claim_idle_ms,
+            retry_idle_ms=settings.retry_idle_ms,
+            max_deliveries=settings.max_deliveries,
+            handler_timeout_s=settings.request_timeout_s,
+        )
+        self.consumers = [
+            StreamConsumer(
+                client,
+                [self.keys.lend_requests, self.keys.return_requests],
+                config,
+                self.lending.handle,
+                self.lending.dead_letter,
+                name="lending-service",
+            ),
+            StreamConsumer(
+                client,
+                [self.keys.shelving_returns],
+                ConsumerConfig(**{**vars(config), "group": SHELVING_GROUP}),
+                self.shelving.release,
+                self.shelving.dead_letter,
+                name="shelving-service",
+            ),
+        ]
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self.lost_id = False
+
+    async def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        await self._claim_id()
+        await self._scripts.load(self._client)
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, partial(self.handle_sig, sig))
+        tasks = [asyncio.create_task(consumer.run()) for consumer in self.consumers]
+        heartbeat = asyncio.create_task(self._heartbeat())
+        print(READY_MESSAGE, flush=True)
+        log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
+        try:
+            await self._stop.wait()
+        finally:
+            for consumer in self.consumers:
+                consumer.stop()
+            await asyncio.wait(tasks, timeout=2.0)
+            drained = all(
+                await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers))
+            )
+            for task in (*tasks, heartbeat):
+                task.cancel()
+            await asyncio.gather(*tasks, heartbeat, return_exceptions=True)
+            await self._release_id()
+            log.info(
+                "worker stopped",
+                processed=sum(c.processed for c in self.consumers),
+                failures=sum(c.failures for c in self.consumers),
+                drained=drained,
+            )
+        return 1 if self.lost_id else 0
+
+    def handle_sig(self, signum: int) -> None:
+        """First signal: stop reading and finish in-flight work. Second: exit at once."""
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now; unfinished entries stay pending", signal=signum)
+            os._exit(128 + signum)
+        log.info("stopping: finishing in-flight requests", signal=signal.Signals(signum).name,
+                 inflight=sum(c.inflight for c in self.consumers))
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _claim_id(self) -> None:
+        key = self.keys.worker(self.settings.worker_id)
+        held = await self._scripts.worker_claim(
+            self._client, [key], [self._token, self.settings.worker_ttl_ms, 1 if self.settings.force else 0]
+        )
+        if not held:
+            raise WorkerIdTaken(self.settings.worker_id, key)
+
+    async def _heartbeat(self) -> None:
+        key = self.keys.worker(self.settings.worker_id)
+        interval = self.settings.worker_ttl_ms / 3000.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await self._scripts.worker_claim(
+                    self._client, [key], [self._token, self.settings.worker_ttl_ms, 0]
+                )
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("heartbeat failed")
+                continue
+            if not held:
+                log.error("another process took over this worker id (--force); stopping",
+                          worker_id=self.settings.worker_id)
+                self.lost_id = True
+                self._stop.set()
+                return
+
+    async def _release_id(self) -> None:
+        try:
+            await self._scripts.worker_release(self._client, [self.keys.worker(self.settings.worker_id)], [self._token])
+        except Exception as exc:
+            log.warning("could not release the worker id; it expires by itself", error=str(exc))
