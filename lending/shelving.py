@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 
 from .errors import LendingError
+from .faults import fault_point
 from .keys import SHELVING_GROUP, Keys
 from .scripts import Scripts
 from .stream import Delivery
@@ -72,6 +73,7 @@ class ShelvingService:
         """Apply one ``shelving:returns`` entry; ``False`` when it was already applied."""
         raw = delivery.fields.get(b"book_ids", b"")
         books = [book for book in raw.decode("utf-8", "replace").split(",") if book]
+        fault_point("before_release")
         done = await self._scripts.shelving_release(
             self._client,
             [self._keys.shelving_returns, self._keys.shelving_state],

