@@ -1,0 +1,302 @@
+"""Reliability: duplicate processing, the per-user limit under concurrency, poison
+entries, NOSCRIPT and Redis restarts, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from lending.connection import make_client
+from lending.embedded import EmbeddedRedis, free_port
+from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.scripts import Scripts
+from lending.service import LendingService
+from lending.settings import Settings
+from lending.shelving import Grant, ShelvingService
+from lending.stream import Delivery, ensure_group
+from lending.worker import Worker
+
+from .conftest import StartWorker
+from .support import all_events, event_for, send, start_worker_process, stop_process, wait_until
+
+
+class PausableShelving(ShelvingService):
+    """The real shelving mock, but its calls wait at a gate the test opens."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.reached = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get_books(self, book_ids, context_id):  # type: ignore[no-untyped-def]
+        self.reached.set()
+        await self.gate.wait()
+        return await super().get_books(book_ids, context_id)
+
+
+async def deliver(redis: Redis, keys: Keys, consumer: str, entry_id: str, *, claim: bool) -> Delivery:
+    """The entry as delivered to ``consumer``: read new, or claimed from another."""
+    stream = keys.lend_requests
+    if claim:
+        ((_, fields),) = await redis.xclaim(stream, LENDING_GROUP, consumer, 0, [entry_id])
+    else:
+        ((_, ((_, fields),)),) = await redis.xreadgroup(LENDING_GROUP, consumer, {stream: ">"}, count=1)
+    return Delivery(stream, entry_id, fields, 1)
+
+
+def services(redis: Redis, settings: Settings) -> tuple[LendingService, PausableShelving, LendingService]:
+    scripts = Scripts()
+    keys = Keys(settings.namespace)
+    paused_shelving = PausableShelving(redis, keys, scripts)
+    paused = LendingService(redis, settings, scripts, paused_shelving)
+    live = LendingService(redis, settings, scripts, ShelvingService(redis, keys, scripts))
+    return paused, paused_shelving, live
+
+
+async def drain_shelving_returns(redis: Redis, keys: Keys, settings: Settings) -> None:
+    """Act as the shelving consumer until its stream is fully processed."""
+    scripts = Scripts()
+    shelving = ShelvingService(redis, keys, scripts)
+    await ensure_group(redis, keys.shelving_returns, SHELVING_GROUP)
+    while reply := await redis.xreadgroup(SHELVING_GROUP, "test", {keys.shelving_returns: ">"}, count=100):
+        for _, entries in reply:
+            for entry_id, fields in entries:
+                await shelving.release(Delivery(keys.shelving_returns, entry_id.decode(), fields, 1))
+
+
+async def stock_storage(redis: Redis, keys: Keys, *books: str) -> None:
+    """Put books in storage the way a return does: fetched from shelving earlier."""
+    await redis.hset(keys.shelving_state, mapping={book: "earlier-request" for book in books})
+    await redis.sadd(keys.storage, *books)
+
+
+async def assert_consistent(redis: Redis, keys: Keys, settings: Settings) -> None:
+    lent = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.lent_books)).items()}
+    storage = {b.decode() for b in await redis.smembers(keys.storage)}
+    shelved = {k.decode() for k in await redis.hkeys(keys.shelving_state)}
+    assert not set(lent) & storage, "a book is both lent and in storage"
+    assert len(storage) <= settings.storage_capacity
+    assert shelved == set(lent) | storage, "shelving state differs from lent + storage"
+    for user in set(lent.values()):
+        count = int(await redis.get(keys.user_count(user)) or 0)
+        assert count == sum(1 for u in lent.values() if u == user) <= settings.max_books_per_user
+    assert not [k async for k in redis.scan_iter(match=keys.reservation("*"))]
+
+
+# -- two workers processing the same entry ---------------------------------------
+
+
+async def test_paused_worker_commits_nothing_when_another_finished_the_lend(
+    redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    await stock_storage(redis, keys, "from-storage")
+    entry = await send(redis, keys, "lend", "ada", ["from-storage", "from-shelving"])
+    paused, gate, live = services(redis, settings)
+
+    # Worker A reserves the storage book, then stalls in its shelving call.
+    stalled = asyncio.create_task(paused.process(await deliver(redis, keys, "A", entry, claim=False)))
+    await gate.reached.wait()
+    # Worker B takes the entry over and finishes it.
+    event = await live.process(await deliver(redis, keys, "B", entry, claim=True))
+    assert event is not None and event.status == "accepted"
+    assert set(event.books) == {"from-storage", "from-shelving"}
+
+    gate.gate.set()
+    assert await stalled is None  # A noticed and committed nothing
+    assert len(await all_events(redis, keys)) == 1
+    assert await redis.hget(keys.lent_books, "from-shelving") == b"ada"
+    assert await redis.get(keys.user_count("ada")) == b"2"
+    await assert_consistent(redis, keys, settings)
+
+
+async def test_paused_worker_leaves_alone_a_book_another_request_now_holds(
+    redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    settings = settings.replace(max_books_per_user=1)
+    entry = await send(redis, keys, "lend", "ada", ["b1", "b2"])
+    paused, gate, live = services(redis, settings)
+
+    stalled = asyncio.create_task(paused.process(await deliver(redis, keys, "A", entry, claim=False)))
+    await gate.reached.wait()
+    # B finishes it: over ada's limit, so both books go back to storage ...
+    event = await live.process(await deliver(redis, keys, "B", entry, claim=True))
+    assert event is not None and event.status == "denied"
+    assert {b.decode() for b in await redis.smembers(keys.storage)} == {"b1", "b2"}
+    # ... and another request takes b2 from there.
+    other = await send(redis, keys, "lend", "bob", ["b2"])
+    taken = await live.process(await deliver(redis, keys, "B", other, claim=False))
+    assert taken is not None and taken.books == ("b2",)
+
+    # A resumes: the shelving service still says b1/b2 are "held" for A's request.
+    gate.gate.set()
+    assert await stalled is None
+    assert await redis.hget(keys.lent_books, "b2") == b"bob"
+    assert await redis.sismember(keys.storage, "b1")
+    assert await redis.xlen(keys.shelving_returns) == 0  # nothing handed back by A
+    assert len(await all_events(redis, keys)) == 2
+    await assert_consistent(redis, keys, settings)
+
+
+async def test_paused_worker_gives_back_a_book_it_got_after_the_entry_was_finished(
+    redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    settings = settings.replace(max_books_per_user=1, storage_capacity=0)
+    entry = await send(redis, keys, "lend", "ada", ["b1", "b2"])
+    paused, gate, live = services(redis, settings)
+
+    stalled = asyncio.create_task(paused.process(await deliver(redis, keys, "A", entry, claim=False)))
+    await gate.reached.wait()
+    event = await live.process(await deliver(redis, keys, "B", entry, claim=True))
+    assert event is not None and event.status == "denied"
+    await drain_shelving_returns(redis, keys, settings)  # shelving took b1 and b2 back
+    assert await redis.hlen(keys.shelving_state) == 0
+
+    # A resumes and is handed b1/b2 anew; it must hand them straight back.
+    gate.gate.set()
+    assert await stalled is None
+    await drain_shelving_returns(redis, keys, settings)
+    assert await redis.hlen(keys.shelving_state) == 0
+    assert len(await all_events(redis, keys)) == 1
+    await assert_consistent(redis, keys, settings)
+
+
+async def test_shelving_grants_are_idempotent_per_context(redis: Redis, keys: Keys) -> None:
+    shelving = ShelvingService(redis, keys, Scripts())
+    assert await shelving.get_books(["b"], "r1") == {"b": Grant.NEW}
+    assert await shelving.get_books(["b"], "r1") == {"b": Grant.HELD}
+    assert await shelving.get_book("b", "r1") is True
+    assert await shelving.get_book("b", "r2") is False
+
+
+# -- the per-user limit under concurrency ----------------------------------------
+
+
+async def test_limit_holds_for_concurrent_requests_over_two_worker_processes(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    workers = [start_worker_process(f"w{i}", redis_url, namespace) for i in (1, 2)]
+    try:
+        ids = await asyncio.gather(*(send(redis, keys, "lend", "greedy", [f"book-{n}"]) for n in range(40)))
+        events = [await event_for(redis, keys, "lend", entry, timeout_s=30) for entry in ids]
+    finally:
+        for proc in workers:
+            assert stop_process(proc)[0] == 0
+    accepted = [e for e in events if e.status == "accepted"]
+    assert len(accepted) == 5
+    assert await redis.get(keys.user_count("greedy")) == b"5"
+    lent = await redis.hgetall(keys.lent_books)
+    assert sorted(lent.values()) == [b"greedy"] * 5
+    assert len(await all_events(redis, keys)) == 40
+
+
+# -- poison entries ----------------------------------------------------------------
+
+
+async def test_entry_that_keeps_failing_is_dead_lettered_with_a_failed_event(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    await stock_storage(redis, keys, "in-storage")
+    await start_worker(shelving_fail_rate=1.0, max_deliveries=3)
+    entry = await send(redis, keys, "lend", "ada", ["in-storage", "on-shelf"])
+    event = await event_for(redis, keys, "lend", entry)
+    assert event.status == "failed"
+    assert "ShelvingUnavailable" in event.reason
+    ((_, letter),) = await redis.xrange(keys.dead_letters)
+    assert letter[b"request_id"] == entry.encode()
+    assert letter[b"deliveries"] == b"3"
+    assert b"ShelvingUnavailable" in letter[b"error"]
+    assert letter[b"book_ids"] == b"in-storage,on-shelf"
+    # The book reserved from storage went back there; nothing is left pending.
+    assert await redis.smembers(keys.storage) == {b"in-storage"}
+    assert (await redis.xpending(keys.lend_requests, LENDING_GROUP))["pending"] == 0
+    assert len(await all_events(redis, keys)) == 1
+
+
+# -- Redis forgetting scripts, restarting ------------------------------------------
+
+
+async def test_script_flush_is_survived(redis: Redis, keys: Keys, start_worker: StartWorker) -> None:
+    await start_worker()
+    first = await send(redis, keys, "lend", "ada", ["b1"])
+    assert (await event_for(redis, keys, "lend", first)).status == "accepted"
+    await redis.script_flush()
+    second = await send(redis, keys, "lend", "ada", ["b2"])
+    assert (await event_for(redis, keys, "lend", second)).status == "accepted"
+    third = await send(redis, keys, "return", "ada", ["b1", "b2"])
+    assert (await event_for(redis, keys, "return", third)).status == "returned"
+
+
+async def test_worker_rides_out_a_redis_restart(tmp_path: Path, namespace: str) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    server.start()
+    keys = Keys(namespace)
+    client = make_client(server.url)
+    worker_client = make_client(server.url)
+    settings = Settings(worker_id="w1", redis_url=server.url, namespace=namespace, retry_idle_ms=100)
+    worker = Worker(settings, worker_client, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    try:
+        first = await send(client, keys, "lend", "ada", ["b1"])
+        assert (await event_for(client, keys, "lend", first)).status == "accepted"
+        server.kill()
+        await asyncio.sleep(0.5)
+        server.start()  # same port, same data: the append-only file brings state back
+        await reconnected(client)
+        second = await send(client, keys, "lend", "ada", ["b2"])
+        assert (await event_for(client, keys, "lend", second, timeout_s=20)).status == "accepted"
+        assert await client.get(keys.user_count("ada")) == b"2"
+        assert not task.done()
+    finally:
+        worker.stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await client.aclose()
+        await worker_client.aclose()
+        server.stop()
+
+
+async def reconnected(client: Redis) -> None:
+    """Ping until the client's pooled connections have been replaced."""
+
+    async def answers() -> bool:
+        try:
+            return bool(await client.ping())
+        except (ConnectionError, RedisConnectionError):
+            return False
+
+    await wait_until(answers)
+
+
+# -- shutdown ----------------------------------------------------------------------
+
+
+async def test_sigterm_handler_stops_the_worker_cleanly(redis: Redis, keys: Keys, settings: Settings) -> None:
+    client = make_client(settings.effective_redis_url)
+    worker = Worker(settings, client, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: redis.exists(keys.worker("w1")))
+    worker.handle_sig(signal.SIGTERM)
+    assert await asyncio.wait_for(task, 10) == 0
+    assert not await redis.exists(keys.worker("w1"))  # the id is free again
+    await client.aclose()
+
+
+@pytest.mark.parametrize("force", [False, True])
+async def test_worker_id_held_by_a_live_worker(
+    redis: Redis, keys: Keys, start_worker: StartWorker, force: bool
+) -> None:
+    from lending.errors import WorkerIdTaken
+
+    await start_worker()
+    if force:
+        await start_worker(force=True)
+    else:
+        with pytest.raises(WorkerIdTaken):
+            await start_worker()
