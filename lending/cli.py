@@ -9,7 +9,8 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -21,6 +22,8 @@ from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from .keys import LEND, RETURN, Keys
 from .logs import configure_logging
 from .settings import DEFAULT_REDIS_URL, Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 PASSWORD_NOTE = (
     "A password in the URL is never logged; prefer the REDIS_URL environment variable, "
@@ -40,7 +43,7 @@ namespace_option = click.option(
 )
 
 
-def _int_option(name: str, default: int, help_text: str) -> Any:
+def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
     env = "LENDING_" + name.upper().replace("-", "_")
     return click.option(f"--{name}", type=click.IntRange(min=0), envvar=env, show_envvar=True,
                         default=default, show_default=True, help=help_text)

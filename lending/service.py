@@ -163,7 +163,7 @@ class LendingService:
                     await pipe.watch(count_key)
                     held = int(await pipe.get(count_key) or 0)
                     decision = decide_loan(held, len(reserved), self._settings.max_books_per_user)
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     if decision.allowed:
                         event = Event(request.request_id, LEND, request.user_id, ACCEPTED, tuple(reserved), skipped)
                         self._scripts.lend.queue(

@@ -83,16 +83,16 @@ class ShelvingService:
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         """A returns entry that keeps failing: park it, acknowledged, with the error."""
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.xack(self._keys.shelving_returns, SHELVING_GROUP, delivery.entry_id)
-            pipe.xadd(
-                self._keys.dead_letters,
-                {
-                    "stream": self._keys.shelving_returns,
-                    "entry_id": delivery.entry_id,
-                    "error": error,
-                    "deliveries": str(delivery.deliveries),
-                    **{f"field:{k.decode('utf-8', 'replace')}": v for k, v in delivery.fields.items()},
-                },
-            )
-            await pipe.execute()
+        keys = self._keys
+        letter: list[str | bytes] = [
+            "stream", keys.shelving_returns, "entry_id", delivery.entry_id,
+            "error", error, "deliveries", str(delivery.deliveries),
+        ]
+        if b"book_ids" in delivery.fields:
+            letter += ["book_ids", delivery.fields[b"book_ids"]]
+        # finish.lua without reservation or event: the XACK guard keeps it to one letter.
+        await self._scripts.finish(
+            self._client,
+            [keys.shelving_returns, keys.events, keys.storage, keys.reservation("-"), keys.shelving_returns, keys.dead_letters],
+            [SHELVING_GROUP, delivery.entry_id, 0, 0, 0, *letter],
+        )

@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
@@ -45,6 +45,10 @@ class Delivery:
     fields: dict[bytes, bytes]
     deliveries: int
 
+
+# Replies of XREADGROUP / XCLAIM as parsed by redis-py with decode_responses=False.
+Entries = list[tuple[bytes | None, dict[bytes, bytes] | None]]
+StreamsReply = list[tuple[bytes, Entries]]
 
 Handler = Callable[[Delivery], Awaitable[Any]]
 DeadLetterHandler = Callable[[Delivery, str], Awaitable[Any]]
@@ -179,10 +183,10 @@ class StreamConsumer:
             count=min(self._config.read_count, free),
             block=self._config.block_ms,
         )
-        for stream_raw, entries in reply or []:
-            stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw
+        for stream_raw, entries in cast(StreamsReply, reply or []):
+            stream = text(stream_raw)
             for entry_id, fields in entries:
-                self._dispatch(Delivery(stream, _text(entry_id), fields or {}, 1))
+                self._dispatch(Delivery(stream, text(entry_id), fields or {}, 1))
 
     async def _claim_abandoned(self) -> None:
         """Take over entries idle on other consumers for longer than ``claim_idle_ms``."""
@@ -214,7 +218,7 @@ class StreamConsumer:
             free = self._config.concurrency - len(self._inflight)
             if free <= 0:
                 return
-            pending = await self._client.xpending_range(
+            pending: list[dict[str, Any]] = await self._client.xpending_range(
                 stream,
                 self._config.group,
                 min="-",
@@ -224,9 +228,9 @@ class StreamConsumer:
                 idle=min_idle_ms or None,
             )
             waiting = {
-                _text(p["message_id"]): int(p["times_delivered"])
+                text(p["message_id"]): int(p["times_delivered"])
                 for p in pending
-                if (stream, _text(p["message_id"])) not in self._inflight
+                if (stream, text(p["message_id"])) not in self._inflight
             }
             if not waiting:
                 continue
@@ -235,10 +239,10 @@ class StreamConsumer:
                 stream, self._config.group, self._config.consumer, min_idle_ms, list(waiting)
             )
             found: set[str] = set()
-            for entry_id, fields in entries:
+            for entry_id, fields in cast(Entries, entries):
                 if entry_id is None:  # Redis 6.2: a deleted entry still pending
                     continue
-                entry = _text(entry_id)
+                entry = text(entry_id)
                 found.add(entry)
                 self._dispatch(Delivery(stream, entry, fields or {}, waiting[entry] + 1))
             for entry in set(waiting) - found:
@@ -311,5 +315,6 @@ class StreamConsumer:
             pass
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str | None) -> str:
+    assert value is not None  # only called on IDs and names, which Redis always sends
     return value.decode() if isinstance(value, bytes) else value
