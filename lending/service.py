@@ -102,7 +102,24 @@ class LendingService:
         for name in (b"user_id", b"book_ids"):
             if name in delivery.fields:
                 letter[name.decode()] = delivery.fields[name]
+        if action == LEND and books:
+            await self._collect_unrecorded_grants(delivery.entry_id, books)
         await self._finish(action, delivery.entry_id, event, letter)
+
+    async def _collect_unrecorded_grants(self, request_id: str, books: Sequence[str]) -> None:
+        """Put into the reservation the books shelving handed to this request that a
+        crashed attempt never recorded, so that finishing gives them back too."""
+        try:
+            held = await self._shelving.held_for(books, request_id)
+            if held:
+                keys = self._keys
+                await self._scripts.record_grants(
+                    self._client,
+                    [keys.lend_requests, keys.reservation(request_id), keys.shelving_returns],
+                    [LENDING_GROUP, request_id, 0, *held],
+                )
+        except Exception as exc:  # best effort: the dead letter matters more
+            log.warning("could not look for unrecorded shelving grants", request_id=request_id, error=str(exc))
 
     # -- lend -------------------------------------------------------------------
 

@@ -64,6 +64,13 @@ class ShelvingService:
         )
         return {book: Grant(int(code)) for book, code in zip(book_ids, codes)}
 
+    async def held_for(self, book_ids: Sequence[str], context_id: str) -> list[str]:
+        """Which of ``book_ids`` are handed out to ``context_id`` (asks, changes nothing)."""
+        if not book_ids:
+            return []
+        owners = await self._client.hmget(self._keys.shelving_state, list(book_ids))
+        return [book for book, owner in zip(book_ids, owners) if owner == context_id.encode()]
+
     async def get_book(self, book_id: str, context_id: str) -> bool:
         """The remote API of the book: may ``context_id`` have ``book_id``?"""
         grants = await self.get_books([book_id], context_id)

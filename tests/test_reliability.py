@@ -300,3 +300,34 @@ async def test_worker_id_held_by_a_live_worker(
     else:
         with pytest.raises(WorkerIdTaken):
             await start_worker()
+
+
+async def test_crash_loop_after_the_shelving_call_ends_in_a_dead_letter_losing_no_book(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, settings: Settings
+) -> None:
+    entry = await send(redis, keys, "lend", "ada", ["b1", "b2"])
+    args = ("--max-deliveries", "2", "--force", "--storage-capacity", "1")
+    for _ in range(2):  # each delivery dies right after shelving handed the books out
+        proc = start_worker_process("w1", redis_url, namespace, *args, LENDING_FAULT="after_shelving")
+        assert proc.wait(timeout=20) == 86
+        stop_process(proc)
+    assert await redis.hgetall(keys.shelving_state) == {b"b1": entry.encode(), b"b2": entry.encode()}
+    # The third delivery is one too many: dead-lettered, and the grants given back.
+    proc = start_worker_process("w1", redis_url, namespace, *args, LENDING_FAULT="after_shelving")
+    try:
+        event = await event_for(redis, keys, "lend", entry)
+        assert event.status == "failed"
+        await wait_until(lambda: redis.hlen(keys.shelving_state), timeout_s=10)
+        await wait_until(lambda: _shelving_settled(redis, keys))
+    finally:
+        assert stop_process(proc)[0] == 0
+    assert await redis.xlen(keys.dead_letters) == 1
+    await assert_consistent(redis, keys, settings.replace(storage_capacity=1))
+    assert await redis.scard(keys.storage) == 1 and await redis.hlen(keys.shelving_state) == 1
+
+
+async def _shelving_settled(redis: Redis, keys: Keys) -> bool:
+    groups = await redis.xinfo_groups(keys.shelving_returns)
+    pending = sum(int(g["pending"]) for g in groups)
+    last = await redis.xrevrange(keys.shelving_returns, count=1)
+    return pending == 0 and bool(last) and all(g["last-delivered-id"] == last[0][0] for g in groups)
