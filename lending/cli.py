@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import app
+from . import app, checker
 from .client import submit, wait_for_event
 from .connection import check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
@@ -159,6 +159,55 @@ def format_event(event: Event) -> str:
     return f"{line} reason: {event.reason}" if event.reason else line
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@redis_url_option
+@namespace_option
+@_int_option("max-books-per-user", 5, "The per-user limit to assume.")
+@_int_option("storage-capacity", 20, "The storage capacity to assume.")
+@click.option("--wait-quiescent", "wait_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              metavar="SECONDS", help="First wait up to SECONDS for the namespace to become quiescent.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_command(
+    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, wait_s: float, as_json: bool
+) -> None:
+    """Check the invariants of a namespace; exit 0 when clean, 1 otherwise.
+
+    Always: each user's count equals their books in lent-books and is within the
+    limit; no book is both lent and in storage; storage within its capacity. Once
+    quiescent (requests all read and acknowledged, shelving returns drained, no
+    reservations): shelving holds exactly the lent and stored books; every request
+    entry has exactly one event and every event names an entry; no reservation left.
+    """
+    url = redis_url or DEFAULT_REDIS_URL
+    sys.exit(asyncio.run(_check(url, namespace, max_books_per_user, storage_capacity, wait_s, as_json)))
+
+
+async def _check(url: str, namespace: str, limit: int, capacity: int, wait_s: float, as_json: bool) -> int:
+    client = make_client(url)
+    try:
+        await check_reachable(client, url)
+        report = await checker.check(client, namespace, limit, capacity, wait_s)
+    except RedisUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    finally:
+        await client.aclose()
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+    else:
+        click.echo(format_report(report))
+    return 0 if report.clean else 1
+
+
+def format_report(report: checker.Report) -> str:
+    scope = "all invariants" if report.quiescent else "not quiescent: only the always-invariants"
+    if report.clean:
+        return f"OK: namespace {report.namespace!r} is consistent ({scope} checked)"
+    lines = [f"FAILED: {len(report.violations)} violation(s) in namespace {report.namespace!r} ({scope} checked)"]
+    lines += [f"  [{v.invariant}] {v.message}  keys: {', '.join(v.keys)}" for v in report.violations]
+    return "\n".join(lines)
+
+
 @click.group()
 def main() -> None:
     """The lending service's commands."""
@@ -166,6 +215,7 @@ def main() -> None:
 
 main.add_command(worker_command, "worker")
 main.add_command(get_books_command, "get-books")
+main.add_command(check_command, "check")
 
 
 def worker_main() -> None:

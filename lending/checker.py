@@ -1,0 +1,286 @@
+"""The invariant checker: reads a namespace and reports every inconsistency.
+
+``check_state`` is pure: it takes a ``Snapshot`` and the limits to assume. Reading the
+snapshot, and waiting for quiescence, are the only Redis I/O here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .keys import ACTIONS, LENDING_GROUP, SHELVING_GROUP, Keys
+
+PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    message: str
+    keys: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"invariant": self.invariant, "message": self.message, "keys": list(self.keys)}
+
+
+@dataclass
+class GroupState:
+    """How far one consumer group is through its stream."""
+
+    stream: str
+    group: str
+    pending: int
+    unread: bool  # entries added after the group's last delivered ID
+
+    @property
+    def done(self) -> bool:
+        return self.pending == 0 and not self.unread
+
+
+@dataclass
+class Snapshot:
+    """What the checker needs of one namespace, read from Redis."""
+
+    namespace: str
+    lent: dict[str, str] = field(default_factory=dict)  # book -> user
+    counts: dict[str, str] = field(default_factory=dict)  # user -> raw count value
+    storage: set[str] = field(default_factory=set)
+    shelving: dict[str, str] = field(default_factory=dict)  # book -> context
+    reservations: list[str] = field(default_factory=list)  # keys
+    requests: dict[str, list[str]] = field(default_factory=dict)  # action -> entry ids in the stream
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (event id, action, request id)
+    groups: list[GroupState] = field(default_factory=list)
+
+    @property
+    def quiescent(self) -> bool:
+        return not self.reservations and all(g.done for g in self.groups)
+
+
+def check_state(snapshot: Snapshot, max_books_per_user: int, storage_capacity: int, *, quiescent: bool | None = None) -> list[Violation]:
+    """Every violated invariant of ``snapshot``.
+
+    The invariants about shelving, events and reservations only hold once the service
+    is quiescent; they are checked when ``quiescent`` (default: the snapshot's own
+    quiescence) is true.
+    """
+    keys = Keys(snapshot.namespace)
+    out = _check_counts(snapshot, keys, max_books_per_user)
+    out += _check_storage(snapshot, keys, storage_capacity)
+    if snapshot.quiescent if quiescent is None else quiescent:
+        out += _check_shelving(snapshot, keys)
+        out += _check_events(snapshot, keys)
+        out += [
+            Violation("no-reservations", "a reservation is left over although nothing is in progress", (key,))
+            for key in snapshot.reservations
+        ]
+    return out
+
+
+def _check_counts(snapshot: Snapshot, keys: Keys, limit: int) -> list[Violation]:
+    out = []
+    held = Counter(snapshot.lent.values())
+    for user in sorted(set(held) | set(snapshot.counts)):
+        raw = snapshot.counts.get(user, "0")
+        key = keys.user_count(user)
+        try:
+            count = int(raw)
+        except ValueError:
+            out.append(Violation("count-matches-lent-books", f"count of {user!r} is not an integer: {raw!r}", (key,)))
+            continue
+        if count < 0:
+            out.append(Violation("count-not-negative", f"count of {user!r} is negative: {count}", (key,)))
+        if count != held[user]:
+            out.append(Violation(
+                "count-matches-lent-books",
+                f"count of {user!r} is {count} but {held[user]} books in lent-books name them",
+                (key, keys.lent_books),
+            ))
+        if max(count, held[user]) > limit:
+            out.append(Violation("count-within-limit", f"{user!r} holds {max(count, held[user])} books (limit {limit})", (key,)))
+    return out
+
+
+def _check_storage(snapshot: Snapshot, keys: Keys, capacity: int) -> list[Violation]:
+    out = []
+    both = sorted(snapshot.storage & set(snapshot.lent))
+    if both:
+        out.append(Violation("storage-not-lent", f"books both in storage and lent: {_few(both)}", (keys.storage, keys.lent_books)))
+    if len(snapshot.storage) > capacity:
+        out.append(Violation("storage-within-capacity", f"storage holds {len(snapshot.storage)} books (capacity {capacity})", (keys.storage,)))
+    return out
+
+
+def _check_shelving(snapshot: Snapshot, keys: Keys) -> list[Violation]:
+    out = []
+    expected = set(snapshot.lent) | snapshot.storage
+    handed_out = set(snapshot.shelving)
+    lost = sorted(handed_out - expected)
+    unknown = sorted(expected - handed_out)
+    if lost:
+        out.append(Violation(
+            "shelving-matches-library",
+            f"{len(lost)} books handed out by shelving are neither lent nor in storage (lost): {_few(lost)}",
+            (keys.shelving_state,),
+        ))
+    if unknown:
+        out.append(Violation(
+            "shelving-matches-library",
+            f"{len(unknown)} books lent or in storage are unknown to shelving (duplicated): {_few(unknown)}",
+            (keys.shelving_state, keys.lent_books, keys.storage),
+        ))
+    return out
+
+
+def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
+    out = []
+    per_entry = Counter((action, request) for _, action, request in snapshot.events)
+    for action in ACTIONS:
+        entries = snapshot.requests.get(action, [])
+        first = _id_tuple(entries[0]) if entries else None
+        present = set(entries)
+        for entry in entries:
+            n = per_entry[(action, entry)]
+            if n != 1:
+                out.append(Violation(
+                    "one-event-per-entry", f"{action} request {entry} has {n} events", (keys.requests(action), keys.events)
+                ))
+        for (event_action, request), n in per_entry.items():
+            if event_action != action or request in present:
+                continue
+            # An entry older than the stream's first may have been trimmed away.
+            trimmed = first is not None and _is_id(request) and _id_tuple(request) < first
+            if not trimmed:
+                out.append(Violation(
+                    "event-names-an-entry", f"event for {action} request {request} names no entry", (keys.events,)
+                ))
+    for event_id, action, request in snapshot.events:
+        if action not in ACTIONS:
+            out.append(Violation("event-names-an-entry", f"event {event_id} has unknown action {action!r}", (keys.events,)))
+    return out
+
+
+def _is_id(value: str) -> bool:
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and seq.isdigit()
+
+
+def _id_tuple(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _few(items: list[str], n: int = 10) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+@dataclass(frozen=True)
+class Report:
+    namespace: str
+    quiescent: bool
+    violations: list[Violation]
+
+    @property
+    def clean(self) -> bool:
+        return not self.violations
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "quiescent": self.quiescent,
+            "clean": self.clean,
+            "violations": [v.as_json() for v in self.violations],
+        }
+
+
+async def check(
+    client: Redis, namespace: str, max_books_per_user: int, storage_capacity: int, wait_quiescent_s: float = 0.0
+) -> Report:
+    """Read ``namespace`` (after waiting up to ``wait_quiescent_s`` for quiescence) and check it."""
+    snap = await wait_quiescent(client, namespace, wait_quiescent_s)
+    return Report(namespace, snap.quiescent, check_state(snap, max_books_per_user, storage_capacity))
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
+    keys = Keys(namespace)
+    snap = Snapshot(namespace)
+    snap.lent = _decode_map(await client.hgetall(keys.lent_books))
+    snap.storage = {_str(m) for m in await client.smembers(keys.storage)}
+    snap.shelving = _decode_map(await client.hgetall(keys.shelving_state))
+    count_prefix, count_suffix = f"{keys.prefix}:user:", ":count"
+    async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
+        key = _str(raw)
+        value = await client.get(key)
+        if value is not None:
+            snap.counts[key[len(count_prefix): -len(count_suffix)]] = _str(value)
+    snap.reservations = sorted([raw.decode() async for raw in client.scan_iter(match=keys.reservation("*"), count=1000)])
+    for action in ACTIONS:
+        snap.requests[action] = [entry_id for entry_id, _ in await _read_all(client, keys.requests(action))]
+    for event_id, fields in await _read_all(client, keys.events):
+        snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
+    for stream, group in (
+        (keys.lend_requests, LENDING_GROUP),
+        (keys.return_requests, LENDING_GROUP),
+        (keys.shelving_returns, SHELVING_GROUP),
+    ):
+        snap.groups.append(await _group_state(client, stream, group))
+    return snap
+
+
+async def wait_quiescent(client: Redis, namespace: str, timeout_s: float) -> Snapshot:
+    """Poll until the namespace is quiescent or ``timeout_s`` passed; the last snapshot."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = await read_snapshot(client, namespace)
+        if snap.quiescent or time.monotonic() >= deadline:
+            return snap
+        await asyncio.sleep(0.2)
+
+
+async def _read_all(client: Redis, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    out: list[tuple[str, dict[bytes, bytes]]] = []
+    start = "-"
+    while True:
+        page = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream, min=start, max="+", count=PAGE))
+        out += [(entry_id.decode(), fields) for entry_id, fields in page]
+        if len(page) < PAGE:
+            return out
+        start = "(" + page[-1][0].decode()
+
+
+async def _group_state(client: Redis, stream: str, group: str) -> GroupState:
+    try:
+        info = await client.xinfo_stream(stream)
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:  # no such stream: nothing to do
+        return GroupState(stream, group, 0, False)
+    last_generated = info.get("last-generated-id") or b"0-0"
+    for g in groups:
+        if g["name"] == group.encode():
+            last_delivered = g["last-delivered-id"]
+            unread = info["length"] > 0 and _id_tuple(last_delivered.decode()) < _id_tuple(last_generated.decode())
+            return GroupState(stream, group, int(g["pending"]), unread)
+    return GroupState(stream, group, 0, info["length"] > 0)
+
+
+def _decode_map(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in raw.items()}
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _field(fields: dict[bytes, bytes], name: bytes) -> str:
+    return fields.get(name, b"").decode("utf-8", "replace")
