@@ -1,0 +1,1 @@
+"""Simulator: drives realistic traffic at the lending service and proves it correct."""

@@ -1,0 +1,81 @@
+"""``python -m simulator run|bench``: a thin shell over ``run`` and ``bench``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import click
+
+from lending.logs import configure_logging
+
+from .run import RunOptions, simulate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Drive realistic traffic at the lending service, and measure it."""
+
+
+@main.command()
+@click.option("--redis-url", default=None, help="Drive this deployment; default: start a private redis-server.")
+@click.option("--namespace", default=None, help="Namespace [default: lending with --redis-url, else a fresh one].")
+@click.option("--users", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--catalogue", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0.1), default=200.0, show_default=True, help="Offered requests per second.")
+@click.option("--duration", type=click.FloatRange(min=0), default=None, help="Seconds of traffic.")
+@click.option("--requests", type=click.IntRange(min=1), default=None, help="Number of requests (instead of --duration).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Worker processes to spawn [default: 2 on a private Redis, 0 with --redis-url].")
+@click.option("--kill-every", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="SIGKILL a random spawned worker every SECONDS and restart it.")
+@click.option("--restart-redis-every", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
+              help="Kill and restart the private redis-server every SECONDS (appendfsync always).")
+@click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--shelving-latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--storage-capacity", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--claim-idle-ms", type=click.IntRange(min=0), default=3_000, show_default=True,
+              help="The spawned workers' --claim-idle-ms.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Also write the report as JSON to this file ('-' for stdout).")
+def run(redis_url: str | None, namespace: str | None, duration: float | None, requests: int | None,
+        workers: int | None, kill_every: float | None, restart_redis_every: float | None,
+        json_path: str | None, **options: object) -> None:
+    """Simulated users borrow and return books; then the invariants are checked.
+
+    Exits non-zero if any request got no event or two events, or an invariant fails.
+    """
+    configure_logging("console", "warning")
+    if duration is None and requests is None:
+        raise click.UsageError("give --duration or --requests")
+    if restart_redis_every and redis_url:
+        raise click.UsageError("--restart-redis-every needs the simulator's own Redis (no --redis-url)")
+    if workers is None:
+        workers = 0 if redis_url else 2
+    if (kill_every or redis_url is None) and workers == 0:
+        raise click.UsageError("--kill-every and a private Redis need --workers of at least 1")
+    settings = RunOptions(
+        redis_url=redis_url,
+        namespace=namespace or ("lending" if redis_url else f"sim-{uuid.uuid4().hex[:8]}"),
+        duration_s=duration,
+        requests=requests,
+        workers=workers,
+        kill_every_s=kill_every,
+        restart_redis_every_s=restart_redis_every,
+        progress=True,
+        **options,  # type: ignore[arg-type]
+    )
+    report = asyncio.run(simulate(settings))
+    click.echo(report.render())
+    if json_path:
+        text = json.dumps(report.as_json(), indent=2)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            Path(json_path).write_text(text + "\n")
+    sys.exit(0 if report.ok else 1)

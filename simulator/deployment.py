@@ -1,0 +1,151 @@
+"""The processes a simulation runs: its own redis-server (optional) and worker processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lending.embedded import EmbeddedRedis, free_port
+from lending.worker import READY_MESSAGE
+
+MAIN = Path(__file__).resolve().parent.parent / "main.py"
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: str
+    process: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def ready(self) -> bool:
+        return self.stdout.exists() and READY_MESSAGE in self.stdout.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class Deployment:
+    """Redis and ``workers`` worker processes for one namespace.
+
+    :param redis_url: an existing Redis; ``None`` starts a private redis-server on a free
+        loopback port, its data in a temporary folder (append-only, ``appendfsync``).
+    :param worker_args: extra ``main.py`` options for every worker.
+    :param worker_env: extra environment for every worker (e.g. shelving chaos).
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        redis_url: str | None = None,
+        workers: int = 0,
+        worker_args: tuple[str, ...] = (),
+        worker_env: dict[str, str] | None = None,
+        appendfsync: str = "everysec",
+        keep_dir: bool = False,
+    ) -> None:
+        self.namespace = namespace
+        self.workers_wanted = workers
+        self.worker_args = worker_args
+        self.worker_env = worker_env or {}
+        self.dir = Path(tempfile.mkdtemp(prefix="lending-sim-"))
+        self.keep_dir = keep_dir
+        self.redis: EmbeddedRedis | None = None
+        if redis_url is None:
+            self.redis = EmbeddedRedis(self.dir / "redis", port=free_port(), appendfsync=appendfsync)
+        self.redis_url = redis_url or self.redis.url  # type: ignore[union-attr]
+        self.workers: dict[str, WorkerProcess] = {}
+        self.kills = 0
+        self.redis_restarts = 0
+
+    def start(self, ready_timeout_s: float = 30.0) -> None:
+        if self.redis is not None:
+            self.redis.start()
+        for n in range(1, self.workers_wanted + 1):
+            self.spawn(f"sim-{n}")
+        self.wait_ready(ready_timeout_s)
+
+    def spawn(self, worker_id: str) -> WorkerProcess:
+        out = self.dir / f"{worker_id}.out"
+        err = self.dir / f"{worker_id}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LENDING_")}
+        env.update(self.worker_env, REDIS_URL=self.redis_url, LENDING_NAMESPACE=self.namespace, PYTHONUNBUFFERED="1")
+        with out.open("wb") as stdout, err.open("ab") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, str(MAIN), worker_id, "--force", *self.worker_args],
+                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
+            )
+        worker = WorkerProcess(worker_id, process, out, err)
+        self.workers[worker_id] = worker
+        return worker
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(w.ready() for w in self.workers.values()):
+            dead = [w for w in self.workers.values() if not w.alive and not w.ready()]
+            if dead:
+                raise RuntimeError(f"worker {dead[0].worker_id} exited: {dead[0].stderr.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers not ready in time")
+            time.sleep(0.05)
+
+    def kill_random_worker(self, rng: random.Random) -> str | None:
+        """SIGKILL a random worker and start it again under the same id."""
+        if not self.workers:
+            return None
+        worker = self.workers[rng.choice(sorted(self.workers))]
+        worker.process.kill()
+        worker.process.wait()
+        self.kills += 1
+        self.spawn(worker.worker_id)
+        return worker.worker_id
+
+    def restart_redis(self) -> None:
+        """SIGKILL the private redis-server and start it again on the same port and data."""
+        if self.redis is None:
+            raise RuntimeError("cannot restart a Redis the simulator did not start")
+        self.redis.kill()
+        self.redis.start()
+        self.redis_restarts += 1
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self.workers.values() if w.alive]
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            if worker.alive:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.workers.values():
+            try:
+                worker.process.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        if self.redis is not None:
+            self.redis.stop()
+        if not self.keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0

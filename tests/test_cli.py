@@ -1,0 +1,519 @@
+"""End-to-end tests of the two commands, run as real processes against real Redis.
+
+``python main.py`` is started as a child process and driven with signals;
+``python get_books.py`` is run to completion and judged by its output and exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+from redis.asyncio import Redis
+
+from lending.connection import make_client
+from lending.keys import LENDING_GROUP, Keys
+
+from .support import ROOT, event_for, process_env, run_get_books, send, stop_process, wait_until
+
+READY = "Ready to process events..."
+ENTRY_ID = re.compile(r"\b\d+-\d+\b")
+
+
+# -- process helpers --------------------------------------------------------------
+
+
+def _wait_ready(proc: subprocess.Popen[str], timeout_s: float = 20.0) -> bool:
+    """``True`` once ``proc`` prints the ready line, ``False`` if it closes stdout (exits) first."""
+    assert proc.stdout is not None  # started with stdout=PIPE
+    deadline = time.monotonic() + timeout_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([proc.stdout], [], [], remaining)
+        if not readable:
+            continue
+        line = proc.stdout.readline()
+        if READY in line:
+            return True
+        if line == "":
+            return False
+    raise AssertionError(f"no ready line and no exit within {timeout_s} s")
+
+
+def reap(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> tuple[int, str, str]:
+    """Wait for ``proc`` to exit by itself; SIGKILL it if it does not. (code, stdout, stderr)"""
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out or "", err or ""
+
+
+class Launch(Protocol):
+    def __call__(
+        self, worker_id: str, *args: str, env: Mapping[str, str] | None = None, **extra_env: str
+    ) -> tuple[subprocess.Popen[str], bool]: ...
+
+
+class Spawn(Protocol):
+    def __call__(
+        self, worker_id: str, *args: str, env: Mapping[str, str] | None = None, **extra_env: str
+    ) -> subprocess.Popen[str]: ...
+
+
+@pytest.fixture
+def launch(redis_url: str, namespace: str) -> Iterator[Launch]:
+    """Start ``main.py`` processes; returns (process, became ready). All are stopped at the end."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(
+        worker_id: str, *args: str, env: Mapping[str, str] | None = None, **extra_env: str
+    ) -> tuple[subprocess.Popen[str], bool]:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), worker_id, *args],
+            cwd=ROOT,
+            env=dict(env) if env is not None else process_env(redis_url, namespace, **extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        return proc, _wait_ready(proc)
+
+    yield start
+    for proc in started:
+        stop_process(proc)
+
+
+@pytest.fixture
+def spawn(launch: Launch) -> Spawn:
+    """Start a ``main.py`` process that must become ready."""
+
+    def start(worker_id: str, *args: str, env: Mapping[str, str] | None = None, **extra_env: str) -> subprocess.Popen[str]:
+        proc, ready = launch(worker_id, *args, env=env, **extra_env)
+        if not ready:
+            code, _, err = reap(proc)
+            raise AssertionError(f"worker {worker_id} exited with {code} before it was ready:\n{err[-3000:]}")
+        return proc
+
+    return start
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
+def processed_lines(log: str, request_id: str) -> list[str]:
+    return [line for line in log.splitlines() if "processed" in line and f"request_id={request_id}" in line]
+
+
+async def pending_count(redis: Redis, stream: str) -> int:
+    return int((await redis.xpending(stream, LENDING_GROUP))["pending"])
+
+
+async def events_of(redis: Redis, keys: Keys, action: str, request_id: str) -> int:
+    return sum(
+        1
+        for _, fields in await redis.xrange(keys.events)
+        if fields[b"request_id"] == request_id.encode() and fields[b"action"] == action.encode()
+    )
+
+
+# -- get_books.py -----------------------------------------------------------------
+
+
+async def test_readme_walkthrough(redis_url: str, namespace: str, spawn: Spawn) -> None:
+    worker = spawn("w1")
+    lent = run_get_books(redis_url, namespace, "request", "Salvatore", "ofmiceandmen")
+    again = run_get_books(redis_url, namespace, "request", "Salvatore", "ofmiceandmen")
+    back = run_get_books(redis_url, namespace, "return", "Salvatore", "ofmiceandmen")
+    code, _, log = stop_process(worker)
+
+    assert (lent.returncode, lent.stdout.split()[0]) == (0, "ACCEPTED"), lent
+    assert "ofmiceandmen" in lent.stdout
+    assert (again.returncode, again.stdout.split()[0]) == (1, "DENIED"), again
+    assert (back.returncode, back.stdout.split()[0]) == (0, "RETURNED"), back
+    assert code == 0, log
+    # One log line per processed request, with its id, user and status.
+    for result, status in ((lent, "accepted"), (again, "denied"), (back, "returned")):
+        request_id = result.stdout.split()[1]
+        lines = processed_lines(log, request_id)
+        assert len(lines) == 1, (request_id, log)
+        assert "user=Salvatore" in lines[0] and f"status={status}" in lines[0], lines[0]
+
+
+async def test_json_output_is_one_object_with_lists(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, spawn: Spawn
+) -> None:
+    spawn("w1")
+    assert run_get_books(redis_url, namespace, "request", "other", "taken").returncode == 0
+
+    result = run_get_books(redis_url, namespace, "--json", "request", "Salvatore", "free", "taken")
+
+    assert result.returncode == 0, result
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout
+    event = json.loads(result.stdout)
+    assert event["status"] == "accepted"
+    assert event["action"] == "lend"
+    assert event["user_id"] == "Salvatore"
+    assert event["books"] == ["free"]
+    assert event["skipped"] == ["taken"]
+    assert await redis.xrange(keys.lend_requests, min=event["request_id"], max=event["request_id"])
+
+    denied = run_get_books(redis_url, namespace, "--json", "request", "Salvatore", "taken")
+    assert denied.returncode == 1, denied
+    assert json.loads(denied.stdout)["books"] == []
+    assert json.loads(denied.stdout)["skipped"] == ["taken"]
+
+
+async def test_rejected_request_exits_2(redis: Redis, keys: Keys, redis_url: str, namespace: str, spawn: Spawn) -> None:
+    spawn("w1")
+    result = run_get_books(redis_url, namespace, "request", "Salvatore", "bad book")
+    assert result.returncode == 2, result
+    assert result.stdout.startswith("REJECTED"), result.stdout
+    assert "whitespace" in result.stdout
+    assert await redis.hlen(keys.lent_books) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("request", "Salvatore"), id="no-books"),
+        pytest.param(("borrow", "Salvatore", "ofmiceandmen"), id="bad-action"),
+        pytest.param(("request",), id="no-user"),
+    ],
+)
+async def test_usage_errors_exit_2(redis: Redis, keys: Keys, redis_url: str, namespace: str, args: tuple[str, ...]) -> None:
+    result = run_get_books(redis_url, namespace, *args)
+    assert result.returncode == 2, result
+    assert "Usage" in result.stderr
+    assert await redis.xlen(keys.lend_requests) == 0
+    assert await redis.xlen(keys.return_requests) == 0
+
+
+async def test_no_worker_times_out_and_request_stays_queued(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, spawn: Spawn
+) -> None:
+    started = time.monotonic()
+    result = run_get_books(redis_url, namespace, "--timeout", "1", "request", "Salvatore", "ofmiceandmen")
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 3, result
+    assert 1.0 <= elapsed < 6.0, elapsed
+    message = result.stdout + result.stderr
+    assert "stays queued" in message, message
+    ids = ENTRY_ID.findall(message)
+    assert ids, message
+    request_id = ids[0]
+    entries = await redis.xrange(keys.lend_requests, min=request_id, max=request_id)
+    assert [fields[b"user_id"] for _, fields in entries] == [b"Salvatore"]
+
+    # The queued request is processed once a worker starts (its group reads from ID 0).
+    spawn("w1")
+    event = await event_for(redis, keys, "lend", request_id)
+    assert event.status == "accepted"
+
+
+async def test_no_wait_prints_the_id_and_exits_0(redis: Redis, keys: Keys, redis_url: str, namespace: str) -> None:
+    result = run_get_books(redis_url, namespace, "--no-wait", "request", "Salvatore", "ofmiceandmen")
+    assert result.returncode == 0, result
+    ids = ENTRY_ID.findall(result.stdout)
+    assert ids, result.stdout
+    entries = await redis.xrange(keys.lend_requests)
+    assert [entry_id.decode() for entry_id, _ in entries] == [ids[0]]
+    assert entries[0][1] == {b"user_id": b"Salvatore", b"book_ids": b"ofmiceandmen"}
+
+
+async def test_failed_outcome_exits_4(redis: Redis, keys: Keys, redis_url: str, namespace: str, spawn: Spawn) -> None:
+    spawn("w1", "--max-deliveries", "2", LENDING_SHELVING_FAIL_RATE="1")
+    result = run_get_books(redis_url, namespace, "--timeout", "20", "request", "Salvatore", "ofmiceandmen")
+    assert result.returncode == 4, result
+    assert result.stdout.startswith("FAILED"), result.stdout
+    request_id = result.stdout.split()[1]
+    letters = await redis.xrange(keys.dead_letters)
+    assert [fields[b"request_id"].decode() for _, fields in letters] == [request_id]
+    assert await redis.hlen(keys.lent_books) == 0
+
+
+async def test_get_books_redis_unreachable_exits_5(redis_url: str, namespace: str) -> None:
+    url = f"redis://127.0.0.1:{closed_port()}"
+    result = run_get_books(redis_url, namespace, "--redis-url", url, "request", "Salvatore", "ofmiceandmen")
+    assert result.returncode == 5, result
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_worker_redis_unreachable_exits_1_with_one_line(redis_url: str, namespace: str) -> None:
+    url = f"redis://127.0.0.1:{closed_port()}"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "w1", "--redis-url", url],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result
+    assert READY not in result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert url.rsplit(":", 1)[1] in lines[0], lines[0]
+
+
+# -- --help -----------------------------------------------------------------------
+
+WORKER_OPTIONS = [
+    "--redis-url", "--namespace", "--storage-capacity", "--max-books-per-user", "--max-books-per-request",
+    "--claim-idle-ms", "--max-deliveries", "--force", "--data-dir", "--log-format", "--log-level",
+]
+GET_BOOKS_OPTIONS = ["--redis-url", "--namespace", "--timeout", "--no-wait", "--json"]
+FIXED_ENV = {"--redis-url": "REDIS_URL", "--namespace": "LENDING_NAMESPACE"}
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option of a click ``--help`` text -> its whole entry, whitespace collapsed."""
+    entries: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        match = re.match(r"^  (?:-\w, )?(--[\w-]+)", line)
+        if match:
+            current = entries.setdefault(match.group(1), [])
+            current.append(line)
+        elif current is not None and line.startswith("   "):
+            current.append(line)
+        else:
+            current = None
+    return {option: " ".join(" ".join(lines).split()) for option, lines in entries.items()}
+
+
+@pytest.mark.parametrize(
+    ("script", "options"),
+    [pytest.param("main.py", WORKER_OPTIONS, id="main"), pytest.param("get_books.py", GET_BOOKS_OPTIONS, id="get_books")],
+)
+def test_help_documents_every_option_and_its_env_var(script: str, options: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result
+    entries = help_entries(result.stdout)
+    missing = [option for option in options if option not in entries]
+    assert not missing, f"options missing from --help: {missing}\n{result.stdout}"
+    without_env = [option for option in options if "env var:" not in entries[option]]
+    assert not without_env, f"options whose env var --help does not give: {without_env}\n{result.stdout}"
+    for option, env in FIXED_ENV.items():
+        assert re.search(rf"env var: {env}\b", entries[option]), entries[option]
+
+
+# -- the worker-id lock -----------------------------------------------------------
+
+
+async def test_same_worker_id_refused_unless_forced(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, launch: Launch, spawn: Spawn
+) -> None:
+    first = spawn("w1", "--worker-ttl-ms", "1000")
+
+    second, ready = launch("w1")
+    code, _, err = reap(second)
+    assert not ready and code == 1, err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()
+    assert len(message) == 1 and "w1" in message[0] and "--force" in message[0], err
+
+    spawn("w1", "--force")
+    # The first process notices it lost the id (at its next heartbeat) and stops:
+    # two live processes never consume under one consumer name.
+    try:
+        first.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker whose id was taken over with --force kept running")
+    result = run_get_books(redis_url, namespace, "request", "Salvatore", "ofmiceandmen")
+    assert result.returncode == 0, result
+
+
+async def test_killed_worker_id_free_again_after_ttl(
+    redis: Redis, keys: Keys, launch: Launch, spawn: Spawn
+) -> None:
+    # A TTL well above a Python start-up (~0.3 s) keeps the refusal below deterministic.
+    ttl_s = 2.0
+    worker = spawn("w1", "--worker-ttl-ms", str(int(ttl_s * 1000)))
+    worker.kill()
+    reap(worker)
+    killed_at = time.monotonic()
+    assert await redis.exists(keys.worker("w1"))
+
+    refused, ready = launch("w1", "--worker-ttl-ms", "2000")
+    code, _, err = reap(refused)
+    assert not ready and code == 1, err
+
+    async def id_free() -> bool:
+        return not await redis.exists(keys.worker("w1"))
+
+    await wait_until(id_free, timeout_s=ttl_s + 3)
+    assert time.monotonic() - killed_at <= ttl_s + 1.0
+    spawn("w1", "--worker-ttl-ms", "2000")
+
+
+# -- signals ----------------------------------------------------------------------
+
+
+async def test_sigterm_when_idle_exits_0_quickly_and_frees_the_id(redis: Redis, keys: Keys, spawn: Spawn) -> None:
+    worker = spawn("w1")
+    started = time.monotonic()
+    code, _, err = stop_process(worker)
+    assert code == 0, err
+    assert time.monotonic() - started < 3.0
+    assert not await redis.exists(keys.worker("w1"))
+    spawn("w1")  # a clean exit gives the id back at once
+
+
+async def wait_in_flight(redis: Redis, keys: Keys, request_id: str) -> None:
+    """Wait until a worker has read ``request_id`` and not yet finished it."""
+
+    async def read() -> bool:
+        return await pending_count(redis, keys.lend_requests) == 1
+
+    await wait_until(read, timeout_s=5, interval_s=0.02)
+    assert await events_of(redis, keys, "lend", request_id) == 0, "finished before it could be interrupted"
+
+
+async def test_sigterm_finishes_in_flight_requests(redis: Redis, keys: Keys, spawn: Spawn) -> None:
+    worker = spawn("w1", LENDING_SHELVING_LATENCY_MS="1500")
+    request_id = await send(redis, keys, "lend", "Salvatore", ["ofmiceandmen"])
+    await wait_in_flight(redis, keys, request_id)
+
+    signalled = time.monotonic()
+    code, _, log = stop_process(worker, timeout_s=15)
+    assert code == 0, log
+    assert time.monotonic() - signalled < 10.0
+    event = await event_for(redis, keys, "lend", request_id, timeout_s=1)
+    assert event.status == "accepted"
+    assert await events_of(redis, keys, "lend", request_id) == 1
+    assert await pending_count(redis, keys.lend_requests) == 0
+    assert len(processed_lines(log, request_id)) == 1, log
+
+
+async def test_second_sigint_exits_at_once_and_work_resumes(redis: Redis, keys: Keys, spawn: Spawn) -> None:
+    worker = spawn("w1", LENDING_SHELVING_LATENCY_MS="1500")
+    request_id = await send(redis, keys, "lend", "Salvatore", ["ofmiceandmen"])
+    await wait_in_flight(redis, keys, request_id)
+
+    worker.send_signal(signal.SIGINT)
+    await asyncio.sleep(0.2)
+    worker.send_signal(signal.SIGINT)
+    signalled = time.monotonic()
+    code, _, log = reap(worker, timeout_s=5)
+    assert time.monotonic() - signalled < 2.0, log
+    assert code != 0, log
+    assert await events_of(redis, keys, "lend", request_id) == 0
+    pending = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, min="-", max="+", count=10)
+    assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pending] == [(request_id, "w1")]
+
+    spawn("w1", "--force")
+    event = await event_for(redis, keys, "lend", request_id)
+    assert event.status == "accepted"
+    await asyncio.sleep(1.0)  # a duplicate would show up by now
+    assert await events_of(redis, keys, "lend", request_id) == 1
+    assert await redis.hgetall(keys.lent_books) == {b"ofmiceandmen": b"Salvatore"}
+    assert [key async for key in redis.scan_iter(match=keys.prefix + ":reservations:*")] == []
+
+
+# -- logs -------------------------------------------------------------------------
+
+
+async def test_json_log_format(redis: Redis, keys: Keys, redis_url: str, namespace: str, spawn: Spawn) -> None:
+    worker = spawn("w1", "--log-format", "json")
+    result = run_get_books(redis_url, namespace, "request", "Salvatore", "ofmiceandmen")
+    code, _, log = stop_process(worker)
+    assert result.returncode == 0 and code == 0, (result, log)
+    request_id = result.stdout.split()[1]
+
+    records = [json.loads(line) for line in log.splitlines() if line.strip()]
+    processed = [r for r in records if r.get("request_id") == request_id and r.get("status")]
+    assert len(processed) == 1, records
+    assert processed[0]["user"] == "Salvatore"
+    assert processed[0]["status"] == "accepted"
+
+
+# -- the embedded default ---------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_embedded_redis_default(tmp_path: Path, namespace: str, launch: Launch) -> None:
+    if port_open(6379):
+        pytest.skip("something already listens on 127.0.0.1:6379; the embedded default cannot be tried")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("LENDING_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    data_dir = tmp_path / "data"
+    args = ("--namespace", namespace, "--data-dir", str(data_dir))
+    servers: list[int] = []
+    try:
+        worker, ready = launch("w-embedded", *args, env=env)
+        servers += children_of(worker.pid)
+        if not ready:
+            pytest.fail(f"worker on the embedded default did not start: {reap(worker)}")
+        assert port_open(6379)
+
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "get_books.py"), "--namespace", namespace, "request", "Salvatore", "ofmiceandmen"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0 and result.stdout.startswith("ACCEPTED"), result
+
+        code, _, log = stop_process(worker)
+        assert code == 0, log
+        assert "starting the embedded redis-server" in log, log
+        assert not port_open(6379), "the embedded redis-server still runs after the worker exited"
+
+        worker, ready = launch("w-embedded", "--force", *args, env=env)
+        servers += children_of(worker.pid)
+        assert ready, reap(worker)
+        client = make_client("redis://127.0.0.1:6379")
+        try:
+            keys = Keys(namespace)
+            assert await client.hget(keys.lent_books, "ofmiceandmen") == b"Salvatore"
+            assert await client.get(keys.user_count("Salvatore")) == b"1"
+        finally:
+            await client.aclose()
+        code, _, log = stop_process(worker)
+        assert code == 0, log
+        assert not port_open(6379)
+    finally:
+        for pid in servers:  # only if a worker died without stopping its server
+            try:
+                if "redis-server" in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGTERM)
+            except (OSError, ProcessLookupError):
+                pass
