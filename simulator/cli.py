@@ -12,6 +12,7 @@ import click
 
 from lending.logs import configure_logging
 
+from .bench import BenchOptions, benchmark, render
 from .run import RunOptions, simulate
 
 
@@ -79,3 +80,29 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
         else:
             Path(json_path).write_text(text + "\n")
     sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.option("--redis-url", default=None, help="Benchmark against this Redis; default: a private redis-server.")
+@click.option("--requests", type=click.IntRange(min=1), default=20_000, show_default=True, help="Requests queued per drain.")
+@click.option("--users", type=click.IntRange(min=1), default=2_000, show_default=True)
+@click.option("--catalogue", type=click.IntRange(min=1), default=50_000, show_default=True)
+@click.option("--workers", default="1,2,4", show_default=True, help="Worker counts to drain with.")
+@click.option("--rates", default="200,500,1000,2000", show_default=True, help="Offered loads for the latency runs.")
+@click.option("--rate-duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), default="bench-results.json", show_default=True,
+              help="Where to save the results as JSON.")
+def bench(redis_url: str | None, requests: int, users: int, catalogue: int, workers: str, rates: str,
+          rate_duration: float, output: str) -> None:
+    """The standard benchmark: drain throughput, latency, Redis work per request."""
+    configure_logging("console", "warning")
+    options = BenchOptions(
+        redis_url=redis_url, requests=requests, users=users, catalogue=catalogue,
+        workers=tuple(int(w) for w in workers.split(",") if w),
+        rates=tuple(float(r) for r in rates.split(",") if r),
+        rate_duration_s=rate_duration,
+    )
+    results = asyncio.run(benchmark(options))
+    Path(output).write_text(json.dumps(results, indent=2) + "\n")
+    click.echo(render(results))
+    click.echo(f"\nsaved to {output}")

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 from redis.asyncio import Redis
@@ -30,6 +30,17 @@ from .support import ROOT, event_for, process_env, run_get_books, send, stop_pro
 
 READY = "Ready to process events..."
 ENTRY_ID = re.compile(r"\b\d+-\d+\b")
+
+
+def text(value: object) -> str:
+    """A reply value as text (the test clients answer bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def entries(redis: Redis, stream: str, start: str = "-", end: str = "+") -> list[tuple[str, dict[str, str]]]:
+    """A stream's entries, decoded: [(entry id, {field: value})]."""
+    raw: Any = await redis.xrange(stream, min=start, max=end)
+    return [(text(entry_id), {text(k): text(v) for k, v in fields.items()}) for entry_id, fields in raw]
 
 
 # -- process helpers --------------------------------------------------------------
@@ -135,8 +146,8 @@ async def pending_count(redis: Redis, stream: str) -> int:
 async def events_of(redis: Redis, keys: Keys, action: str, request_id: str) -> int:
     return sum(
         1
-        for _, fields in await redis.xrange(keys.events)
-        if fields[b"request_id"] == request_id.encode() and fields[b"action"] == action.encode()
+        for _, fields in await entries(redis, keys.events)
+        if (fields["request_id"], fields["action"]) == (request_id, action)
     )
 
 
@@ -179,7 +190,7 @@ async def test_json_output_is_one_object_with_lists(
     assert event["user_id"] == "Salvatore"
     assert event["books"] == ["free"]
     assert event["skipped"] == ["taken"]
-    assert await redis.xrange(keys.lend_requests, min=event["request_id"], max=event["request_id"])
+    assert await entries(redis, keys.lend_requests, event["request_id"], event["request_id"])
 
     denied = run_get_books(redis_url, namespace, "--json", "request", "Salvatore", "taken")
     assert denied.returncode == 1, denied
@@ -226,8 +237,8 @@ async def test_no_worker_times_out_and_request_stays_queued(
     ids = ENTRY_ID.findall(message)
     assert ids, message
     request_id = ids[0]
-    entries = await redis.xrange(keys.lend_requests, min=request_id, max=request_id)
-    assert [fields[b"user_id"] for _, fields in entries] == [b"Salvatore"]
+    queued = await entries(redis, keys.lend_requests, request_id, request_id)
+    assert [fields["user_id"] for _, fields in queued] == ["Salvatore"]
 
     # The queued request is processed once a worker starts (its group reads from ID 0).
     spawn("w1")
@@ -240,9 +251,7 @@ async def test_no_wait_prints_the_id_and_exits_0(redis: Redis, keys: Keys, redis
     assert result.returncode == 0, result
     ids = ENTRY_ID.findall(result.stdout)
     assert ids, result.stdout
-    entries = await redis.xrange(keys.lend_requests)
-    assert [entry_id.decode() for entry_id, _ in entries] == [ids[0]]
-    assert entries[0][1] == {b"user_id": b"Salvatore", b"book_ids": b"ofmiceandmen"}
+    assert await entries(redis, keys.lend_requests) == [(ids[0], {"user_id": "Salvatore", "book_ids": "ofmiceandmen"})]
 
 
 async def test_failed_outcome_exits_4(redis: Redis, keys: Keys, redis_url: str, namespace: str, spawn: Spawn) -> None:
@@ -251,8 +260,8 @@ async def test_failed_outcome_exits_4(redis: Redis, keys: Keys, redis_url: str, 
     assert result.returncode == 4, result
     assert result.stdout.startswith("FAILED"), result.stdout
     request_id = result.stdout.split()[1]
-    letters = await redis.xrange(keys.dead_letters)
-    assert [fields[b"request_id"].decode() for _, fields in letters] == [request_id]
+    letters = await entries(redis, keys.dead_letters)
+    assert [fields["request_id"] for _, fields in letters] == [request_id]
     assert await redis.hlen(keys.lent_books) == 0
 
 
@@ -428,7 +437,7 @@ async def test_second_sigint_exits_at_once_and_work_resumes(redis: Redis, keys: 
     assert code != 0, log
     assert await events_of(redis, keys, "lend", request_id) == 0
     pending = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, min="-", max="+", count=10)
-    assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pending] == [(request_id, "w1")]
+    assert [(text(p["message_id"]), text(p["consumer"])) for p in pending] == [(request_id, "w1")]
 
     spawn("w1", "--force")
     event = await event_for(redis, keys, "lend", request_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 from redis.asyncio import Redis
@@ -23,6 +23,17 @@ from .support import event_for, send, start_worker_process, stop_process, wait_u
 
 CLAIM_IDLE = ("--claim-idle-ms", "500")
 TOOK_OVER = "took over abandoned entries"
+
+
+def text(value: object) -> str:
+    """A reply value as text (the test clients answer bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def entries(redis: Redis, stream: str, start: str = "-", end: str = "+") -> list[tuple[str, dict[str, str]]]:
+    """A stream's entries, decoded: [(entry id, {field: value})]."""
+    raw: Any = await redis.xrange(stream, min=start, max=end)
+    return [(text(entry_id), {text(k): text(v) for k, v in fields.items()}) for entry_id, fields in raw]
 
 
 class Workers(Protocol):
@@ -56,29 +67,28 @@ def wait_for_crash(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> str:
     return err
 
 
-async def events_of(redis: Redis, keys: Keys, action: str, request_id: str) -> list[dict[bytes, bytes]]:
+async def events_of(redis: Redis, keys: Keys, action: str, request_id: str) -> list[dict[str, str]]:
     return [
         fields
-        for _, fields in await redis.xrange(keys.events)
-        if fields[b"request_id"] == request_id.encode() and fields[b"action"] == action.encode()
+        for _, fields in await entries(redis, keys.events)
+        if (fields["request_id"], fields["action"]) == (request_id, action)
     ]
 
 
 async def members(redis: Redis, key: str) -> set[str]:
-    return {value.decode() for value in await redis.smembers(key)}
+    return {text(value) for value in await redis.smembers(key)}
 
 
 async def hash_of(redis: Redis, key: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
+    return {text(k): text(v) for k, v in (await redis.hgetall(key)).items()}
 
 
 async def reservation_keys(redis: Redis, keys: Keys) -> list[bytes]:
     return [key async for key in redis.scan_iter(match=keys.prefix + ":reservations:*")]
 
 
-def _id(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
+def _id(entry_id: object) -> tuple[int, int]:
+    ms, _, seq = text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -233,9 +243,9 @@ async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: 
     await asyncio.sleep(1.0)
     events = await events_of(redis, keys, "lend", request_id)
     assert len(events) == 1
-    assert events[0][b"status"] == b"failed"
-    letters = await redis.xrange(keys.dead_letters)
-    assert [fields[b"request_id"].decode() for _, fields in letters] == [request_id]
+    assert events[0]["status"] == "failed"
+    letters = await entries(redis, keys.dead_letters)
+    assert [fields["request_id"] for _, fields in letters] == [request_id]
     # The reservation was given back: the book it took from storage is there again
     # (each worker died before asking the shelving service for the other one).
     assert await reservation_keys(redis, keys) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
 
@@ -20,12 +22,18 @@ def scripts() -> Scripts:
 # -- helpers ---------------------------------------------------------------------------
 
 
+def text(value: bytes | str | None) -> str:
+    """A reply of the bytes-in, bytes-out client as text."""
+    assert value is not None
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def pending_entry(redis: Redis, stream: str, group: str = LENDING_GROUP, **fields: str) -> str:
     """Add an entry to ``stream`` and deliver it to a consumer: it is now pending."""
     await ensure_group(redis, stream, group)
-    entry = (await redis.xadd(stream, fields or {"user_id": "ada", "book_ids": "b1"})).decode()
-    reply = await redis.xreadgroup(group, "c1", {stream: ">"}, count=1)
-    assert reply[0][1][0][0].decode() == entry
+    entry = text(await redis.xadd(stream, dict(fields or {"user_id": "ada", "book_ids": "b1"})))  # type: ignore[arg-type]
+    reply: Any = await redis.xreadgroup(group, "c1", {stream: ">"}, count=1)
+    assert text(reply[0][1][0][0]) == entry
     return entry
 
 
@@ -41,20 +49,21 @@ async def is_pending(redis: Redis, stream: str, entry: str, group: str = LENDING
 
 
 async def members(redis: Redis, key: str) -> set[str]:
-    return {m.decode() for m in await redis.smembers(key)}
+    return {text(m) for m in await redis.smembers(key)}
 
 
 async def hash_of(redis: Redis, key: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
-
-
-async def stream_fields(redis: Redis, stream: str) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in await redis.xrange(stream)]
+    return {text(k): text(v) for k, v in (await redis.hgetall(key)).items()}
 
 
 async def stream_items(redis: Redis, stream: str) -> list[list[tuple[str, str]]]:
     """Entries as ordered (field, value) lists, to check field order too."""
-    return [[(k.decode(), v.decode()) for k, v in f.items()] for _, f in await redis.xrange(stream)]
+    entries: Any = await redis.xrange(stream)
+    return [[(text(k), text(v)) for k, v in fields.items()] for _, fields in entries]
+
+
+async def stream_fields(redis: Redis, stream: str) -> list[dict[str, str]]:
+    return [dict(items) for items in await stream_items(redis, stream)]
 
 
 def returned_books(entries: list[dict[str, str]]) -> list[str]:
@@ -108,7 +117,7 @@ async def test_reserve_takes_nothing_once_the_entry_is_acknowledged(redis: Redis
 
 async def test_reserve_takes_nothing_for_an_entry_never_delivered(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
-    entry = (await redis.xadd(keys.lend_requests, {"user_id": "ada", "book_ids": "s1"})).decode()
+    entry = text(await redis.xadd(keys.lend_requests, {"user_id": "ada", "book_ids": "s1"}))
     await redis.sadd(keys.storage, "s1")
 
     assert await scripts.reserve(redis, reserve_keys(keys, entry), [LENDING_GROUP, entry, "s1"]) == -1

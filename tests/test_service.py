@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -23,16 +24,22 @@ from .support import all_events, event_for, send, send_raw, wait_until
 # -- reading the state -------------------------------------------------------------------
 
 
+def text(value: bytes | str | None) -> str:
+    """A reply of the bytes-in, bytes-out client as text."""
+    assert value is not None
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def lent_books(redis: Redis, keys: Keys) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.lent_books)).items()}
+    return {text(k): text(v) for k, v in (await redis.hgetall(keys.lent_books)).items()}
 
 
 async def storage(redis: Redis, keys: Keys) -> set[str]:
-    return {m.decode() for m in await redis.smembers(keys.storage)}
+    return {text(m) for m in await redis.smembers(keys.storage)}
 
 
 async def shelving_state(redis: Redis, keys: Keys) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.shelving_state)).items()}
+    return {text(k): text(v) for k, v in (await redis.hgetall(keys.shelving_state)).items()}
 
 
 async def count(redis: Redis, keys: Keys, user: str) -> int | None:
@@ -54,15 +61,18 @@ async def shelving_caught_up(redis: Redis, keys: Keys) -> bool:
     """Has the shelving consumer applied every entry of ``shelving:returns``?"""
     if not await redis.exists(keys.shelving_returns):
         return True
-    groups = {g["name"].decode(): g for g in await redis.xinfo_groups(keys.shelving_returns)}
+    groups = {text(g["name"]): g for g in await redis.xinfo_groups(keys.shelving_returns)}
     if SHELVING_GROUP not in groups:
         return False
-    last = (await redis.xrevrange(keys.shelving_returns, count=1))[0][0]
-    return groups[SHELVING_GROUP]["last-delivered-id"] == last and groups[SHELVING_GROUP]["pending"] == 0
+    last: Any = await redis.xrevrange(keys.shelving_returns, count=1)
+    group = groups[SHELVING_GROUP]
+    return bool(group["last-delivered-id"] == last[0][0] and group["pending"] == 0)
 
 
 async def returned_to_shelving(redis: Redis, keys: Keys) -> list[str]:
-    return [b for _, f in await redis.xrange(keys.shelving_returns) for b in f[b"book_ids"].decode().split(",")]
+    """Every book handed back on ``shelving:returns``, processed or not."""
+    entries: Any = await redis.xrange(keys.shelving_returns)
+    return [book for _, fields in entries for book in text(fields[b"book_ids"]).split(",")]
 
 
 async def lend(redis: Redis, keys: Keys, user: str, *books: str) -> Event:
@@ -444,7 +454,7 @@ async def test_every_request_gets_exactly_one_event(redis: Redis, keys: Keys, st
         for action, fields in plan:
             pipe.xadd(keys.requests(action), fields)  # type: ignore[arg-type]
         ids = await pipe.execute()
-    sent = [(action, entry.decode()) for (action, _), entry in zip(plan, ids)]
+    sent = [(action, text(entry)) for (action, _), entry in zip(plan, ids)]
 
     events = [await event_for(redis, keys, action, entry) for action, entry in sent]
     await asyncio.sleep(0.3)  # a duplicate would come right after
@@ -507,8 +517,8 @@ class PausedAfterShelving(ShelvingService):
         self.answered = asyncio.Event()
         self.resume = asyncio.Event()
 
-    async def get_books(self, book_ids: object, context_id: str) -> dict[str, Grant]:
-        grants = await super().get_books(book_ids, context_id)  # type: ignore[arg-type]
+    async def get_books(self, book_ids: Sequence[str], context_id: str) -> dict[str, Grant]:
+        grants = await super().get_books(book_ids, context_id)
         self.answered.set()
         await self.resume.wait()
         return grants
@@ -522,7 +532,8 @@ async def test_a_stalled_worker_does_not_give_back_books_the_other_worker_lent(
     the book. When A resumes, it must not hand that lent book back to shelving."""
     await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
     entry = await send(redis, keys, "lend", "ada", ["b1"])
-    ((_, ((_, fields),)),) = await redis.xreadgroup(LENDING_GROUP, "A", {keys.lend_requests: ">"}, count=1)
+    reply: Any = await redis.xreadgroup(LENDING_GROUP, "A", {keys.lend_requests: ">"}, count=1)
+    ((_, ((_, fields),)),) = reply
     scripts = Scripts()
     stalled_shelving = PausedAfterShelving(redis, keys, scripts)
     stalled = LendingService(redis, settings, scripts, stalled_shelving)

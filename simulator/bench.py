@@ -1,0 +1,185 @@
+"""``simulator bench``: the standard benchmark.
+
+1. drain throughput: N requests queued first, then W workers started; requests per
+   second from the first event to the last (worker start-up is not counted);
+2. the same for each W of ``workers``;
+3. latency under a fixed offered load, open loop, one worker, ``rate_duration_s`` each;
+4. Redis commands (scripts' inner commands included) and Redis CPU per request, from
+   ``INFO commandstats`` / ``INFO cpu`` deltas over each drain; worker CPU and memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from lending import checker
+from lending.connection import make_client
+from lending.keys import Keys
+
+from .deployment import Deployment, process_cpu_s, process_rss_mb
+from .driver import Driver
+from .stats import latency_summary
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    redis_url: str | None = None
+    requests: int = 20_000
+    users: int = 2_000
+    catalogue: int = 50_000
+    workers: tuple[int, ...] = (1, 2, 4)
+    rates: tuple[float, ...] = (200, 500, 1000, 2000)
+    rate_duration_s: float = 10.0
+    seed: int = 1
+
+
+async def benchmark(options: BenchOptions) -> dict[str, Any]:
+    server = Deployment("bench", redis_url=options.redis_url)
+    await asyncio.to_thread(server.start)
+    client = make_client(server.redis_url)
+    try:
+        info = await client.info("server")
+        results: dict[str, Any] = {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+            "redis_version": info.get("redis_version"),
+            "options": {k: v for k, v in asdict(options).items() if k != "redis_url"},
+            "drain": [],
+            "latency": [],
+        }
+        for workers in options.workers:
+            results["drain"].append(await _drain(client, server.redis_url, options, workers))
+        for rate in options.rates:
+            results["latency"].append(await _latency(client, server.redis_url, options, rate))
+        return results
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(server.stop)
+
+
+async def _drain(client: Redis, url: str, options: BenchOptions, workers: int) -> dict[str, Any]:
+    namespace = f"bench-drain-{workers}-{uuid.uuid4().hex[:6]}"
+    keys = Keys(namespace)
+    workload = Workload(users=options.users, catalogue=options.catalogue, seed=options.seed)
+    for start in range(0, options.requests, 1000):
+        async with client.pipeline(transaction=False) as pipe:
+            for _ in range(min(1000, options.requests - start)):
+                request = workload.next_request()
+                pipe.xadd(keys.requests(request.action), {"user_id": request.user_id, "book_ids": ",".join(request.book_ids)})
+            await pipe.execute()
+    before = await _redis_counters(client)
+    deployment = Deployment(namespace, redis_url=url, workers=workers, worker_args=("--log-level", "warning"))
+    await asyncio.to_thread(deployment.start)
+    try:
+        cpu_start = {pid: process_cpu_s(pid) for pid in deployment.worker_pids()}
+        rss = 0.0
+        deadline = time.monotonic() + 600
+        while await client.xlen(keys.events) < options.requests and time.monotonic() < deadline:
+            rss = max([rss] + [process_rss_mb(pid) for pid in deployment.worker_pids()])
+            await asyncio.sleep(0.1)
+        after = await _redis_counters(client)
+        worker_cpu = sum(process_cpu_s(pid) - cpu_start.get(pid, 0.0) for pid in deployment.worker_pids())
+        first = await client.xrange(keys.events, count=1)
+        last = await client.xrevrange(keys.events, count=1)
+        span_ms = max(1, _ms(last[0][0]) - _ms(first[0][0]))
+        report = await checker.check(client, namespace, 5, 20, wait_quiescent_s=60)
+    finally:
+        await asyncio.to_thread(deployment.stop)
+    n = options.requests
+    return {
+        "workers": workers,
+        "requests": n,
+        "events": await client.xlen(keys.events),
+        "throughput_rps": round(n / (span_ms / 1000.0), 1),
+        "redis_commands_per_request": round((after["calls"] - before["calls"]) / n, 2),
+        "redis_cpu_us_per_request": round((after["cpu_s"] - before["cpu_s"]) * 1e6 / n, 1),
+        "worker_cpu_ms_per_request": round(worker_cpu * 1000 / n, 3),
+        "worker_rss_mb_max": round(rss, 1),
+        "commands": _top_commands(before["by_command"], after["by_command"], n),
+        "check_clean": report.clean,
+    }
+
+
+async def _latency(client: Redis, url: str, options: BenchOptions, rate: float) -> dict[str, Any]:
+    namespace = f"bench-latency-{int(rate)}-{uuid.uuid4().hex[:6]}"
+    deployment = Deployment(namespace, redis_url=url, workers=1, worker_args=("--log-level", "warning"))
+    await asyncio.to_thread(deployment.start)
+    try:
+        driver = Driver(
+            client, Keys(namespace), Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
+            rate=rate, duration_s=options.rate_duration_s,
+        )
+        rss = [0.0]
+
+        async def sample() -> None:
+            while True:
+                rss[0] = max([rss[0]] + [process_rss_mb(pid) for pid in deployment.worker_pids()])
+                await asyncio.sleep(0.5)
+
+        sampler = asyncio.create_task(sample())
+        report = await driver.run(drain_timeout_s=60)
+        sampler.cancel()
+    finally:
+        await asyncio.to_thread(deployment.stop)
+    return {
+        "offered_rps": rate,
+        "requests": report.sent,
+        "missing": report.missing,
+        "duplicated": report.duplicated,
+        **latency_summary(report.latencies_ms),
+        "worker_rss_mb_max": round(rss[0], 1),
+    }
+
+
+async def _redis_counters(client: Redis) -> dict[str, Any]:
+    stats = await client.info("commandstats")
+    cpu = await client.info("cpu")
+    by_command = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    return {
+        "calls": sum(by_command.values()),
+        "by_command": by_command,
+        "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+    }
+
+
+def _top_commands(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
+    delta = {name: calls - before.get(name, 0) for name, calls in after.items()}
+    return {name: round(calls / n, 3) for name, calls in sorted(delta.items(), key=lambda kv: -kv[1]) if calls > 0}
+
+
+def _ms(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-")[0])
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        f"date {results['date']}  machine {results['machine']}  redis {results['redis_version']}",
+        "",
+        "drain  workers  requests  req/s     cmds/req  redis µs/req  worker ms/req  worker RSS MB  check",
+    ]
+    for d in results["drain"]:
+        lines.append(
+            f"       {d['workers']:<8} {d['requests']:<9} {d['throughput_rps']:<9} {d['redis_commands_per_request']:<9} "
+            f"{d['redis_cpu_us_per_request']:<13} {d['worker_cpu_ms_per_request']:<14} {d['worker_rss_mb_max']:<14} "
+            f"{'clean' if d['check_clean'] else 'VIOLATIONS'}"
+        )
+    lines += ["", "latency  offered/s  requests  p50 ms  p95 ms  p99 ms  max ms  missing  worker RSS MB"]
+    for lat in results["latency"]:
+        lines.append(
+            f"         {lat['offered_rps']:<10} {lat['requests']:<9} {lat['p50_ms']:<7} {lat['p95_ms']:<7} "
+            f"{lat['p99_ms']:<7} {lat['max_ms']:<7} {lat['missing']:<8} {lat['worker_rss_mb_max']}"
+        )
+    if results["drain"]:
+        lines += ["", "commands per request (first drain): " + ", ".join(
+            f"{name} {calls}" for name, calls in list(results["drain"][0]["commands"].items())[:12])]
+    return "\n".join(lines)
