@@ -54,6 +54,7 @@ class Snapshot:
     counts: dict[str, str] = field(default_factory=dict)  # user -> raw count value
     storage: set[str] = field(default_factory=set)
     shelving: dict[str, str] = field(default_factory=dict)  # book -> context
+    from_shelving: dict[str, str] = field(default_factory=dict)  # book -> context, the library's record
     reservations: list[str] = field(default_factory=list)  # keys
     requests: dict[str, list[str]] = field(default_factory=dict)  # action -> entry ids in the stream
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (event id, action, request id)
@@ -135,6 +136,17 @@ def _check_shelving(snapshot: Snapshot, keys: Keys) -> list[Violation]:
             "shelving-matches-library",
             f"{len(unknown)} books lent or in storage are unknown to shelving (duplicated): {_few(unknown)}",
             (keys.shelving_state, keys.lent_books, keys.storage),
+        ))
+    differ = sorted(
+        book for book in expected | set(snapshot.from_shelving)
+        if snapshot.from_shelving.get(book) != snapshot.shelving.get(book) or book not in expected
+    )
+    if differ:
+        out.append(Violation(
+            "library-record-matches-shelving",
+            f"{len(differ)} books differ between the library's record of what it took from shelving "
+            f"and shelving's own: {_few(differ)}",
+            (keys.from_shelving, keys.shelving_state),
         ))
     return out
 
@@ -218,6 +230,7 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     snap.lent = _decode_map(await client.hgetall(keys.lent_books))
     snap.storage = {_str(m) for m in await client.smembers(keys.storage)}
     snap.shelving = _decode_map(await client.hgetall(keys.shelving_state))
+    snap.from_shelving = _decode_map(await client.hgetall(keys.from_shelving))
     count_prefix, count_suffix = f"{keys.prefix}:user:", ":count"
     async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
         key = _str(raw)

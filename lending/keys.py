@@ -55,6 +55,14 @@ class Keys:
         return f"{self.prefix}:shelving:returns"
 
     @property
+    def from_shelving(self) -> str:
+        """book -> shelving context, for every book the library holds (lent, stored, reserved).
+
+        The library's own record of what it took from the shelving service: it lets a
+        worker that lost a race tell a book nobody took from one the winner took."""
+        return f"{self.prefix}:from-shelving"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead-letters"
 

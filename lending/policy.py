@@ -33,4 +33,5 @@ def nothing_to_return_reason(user_id: str) -> str:
 
 def retry_backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 5.0) -> float:
     """Delay before reconnect or retry number ``attempt`` (1-based): exponential, capped."""
-    return float(min(cap_s, base_s * (2 ** max(0, attempt - 1))))
+    # The exponent is bounded: after hours of outage, 2 ** attempt would not fit a float.
+    return float(min(cap_s, base_s * 2.0 ** min(max(0, attempt - 1), 60)))

@@ -115,7 +115,7 @@ class LendingService:
                 keys = self._keys
                 await self._scripts.record_grants(
                     self._client,
-                    [keys.lend_requests, keys.reservation(request_id), keys.shelving_returns],
+                    [keys.lend_requests, keys.reservation(request_id), keys.shelving_returns, keys.from_shelving],
                     [LENDING_GROUP, request_id, 0, *held],
                 )
         except Exception as exc:  # best effort: the dead letter matters more
@@ -161,7 +161,7 @@ class LendingService:
             if new or held:
                 recorded = await self._scripts.record_grants(
                     self._client,
-                    [keys.lend_requests, reservation, keys.shelving_returns],
+                    [keys.lend_requests, reservation, keys.shelving_returns, keys.from_shelving],
                     [LENDING_GROUP, request.request_id, len(new), *new, *held],
                 )
                 if not recorded:
@@ -209,7 +209,15 @@ class LendingService:
         keys = self._keys
         result = await self._scripts.return_books(
             self._client,
-            [keys.return_requests, keys.events, keys.lent_books, keys.user_count(request.user_id), keys.storage, keys.shelving_returns],
+            [
+                keys.return_requests,
+                keys.events,
+                keys.lent_books,
+                keys.user_count(request.user_id),
+                keys.storage,
+                keys.shelving_returns,
+                keys.from_shelving,
+            ],
             [
                 LENDING_GROUP,
                 request.request_id,
@@ -242,7 +250,15 @@ class LendingService:
         for name, value in (letter or {}).items():
             args += [name, value]
         return (
-            [keys.requests(action), keys.events, keys.storage, keys.reservation(entry_id), keys.shelving_returns, keys.dead_letters],
+            [
+                keys.requests(action),
+                keys.events,
+                keys.storage,
+                keys.reservation(entry_id),
+                keys.shelving_returns,
+                keys.dead_letters,
+                keys.from_shelving,
+            ],
             args,
         )
 

@@ -78,13 +78,15 @@ class ShelvingService:
 
     async def release(self, delivery: Delivery) -> bool:
         """Apply one ``shelving:returns`` entry; ``False`` when it was already applied."""
-        raw = delivery.fields.get(b"book_ids", b"")
-        books = [book for book in raw.decode("utf-8", "replace").split(",") if book]
+        books = _csv(delivery.fields.get(b"book_ids"))
+        contexts = _csv(delivery.fields.get(b"context_ids"))
+        if len(contexts) != len(books):
+            contexts = []  # no usable contexts: free the books whoever holds them
         fault_point("before_release")
         done = await self._scripts.shelving_release(
             self._client,
             [self._keys.shelving_returns, self._keys.shelving_state],
-            [SHELVING_GROUP, delivery.entry_id, *books],
+            [SHELVING_GROUP, delivery.entry_id, len(books), *books, *contexts],
         )
         return bool(done)
 
@@ -100,6 +102,21 @@ class ShelvingService:
         # finish.lua without reservation or event: the XACK guard keeps it to one letter.
         await self._scripts.finish(
             self._client,
-            [keys.shelving_returns, keys.events, keys.storage, keys.reservation("-"), keys.shelving_returns, keys.dead_letters],
+            [
+                keys.shelving_returns,
+                keys.events,
+                keys.storage,
+                keys.reservation("-"),
+                keys.shelving_returns,
+                keys.dead_letters,
+                keys.from_shelving,
+            ],
             [SHELVING_GROUP, delivery.entry_id, 0, 0, 0, *letter],
         )
+
+
+def _csv(raw: bytes | None) -> list[str]:
+    """Comma-separated values of a returns entry field; ``split`` keeps empty contexts."""
+    if not raw:
+        return []
+    return raw.decode("utf-8", "replace").split(",")

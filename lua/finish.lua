@@ -9,6 +9,7 @@
 -- KEYS[4]  a lend request's reservation set ({NS}:reservations:<request_id>)
 -- KEYS[5]  shelving returns stream ({NS}:shelving:returns)
 -- KEYS[6]  dead-letters stream ({NS}:dead-letters)
+-- KEYS[7]  books the library took from shelving ({NS}:from-shelving): book -> context
 -- ARGV[1]  consumer group
 -- ARGV[2]  entry id
 -- ARGV[3]  storage capacity
@@ -37,7 +38,12 @@ if #books > 0 then
     end
   end
   if #rest > 0 then
-    redis.call('XADD', KEYS[5], '*', 'book_ids', table.concat(rest, ','))
+    -- Each book goes back with the context it was handed out to, and leaves the
+    -- library's record: shelving frees it only if it still has it for that context.
+    local contexts = redis.call('HMGET', KEYS[7], unpack(rest))
+    for i = 1, #contexts do contexts[i] = contexts[i] or '' end
+    redis.call('XADD', KEYS[5], '*', 'book_ids', table.concat(rest, ','), 'context_ids', table.concat(contexts, ','))
+    redis.call('HDEL', KEYS[7], unpack(rest))
   end
   redis.call('DEL', KEYS[4])
 end

@@ -7,6 +7,7 @@
 -- KEYS[4]  the user's count ({NS}:user:<user_id>:count)
 -- KEYS[5]  automated storage set ({NS}:storage)
 -- KEYS[6]  shelving returns stream ({NS}:shelving:returns)
+-- KEYS[7]  books the library took from shelving ({NS}:from-shelving): book -> context
 -- ARGV[1]  consumer group
 -- ARGV[2]  request entry id
 -- ARGV[3]  user id
@@ -45,7 +46,10 @@ if #returned > 0 then
     end
   end
   if #rest > 0 then
-    redis.call('XADD', KEYS[6], '*', 'book_ids', table.concat(rest, ','))
+    local contexts = redis.call('HMGET', KEYS[7], unpack(rest))
+    for i = 1, #contexts do contexts[i] = contexts[i] or '' end
+    redis.call('XADD', KEYS[6], '*', 'book_ids', table.concat(rest, ','), 'context_ids', table.concat(contexts, ','))
+    redis.call('HDEL', KEYS[7], unpack(rest))
   end
 end
 

@@ -128,7 +128,7 @@ async def test_reserve_takes_nothing_for_an_entry_never_delivered(redis: Redis, 
 
 
 def grants_keys(keys: Keys, entry: str) -> list[str]:
-    return [keys.lend_requests, keys.reservation(entry), keys.shelving_returns]
+    return [keys.lend_requests, keys.reservation(entry), keys.shelving_returns, keys.from_shelving]
 
 
 async def test_record_grants_adds_new_and_held_books_while_pending(redis: Redis, keys: Keys, scripts: Scripts) -> None:
@@ -139,6 +139,8 @@ async def test_record_grants_adds_new_and_held_books_while_pending(redis: Redis,
 
     assert result == 1
     assert await members(redis, keys.reservation(entry)) == {"from-storage", "n1", "n2", "h1"}
+    # The library records the context it took each shelving book under.
+    assert await hash_of(redis, keys.from_shelving) == {"n1": entry, "n2": entry, "h1": entry}
     assert await redis.xlen(keys.shelving_returns) == 0
     assert await is_pending(redis, keys.lend_requests, entry)
 
@@ -159,7 +161,24 @@ async def test_record_grants_after_the_entry_was_finished_gives_new_books_back(
     assert result == 0
     assert not await redis.exists(keys.reservation(entry))
     # Only the newly handed-out books go back, as one entry; held ones are left alone.
-    assert await stream_fields(redis, keys.shelving_returns) == [{"book_ids": "n1,n2"}]
+    assert await stream_fields(redis, keys.shelving_returns) == [{"book_ids": "n1,n2", "context_ids": f"{entry},{entry}"}]
+    assert not await redis.exists(keys.from_shelving)
+
+
+async def test_record_grants_after_finish_keeps_a_new_book_the_finishing_worker_took(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    # The stalled caller got n1 first ("new"); the worker that finished the request got
+    # it as "already held" and lent it. It must not go back to shelving.
+    entry = await finished_entry(redis, keys.lend_requests)
+    await redis.hset(keys.from_shelving, mapping={"n1": entry})
+    await redis.hset(keys.lent_books, "n1", "ada")
+
+    result = await scripts.record_grants(redis, grants_keys(keys, entry), [LENDING_GROUP, entry, 2, "n1", "n2"])
+
+    assert result == 0
+    assert await stream_fields(redis, keys.shelving_returns) == [{"book_ids": "n2", "context_ids": entry}]
+    assert await hash_of(redis, keys.from_shelving) == {"n1": entry}
 
 
 async def test_record_grants_after_finish_with_only_held_books_writes_nothing(
@@ -250,7 +269,7 @@ async def test_lend_writes_nothing_once_the_entry_is_acknowledged(redis: Redis, 
 
 
 def finish_keys(keys: Keys, stream: str, entry: str) -> list[str]:
-    return [stream, keys.events, keys.storage, keys.reservation(entry), keys.shelving_returns, keys.dead_letters]
+    return [stream, keys.events, keys.storage, keys.reservation(entry), keys.shelving_returns, keys.dead_letters, keys.from_shelving]
 
 
 def event_args(entry: str, status: str = "denied", reason: str = "because") -> list[str]:
@@ -372,7 +391,7 @@ async def test_finish_without_event_only_acks_and_dead_letters(redis: Redis, key
 
     result = await scripts.finish(
         redis,
-        [keys.shelving_returns, keys.events, keys.storage, keys.reservation(entry), keys.shelving_returns, keys.dead_letters],
+        [keys.shelving_returns, keys.events, keys.storage, keys.reservation(entry), keys.shelving_returns, keys.dead_letters, keys.from_shelving],
         [SHELVING_GROUP, entry, 20, 0, 0, "error", "bad"],
     )
 
@@ -401,7 +420,10 @@ async def test_finish_writes_nothing_once_the_entry_is_acknowledged(redis: Redis
 
 
 def return_keys(keys: Keys, user: str = "ada") -> list[str]:
-    return [keys.return_requests, keys.events, keys.lent_books, keys.user_count(user), keys.storage, keys.shelving_returns]
+    return [
+        keys.return_requests, keys.events, keys.lent_books, keys.user_count(user), keys.storage,
+        keys.shelving_returns, keys.from_shelving,
+    ]
 
 
 NOTHING = "none of the requested books is lent to ada"
@@ -454,12 +476,15 @@ async def test_return_refills_storage_up_to_capacity_then_shelving(redis: Redis,
     await redis.hset(keys.lent_books, mapping=dict.fromkeys(books, "ada"))
     await redis.set(keys.user_count("ada"), 4)
     await redis.sadd(keys.storage, "s1")
+    await redis.hset(keys.from_shelving, mapping={"a1": "r1", "a2": "r2", "a3": "r3", "a4": "r4", "s1": "r0"})
 
     await scripts.return_books(redis, return_keys(keys), [LENDING_GROUP, entry, "ada", 2, NOTHING, *books])
 
-    # Storage filled in request order up to its capacity; the rest as one entry.
+    # Storage filled in request order up to its capacity; the rest as one entry, with
+    # the context each book was handed out to, and out of the library's record.
     assert await members(redis, keys.storage) == {"s1", "a1"}
-    assert await stream_fields(redis, keys.shelving_returns) == [{"book_ids": "a2,a3,a4"}]
+    assert await stream_fields(redis, keys.shelving_returns) == [{"book_ids": "a2,a3,a4", "context_ids": "r2,r3,r4"}]
+    assert await hash_of(redis, keys.from_shelving) == {"a1": "r1", "s1": "r0"}
 
 
 async def test_return_with_storage_full(redis: Redis, keys: Keys, scripts: Scripts) -> None:
@@ -471,7 +496,7 @@ async def test_return_with_storage_full(redis: Redis, keys: Keys, scripts: Scrip
     await scripts.return_books(redis, return_keys(keys), [LENDING_GROUP, entry, "ada", 2, NOTHING, "a1"])
 
     assert await members(redis, keys.storage) == {"s1", "s2"}
-    assert await stream_fields(redis, keys.shelving_returns) == [{"book_ids": "a1"}]
+    assert await stream_fields(redis, keys.shelving_returns) == [{"book_ids": "a1", "context_ids": ""}]
 
 
 async def test_return_denied_when_none_is_lent_to_the_user(redis: Redis, keys: Keys, scripts: Scripts) -> None:
@@ -528,20 +553,31 @@ async def test_shelving_release_acks_and_frees_books_once(redis: Redis, keys: Ke
     entry = await pending_entry(redis, keys.shelving_returns, SHELVING_GROUP, book_ids="b1,b2")
     release_keys = [keys.shelving_returns, keys.shelving_state]
 
-    assert await scripts.shelving_release(redis, release_keys, [SHELVING_GROUP, entry, "b1", "b2"]) == 1
+    assert await scripts.shelving_release(redis, release_keys, [SHELVING_GROUP, entry, 2, "b1", "b2"]) == 1
     assert await hash_of(redis, keys.shelving_state) == {"kept": "r1"}
     assert not await is_pending(redis, keys.shelving_returns, entry, SHELVING_GROUP)
 
     # b1 handed out again since: a late second release must not free it.
     await redis.hset(keys.shelving_state, "b1", "r9")
-    assert await scripts.shelving_release(redis, release_keys, [SHELVING_GROUP, entry, "b1", "b2"]) == 0
+    assert await scripts.shelving_release(redis, release_keys, [SHELVING_GROUP, entry, 2, "b1", "b2"]) == 0
     assert await hash_of(redis, keys.shelving_state) == {"kept": "r1", "b1": "r9"}
+
+
+async def test_shelving_release_frees_a_book_only_for_the_context_it_comes_back_from(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    # b1 was handed back twice for r1 and handed out to r9 in between: keep r9's.
+    await redis.hset(keys.shelving_state, mapping={"b1": "r9", "b2": "r1"})
+    entry = await pending_entry(redis, keys.shelving_returns, SHELVING_GROUP, book_ids="b1,b2")
+    release_keys = [keys.shelving_returns, keys.shelving_state]
+    assert await scripts.shelving_release(redis, release_keys, [SHELVING_GROUP, entry, 2, "b1", "b2", "r1", "r1"]) == 1
+    assert await hash_of(redis, keys.shelving_state) == {"b1": "r9"}
 
 
 async def test_shelving_release_of_an_entry_without_books(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await redis.hset(keys.shelving_state, "b1", "r1")
     entry = await pending_entry(redis, keys.shelving_returns, SHELVING_GROUP, book_ids="")
-    assert await scripts.shelving_release(redis, [keys.shelving_returns, keys.shelving_state], [SHELVING_GROUP, entry]) == 1
+    assert await scripts.shelving_release(redis, [keys.shelving_returns, keys.shelving_state], [SHELVING_GROUP, entry, 0]) == 1
     assert await hash_of(redis, keys.shelving_state) == {"b1": "r1"}
 
 

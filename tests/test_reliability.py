@@ -72,6 +72,7 @@ async def drain_shelving_returns(redis: Redis, keys: Keys, settings: Settings) -
 async def stock_storage(redis: Redis, keys: Keys, *books: str) -> None:
     """Put books in storage the way a return does: fetched from shelving earlier."""
     await redis.hset(keys.shelving_state, mapping={book: "earlier-request" for book in books})
+    await redis.hset(keys.from_shelving, mapping={book: "earlier-request" for book in books})
     await redis.sadd(keys.storage, *books)
 
 
