@@ -17,13 +17,14 @@ import platform
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from lending import checker
 from lending.connection import make_client
 from lending.keys import Keys
+from lending.stream import Entries, text
 
 from .deployment import Deployment, process_cpu_s, process_rss_mb
 from .driver import Driver
@@ -89,9 +90,9 @@ async def _drain(client: Redis, url: str, options: BenchOptions, workers: int) -
             await asyncio.sleep(0.1)
         after = await _redis_counters(client)
         worker_cpu = sum(process_cpu_s(pid) - cpu_start.get(pid, 0.0) for pid in deployment.worker_pids())
-        first = await client.xrange(keys.events, count=1)
-        last = await client.xrevrange(keys.events, count=1)
-        span_ms = max(1, _ms(last[0][0]) - _ms(first[0][0]))
+        first = cast(Entries, await client.xrange(keys.events, count=1))
+        last = cast(Entries, await client.xrevrange(keys.events, count=1))
+        span_ms = max(1, _ms(text(last[0][0])) - _ms(text(first[0][0])))
         report = await checker.check(client, namespace, 5, 20, wait_quiescent_s=60)
     finally:
         await asyncio.to_thread(deployment.stop)
@@ -157,8 +158,8 @@ def _top_commands(before: dict[str, int], after: dict[str, int], n: int) -> dict
     return {name: round(calls / n, 3) for name, calls in sorted(delta.items(), key=lambda kv: -kv[1]) if calls > 0}
 
 
-def _ms(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-")[0])
+def _ms(entry_id: str) -> int:
+    return int(entry_id.split("-")[0])
 
 
 def render(results: dict[str, Any]) -> str:

@@ -6,13 +6,14 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import structlog
 from redis.asyncio import Redis
 
 from lending.events import Event
 from lending.keys import Keys
-from lending.stream import is_transient
+from lending.stream import Entries, StreamsReply, is_transient, text
 
 from .stats import RunReport, latency_summary
 from .workload import Request, Workload
@@ -60,8 +61,8 @@ class Driver:
         return len(self._inflight)
 
     async def run(self, drain_timeout_s: float = 120.0) -> RunReport:
-        last = await self.client.xrevrange(self.keys.events, count=1)
-        self._after = last[0][0].decode() if last else "0-0"
+        last = cast(Entries, await self.client.xrevrange(self.keys.events, count=1))
+        self._after = text(last[0][0]) if last else "0-0"
         reader = asyncio.create_task(self._read_events())
         progress = asyncio.create_task(self._show_progress()) if self.progress else None
         started = time.monotonic()
@@ -140,10 +141,10 @@ class Driver:
                 await asyncio.sleep(0.2)
                 continue
             now = time.monotonic()
-            for _stream, entries in reply or []:
+            for _stream, entries in cast(StreamsReply, reply or []):
                 for event_id, fields in entries:
-                    self._after = event_id.decode()
-                    self._record(Event.from_fields(fields, self._after), now)
+                    self._after = text(event_id)
+                    self._record(Event.from_fields(fields or {}, self._after), now)
 
     def _record(self, event: Event, now: float) -> None:
         key = (event.action, event.request_id)
