@@ -102,8 +102,10 @@ def worker_command(worker_id: str, **options: Any) -> None:
 @namespace_option
 @click.option("--timeout", type=click.FloatRange(min=0), envvar="LENDING_TIMEOUT", show_envvar=True,
               default=10.0, show_default=True, help="Seconds to wait for the outcome.")
-@click.option("--no-wait", is_flag=True, help="Queue the request and exit without waiting.")
-@click.option("--json", "as_json", is_flag=True, help="Print the event as one JSON object.")
+@click.option("--no-wait", is_flag=True, envvar="LENDING_NO_WAIT", show_envvar=True,
+              help="Queue the request and exit without waiting.")
+@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
+              help="Print the event as one JSON object.")
 def get_books_command(
     action: str, user: str, books: tuple[str, ...], redis_url: str | None, namespace: str,
     timeout: float, no_wait: bool, as_json: bool,
@@ -165,8 +167,10 @@ def format_event(event: Event) -> str:
 @_int_option("max-books-per-user", 5, "The per-user limit to assume.")
 @_int_option("storage-capacity", 20, "The storage capacity to assume.")
 @click.option("--wait-quiescent", "wait_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              metavar="SECONDS", help="First wait up to SECONDS for the namespace to become quiescent.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+              metavar="SECONDS", envvar="LENDING_WAIT_QUIESCENT", show_envvar=True,
+              help="First wait up to SECONDS for the namespace to become quiescent.")
+@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
+              help="Print the report as JSON.")
 def check_command(
     redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, wait_s: float, as_json: bool
 ) -> None:

@@ -125,8 +125,7 @@ class StreamConsumer:
         while not self._stopping.is_set():
             try:
                 if not self.connected:
-                    for stream in self._streams:
-                        await ensure_group(self._client, stream, self._config.group)
+                    await self.ensure_groups()
                     self.connected = True
                     self._next_retry = 0.0  # resume own pending entries at once
                 await self._tick()
@@ -142,6 +141,12 @@ class StreamConsumer:
                     self._log.warning("redis unavailable, retrying", error=str(exc), retry_in_s=delay)
                 self.connected = False
                 await self._sleep(delay)
+
+    async def ensure_groups(self) -> None:
+        """Create the consumer group on each stream if missing (also after a Redis restart
+        that lost it)."""
+        for stream in self._streams:
+            await ensure_group(self._client, stream, self._config.group)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for in-flight entries; ``True`` when all finished."""

@@ -84,6 +84,8 @@ class Worker:
         """Serve until stopped; returns the process exit code."""
         await self._claim_id()
         await self._scripts.load(self._client)
+        for consumer in self.consumers:
+            await consumer.ensure_groups()  # before "Ready": XPENDING/XINFO work from then on
         if self._handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ entry over after ``--claim-idle-ms``.
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -215,7 +216,8 @@ async def test_shelving_consumer_crash_is_taken_over(redis: Redis, keys: Keys, w
     assert any(TOOK_OVER in line and "shelving-service" in line for line in log.splitlines()), log
 
 
-async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: Workers) -> None:
+@pytest.mark.parametrize("point", ["after_reserve", "after_shelving"])
+async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: Workers, point: str) -> None:
     max_deliveries = 3
     await redis.sadd(keys.storage, "loop-a")
     request_id = ""
@@ -224,7 +226,7 @@ async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: 
     # Every worker that reaches the entry dies at it; the entry must stop being
     # processed after --max-deliveries deliveries.
     for _ in range(max_deliveries + 3):
-        proc = workers("w1", "--max-deliveries", str(max_deliveries), *CLAIM_IDLE, "--force", LENDING_FAULT="after_reserve")
+        proc = workers("w1", "--max-deliveries", str(max_deliveries), *CLAIM_IDLE, "--force", LENDING_FAULT=point)
         if not request_id:
             request_id = await send(redis, keys, "lend", "ursula", ["loop-a", "loop-b"])
 
@@ -246,12 +248,15 @@ async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: 
     assert events[0]["status"] == "failed"
     letters = await entries(redis, keys.dead_letters)
     assert [fields["request_id"] for _, fields in letters] == [request_id]
-    # The reservation was given back: the book it took from storage is there again
-    # (each worker died before asking the shelving service for the other one).
+    # The reservation was given back: the book it took from storage is there again.
+    # At after_shelving the shelving service handed loop-b out each time, but no attempt
+    # recorded it: it must come back too (to storage, or released by shelving).
     assert await reservation_keys(redis, keys) == []
-    assert await members(redis, keys.storage) == {"loop-a"}
-    assert await redis.hlen(keys.shelving_state) == 0
+    assert "loop-a" in await members(redis, keys.storage)
     assert await redis.hlen(keys.lent_books) == 0
+    if point == "after_reserve":
+        assert await members(redis, keys.storage) == {"loop-a"}
+        assert await redis.hlen(keys.shelving_state) == 0
     await assert_consistent(redis, keys, ["ursula"])
     assert stop_process(survivor)[0] == 0
 
@@ -261,3 +266,42 @@ async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: 
     event = await event_for(redis, keys, "lend", again_id)
     assert (event.status, event.books) == ("accepted", ("loop-a", "loop-b"))
     await assert_consistent(redis, keys, ["ursula"])
+
+
+@pytest.mark.parametrize("capacity", ["20", "0"], ids=["returns-to-storage", "returns-to-shelving"])
+async def test_paused_worker_commits_nothing_after_take_over(
+    redis: Redis, keys: Keys, workers: Workers, capacity: str
+) -> None:
+    await redis.sadd(keys.storage, "pause-a")
+    # The shelving call sleeps 0.75-2.25 s: time to freeze the worker in the middle.
+    paused = workers("w1", *CLAIM_IDLE, "--storage-capacity", capacity, LENDING_SHELVING_LATENCY_MS="1500")
+    request_id = await send(redis, keys, "lend", "ursula", ["pause-a", "pause-b"])
+
+    async def reserved() -> bool:
+        return bool(await redis.sismember(keys.reservation(request_id), "pause-a"))
+
+    await wait_until(reserved, timeout_s=5, interval_s=0.01)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        taker = workers("w2", *CLAIM_IDLE, "--storage-capacity", capacity)
+        event = await event_for(redis, keys, "lend", request_id, timeout_s=10)
+        assert (event.status, event.books) == ("accepted", ("pause-a", "pause-b"))
+        # The books move on while the first worker sleeps: returned, then lent to someone else.
+        return_id = await send(redis, keys, "return", "ursula", ["pause-a", "pause-b"])
+        assert (await event_for(redis, keys, "return", return_id)).status == "returned"
+        await assert_consistent(redis, keys, ["ursula"])
+        victor_id = await send(redis, keys, "lend", "victor", ["pause-a", "pause-b"])
+        assert (await event_for(redis, keys, "lend", victor_id)).books == ("pause-a", "pause-b")
+        before = (await hash_of(redis, keys.lent_books), await hash_of(redis, keys.shelving_state))
+    finally:
+        paused.send_signal(signal.SIGCONT)
+
+    await asyncio.sleep(2.5)  # the woken worker finishes its shelving call and notices
+    assert len(await events_of(redis, keys, "lend", request_id)) == 1
+    await assert_consistent(redis, keys, ["ursula", "victor"])
+    assert (await hash_of(redis, keys.lent_books), await hash_of(redis, keys.shelving_state)) == before
+    assert await hash_of(redis, keys.lent_books) == {"pause-a": "victor", "pause-b": "victor"}
+    code, _, log = stop_process(paused)
+    assert code == 0, log
+    assert not [line for line in log.splitlines() if "processed" in line and request_id in line], log
+    assert stop_process(taker)[0] == 0
