@@ -57,12 +57,15 @@ class Snapshot:
     from_shelving: dict[str, str] = field(default_factory=dict)  # book -> context, the library's record
     reservations: list[str] = field(default_factory=list)  # keys
     requests: dict[str, list[str]] = field(default_factory=dict)  # action -> entry ids in the stream
+    last_ids: dict[str, str] = field(default_factory=dict)  # action -> the stream's last generated id
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (event id, action, request id)
     groups: list[GroupState] = field(default_factory=list)
 
     @property
     def quiescent(self) -> bool:
-        return not self.reservations and all(g.done for g in self.groups)
+        """Every group has read and acknowledged its whole stream: nothing is in progress,
+        so a reservation still present is a leftover, not work under way."""
+        return all(g.done for g in self.groups)
 
 
 def check_state(snapshot: Snapshot, max_books_per_user: int, storage_capacity: int, *, quiescent: bool | None = None) -> list[Violation]:
@@ -167,8 +170,13 @@ def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
         for (event_action, request), n in per_entry.items():
             if event_action != action or request in present:
                 continue
-            # An entry older than the stream's first may have been trimmed away.
-            trimmed = first is not None and _is_id(request) and _id_tuple(request) < first
+            # An entry older than the stream's first (or, in a stream trimmed empty, not
+            # newer than its last generated ID) may have been trimmed away.
+            last = snapshot.last_ids.get(action)
+            trimmed = _is_id(request) and (
+                _id_tuple(request) < first if first is not None
+                else last is not None and _id_tuple(request) <= _id_tuple(last)
+            )
             if not trimmed:
                 out.append(Violation(
                     "event-names-an-entry", f"event for {action} request {request} names no entry", (keys.events,)
@@ -240,6 +248,8 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     snap.reservations = sorted([raw.decode() async for raw in client.scan_iter(match=keys.reservation("*"), count=1000)])
     for action in ACTIONS:
         snap.requests[action] = [entry_id for entry_id, _ in await _read_all(client, keys.requests(action))]
+        if (last := await _last_generated_id(client, keys.requests(action))) is not None:
+            snap.last_ids[action] = last
     for event_id, fields in await _read_all(client, keys.events):
         snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
     for stream, group in (
@@ -270,6 +280,14 @@ async def _read_all(client: Redis, stream: str) -> list[tuple[str, dict[bytes, b
         if len(page) < PAGE:
             return out
         start = "(" + page[-1][0].decode()
+
+
+async def _last_generated_id(client: Redis, stream: str) -> str | None:
+    try:
+        info = await client.xinfo_stream(stream)
+    except ResponseError:  # no such stream
+        return None
+    return _str(info.get("last-generated-id") or b"0-0")
 
 
 async def _group_state(client: Redis, stream: str, group: str) -> GroupState:

@@ -178,9 +178,10 @@ def check_command(
 
     Always: each user's count equals their books in lent-books and is within the
     limit; no book is both lent and in storage; storage within its capacity. Once
-    quiescent (requests all read and acknowledged, shelving returns drained, no
-    reservations): shelving holds exactly the lent and stored books; every request
-    entry has exactly one event and every event names an entry; no reservation left.
+    quiescent (request streams all read and acknowledged, shelving returns drained):
+    shelving holds exactly the lent and stored books (and the library's record of
+    them agrees); every request entry has exactly one event and every event names an
+    entry; no reservation is left.
     """
     url = redis_url or DEFAULT_REDIS_URL
     sys.exit(asyncio.run(_check(url, namespace, max_books_per_user, storage_capacity, wait_s, as_json)))

@@ -171,7 +171,9 @@ class StreamConsumer:
             await self._read_new()
 
     async def _wait_for_slot(self) -> bool:
-        while len(self._inflight) >= self._config.concurrency:
+        # XREADGROUP's COUNT applies to each stream: leave room for one entry of each.
+        need = min(len(self._streams), self._config.concurrency)
+        while self._config.concurrency - len(self._inflight) < need:
             self._slot_freed.clear()
             try:
                 await asyncio.wait_for(self._slot_freed.wait(), timeout=self._config.block_ms / 1000.0)
@@ -185,7 +187,7 @@ class StreamConsumer:
             self._config.group,
             self._config.consumer,
             {stream: ">" for stream in self._streams},
-            count=min(self._config.read_count, free),
+            count=max(1, min(self._config.read_count, free) // len(self._streams)),
             block=self._config.block_ms,
         )
         for stream_raw, entries in cast(StreamsReply, reply or []):

@@ -1,0 +1,543 @@
+"""The invariant checker: ``check_state`` on hand-built snapshots, ``check`` on a real
+namespace corrupted on purpose, and ``python -m lending check`` as a process.
+
+Each invariant of issue 3 is broken in exactly one way per case, and the checker must
+name that invariant and the offending key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from lending import checker
+from lending.checker import GroupState, Snapshot, Violation, check_state
+from lending.embedded import free_port
+from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.worker import Worker
+
+from .conftest import StartWorker
+from .support import ROOT, event_for, process_env, send, send_raw, start_worker_process, stop_process, wait_until
+
+LIMIT = 3  # books per user, assumed by the checker
+CAPACITY = 3  # books in storage, assumed by the checker
+
+NS = "lib"
+K = Keys(NS)
+
+
+# -- check_state: hand-built snapshots -------------------------------------------------
+
+
+def consistent_snapshot() -> Snapshot:
+    """A quiescent library with alice at the limit and storage at its capacity."""
+    shelving = {"b1": "1-0", "b2": "1-0", "b3": "1-0", "b4": "2-0", "b5": "2-0", "b6": "2-0", "b7": "5-0"}
+    return Snapshot(
+        namespace=NS,
+        lent={"b1": "alice", "b2": "alice", "b3": "alice", "b4": "bob"},
+        counts={"alice": "3", "bob": "1"},
+        storage={"b5", "b6", "b7"},
+        shelving=dict(shelving),
+        from_shelving=dict(shelving),
+        requests={"lend": ["1-0", "2-0", "5-0"], "return": ["3-0", "4-0"]},
+        events=[("10-0", "lend", "1-0"), ("11-0", "lend", "2-0"), ("12-0", "return", "3-0"),
+                ("13-0", "return", "4-0"), ("14-0", "lend", "5-0")],
+        groups=[
+            GroupState(K.lend_requests, LENDING_GROUP, 0, False),
+            GroupState(K.return_requests, LENDING_GROUP, 0, False),
+            GroupState(K.shelving_returns, SHELVING_GROUP, 0, False),
+        ],
+    )
+
+
+def in_flight(snapshot: Snapshot) -> Snapshot:
+    """The same snapshot while a lend request is still pending."""
+    snapshot.groups[0] = GroupState(K.lend_requests, LENDING_GROUP, 1, False)
+    return snapshot
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """One way of breaking one invariant of ``consistent_snapshot()``."""
+
+    change: Callable[[Snapshot], object]
+    invariants: frozenset[str]  # exactly the invariants the checker must report
+    key: str  # an offending key every reported violation must name
+
+    def apply(self, snapshot: Snapshot) -> Snapshot:
+        self.change(snapshot)
+        return snapshot
+
+
+def corruption(change: Callable[[Snapshot], object], key: str, *invariants: str) -> Corruption:
+    return Corruption(change, frozenset(invariants), key)
+
+
+def add_stored_book(snapshot: Snapshot, book: str) -> None:
+    snapshot.storage.add(book)
+    snapshot.shelving[book] = snapshot.from_shelving[book] = "6-0"
+
+
+def lend_over_the_limit(snapshot: Snapshot) -> None:
+    snapshot.lent["b8"] = "alice"
+    snapshot.counts["alice"] = "4"
+    snapshot.shelving["b8"] = snapshot.from_shelving["b8"] = "6-0"
+
+
+def store_a_lent_book(snapshot: Snapshot) -> None:
+    # b5 leaves the library altogether, b1 (lent) takes its place in storage.
+    snapshot.storage.discard("b5")
+    del snapshot.shelving["b5"], snapshot.from_shelving["b5"]
+    snapshot.storage.add("b1")
+
+
+def forget_in_shelving(book: str) -> Callable[[Snapshot], None]:
+    def change(snapshot: Snapshot) -> None:
+        del snapshot.shelving[book], snapshot.from_shelving[book]
+
+    return change
+
+
+ALWAYS: dict[str, Corruption] = {
+    "count above the lent books": corruption(
+        lambda s: s.counts.update(bob="2"), K.user_count("bob"), "count-matches-lent-books"),
+    "count below the lent books": corruption(
+        lambda s: s.counts.update(alice="2"), K.user_count("alice"), "count-matches-lent-books"),
+    "missing count (0) with books lent": corruption(
+        lambda s: s.counts.pop("bob"), K.user_count("bob"), "count-matches-lent-books"),
+    "count with no books lent": corruption(
+        lambda s: s.counts.update(carol="1"), K.user_count("carol"), "count-matches-lent-books"),
+    "non-integer count": corruption(
+        lambda s: s.counts.update(bob="one"), K.user_count("bob"), "count-matches-lent-books"),
+    "empty count": corruption(
+        lambda s: s.counts.update(bob=""), K.user_count("bob"), "count-matches-lent-books"),
+    "negative count": corruption(
+        lambda s: s.counts.update(carol="-1"), K.user_count("carol"), "count-not-negative", "count-matches-lent-books"),
+    "more books than the limit": corruption(
+        lend_over_the_limit, K.user_count("alice"), "count-within-limit"),
+    "count over the limit": corruption(
+        lambda s: s.counts.update(alice="4"), K.user_count("alice"), "count-within-limit", "count-matches-lent-books"),
+    "book both in storage and lent": corruption(
+        store_a_lent_book, K.storage, "storage-not-lent"),
+    "storage over its capacity": corruption(
+        lambda s: add_stored_book(s, "b8"), K.storage, "storage-within-capacity"),
+}
+
+WHEN_QUIESCENT: dict[str, Corruption] = {
+    "book handed out by shelving, neither lent nor stored (lost)": corruption(
+        lambda s: s.shelving.update(b9="9-0"), K.shelving_state, "shelving-matches-library"),
+    "lent book unknown to shelving": corruption(
+        forget_in_shelving("b4"), K.shelving_state, "shelving-matches-library"),
+    "stored book unknown to shelving": corruption(
+        forget_in_shelving("b5"), K.shelving_state, "shelving-matches-library"),
+    "from-shelving names another context": corruption(
+        lambda s: s.from_shelving.update(b1="9-0"), K.from_shelving, "library-record-matches-shelving"),
+    "from-shelving misses a held book": corruption(
+        lambda s: s.from_shelving.pop("b5"), K.from_shelving, "library-record-matches-shelving"),
+    "from-shelving holds a book the library does not": corruption(
+        lambda s: s.from_shelving.update(b9="9-0"), K.from_shelving, "library-record-matches-shelving"),
+    "lend entry with no event": corruption(
+        lambda s: s.requests["lend"].append("6-0"), K.lend_requests, "one-event-per-entry"),
+    "return entry with no event": corruption(
+        lambda s: s.requests["return"].append("7-0"), K.return_requests, "one-event-per-entry"),
+    "entry with two events": corruption(
+        lambda s: s.events.append(("15-0", "lend", "2-0")), K.lend_requests, "one-event-per-entry"),
+    "event naming no lend entry": corruption(
+        lambda s: s.events.append(("15-0", "lend", "9-0")), K.events, "event-names-an-entry"),
+    "event naming no return entry": corruption(
+        lambda s: s.events.append(("15-0", "return", "9-0")), K.events, "event-names-an-entry"),
+    "lend event naming an entry of the return stream": corruption(
+        lambda s: s.events.append(("15-0", "lend", "3-0")), K.events, "event-names-an-entry"),
+    "event naming something that is no entry id": corruption(
+        lambda s: s.events.append(("15-0", "lend", "not-an-id")), K.events, "event-names-an-entry"),
+    "event with an unknown action": corruption(
+        lambda s: s.events.append(("15-0", "borrow", "1-0")), K.events, "event-names-an-entry"),
+    "leftover reservation": corruption(
+        lambda s: s.reservations.append(K.reservation("5-0")), K.reservation("5-0"), "no-reservations"),
+}
+
+
+def reported(violations: list[Violation]) -> frozenset[str]:
+    return frozenset(v.invariant for v in violations)
+
+
+def test_a_consistent_snapshot_has_no_violations() -> None:
+    snapshot = consistent_snapshot()
+
+    assert snapshot.quiescent
+    assert check_state(snapshot, LIMIT, CAPACITY) == []
+
+
+@pytest.mark.parametrize("quiescent", [True, False], ids=["quiescent", "in flight"])
+@pytest.mark.parametrize("case", list(ALWAYS.values()), ids=list(ALWAYS))
+def test_always_invariants_are_checked_quiescent_or_not(case: Corruption, quiescent: bool) -> None:
+    snapshot = case.apply(consistent_snapshot())
+
+    violations = check_state(snapshot, LIMIT, CAPACITY, quiescent=quiescent)
+
+    assert reported(violations) == case.invariants, violations
+    assert all(case.key in v.keys for v in violations), violations
+
+
+@pytest.mark.parametrize("case", list(WHEN_QUIESCENT.values()), ids=list(WHEN_QUIESCENT))
+def test_quiescent_invariants_are_checked_once_quiescent(case: Corruption) -> None:
+    snapshot = case.apply(consistent_snapshot())
+
+    violations = check_state(snapshot, LIMIT, CAPACITY, quiescent=True)
+
+    assert reported(violations) == case.invariants, violations
+    assert all(case.key in v.keys for v in violations), violations
+
+
+@pytest.mark.parametrize("case", list(WHEN_QUIESCENT.values()), ids=list(WHEN_QUIESCENT))
+def test_quiescent_invariants_are_not_reported_while_requests_are_in_flight(case: Corruption) -> None:
+    snapshot = in_flight(case.apply(consistent_snapshot()))
+
+    assert not snapshot.quiescent
+    assert check_state(snapshot, LIMIT, CAPACITY) == []
+    assert check_state(case.apply(consistent_snapshot()), LIMIT, CAPACITY, quiescent=False) == []
+
+
+def test_an_event_for_an_entry_trimmed_from_its_stream_is_not_a_violation() -> None:
+    snapshot = consistent_snapshot()
+    snapshot.events.insert(0, ("9-0", "lend", "0-7"))  # older than the lend stream's first entry, 1-0
+
+    assert check_state(snapshot, LIMIT, CAPACITY) == []
+
+
+@pytest.mark.parametrize(
+    ("group", "reservations", "quiescent"),
+    [
+        (GroupState(K.lend_requests, LENDING_GROUP, 0, False), [], True),
+        (GroupState(K.lend_requests, LENDING_GROUP, 1, False), [], False),
+        (GroupState(K.lend_requests, LENDING_GROUP, 0, True), [], False),
+        (GroupState(K.shelving_returns, SHELVING_GROUP, 2, False), [], False),
+        (GroupState(K.shelving_returns, SHELVING_GROUP, 0, True), [], False),
+        # Nothing in progress, so a reservation is a leftover to report, not work under way.
+        (GroupState(K.lend_requests, LENDING_GROUP, 0, False), [K.reservation("5-0")], True),
+    ],
+    ids=["all done", "lend pending", "lend unread", "shelving pending", "shelving unread", "reservation"],
+)
+def test_quiescent_means_every_group_done(
+    group: GroupState, reservations: list[str], quiescent: bool
+) -> None:
+    snapshot = consistent_snapshot()
+    snapshot.groups.append(group)
+    snapshot.reservations = reservations
+
+    assert snapshot.quiescent is quiescent
+
+
+# -- check: a real namespace, corrupted on purpose ---------------------------------------
+
+
+async def lend_and_return_a_few_books(redis: Redis, keys: Keys, start_worker: StartWorker) -> Worker:
+    """Drive a real worker through accepted, denied, returned and rejected outcomes;
+    storage fills up and books go back to shelving. Returns the (still running) worker."""
+    worker = await start_worker(max_books_per_user=LIMIT, storage_capacity=2)
+
+    async def outcome(action: str, user: str, *books: str) -> str:
+        return (await event_for(redis, keys, action, await send(redis, keys, action, user, books))).status
+
+    assert await outcome("lend", "alice", "b1", "b2", "b3") == "accepted"
+    assert await outcome("lend", "bob", "b3", "b4") == "accepted"  # b4 only
+    assert await outcome("return", "alice", "b1", "b2", "b3") == "returned"  # 2 stored, 1 to shelving
+    assert await outcome("lend", "carol", "b1", "b3") == "accepted"  # from storage and shelving
+    assert await outcome("lend", "dave", "b4") == "denied"  # unavailable
+    assert await outcome("lend", "bob", "b5", "b6", "b7") == "denied"  # over the limit
+    assert await outcome("return", "dave", "b4") == "denied"  # not his
+    rejected = await send_raw(redis, keys, "lend", {"user_id": "eve"})
+    assert (await event_for(redis, keys, "lend", rejected)).status == "rejected"
+    return worker
+
+
+async def stop(worker: Worker, redis: Redis, keys: Keys) -> None:
+    """Stop an in-process worker and wait until it has let go of its id."""
+    worker.stop()
+    await wait_until(lambda: _released(redis, keys, worker.settings.worker_id))
+
+
+async def _released(redis: Redis, keys: Keys, worker_id: str) -> bool:
+    return not await redis.exists(keys.worker(worker_id))
+
+
+async def a_lent_book(redis: Redis, keys: Keys) -> tuple[str, str]:
+    """(book, user) of some lent book."""
+    lent: Any = await redis.hgetall(keys.lent_books)
+    book, user = sorted(lent.items())[0]
+    return book.decode(), user.decode()
+
+
+async def incr_a_count(redis: Redis, keys: Keys) -> str:
+    _, user = await a_lent_book(redis, keys)
+    await redis.incr(keys.user_count(user))
+    return keys.user_count(user)
+
+
+async def hdel_a_lent_book(redis: Redis, keys: Keys) -> str:
+    book, user = await a_lent_book(redis, keys)
+    await redis.hdel(keys.lent_books, book)
+    return keys.user_count(user)
+
+
+async def set_a_negative_count(redis: Redis, keys: Keys) -> str:
+    await redis.set(keys.user_count("erin"), -1)
+    return keys.user_count("erin")
+
+
+async def lend_beyond_the_limit(redis: Redis, keys: Keys) -> str:
+    _, user = await a_lent_book(redis, keys)
+    extra = [f"extra-{i}" for i in range(LIMIT)]
+    await redis.hset(keys.lent_books, mapping={book: user for book in extra})
+    await redis.incrby(keys.user_count(user), len(extra))
+    return keys.user_count(user)
+
+
+async def sadd_a_lent_book_to_storage(redis: Redis, keys: Keys) -> str:
+    book, _ = await a_lent_book(redis, keys)
+    await redis.sadd(keys.storage, book)
+    return keys.storage
+
+
+async def sadd_beyond_capacity(redis: Redis, keys: Keys) -> str:
+    await redis.sadd(keys.storage, *[f"extra-{i}" for i in range(CAPACITY + 1)])
+    return keys.storage
+
+
+async def hset_a_lost_book_in_shelving(redis: Redis, keys: Keys) -> str:
+    await redis.hset(keys.shelving_state, "lost-book", "1-0")
+    return keys.shelving_state
+
+
+async def hdel_a_lent_book_from_shelving(redis: Redis, keys: Keys) -> str:
+    book, _ = await a_lent_book(redis, keys)
+    await redis.hdel(keys.shelving_state, book)
+    return keys.shelving_state
+
+
+async def hset_another_context_in_from_shelving(redis: Redis, keys: Keys) -> str:
+    book, _ = await a_lent_book(redis, keys)
+    await redis.hset(keys.from_shelving, book, "9999999999999-0")
+    return keys.from_shelving
+
+
+async def xadd_a_second_event(redis: Redis, keys: Keys) -> str:
+    events: Any = await redis.xrange(keys.events, count=1)
+    _, fields = events[0]
+    await redis.xadd(keys.events, fields)
+    return keys.events
+
+
+async def xadd_an_event_naming_no_entry(redis: Redis, keys: Keys) -> str:
+    await redis.xadd(keys.events, {"request_id": "9999999999999-0", "action": "lend", "user_id": "x",
+                                   "status": "rejected", "books": "", "skipped": "", "reason": "made up"})
+    return keys.events
+
+
+async def acknowledge_an_entry_without_event(redis: Redis, keys: Keys) -> str:
+    # An entry read and acknowledged by someone who published no event.
+    await send(redis, keys, "lend", "mallory", ["b9"])
+    await redis.xreadgroup(LENDING_GROUP, "intruder", {keys.lend_requests: ">"})
+    pending: Any = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, "-", "+", 10)
+    await redis.xack(keys.lend_requests, LENDING_GROUP, *[p["message_id"] for p in pending])
+    return keys.lend_requests
+
+
+async def leave_a_reservation(redis: Redis, keys: Keys) -> str:
+    await redis.sadd(keys.reservation("x"), "b9")
+    return keys.reservation("x")
+
+
+Corrupt = Callable[[Redis, Keys], Awaitable[str]]  # corrupts, returns the offending key
+
+CORRUPTIONS: dict[str, tuple[Corrupt, str]] = {
+    "INCR a user's count": (incr_a_count, "count-matches-lent-books"),
+    "HDEL a lent book": (hdel_a_lent_book, "count-matches-lent-books"),
+    "SET a negative count": (set_a_negative_count, "count-not-negative"),
+    "lend beyond the limit": (lend_beyond_the_limit, "count-within-limit"),
+    "SADD a lent book to storage": (sadd_a_lent_book_to_storage, "storage-not-lent"),
+    "SADD beyond capacity": (sadd_beyond_capacity, "storage-within-capacity"),
+    "HSET a lost book in shelving:state": (hset_a_lost_book_in_shelving, "shelving-matches-library"),
+    "HDEL a lent book from shelving:state": (hdel_a_lent_book_from_shelving, "shelving-matches-library"),
+    "HSET another context in from-shelving": (hset_another_context_in_from_shelving, "library-record-matches-shelving"),
+    "XADD a second event for an entry": (xadd_a_second_event, "one-event-per-entry"),
+    "XADD an event naming no entry": (xadd_an_event_naming_no_entry, "event-names-an-entry"),
+    "acknowledge a request entry with no event": (acknowledge_an_entry_without_event, "one-event-per-entry"),
+    "leave a reservations key": (leave_a_reservation, "no-reservations"),
+}
+
+
+async def test_a_namespace_worked_by_a_real_worker_is_clean(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    await lend_and_return_a_few_books(redis, keys, start_worker)
+
+    report = await checker.check(redis, keys.namespace, LIMIT, CAPACITY, wait_quiescent_s=10)
+
+    assert report.quiescent
+    assert report.violations == []
+    assert report.clean
+
+
+@pytest.mark.parametrize("keep", [1, 0], ids=["all but the last entry", "every entry"])
+async def test_trimming_processed_entries_from_a_request_stream_is_no_violation(
+    redis: Redis, keys: Keys, start_worker: StartWorker, keep: int
+) -> None:
+    await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
+    assert await redis.xlen(keys.lend_requests) == 6
+
+    # Every entry is acknowledged and has its event: an operator may trim the stream.
+    await redis.xtrim(keys.lend_requests, maxlen=keep, approximate=False)
+    report = await checker.check(redis, keys.namespace, LIMIT, CAPACITY)
+
+    assert report.quiescent
+    assert report.violations == []
+
+
+@pytest.mark.parametrize(("corrupt", "invariant"), list(CORRUPTIONS.values()), ids=list(CORRUPTIONS))
+async def test_the_checker_catches_a_corrupted_namespace(
+    redis: Redis, keys: Keys, start_worker: StartWorker, corrupt: Corrupt, invariant: str
+) -> None:
+    worker = await lend_and_return_a_few_books(redis, keys, start_worker)
+    assert (await checker.check(redis, keys.namespace, LIMIT, CAPACITY, wait_quiescent_s=10)).clean
+    await stop(worker, redis, keys)
+
+    offending_key = await corrupt(redis, keys)
+    report = await checker.check(redis, keys.namespace, LIMIT, CAPACITY)
+
+    assert not report.clean
+    assert any(v.invariant == invariant and offending_key in v.keys for v in report.violations), (
+        f"quiescent={report.quiescent}: {report.violations}"
+    )
+
+
+# -- python -m lending check --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+async def run_check(redis_url: str, namespace: str, *args: str) -> Run:
+    """``python -m lending check`` as a child process (without blocking the event loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lending", "check", "--redis-url", redis_url, "--namespace", namespace, *args,
+        cwd=ROOT, env=process_env(redis_url, namespace),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+LIMITS = ("--max-books-per-user", str(LIMIT), "--storage-capacity", str(CAPACITY))
+
+
+async def test_check_command_says_ok_and_exits_0_when_consistent(
+    redis: Redis, redis_url: str, keys: Keys, start_worker: StartWorker
+) -> None:
+    await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
+
+    run = await run_check(redis_url, keys.namespace, *LIMITS)
+
+    assert run.code == 0, run
+    assert run.out.startswith("OK"), run
+    assert keys.namespace in run.out
+    assert "all invariants" in run.out
+
+
+async def test_check_command_lists_every_violation_and_exits_1(
+    redis: Redis, redis_url: str, keys: Keys, start_worker: StartWorker
+) -> None:
+    await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
+    count_key = await incr_a_count(redis, keys)
+    await hset_a_lost_book_in_shelving(redis, keys)
+
+    run = await run_check(redis_url, keys.namespace, *LIMITS)
+
+    assert run.code == 1, run
+    assert run.out.startswith("FAILED: 2 violation(s)"), run
+    lines = run.out.splitlines()[1:]
+    assert any("[count-matches-lent-books]" in line and count_key in line for line in lines), run
+    assert any("[shelving-matches-library]" in line and keys.shelving_state in line for line in lines), run
+
+
+@pytest.mark.parametrize(
+    ("limits", "invariant"),
+    [
+        (("--max-books-per-user", "1"), "count-within-limit"),  # carol holds 2
+        (("--storage-capacity", "1"), "storage-within-capacity"),  # storage holds 2
+    ],
+)
+async def test_check_command_assumes_the_limits_it_is_given(
+    redis: Redis, redis_url: str, keys: Keys, start_worker: StartWorker, limits: tuple[str, ...], invariant: str
+) -> None:
+    await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
+
+    run = await run_check(redis_url, keys.namespace, *limits, "--json")
+
+    assert run.code == 1, run
+    assert [v["invariant"] for v in json.loads(run.out)["violations"]] == [invariant]
+
+
+@pytest.mark.parametrize("corrupt", [None, sadd_a_lent_book_to_storage], ids=["clean", "corrupt"])
+async def test_check_command_json_report(
+    redis: Redis, redis_url: str, keys: Keys, start_worker: StartWorker, corrupt: Corrupt | None
+) -> None:
+    await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
+    offending_key = await corrupt(redis, keys) if corrupt else None
+
+    run = await run_check(redis_url, keys.namespace, *LIMITS, "--json")
+
+    report = json.loads(run.out)
+    assert report["quiescent"] is True
+    if offending_key is None:
+        assert (run.code, report["clean"], report["violations"]) == (0, True, [])
+    else:
+        assert (run.code, report["clean"]) == (1, False)
+        assert [(v["invariant"], offending_key in v["keys"]) for v in report["violations"]] == [
+            ("storage-not-lent", True)
+        ]
+        assert all(isinstance(v["message"], str) and v["message"] for v in report["violations"])
+
+
+async def test_check_command_waits_for_a_worker_to_finish_queued_requests(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    queued = [await send(redis, keys, "lend", f"user-{i}", [f"book-{i}", f"book-{i + 1}"]) for i in range(20)]
+    before = json.loads((await run_check(redis_url, keys.namespace, "--json")).out)
+    assert before["quiescent"] is False  # nothing has read the requests yet
+
+    # Each shelving call takes 0.75-2.25 s: the check starts long before the worker is done.
+    proc = start_worker_process("w1", redis_url, keys.namespace, "--shelving-latency-ms", "1500")
+    try:
+        run = await run_check(redis_url, keys.namespace, "--wait-quiescent", "5", "--json")
+    finally:
+        stop_process(proc)
+
+    report = json.loads(run.out)
+    assert (run.code, report["clean"], report["quiescent"]) == (0, True, True), run
+    events: Any = await redis.xrange(keys.events)
+    assert sorted(fields[b"request_id"].decode() for _, fields in events) == sorted(queued)
+
+
+async def test_check_command_with_redis_unreachable_exits_1_with_a_one_line_error(keys: Keys) -> None:
+    url = f"redis://127.0.0.1:{free_port()}"
+
+    run = await run_check(url, keys.namespace)
+
+    assert run.code == 1, run
+    assert run.out == ""
+    assert run.err.startswith("error:"), run
+    assert len(run.err.strip().splitlines()) == 1, run
