@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import structlog
 
 from .connection import check_reachable, make_client
@@ -11,6 +14,20 @@ from .settings import Settings
 from .worker import Worker
 
 log = structlog.get_logger(__name__)
+
+
+def run_sync(settings: Settings) -> int:
+    """Run a worker to completion on a new event loop (uvloop's when wanted and present)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if settings.uvloop:
+        try:
+            import uvloop  # noqa: PLC0415 - optional speed-up
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            log.warning("uvloop is not installed: using asyncio's event loop")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(run(settings))
 
 
 async def run(settings: Settings) -> int:

@@ -69,6 +69,8 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
               show_envvar=True, default="console", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), envvar="LENDING_LOG_LEVEL",
               show_envvar=True, default="info", show_default=True)
+@click.option("--uvloop/--no-uvloop", envvar="LENDING_UVLOOP", show_envvar=True, default=True, show_default=True,
+              help="Run on uvloop's faster event loop (when installed).")
 @click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), envvar="LENDING_SHELVING_FAIL_RATE",
               show_envvar=True, default=0.0, show_default=True,
               help="Share of shelving calls that fail (simulating the remote service).")
@@ -85,7 +87,7 @@ def worker_command(worker_id: str, **options: Any) -> None:
     configure_logging(options["log_format"], options["log_level"])
     try:
         settings = Settings(worker_id=worker_id, **options)
-        code = asyncio.run(app.run(settings))
+        code = app.run_sync(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     except LendingError as exc:

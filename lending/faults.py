@@ -4,10 +4,9 @@ Set ``LENDING_FAULT`` to a point's name (or several, comma-separated) and the pr
 calls ``os._exit(FAULT_EXIT_CODE)`` when it reaches that point: no cleanup, no
 ``finally``, exactly like a ``kill -9`` at that step. Points:
 
-- ``after_reserve``: a lend's books were taken from storage into its reservation.
-- ``after_shelving``: the shelving service handed out books, not yet recorded.
-- ``after_record``: the shelving grants were recorded in the reservation.
-- ``before_exec``: the commit transaction is queued, EXEC not yet sent.
+- ``after_reserve``: a batch's lends took their books from storage into reservations.
+- ``after_shelving``: the shelving service handed out books (recorded only at commit).
+- ``before_exec``: the batch's commit transaction is queued, EXEC not yet sent.
 - ``after_exec``: the commit is done, the worker has not logged it yet.
 - ``before_release``: the shelving consumer read a returns entry, not yet applied.
 """

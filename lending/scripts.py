@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -27,10 +27,10 @@ Arg = str | bytes | int | float
 class Script:
     name: str
     source: str
+    sha: str = field(init=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
     async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run the script, loading it first if Redis does not know it."""
@@ -60,10 +60,10 @@ class Scripts:
 
     def __init__(self) -> None:
         self.reserve = _read("reserve")
+        self.peek = _read("peek")
+        self.commit = _read("commit")
         self.record_grants = _read("record_grants")
-        self.lend = _read("lend")
         self.finish = _read("finish")
-        self.return_books = _read("return")
         self.shelving_get = _read("shelving_get")
         self.shelving_release = _read("shelving_release")
         self.worker_claim = _read("worker_claim")

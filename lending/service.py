@@ -1,15 +1,19 @@
-"""The lending service: turns one request entry into exactly one outcome.
+"""The lending service: turns request entries into exactly one outcome each.
 
-Every path ends in one atomic step that changes the state, acknowledges the entry and
-publishes its event together (a Lua script, for a lend inside WATCH/MULTI on the
-user's count). Each of those scripts first acknowledges the entry and does nothing if
-it was already acknowledged: when two workers process the same entry, only one commits.
+Entries are processed in batches: one script reserves the batch's books from storage,
+one call asks the shelving service for the rest, and one transaction commits every
+outcome. The commit is ``WATCH`` on the count of each user in the batch, a read of
+those counts (``peek.lua``), the decisions (pure, ``policy.py``), then ``MULTI`` + one
+script (``commit.lua``) + ``EXEC``: state change, acknowledgement and event together,
+for the whole batch. The script commits only entries still pending on this consumer,
+so when two workers process the same entry, only one commits.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import structlog
 from redis.asyncio import Redis
@@ -17,33 +21,68 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 
 from .errors import Contention
-from .events import ACCEPTED, DENIED, FAILED, REJECTED, Event
+from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from .faults import fault_point
-from .keys import LEND, LENDING_GROUP, Keys
-from .policy import NOTHING_AVAILABLE, decide_loan, nothing_to_return_reason
+from .keys import LEND, LENDING_GROUP, RETURN, Keys
+from .policy import decide_loan, nothing_to_return_reason
 from .requests import BookRequest, Rejection, parse_request
 from .scripts import Arg, Scripts
 from .settings import Settings
 from .shelving import Grant, ShelvingService
-from .stream import Delivery
+from .stream import Delivery, text
 
 log = structlog.get_logger(__name__)
 
-# Conflicts are resolved by retrying; these bound the retries (then the entry is
-# retried later as a failed delivery, and dead-lettered if it never gets through).
+# Conflicts are resolved by retrying; these bound the retries (then the batch is
+# retried later as failed deliveries, and dead-lettered if it never gets through).
 MAX_WATCH_RETRIES = 50
 MAX_RESERVATION_ROUNDS = 10
+# Lua's unpack() takes at most ~8,000 values: keep a batch's books well below.
+MAX_BATCH_BOOKS = 1_000
 
 # reserve.lua's codes
-LENT, RESERVED, ASK_SHELVING = 0, 1, 2
-
-
-class Stale(Exception):
-    """The entry was finished by another worker while this one processed it."""
+LENT, RESERVED, ASK_SHELVING = "0", "1", "2"
+FIXED_COMMIT_KEYS = 7
 
 
 class ReservationChanged(Exception):
     """Another worker processing the same entry added to its reservation: decide again."""
+
+
+@dataclass
+class Lend:
+    """A lend request on its way through a batch."""
+
+    request: BookRequest
+    delivery: Delivery
+    mine: bool = True  # still pending on this consumer
+    stored: list[str] = field(default_factory=list)  # reserved from storage
+    ask: list[str] = field(default_factory=list)  # neither lent nor in storage: ask shelving
+    new: list[str] = field(default_factory=list)  # handed out anew by shelving
+    held: list[str] = field(default_factory=list)  # shelving already held for this request
+
+    @property
+    def reserved(self) -> list[str]:
+        mine = set(self.stored) | set(self.new) | set(self.held)
+        return [book for book in self.request.book_ids if book in mine]
+
+
+class CommitBuilder:
+    """Builds commit.lua's KEYS and ARGV, numbering the extra keys once each."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys: list[str] = [
+            keys.lend_requests, keys.return_requests, keys.events, keys.lent_books,
+            keys.storage, keys.shelving_returns, keys.from_shelving,
+        ]
+        self.records: list[Arg] = []
+        self._index: dict[str, int] = {}
+
+    def key(self, name: str) -> int:
+        if name not in self._index:
+            self.keys.append(name)
+            self._index[name] = len(self.keys) - FIXED_COMMIT_KEYS
+        return self._index[name]
 
 
 class LendingService:
@@ -56,42 +95,204 @@ class LendingService:
         self._shelving = shelving
         self._keys = Keys(settings.namespace)
 
-    async def handle(self, delivery: Delivery) -> Event | None:
-        """Process one delivery; returns its event, or ``None`` if finished elsewhere."""
+    async def handle(self, deliveries: Sequence[Delivery]) -> list[Event | None]:
+        """Process a batch and log one line per outcome; ``None``: finished elsewhere."""
         started = time.perf_counter()
-        event = await self.process(delivery)
+        events = await self.process_batch(deliveries)
         fault_point("after_exec")
-        if event is None:
-            log.info("request already finished by another worker", request_id=delivery.entry_id)
-            return None
-        log.info(
-            "processed",
-            request_id=event.request_id,
-            action=event.action,
-            user=event.user_id,
-            status=event.status,
-            books=",".join(event.books),
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
-        return event
+        duration_ms = round((time.perf_counter() - started) * 1000, 2)
+        for delivery, event in zip(deliveries, events):
+            if event is None:
+                log.info("request finished by another worker", request_id=delivery.entry_id)
+            else:
+                log.info("processed", request_id=event.request_id, action=event.action, user=event.user_id,
+                         status=event.status, books=",".join(event.books), duration_ms=duration_ms)
+        return events
 
     async def process(self, delivery: Delivery) -> Event | None:
+        """Process one entry (a batch of one)."""
+        return (await self.process_batch([delivery]))[0]
+
+    async def process_batch(self, deliveries: Sequence[Delivery]) -> list[Event | None]:
+        out: list[Event | None] = []
+        for chunk in _chunks(deliveries):
+            out += await self._process_chunk(chunk)
+        return out
+
+    async def _process_chunk(self, deliveries: Sequence[Delivery]) -> list[Event | None]:
+        # Decisions follow arrival order across both streams (entry IDs are times).
+        order = sorted(range(len(deliveries)), key=lambda k: _id_key(deliveries[k].entry_id))
+        batch = [deliveries[k] for k in order]
+        parsed = [self._parse(d) for d in batch]
+        for round_ in range(MAX_RESERVATION_ROUNDS):
+            lends = [
+                Lend(request, delivery)
+                for request, delivery in zip(parsed, batch)
+                if isinstance(request, BookRequest) and request.action == LEND
+            ]
+            await self._reserve(lends, retry=round_ > 0)
+            await self._ask_shelving(lends)
+            try:
+                events = await self._commit(parsed, lends)
+            except ReservationChanged:
+                continue
+            result: list[Event | None] = [None] * len(deliveries)
+            for k, event in zip(order, events):
+                result[k] = event
+            return result
+        raise Contention(batch[0].entry_id, MAX_RESERVATION_ROUNDS)
+
+    def _parse(self, delivery: Delivery) -> BookRequest | Rejection:
         action = self._keys.action_of(delivery.stream)
-        request = parse_request(action, delivery.entry_id, delivery.fields, self._settings.max_books_per_request)
-        if isinstance(request, Rejection):
-            event = Event(request.request_id, action, request.user_id, REJECTED, reason=request.reason)
-            return event if await self._finish(action, delivery.entry_id, event) else None
-        if action == LEND:
-            return await self._lend(request)
-        return await self._return(request)
+        return parse_request(action, delivery.entry_id, delivery.fields, self._settings.max_books_per_request)
+
+    # -- reserving -------------------------------------------------------------------
+
+    async def _reserve(self, lends: list[Lend], *, retry: bool) -> None:
+        """Take from storage what it has of the lends' books; note what shelving must give."""
+        if not lends:
+            return
+        keys = self._keys
+        args: list[Arg] = [LENDING_GROUP, self._settings.worker_id, *_id_range([lend.request.request_id for lend in lends])]
+        for lend in lends:
+            again = retry or lend.delivery.deliveries > 1
+            args += [lend.request.request_id, 1 if again else 0, len(lend.request.book_ids), *lend.request.book_ids]
+        replies = await self._scripts.reserve(
+            self._client,
+            [keys.lend_requests, keys.lent_books, keys.storage, *(keys.reservation(l.request.request_id) for l in lends)],
+            args,
+        )
+        fault_point("after_reserve")
+        for lend, reply in zip(lends, replies):
+            codes = text(reply)
+            lend.mine = bool(codes)
+            lend.stored = [book for book, code in zip(lend.request.book_ids, codes) if code == RESERVED]
+            lend.ask = [book for book, code in zip(lend.request.book_ids, codes) if code == ASK_SHELVING]
+            lend.new, lend.held = [], []
+
+    async def _ask_shelving(self, lends: list[Lend]) -> None:
+        asks = [(book, lend.request.request_id, lend) for lend in lends for book in lend.ask]
+        if not asks:
+            return
+        grants = await self._shelving.get_many([(book, context) for book, context, _ in asks])
+        fault_point("after_shelving")
+        for (book, _, lend), grant in zip(asks, grants):
+            if grant is Grant.NEW:
+                lend.new.append(book)
+            elif grant is Grant.HELD:
+                lend.held.append(book)
+
+    # -- committing ------------------------------------------------------------------
+
+    async def _commit(self, parsed: list[BookRequest | Rejection], lends: list[Lend]) -> list[Event | None]:
+        by_id = {lend.request.request_id: lend for lend in lends}
+        watched = sorted({
+            self._keys.user_count(r.user_id)
+            for r in parsed
+            if isinstance(r, BookRequest) and (r.action == RETURN or by_id[r.request_id].reserved)
+        })
+        return_books = sorted({b for r in parsed if isinstance(r, BookRequest) and r.action == RETURN for b in r.book_ids})
+        for _ in range(MAX_WATCH_RETRIES):
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    counts: dict[str, int] = {}
+                    holders: dict[str, str] = {}
+                    if watched:
+                        await pipe.watch(*watched)
+                        raw_counts, raw_holders = await self._scripts.peek(
+                            pipe, [self._keys.lent_books, *watched], return_books
+                        )
+                        counts = {key: int(text(v) or 0) for key, v in zip(watched, raw_counts)}
+                        holders = {book: text(v) for book, v in zip(return_books, raw_holders)}
+                    events, builder = self._decide(parsed, by_id, counts, holders)
+                    if watched:
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        self._scripts.commit.queue(pipe, builder.keys, builder.records)
+                        fault_point("before_exec")
+                        (results,) = await pipe.execute()
+                    else:
+                        fault_point("before_exec")
+                        results = await self._scripts.commit(self._client, builder.keys, builder.records)
+            except WatchError:
+                continue
+            except NoScriptError:
+                await self._scripts.load(self._client)
+                continue
+            if results == -1:
+                raise ReservationChanged
+            return [event if int(ok) == 1 else None for event, ok in zip(events, results)]
+        raise Contention(parsed[0].request_id, MAX_WATCH_RETRIES)
+
+    def _decide(
+        self,
+        parsed: list[BookRequest | Rejection],
+        lends: dict[str, Lend],
+        counts: dict[str, int],
+        holders: dict[str, str],
+    ) -> tuple[list[Event], CommitBuilder]:
+        """Each entry's outcome, in order, as events and as commit.lua records."""
+        keys = self._keys
+        builder = CommitBuilder(keys)
+        lend_ids = [r.request_id for r in parsed if r.action == LEND]
+        return_ids = [r.request_id for r in parsed if r.action == RETURN]
+        builder.records += [LENDING_GROUP, self._settings.worker_id, self._settings.storage_capacity,
+                            *_id_range(lend_ids), *_id_range(return_ids)]
+        events: list[Event] = []
+        for r in parsed:
+            if isinstance(r, Rejection):
+                event = Event(r.request_id, r.action, r.user_id, REJECTED, reason=r.reason)
+                builder.records += ["X", r.action, r.request_id, r.user_id, r.reason]
+            elif r.action == LEND:
+                event = self._decide_lend(r, lends[r.request_id], counts, builder)
+            else:
+                event = self._decide_return(r, counts, holders, builder)
+            events.append(event)
+        return events, builder
+
+    def _decide_lend(self, r: BookRequest, lend: Lend, counts: dict[str, int], builder: CommitBuilder) -> Event:
+        count_key = self._keys.user_count(r.user_id)
+        reserved = lend.reserved
+        decision = decide_loan(counts.get(count_key, 0), len(reserved), self._settings.max_books_per_user)
+        if decision.allowed:
+            counts[count_key] = counts.get(count_key, 0) + len(reserved)
+            chosen = set(reserved)
+            event = Event(r.request_id, LEND, r.user_id, ACCEPTED, tuple(reserved),
+                          tuple(b for b in r.book_ids if b not in chosen))
+        else:
+            event = Event(r.request_id, LEND, r.user_id, DENIED, (), r.book_ids, decision.reason)
+        builder.records += [
+            "L", r.request_id, r.user_id, builder.key(count_key), builder.key(self._keys.reservation(r.request_id)),
+            event.status, ",".join(event.books), ",".join(event.skipped), event.reason,
+            len(lend.stored), *lend.stored, len(lend.new), *lend.new, len(lend.held), *lend.held,
+        ]
+        return event
+
+    def _decide_return(
+        self, r: BookRequest, counts: dict[str, int], holders: dict[str, str], builder: CommitBuilder
+    ) -> Event:
+        count_key = self._keys.user_count(r.user_id)
+        returned = tuple(book for book in r.book_ids if holders.get(book) == r.user_id)
+        for book in returned:
+            holders[book] = ""
+        skipped = tuple(book for book in r.book_ids if book not in set(returned))
+        if returned:
+            counts[count_key] = counts.get(count_key, 0) - len(returned)
+            event = Event(r.request_id, RETURN, r.user_id, RETURNED, returned, skipped)
+        else:
+            event = Event(r.request_id, RETURN, r.user_id, DENIED, (), skipped, nothing_to_return_reason(r.user_id))
+        builder.records += ["T", r.request_id, r.user_id, builder.key(count_key), ",".join(returned),
+                            ",".join(skipped), event.reason]
+        return event
+
+    # -- dead letters ----------------------------------------------------------------
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         """Finish a poison entry: ``failed`` event, a dead letter, reservation given back."""
         action = self._keys.action_of(delivery.stream)
-        request = parse_request(action, delivery.entry_id, delivery.fields, self._settings.max_books_per_request)
-        user = request.user_id
+        request = self._parse(delivery)
         books = request.book_ids if isinstance(request, BookRequest) else ()
-        event = Event(delivery.entry_id, action, user, FAILED, skipped=books, reason=f"processing failed: {error}")
+        event = Event(delivery.entry_id, action, request.user_id, FAILED, skipped=books,
+                      reason=f"processing failed: {error}")
         letter: dict[str, Arg] = {
             "stream": delivery.stream,
             "request_id": delivery.entry_id,
@@ -99,16 +300,28 @@ class LendingService:
             "error": error,
             "deliveries": delivery.deliveries,
         }
-        for name in (b"user_id", b"book_ids"):
-            if name in delivery.fields:
-                letter[name.decode()] = delivery.fields[name]
+        for name in ("user_id", "book_ids"):
+            if name.encode() in delivery.fields:
+                letter[name] = delivery.fields[name.encode()]
         if action == LEND and books:
             await self._collect_unrecorded_grants(delivery.entry_id, books)
-        await self._finish(action, delivery.entry_id, event, letter)
+        keys = self._keys
+        args: list[Arg] = [
+            LENDING_GROUP, delivery.entry_id, self._settings.storage_capacity, 1 if action == LEND else 0,
+            len(event.fields()), *event.flat_fields(),
+        ]
+        for name, value in letter.items():
+            args += [name, value]
+        await self._scripts.finish(
+            self._client,
+            [keys.requests(action), keys.events, keys.storage, keys.reservation(delivery.entry_id),
+             keys.shelving_returns, keys.dead_letters, keys.from_shelving],
+            args,
+        )
 
     async def _collect_unrecorded_grants(self, request_id: str, books: Sequence[str]) -> None:
-        """Put into the reservation the books shelving handed to this request that a
-        crashed attempt never recorded, so that finishing gives them back too."""
+        """Put into the reservation the books shelving handed to this request that no
+        attempt recorded (they are recorded at commit), so that finishing gives them back."""
         try:
             held = await self._shelving.held_for(books, request_id)
             if held:
@@ -121,155 +334,29 @@ class LendingService:
         except Exception as exc:  # best effort: the dead letter matters more
             log.warning("could not look for unrecorded shelving grants", request_id=request_id, error=str(exc))
 
-    # -- lend -------------------------------------------------------------------
 
-    async def _lend(self, request: BookRequest) -> Event | None:
-        for _ in range(MAX_RESERVATION_ROUNDS):
-            try:
-                reserved = await self._reserve(request)
-            except Stale:
-                return None
-            skipped = tuple(book for book in request.book_ids if book not in reserved)
-            if not reserved:
-                event = Event(request.request_id, LEND, request.user_id, DENIED, (), skipped, NOTHING_AVAILABLE)
-                return event if await self._finish(LEND, request.request_id, event) else None
-            try:
-                return await self._commit_lend(request, reserved, skipped)
-            except ReservationChanged:
-                continue
-        raise Contention(request.request_id, MAX_RESERVATION_ROUNDS)
-
-    async def _reserve(self, request: BookRequest) -> list[str]:
-        """Reserve what storage and shelving can give; the reserved books in request order."""
-        keys = self._keys
-        reservation = keys.reservation(request.request_id)
-        codes = await self._scripts.reserve(
-            self._client,
-            [keys.lend_requests, keys.lent_books, keys.storage, reservation],
-            [LENDING_GROUP, request.request_id, *request.book_ids],
-        )
-        if codes == -1:
-            raise Stale
-        fault_point("after_reserve")
-        reserved = {book for book, code in zip(request.book_ids, codes) if code == RESERVED}
-        ask = [book for book, code in zip(request.book_ids, codes) if code == ASK_SHELVING]
-        if ask:
-            grants = await self._shelving.get_books(ask, context_id=request.request_id)
-            fault_point("after_shelving")
-            new = [book for book in ask if grants[book] is Grant.NEW]
-            held = [book for book in ask if grants[book] is Grant.HELD]
-            if new or held:
-                recorded = await self._scripts.record_grants(
-                    self._client,
-                    [keys.lend_requests, reservation, keys.shelving_returns, keys.from_shelving],
-                    [LENDING_GROUP, request.request_id, len(new), *new, *held],
-                )
-                if not recorded:
-                    raise Stale
-                fault_point("after_record")
-                reserved.update(new, held)
-        return [book for book in request.book_ids if book in reserved]
-
-    async def _commit_lend(self, request: BookRequest, reserved: list[str], skipped: tuple[str, ...]) -> Event | None:
-        """Apply the per-user limit under WATCH and commit the loan or the denial."""
-        keys = self._keys
-        count_key = keys.user_count(request.user_id)
-        for _ in range(MAX_WATCH_RETRIES):
-            try:
-                async with self._client.pipeline(transaction=True) as pipe:
-                    await pipe.watch(count_key)
-                    held = int(await pipe.get(count_key) or 0)
-                    decision = decide_loan(held, len(reserved), self._settings.max_books_per_user)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    if decision.allowed:
-                        event = Event(request.request_id, LEND, request.user_id, ACCEPTED, tuple(reserved), skipped)
-                        self._scripts.lend.queue(
-                            pipe,
-                            [keys.lend_requests, keys.events, keys.lent_books, count_key, keys.reservation(request.request_id)],
-                            [LENDING_GROUP, request.request_id, request.user_id, ",".join(skipped), *reserved],
-                        )
-                    else:
-                        event = Event(request.request_id, LEND, request.user_id, DENIED, (), request.book_ids, decision.reason)
-                        self._queue_finish(pipe, LEND, request.request_id, event)
-                    fault_point("before_exec")
-                    (result,) = await pipe.execute()
-            except WatchError:
-                continue
-            except NoScriptError:
-                await self._scripts.load(self._client)
-                continue
-            if result == -1:
-                raise ReservationChanged
-            return event if result == 1 else None
-        raise Contention(request.request_id, MAX_WATCH_RETRIES)
-
-    # -- return -----------------------------------------------------------------
-
-    async def _return(self, request: BookRequest) -> Event | None:
-        keys = self._keys
-        result = await self._scripts.return_books(
-            self._client,
-            [
-                keys.return_requests,
-                keys.events,
-                keys.lent_books,
-                keys.user_count(request.user_id),
-                keys.storage,
-                keys.shelving_returns,
-                keys.from_shelving,
-            ],
-            [
-                LENDING_GROUP,
-                request.request_id,
-                request.user_id,
-                self._settings.storage_capacity,
-                nothing_to_return_reason(request.user_id),
-                *request.book_ids,
-            ],
-        )
-        if result == 0:
-            return None
-        status, books, skipped = (value.decode() for value in result)
-        reason = "" if books else nothing_to_return_reason(request.user_id)
-        return Event(request.request_id, "return", request.user_id, status, _split(books), _split(skipped), reason)
-
-    # -- finishing without lending ----------------------------------------------
-
-    def _finish_args(
-        self, action: str, entry_id: str, event: Event, letter: dict[str, Arg] | None
-    ) -> tuple[list[str], list[Arg]]:
-        keys = self._keys
-        args: list[Arg] = [
-            LENDING_GROUP,
-            entry_id,
-            self._settings.storage_capacity,
-            1 if action == LEND else 0,
-            len(event.fields()),
-            *event.flat_fields(),
-        ]
-        for name, value in (letter or {}).items():
-            args += [name, value]
-        return (
-            [
-                keys.requests(action),
-                keys.events,
-                keys.storage,
-                keys.reservation(entry_id),
-                keys.shelving_returns,
-                keys.dead_letters,
-                keys.from_shelving,
-            ],
-            args,
-        )
-
-    async def _finish(self, action: str, entry_id: str, event: Event, letter: dict[str, Arg] | None = None) -> bool:
-        keys, args = self._finish_args(action, entry_id, event, letter)
-        return bool(await self._scripts.finish(self._client, keys, args))
-
-    def _queue_finish(self, pipe: Pipeline, action: str, entry_id: str, event: Event) -> None:
-        keys, args = self._finish_args(action, entry_id, event, None)
-        self._scripts.finish.queue(pipe, keys, args)
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
-def _split(csv: str) -> tuple[str, ...]:
-    return tuple(csv.split(",")) if csv else ()
+def _id_range(ids: Sequence[str]) -> tuple[str, str]:
+    """The lowest and highest of ``ids`` ('' and '' when there are none)."""
+    if not ids:
+        return "", ""
+    ordered = sorted(ids, key=_id_key)
+    return ordered[0], ordered[-1]
+
+
+def _chunks(deliveries: Sequence[Delivery]) -> list[Sequence[Delivery]]:
+    """Split a batch so that no chunk names more than MAX_BATCH_BOOKS books."""
+    chunks: list[Sequence[Delivery]] = []
+    start, books = 0, 0
+    for k, delivery in enumerate(deliveries):
+        n = delivery.fields.get(b"book_ids", b"").count(b",") + 1
+        if k > start and books + n > MAX_BATCH_BOOKS:
+            chunks.append(deliveries[start:k])
+            start, books = k, 0
+        books += n
+    chunks.append(deliveries[start:])
+    return chunks

@@ -53,16 +53,22 @@ class ShelvingService:
         self._latency_s = latency_ms / 1000.0
         self._rng = rng or random.Random()
 
-    async def get_books(self, book_ids: Sequence[str], context_id: str) -> dict[str, Grant]:
-        """Hand out each of ``book_ids`` to ``context_id`` if it can; one call for all."""
+    async def get_many(self, asks: Sequence[tuple[str, str]]) -> list[Grant]:
+        """Answer many ``get_book(book_id, context_id)`` questions in one call."""
         if self._latency_s:
             await asyncio.sleep(self._rng.uniform(0.5, 1.5) * self._latency_s)
         if self._fail_rate and self._rng.random() < self._fail_rate:
             raise ShelvingUnavailable("shelving service did not answer (simulated failure)")
-        codes = await self._scripts.shelving_get(
-            self._client, [self._keys.shelving_state], [context_id, *book_ids]
-        )
-        return {book: Grant(int(code)) for book, code in zip(book_ids, codes)}
+        if not asks:
+            return []
+        args = [item for ask in asks for item in ask]
+        codes = await self._scripts.shelving_get(self._client, [self._keys.shelving_state], args)
+        return [Grant(int(code)) for code in codes]
+
+    async def get_books(self, book_ids: Sequence[str], context_id: str) -> dict[str, Grant]:
+        """Hand out each of ``book_ids`` to ``context_id`` if it can."""
+        grants = await self.get_many([(book, context_id) for book in book_ids])
+        return dict(zip(book_ids, grants))
 
     async def held_for(self, book_ids: Sequence[str], context_id: str) -> list[str]:
         """Which of ``book_ids`` are handed out to ``context_id`` (asks, changes nothing)."""
@@ -75,6 +81,11 @@ class ShelvingService:
         """The remote API of the book: may ``context_id`` have ``book_id``?"""
         grants = await self.get_books([book_id], context_id)
         return grants[book_id] is not Grant.REFUSED
+
+    async def release_all(self, deliveries: Sequence[Delivery]) -> None:
+        """Apply a batch of ``shelving:returns`` entries (each one atomic on its own)."""
+        for delivery in deliveries:
+            await self.release(delivery)
 
     async def release(self, delivery: Delivery) -> bool:
         """Apply one ``shelving:returns`` entry; ``False`` when it was already applied."""

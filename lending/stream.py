@@ -50,7 +50,8 @@ class Delivery:
 Entries = list[tuple[bytes | None, dict[bytes, bytes] | None]]
 StreamsReply = list[tuple[bytes, Entries]]
 
-Handler = Callable[[Delivery], Awaitable[Any]]
+# Processes a batch of deliveries; raising fails every delivery of the batch.
+Handler = Callable[[Sequence[Delivery]], Awaitable[Any]]
 DeadLetterHandler = Callable[[Delivery, str], Awaitable[Any]]
 
 
@@ -190,10 +191,12 @@ class StreamConsumer:
             count=max(1, min(self._config.read_count, free) // len(self._streams)),
             block=self._config.block_ms,
         )
-        for stream_raw, entries in cast(StreamsReply, reply or []):
-            stream = text(stream_raw)
-            for entry_id, fields in entries:
-                self._dispatch(Delivery(stream, text(entry_id), fields or {}, 1))
+        batch = [
+            Delivery(text(stream_raw), text(entry_id), fields or {}, 1)
+            for stream_raw, entries in cast(StreamsReply, reply or [])
+            for entry_id, fields in entries
+        ]
+        self._dispatch(batch)
 
     async def _claim_abandoned(self) -> None:
         """Take over entries idle on other consumers for longer than ``claim_idle_ms``."""
@@ -245,13 +248,18 @@ class StreamConsumer:
             entries = await self._client.xclaim(
                 stream, self._config.group, self._config.consumer, min_idle_ms, list(waiting)
             )
-            found: set[str] = set()
-            for entry_id, fields in cast(Entries, entries):
-                if entry_id is None:  # Redis 6.2: a deleted entry still pending
-                    continue
-                entry = text(entry_id)
-                found.add(entry)
-                self._dispatch(Delivery(stream, entry, fields or {}, waiting[entry] + 1))
+            batch = [
+                Delivery(stream, text(entry_id), fields or {}, waiting[text(entry_id)] + 1)
+                for entry_id, fields in cast(Entries, entries)
+                if entry_id is not None  # Redis 6.2: a deleted entry still pending
+            ]
+            # An entry that failed before is retried on its own, so that one poison
+            # entry cannot fail the entries it happened to be batched with.
+            suspects = [d for d in batch if (d.stream, d.entry_id) in self._errors]
+            for delivery in suspects:
+                self._dispatch([delivery])
+            self._dispatch([d for d in batch if (d.stream, d.entry_id) not in self._errors])
+            found = {d.entry_id for d in batch}
             for entry in set(waiting) - found:
                 await self._forget_if_deleted(stream, entry)
 
@@ -261,59 +269,75 @@ class StreamConsumer:
             await self._client.xack(stream, self._config.group, entry_id)
             self._log.warning("acknowledged a pending entry deleted from its stream", stream=stream, entry_id=entry_id)
 
-    def _dispatch(self, delivery: Delivery) -> None:
-        key = (delivery.stream, delivery.entry_id)
-        if key in self._inflight:
-            return
-        if not delivery.fields:
-            # An entry deleted from the stream comes back without fields (XADD needs one).
-            task = asyncio.create_task(self._forget_if_deleted(delivery.stream, delivery.entry_id))
-        else:
-            task = asyncio.create_task(self._handle(delivery))
-        self._inflight[key] = task
-        task.add_done_callback(lambda _t, key=key: self._done(key))  # type: ignore[misc]
+    def _dispatch(self, deliveries: Sequence[Delivery]) -> None:
+        """Start one task for a batch; each entry counts against ``concurrency``."""
+        fresh = [d for d in deliveries if (d.stream, d.entry_id) not in self._inflight]
+        # An entry deleted from the stream comes back without fields (XADD needs one).
+        for gone in [d for d in fresh if not d.fields]:
+            self._track([gone], asyncio.create_task(self._forget_if_deleted(gone.stream, gone.entry_id)))
+        batch = [d for d in fresh if d.fields]
+        if batch:
+            self._track(batch, asyncio.create_task(self._handle(batch)))
 
-    def _done(self, key: tuple[str, str]) -> None:
-        self._inflight.pop(key, None)
+    def _track(self, batch: Sequence[Delivery], task: asyncio.Task[None]) -> None:
+        keys = [(d.stream, d.entry_id) for d in batch]
+        for key in keys:
+            self._inflight[key] = task
+        task.add_done_callback(lambda _t: self._done(keys))
+
+    def _done(self, keys: list[tuple[str, str]]) -> None:
+        for key in keys:
+            self._inflight.pop(key, None)
         self._slot_freed.set()
 
-    async def _handle(self, delivery: Delivery) -> None:
-        key = (delivery.stream, delivery.entry_id)
-        bound = self._log.bind(stream=delivery.stream, entry_id=delivery.entry_id, deliveries=delivery.deliveries)
+    async def _handle(self, batch: Sequence[Delivery]) -> None:
+        spent = [d for d in batch if d.deliveries > self._config.max_deliveries]
+        live = [d for d in batch if d.deliveries <= self._config.max_deliveries]
         try:
-            if delivery.deliveries > self._config.max_deliveries:
+            for delivery in spent:
+                key = (delivery.stream, delivery.entry_id)
                 error = self._errors.pop(key, None) or (
                     f"delivered {delivery.deliveries - 1} times without finishing "
                     "(the worker processing it died or timed out)"
                 )
                 await self._dead_letter(delivery, error)
-                bound.error("dead-lettered", error=error)
+                self._log.error("dead-lettered", stream=delivery.stream, entry_id=delivery.entry_id, error=error)
+            if live:
+                await self._process(live)
+        except asyncio.CancelledError:
+            self._log.warning("processing cancelled; entries stay pending", entries=len(batch))
+        except Exception as exc:
+            self._log.error("could not finish entries; they stay pending", error=f"{type(exc).__name__}: {exc}")
+
+    async def _process(self, batch: Sequence[Delivery]) -> None:
+        try:
+            await asyncio.wait_for(self._handler(batch), self._config.handler_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                self._log.warning("redis unavailable while processing; entries stay pending",
+                                  entries=len(batch), error=str(exc))
                 return
-            try:
-                await asyncio.wait_for(self._handler(delivery), self._config.handler_timeout_s)
-                self._errors.pop(key, None)
-                self.processed += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if is_transient(exc):
-                    bound.warning("redis unavailable while processing; entry stays pending", error=str(exc))
-                    return
-                self.failures += 1
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                if isinstance(exc, TimeoutError):
-                    error = f"processing took longer than {self._config.handler_timeout_s:g} s"
+            self.failures += len(batch)
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                error = f"processing took longer than {self._config.handler_timeout_s:g} s"
+            for delivery in batch:
+                key = (delivery.stream, delivery.entry_id)
+                bound = self._log.bind(stream=delivery.stream, entry_id=delivery.entry_id,
+                                       deliveries=delivery.deliveries, error=error)
                 if delivery.deliveries >= self._config.max_deliveries:
-                    bound.exception("processing failed for the last time", error=error)
+                    bound.error("processing failed for the last time")
                     self._errors.pop(key, None)
                     await self._dead_letter(delivery, error)
                 else:
-                    bound.warning("processing failed; will retry", error=error)
+                    bound.warning("processing failed; will retry")
                     self._errors[key] = error
-        except asyncio.CancelledError:
-            bound.warning("processing cancelled; entry stays pending")
-        except Exception as exc:
-            bound.error("could not finish entry; it stays pending", error=f"{type(exc).__name__}: {exc}")
+            return
+        for delivery in batch:
+            self._errors.pop((delivery.stream, delivery.entry_id), None)
+        self.processed += len(batch)
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -71,7 +71,7 @@ class Worker:
                 client,
                 [self.keys.shelving_returns],
                 ConsumerConfig(**{**vars(config), "group": SHELVING_GROUP}),
-                self.shelving.release,
+                self.shelving.release_all,
                 self.shelving.dead_letter,
                 name="shelving-service",
             ),

@@ -1,19 +1,33 @@
--- Shelving service mock: hand out books to a context (a lend request id), idempotently.
+-- Shelving service mock: hand out books to contexts (lend request ids), idempotently.
+-- One call serves many get_book(book_id, context_id) questions.
 --
 -- KEYS[1]  shelving state hash ({NS}:shelving:state): book id -> context id
--- ARGV[1]  context id
--- ARGV[2..] book ids
+-- ARGV     pairs: book id, context id, book id, context id, ...
 --
--- Returns one code per book: 1 handed out to this context now, 2 already handed to
--- this same context (an idempotent repeat), 0 held by another context.
-local codes = {}
-for i = 2, #ARGV do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[1]) == 1 then
-    codes[#codes + 1] = 1
-  elseif redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
-    codes[#codes + 1] = 2
+-- Returns one code per pair: 1 handed out to that context now, 2 already handed to
+-- that same context (an idempotent repeat), 0 held by another context.
+local books = {}
+for i = 1, #ARGV, 2 do books[#books + 1] = ARGV[i] end
+local holders = redis.call('HMGET', KEYS[1], unpack(books))
+local codes, handed = {}, {}
+for k, book in ipairs(books) do
+  local context = ARGV[2 * k]
+  local holder = holders[k] or handed[book]
+  if not holder then
+    handed[book] = context
+    codes[k] = 1
+  elseif holder == context then
+    codes[k] = 2
   else
-    codes[#codes + 1] = 0
+    codes[k] = 0
   end
 end
+local pairs_to_set = {}
+for k, book in ipairs(books) do
+  if codes[k] == 1 then
+    pairs_to_set[#pairs_to_set + 1] = book
+    pairs_to_set[#pairs_to_set + 1] = ARGV[2 * k]
+  end
+end
+if #pairs_to_set > 0 then redis.call('HSET', KEYS[1], unpack(pairs_to_set)) end
 return codes

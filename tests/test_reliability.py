@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,10 @@ class PausableShelving(ShelvingService):
         self.reached = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def get_books(self, book_ids, context_id):  # type: ignore[no-untyped-def]
+    async def get_many(self, asks: Sequence[tuple[str, str]]) -> list[Grant]:
         self.reached.set()
         await self.gate.wait()
-        return await super().get_books(book_ids, context_id)
+        return await super().get_many(asks)
 
 
 async def deliver(redis: Redis, keys: Keys, consumer: str, entry_id: str, *, claim: bool) -> Delivery:
@@ -53,8 +54,9 @@ def services(redis: Redis, settings: Settings) -> tuple[LendingService, Pausable
     scripts = Scripts()
     keys = Keys(settings.namespace)
     paused_shelving = PausableShelving(redis, keys, scripts)
-    paused = LendingService(redis, settings, scripts, paused_shelving)
-    live = LendingService(redis, settings, scripts, ShelvingService(redis, keys, scripts))
+    # Each acts as the consumer its name says: A reads the entry first, B takes it over.
+    paused = LendingService(redis, settings.replace(worker_id="A"), scripts, paused_shelving)
+    live = LendingService(redis, settings.replace(worker_id="B"), scripts, ShelvingService(redis, keys, scripts))
     return paused, paused_shelving, live
 
 

@@ -518,8 +518,8 @@ class PausedAfterShelving(ShelvingService):
         self.answered = asyncio.Event()
         self.resume = asyncio.Event()
 
-    async def get_books(self, book_ids: Sequence[str], context_id: str) -> dict[str, Grant]:
-        grants = await super().get_books(book_ids, context_id)
+    async def get_many(self, asks: Sequence[tuple[str, str]]) -> list[Grant]:
+        grants = await super().get_many(asks)
         self.answered.set()
         await self.resume.wait()
         return grants
@@ -537,7 +537,7 @@ async def test_a_stalled_worker_does_not_give_back_books_the_other_worker_lent(
     ((_, ((_, fields),)),) = reply
     scripts = Scripts()
     stalled_shelving = PausedAfterShelving(redis, keys, scripts)
-    stalled = LendingService(redis, settings, scripts, stalled_shelving)
+    stalled = LendingService(redis, settings.replace(worker_id="A"), scripts, stalled_shelving)
     task = asyncio.create_task(stalled.process(Delivery(keys.lend_requests, entry, fields, 1)))
     await stalled_shelving.answered.wait()
     assert await shelving_state(redis, keys) == {"b1": entry}
