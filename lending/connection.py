@@ -19,7 +19,9 @@ def make_client(url: str, *, max_connections: int = 128) -> Redis:
         # Above the XREADGROUP block time, so a blocked read never times out by itself.
         socket_timeout=10.0,
         max_connections=max_connections,
-        health_check_interval=30,
+        # No periodic PING before commands: it costs CPU on every call, and a broken
+        # connection fails the command, which the callers retry anyway.
+        health_check_interval=0,
     )
 
 
