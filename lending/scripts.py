@@ -60,7 +60,6 @@ class Scripts:
 
     def __init__(self) -> None:
         self.reserve = _read("reserve")
-        self.peek = _read("peek")
         self.commit = _read("commit")
         self.record_grants = _read("record_grants")
         self.finish = _read("finish")

@@ -1,11 +1,11 @@
 """The lending service: turns request entries into exactly one outcome each.
 
-Entries are processed in batches: one script reserves the batch's books from storage,
-one call asks the shelving service for the rest, and one transaction commits every
-outcome. The commit is ``WATCH`` on the count of each user in the batch, a read of
-those counts (``peek.lua``), the decisions (pure, ``policy.py``), then ``MULTI`` + one
-script (``commit.lua``) + ``EXEC``: state change, acknowledgement and event together,
-for the whole batch. The script commits only entries still pending on this consumer,
+Entries are processed in batches: ``WATCH`` on the count of each user in the batch;
+one script (``reserve.lua``) reserves the batch's books from storage and reads those
+counts and the holders of returned books; one call asks the shelving service for the
+other books; the decisions are pure (``policy.py``); then ``MULTI`` + one script
+(``commit.lua``) + ``EXEC`` commits every outcome: state change, acknowledgement and
+event together, for the whole batch. The script commits only entries still pending on this consumer,
 so when two workers process the same entry, only one commits.
 """
 
@@ -36,17 +36,12 @@ log = structlog.get_logger(__name__)
 # Conflicts are resolved by retrying; these bound the retries (then the batch is
 # retried later as failed deliveries, and dead-lettered if it never gets through).
 MAX_WATCH_RETRIES = 50
-MAX_RESERVATION_ROUNDS = 10
 # Lua's unpack() takes at most ~8,000 values: keep a batch's books well below.
 MAX_BATCH_BOOKS = 1_000
 
 # reserve.lua's codes
 LENT, RESERVED, ASK_SHELVING = "0", "1", "2"
 FIXED_COMMIT_KEYS = 7
-
-
-class ReservationChanged(Exception):
-    """Another worker processing the same entry added to its reservation: decide again."""
 
 
 @dataclass
@@ -124,51 +119,88 @@ class LendingService:
         order = sorted(range(len(deliveries)), key=lambda k: _id_key(deliveries[k].entry_id))
         batch = [deliveries[k] for k in order]
         parsed = [self._parse(d) for d in batch]
-        for round_ in range(MAX_RESERVATION_ROUNDS):
-            lends = [
-                Lend(request, delivery)
-                for request, delivery in zip(parsed, batch)
-                if isinstance(request, BookRequest) and request.action == LEND
-            ]
-            await self._reserve(lends, retry=round_ > 0)
-            await self._ask_shelving(lends)
-            try:
-                events = await self._commit(parsed, lends)
-            except ReservationChanged:
-                continue
-            result: list[Event | None] = [None] * len(deliveries)
-            for k, event in zip(order, events):
-                result[k] = event
-            return result
-        raise Contention(batch[0].entry_id, MAX_RESERVATION_ROUNDS)
+        events = await self._run(parsed, batch)
+        result: list[Event | None] = [None] * len(deliveries)
+        for k, event in zip(order, events):
+            result[k] = event
+        return result
 
     def _parse(self, delivery: Delivery) -> BookRequest | Rejection:
         action = self._keys.action_of(delivery.stream)
         return parse_request(action, delivery.entry_id, delivery.fields, self._settings.max_books_per_request)
 
+    async def _run(self, parsed: list[BookRequest | Rejection], batch: list[Delivery]) -> list[Event | None]:
+        """WATCH the counts, reserve and read, ask shelving, decide, commit; retry on conflict.
+
+        Round trips: WATCH, reserve.lua, the shelving call (if any book needs it), and
+        MULTI + commit.lua + EXEC. Every step before the commit can be repeated safely:
+        reservations are found again, and shelving answers the same request again.
+        """
+        valid = [r for r in parsed if isinstance(r, BookRequest)]
+        watched = sorted({self._keys.user_count(r.user_id) for r in valid})
+        return_books = sorted({b for r in valid if r.action == RETURN for b in r.book_ids})
+        retry = False
+        for _ in range(MAX_WATCH_RETRIES):
+            lends = [Lend(r, d) for r, d in zip(parsed, batch) if isinstance(r, BookRequest) and r.action == LEND]
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    counts: dict[str, int] = {}
+                    holders: dict[str, str] = {}
+                    if watched:
+                        await pipe.watch(*watched)
+                        counts, holders = await self._reserve(pipe, lends, watched, return_books, retry=retry)
+                        await self._ask_shelving(lends)
+                    events, builder = self._decide(parsed, {l.request.request_id: l for l in lends}, counts, holders)
+                    if watched:
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        self._scripts.commit.queue(pipe, builder.keys, builder.records)
+                        fault_point("before_exec")
+                        (results,) = await pipe.execute()
+                    else:  # only rejections: nothing to watch
+                        fault_point("before_exec")
+                        results = await self._scripts.commit(self._client, builder.keys, builder.records)
+            except WatchError:
+                retry = True
+                continue
+            except NoScriptError:
+                await self._scripts.load(self._client)
+                retry = True
+                continue
+            if results == -1:  # another worker added to a reservation: decide again
+                retry = True
+                continue
+            return [event if int(ok) == 1 else None for event, ok in zip(events, results)]
+        raise Contention(batch[0].entry_id, MAX_WATCH_RETRIES)
+
     # -- reserving -------------------------------------------------------------------
 
-    async def _reserve(self, lends: list[Lend], *, retry: bool) -> None:
-        """Take from storage what it has of the lends' books; note what shelving must give."""
-        if not lends:
-            return
+    async def _reserve(
+        self, pipe: Pipeline, lends: list[Lend], watched: list[str], return_books: list[str], *, retry: bool
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """Take from storage what it has of the lends' books, note what shelving must give,
+        and read the watched counts and the holders of ``return_books``."""
         keys = self._keys
-        args: list[Arg] = [LENDING_GROUP, self._settings.worker_id, *_id_range([lend.request.request_id for lend in lends])]
+        args: list[Arg] = [
+            LENDING_GROUP, self._settings.worker_id, *_id_range([l.request.request_id for l in lends]), len(lends),
+        ]
         for lend in lends:
             again = retry or lend.delivery.deliveries > 1
             args += [lend.request.request_id, 1 if again else 0, len(lend.request.book_ids), *lend.request.book_ids]
-        replies = await self._scripts.reserve(
-            self._client,
-            [keys.lend_requests, keys.lent_books, keys.storage, *(keys.reservation(l.request.request_id) for l in lends)],
-            args,
+        codes, raw_counts, raw_holders = await self._scripts.reserve(
+            pipe,
+            [keys.lend_requests, keys.lent_books, keys.storage,
+             *(keys.reservation(l.request.request_id) for l in lends), *watched],
+            [*args, *return_books],
         )
         fault_point("after_reserve")
-        for lend, reply in zip(lends, replies):
-            codes = text(reply)
-            lend.mine = bool(codes)
-            lend.stored = [book for book, code in zip(lend.request.book_ids, codes) if code == RESERVED]
-            lend.ask = [book for book, code in zip(lend.request.book_ids, codes) if code == ASK_SHELVING]
-            lend.new, lend.held = [], []
+        for lend, reply in zip(lends, codes):
+            books = lend.request.book_ids
+            lend.mine = bool(text(reply))
+            lend.stored = [book for book, code in zip(books, text(reply)) if code == RESERVED]
+            lend.ask = [book for book, code in zip(books, text(reply)) if code == ASK_SHELVING]
+        counts = {key: int(text(v) or 0) for key, v in zip(watched, raw_counts)}
+        holders = {book: text(v) for book, v in zip(return_books, raw_holders)}
+        return counts, holders
 
     async def _ask_shelving(self, lends: list[Lend]) -> None:
         asks = [(book, lend.request.request_id, lend) for lend in lends for book in lend.ask]
@@ -183,45 +215,6 @@ class LendingService:
                 lend.held.append(book)
 
     # -- committing ------------------------------------------------------------------
-
-    async def _commit(self, parsed: list[BookRequest | Rejection], lends: list[Lend]) -> list[Event | None]:
-        by_id = {lend.request.request_id: lend for lend in lends}
-        watched = sorted({
-            self._keys.user_count(r.user_id)
-            for r in parsed
-            if isinstance(r, BookRequest) and (r.action == RETURN or by_id[r.request_id].reserved)
-        })
-        return_books = sorted({b for r in parsed if isinstance(r, BookRequest) and r.action == RETURN for b in r.book_ids})
-        for _ in range(MAX_WATCH_RETRIES):
-            try:
-                async with self._client.pipeline(transaction=True) as pipe:
-                    counts: dict[str, int] = {}
-                    holders: dict[str, str] = {}
-                    if watched:
-                        await pipe.watch(*watched)
-                        raw_counts, raw_holders = await self._scripts.peek(
-                            pipe, [self._keys.lent_books, *watched], return_books
-                        )
-                        counts = {key: int(text(v) or 0) for key, v in zip(watched, raw_counts)}
-                        holders = {book: text(v) for book, v in zip(return_books, raw_holders)}
-                    events, builder = self._decide(parsed, by_id, counts, holders)
-                    if watched:
-                        pipe.multi()  # type: ignore[no-untyped-call]
-                        self._scripts.commit.queue(pipe, builder.keys, builder.records)
-                        fault_point("before_exec")
-                        (results,) = await pipe.execute()
-                    else:
-                        fault_point("before_exec")
-                        results = await self._scripts.commit(self._client, builder.keys, builder.records)
-            except WatchError:
-                continue
-            except NoScriptError:
-                await self._scripts.load(self._client)
-                continue
-            if results == -1:
-                raise ReservationChanged
-            return [event if int(ok) == 1 else None for event, ok in zip(events, results)]
-        raise Contention(parsed[0].request_id, MAX_WATCH_RETRIES)
 
     def _decide(
         self,

@@ -116,15 +116,29 @@ def reserve_call(
 ) -> tuple[list[str], list[Arg]]:
     """reserve.lua's KEYS and ARGV for ``requests``: (entry id, retry flag, books) each."""
     ids = [entry for entry, _, _ in requests]
-    args: list[Arg] = [LENDING_GROUP, consumer, *id_range(ids)]
+    args: list[Arg] = [LENDING_GROUP, consumer, *id_range(ids), len(requests)]
     for entry, retry, books in requests:
         args += [entry, retry, len(books), *books]
     return [keys.lend_requests, keys.lent_books, keys.storage, *(keys.reservation(i) for i in ids)], args
 
 
 async def reserve(redis: Redis, scripts: Scripts, keys: Keys, *requests: tuple[str, int, Sequence[str]]) -> list[str]:
-    reply = await scripts.reserve(redis, *reserve_call(keys, requests))
-    return [text(codes) for codes in reply]
+    codes, counts, holders = await scripts.reserve(redis, *reserve_call(keys, requests))
+    assert counts == [] and holders == []
+    return [text(c) for c in codes]
+
+
+async def peek(
+    redis: Redis, scripts: Scripts, keys: Keys, users: Sequence[str], books: Sequence[str]
+) -> list[list[str]]:
+    """reserve.lua with no lend requests: only the reads of counts and holders."""
+    reply = await scripts.reserve(
+        redis,
+        [keys.lend_requests, keys.lent_books, keys.storage, *(keys.user_count(u) for u in users)],
+        [LENDING_GROUP, "c1", "", "", 0, *books],
+    )
+    assert reply[0] == []
+    return [[text(v) for v in side] for side in reply[1:]]
 
 
 async def test_reserve_codes_per_book(redis: Redis, keys: Keys, scripts: Scripts) -> None:
@@ -241,23 +255,18 @@ async def test_reserve_leaves_storage_alone_when_no_request_is_mine(redis: Redis
     assert await pending_on(redis, keys.lend_requests, other) == "c2"
 
 
-# -- peek.lua ------------------------------------------------------------------------------
+# -- reserve.lua: the reads ------------------------------------------------------------------------------
 
 
-async def test_peek_reads_counts_and_holders(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+async def test_reserve_reads_counts_and_holders(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await redis.set(keys.user_count("ada"), 3)
     await redis.set(keys.user_count("cy"), 1)
     await redis.hset(keys.lent_books, mapping={"a1": "ada", "b1": "bob"})
 
-    reply = await scripts.peek(
-        redis,
-        [keys.lent_books, keys.user_count("ada"), keys.user_count("bob"), keys.user_count("cy")],
-        ["b1", "never", "a1"],
-    )
+    counts, holders = await peek(redis, scripts, keys, ["ada", "bob", "cy"], ["b1", "never", "a1"])
 
-    counts, holders = reply
-    assert [text(c) for c in counts] == ["3", "", "1"]
-    assert [text(h) for h in holders] == ["bob", "", "ada"]
+    assert counts == ["3", "", "1"]
+    assert holders == ["bob", "", "ada"]
     # Reading changes nothing.
     assert not await redis.exists(keys.user_count("bob"))
     assert await hash_of(redis, keys.lent_books) == {"a1": "ada", "b1": "bob"}
@@ -271,15 +280,28 @@ async def test_peek_reads_counts_and_holders(redis: Redis, keys: Keys, scripts: 
         ([], ["a1"], [[], ["ada"]]),
     ],
 )
-async def test_peek_with_nothing_to_read_on_one_side(
+async def test_reserve_with_nothing_to_read_on_one_side(
     redis: Redis, keys: Keys, scripts: Scripts, users: list[str], books: list[str], expected: list[list[str]]
 ) -> None:
     await redis.set(keys.user_count("ada"), 2)
     await redis.hset(keys.lent_books, "a1", "ada")
 
-    reply = await scripts.peek(redis, [keys.lent_books, *(keys.user_count(u) for u in users)], books)
+    assert await peek(redis, scripts, keys, users, books) == expected
 
-    assert [[text(v) for v in side] for side in reply] == expected
+
+async def test_reserve_reserves_and_reads_in_one_call(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    entry = await pending_entry(redis, keys.lend_requests)
+    await redis.sadd(keys.storage, "s1")
+    await redis.set(keys.user_count("ada"), 2)
+    await redis.hset(keys.lent_books, "r1", "ada")
+    call_keys, args = reserve_call(keys, [(entry, 0, ["s1", "x"])])
+
+    codes, counts, holders = await scripts.reserve(redis, [*call_keys, keys.user_count("ada")], [*args, "r1", "s1"])
+
+    assert [text(c) for c in codes] == ["12"]
+    assert [text(c) for c in counts] == ["2"]
+    assert [text(h) for h in holders] == ["ada", ""]
+    assert await members(redis, keys.reservation(entry)) == {"s1"}
 
 
 # -- record_grants.lua ---------------------------------------------------------------------
