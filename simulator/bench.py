@@ -71,13 +71,8 @@ async def benchmark(options: BenchOptions) -> dict[str, Any]:
 async def _drain(client: Redis, url: str, options: BenchOptions, workers: int) -> dict[str, Any]:
     namespace = f"bench-drain-{workers}-{uuid.uuid4().hex[:6]}"
     keys = Keys(namespace)
-    workload = Workload(users=options.users, catalogue=options.catalogue, seed=options.seed)
-    for start in range(0, options.requests, 1000):
-        async with client.pipeline(transaction=False) as pipe:
-            for _ in range(min(1000, options.requests - start)):
-                request = workload.next_request()
-                pipe.xadd(keys.requests(request.action), {"user_id": request.user_id, "book_ids": ",".join(request.book_ids)})
-            await pipe.execute()
+    await queue_requests(client, keys, Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
+                         options.requests)
     before = await _redis_counters(client)
     deployment = Deployment(namespace, redis_url=url, workers=workers, worker_args=("--log-level", "warning"))
     await asyncio.to_thread(deployment.start)
@@ -109,6 +104,16 @@ async def _drain(client: Redis, url: str, options: BenchOptions, workers: int) -
         "commands": _top_commands(before["by_command"], after["by_command"], n),
         "check_clean": report.clean,
     }
+
+
+async def queue_requests(client: Redis, keys: Keys, workload: Workload, n: int) -> None:
+    """XADD ``n`` requests of ``workload``, 1,000 per pipeline."""
+    for start in range(0, n, 1000):
+        async with client.pipeline(transaction=False) as pipe:
+            for _ in range(min(1000, n - start)):
+                request = workload.next_request()
+                pipe.xadd(keys.requests(request.action), {"user_id": request.user_id, "book_ids": ",".join(request.book_ids)})
+            await pipe.execute()
 
 
 async def _latency(client: Redis, url: str, options: BenchOptions, rate: float) -> dict[str, Any]:

@@ -58,13 +58,17 @@ class Workload:
         return f"book-{self._zipf.draw(self.rng)}"
 
     def next_request(self) -> Request:
+        if self.rng.random() < self.return_share:
+            # A return, by someone who has something to return (a few tries to find one).
+            for _ in range(20):
+                user = self.people[self.rng.choice(self._ids)]
+                returnable = (user.held | user.asked) - user.returning
+                if returnable:
+                    count = self.rng.randint(1, len(returnable))
+                    books = tuple(self.rng.sample(sorted(returnable), count))
+                    user.returning.update(books)
+                    return Request("return", user.user_id, books)
         user = self.people[self.rng.choice(self._ids)]
-        returnable = (user.held | user.asked) - user.returning
-        if returnable and self.rng.random() < self.return_share:
-            count = self.rng.randint(1, len(returnable))
-            books = tuple(self.rng.sample(sorted(returnable), count))
-            user.returning.update(books)
-            return Request("return", user.user_id, books)
         books = tuple(dict.fromkeys(self.book() for _ in range(self.rng.randint(1, self.max_books))))
         user.asked.update(books)
         return Request("lend", user.user_id, books)

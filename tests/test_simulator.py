@@ -82,3 +82,9 @@ def test_run_command_reports_and_exits_zero_when_all_is_well(tmp_path: object) -
     assert report["missing_events"] == 0 and report["duplicate_events"] == 0
     assert report["check"]["clean"] and report["check"]["quiescent"]
     assert report["latency"]["p99_ms"] > 0
+
+
+def test_standard_mix_is_about_sixty_forty() -> None:
+    workload = Workload(users=2000, catalogue=50_000, seed=1)
+    actions = Counter(workload.next_request().action for _ in range(20_000))
+    assert 0.37 <= actions["return"] / 20_000 <= 0.43
