@@ -58,7 +58,7 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
 @_int_option("max-books-per-request", 50, "Distinct books one request may name.")
 @_int_option("claim-idle-ms", 30_000, "Take over entries idle this long on a dead consumer.")
 @_int_option("max-deliveries", 5, "Deliveries before an entry is dead-lettered.")
-@_int_option("concurrency", 256, "Requests processed at once by this worker.")
+@_int_option("concurrency", 64, "Requests processed at once by this worker.")
 @_int_option("worker-ttl-ms", 10_000, "Lifetime of the worker-id heartbeat key.")
 @click.option("--force", is_flag=True, envvar="LENDING_FORCE", show_envvar=True,
               help="Start even if another live worker holds WORKER_ID.")

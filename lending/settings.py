@@ -47,7 +47,7 @@ class Settings:
     log_level: str = "info"
     worker_ttl_ms: int = 10_000
     read_count: int = 100
-    concurrency: int = 256
+    concurrency: int = 64
     request_timeout_s: float = 10.0
     retry_idle_ms: int = 1_000
     shutdown_grace_s: float = 8.0
