@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import uuid
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from lending.app import run_fast
 from lending.logs import configure_logging
 
 from .bench import BenchOptions, benchmark, render
@@ -71,7 +71,7 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
         progress=True,
         **options,  # type: ignore[arg-type]
     )
-    report = asyncio.run(simulate(settings))
+    report = run_fast(simulate(settings))
     click.echo(report.render())
     if json_path:
         text = json.dumps(report.as_json(), indent=2)
@@ -102,7 +102,7 @@ def bench(redis_url: str | None, requests: int, users: int, catalogue: int, work
         rates=tuple(float(r) for r in rates.split(",") if r),
         rate_duration_s=rate_duration,
     )
-    results = asyncio.run(benchmark(options))
+    results = run_fast(benchmark(options))
     Path(output).write_text(json.dumps(results, indent=2) + "\n")
     click.echo(render(results))
     click.echo(f"\nsaved to {output}")
