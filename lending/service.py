@@ -39,8 +39,8 @@ MAX_WATCH_RETRIES = 50
 # Lua's unpack() takes at most ~8,000 values: keep a batch's books well below.
 MAX_BATCH_BOOKS = 1_000
 
-# reserve.lua's codes
-LENT, RESERVED, ASK_SHELVING = "0", "1", "2"
+# reserve.lua's codes per book ("0": lent to someone; an empty string: not our entry)
+RESERVED, ASK_SHELVING = "1", "2"
 FIXED_COMMIT_KEYS = 7
 
 
@@ -50,7 +50,6 @@ class Lend:
 
     request: BookRequest
     delivery: Delivery
-    mine: bool = True  # still pending on this consumer
     stored: list[str] = field(default_factory=list)  # reserved from storage
     ask: list[str] = field(default_factory=list)  # neither lent nor in storage: ask shelving
     new: list[str] = field(default_factory=list)  # handed out anew by shelving
@@ -195,7 +194,6 @@ class LendingService:
         fault_point("after_reserve")
         for lend, reply in zip(lends, codes):
             books = lend.request.book_ids
-            lend.mine = bool(text(reply))
             lend.stored = [book for book, code in zip(books, text(reply)) if code == RESERVED]
             lend.ask = [book for book, code in zip(books, text(reply)) if code == ASK_SHELVING]
         counts = {key: int(text(v) or 0) for key, v in zip(watched, raw_counts)}
