@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import app, checker
+from . import app, checker, status
 from .client import submit, wait_for_event
 from .connection import check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
@@ -215,6 +215,48 @@ def format_report(report: checker.Report) -> str:
     return "\n".join(lines)
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@redis_url_option
+@namespace_option
+@_int_option("max-books-per-user", 5, "The per-user limit to assume (for 'users at limit').")
+@_int_option("storage-capacity", 20, "The storage capacity to assume.")
+@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="Print as JSON.")
+@click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
+def status_command(
+    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, as_json: bool, watch: bool
+) -> None:
+    """Show a namespace: stream lengths, group lag and pending entries (with the oldest
+    idle time), live workers, dead consumers holding entries, storage fill, books lent,
+    users at their limit and dead letters. Exit 1 if Redis is unreachable."""
+    url = redis_url or DEFAULT_REDIS_URL
+    try:
+        sys.exit(asyncio.run(_status(url, namespace, max_books_per_user, storage_capacity, as_json, watch)))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+async def _status(url: str, namespace: str, limit: int, capacity: int, as_json: bool, watch: bool) -> int:
+    client = make_client(url)
+    try:
+        await check_reachable(client, url)
+        while True:
+            snapshot = await status.read_status(client, namespace, limit, capacity)
+            if as_json:
+                click.echo(json.dumps(snapshot))
+            else:
+                if watch:
+                    click.clear()
+                click.echo(status.render(snapshot))
+            if not watch:
+                return 0
+            await asyncio.sleep(1.0)
+    except RedisUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    finally:
+        await client.aclose()
+
+
 @click.group()
 def main() -> None:
     """The lending service's commands."""
@@ -223,6 +265,7 @@ def main() -> None:
 main.add_command(worker_command, "worker")
 main.add_command(get_books_command, "get-books")
 main.add_command(check_command, "check")
+main.add_command(status_command, "status")
 
 
 def worker_main() -> None:

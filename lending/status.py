@@ -1,0 +1,112 @@
+"""``python -m lending status``: what a namespace is doing, for an operator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
+
+LAG_SCAN_LIMIT = 10_000  # Redis 6.2 reports no lag: count unread entries up to this
+
+
+async def read_status(client: Redis, namespace: str, max_books_per_user: int, storage_capacity: int) -> dict[str, Any]:
+    """A snapshot of the namespace: streams, groups, workers, storage, loans."""
+    keys = Keys(namespace)
+    workers = {}
+    async for raw in client.scan_iter(match=keys.worker("*"), count=1000):
+        key = _str(raw)
+        workers[key.removeprefix(keys.worker(""))] = await client.pttl(key)
+    groups = []
+    for stream, group in (
+        (keys.lend_requests, LENDING_GROUP),
+        (keys.return_requests, LENDING_GROUP),
+        (keys.shelving_returns, SHELVING_GROUP),
+    ):
+        groups.append(await _group(client, stream, group, set(workers)))
+    at_limit = 0
+    async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
+        value = await client.get(raw)
+        if value is not None and int(value) >= max_books_per_user:
+            at_limit += 1
+    return {
+        "namespace": namespace,
+        "streams": {
+            name: await client.xlen(key)
+            for name, key in (
+                ("lend-requests", keys.lend_requests),
+                ("return-requests", keys.return_requests),
+                ("events", keys.events),
+                ("shelving:returns", keys.shelving_returns),
+                ("dead-letters", keys.dead_letters),
+            )
+        },
+        "groups": groups,
+        "workers": [{"worker_id": w, "ttl_ms": ttl} for w, ttl in sorted(workers.items())],
+        "storage": {"books": await client.scard(keys.storage), "capacity": storage_capacity},
+        "books_lent": await client.hlen(keys.lent_books),
+        "users_at_limit": at_limit,
+        "dead_letters": await client.xlen(keys.dead_letters),
+    }
+
+
+async def _group(client: Redis, stream: str, group: str, live: set[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"stream": stream, "group": group, "exists": False, "lag": 0, "pending": 0,
+                           "oldest_pending_idle_ms": None, "dead_consumers": []}
+    try:
+        infos = await client.xinfo_groups(stream)
+    except ResponseError:  # no such stream yet
+        return out
+    info = next((g for g in infos if _str(g["name"]) == group), None)
+    if info is None:
+        return out
+    out["exists"] = True
+    out["pending"] = int(info["pending"])
+    if info.get("lag") is not None:  # Redis 7
+        out["lag"] = int(info["lag"])
+    else:
+        unread = await client.xrange(stream, min="(" + _str(info["last-delivered-id"]), max="+", count=LAG_SCAN_LIMIT)
+        out["lag"] = len(unread or [])
+    if out["pending"]:
+        summary = await client.xpending(stream, group)
+        oldest = await client.xpending_range(stream, group, min=summary["min"], max=summary["min"], count=1)
+        if oldest:
+            out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
+        out["dead_consumers"] = [
+            {"consumer": _str(c["name"]), "pending": int(c["pending"])}
+            for c in summary["consumers"]
+            if _str(c["name"]) not in live
+        ]
+    return out
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"namespace {status['namespace']}", "streams"]
+    lines += [f"  {name:<17} {length}" for name, length in status["streams"].items()]
+    lines.append("groups")
+    for g in status["groups"]:
+        if not g["exists"]:
+            lines.append(f"  {g['group']} on {g['stream']}: not created yet")
+            continue
+        idle = g["oldest_pending_idle_ms"]
+        lines.append(
+            f"  {g['group']} on {g['stream']}: lag {g['lag']}, pending {g['pending']}"
+            + (f" (oldest idle {idle / 1000:.1f} s)" if idle is not None else "")
+        )
+        for dead in g["dead_consumers"]:
+            lines.append(f"    dead consumer {dead['consumer']} holds {dead['pending']} entries")
+    workers = ", ".join(f"{w['worker_id']} (ttl {w['ttl_ms'] / 1000:.1f} s)" for w in status["workers"]) or "none"
+    lines += [
+        f"live workers      {workers}",
+        f"storage           {status['storage']['books']} / {status['storage']['capacity']}",
+        f"books lent        {status['books_lent']}",
+        f"users at limit    {status['users_at_limit']}",
+        f"dead letters      {status['dead_letters']}",
+    ]
+    return "\n".join(lines)
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

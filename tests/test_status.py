@@ -1,0 +1,71 @@
+"""``python -m lending status``: what an operator sees of a namespace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from redis.asyncio import Redis
+
+from lending.keys import LENDING_GROUP, Keys
+from lending.status import read_status, render
+from lending.stream import ensure_group
+
+from .conftest import StartWorker
+from .support import ROOT, event_for, send
+
+
+async def test_status_of_a_busy_namespace(redis: Redis, keys: Keys, namespace: str, start_worker: StartWorker) -> None:
+    # A consumer that read an entry and died (not long enough ago to be taken over).
+    await ensure_group(redis, keys.return_requests, LENDING_GROUP)
+    await send(redis, keys, "return", "bob", ["x"])
+    await redis.xreadgroup(LENDING_GROUP, "ghost", {keys.return_requests: ">"}, count=1)
+    await start_worker(claim_idle_ms=60_000)
+    for n in range(3):
+        await event_for(redis, keys, "lend", await send(redis, keys, "lend", "ada", [f"b{n}"]))
+    await event_for(redis, keys, "lend", await send(redis, keys, "lend", "ada", ["b3", "b4"]))  # ada at 5
+    await redis.sadd(keys.storage, "s1")
+
+    status = await read_status(redis, namespace, max_books_per_user=5, storage_capacity=20)
+
+    assert status["streams"]["lend-requests"] == 4 and status["streams"]["events"] == 4
+    lend_group, return_group, shelving_group = status["groups"]
+    assert (lend_group["lag"], lend_group["pending"]) == (0, 0)
+    assert return_group["pending"] == 1 and return_group["oldest_pending_idle_ms"] is not None
+    assert return_group["dead_consumers"] == [{"consumer": "ghost", "pending": 1}]
+    assert shelving_group["exists"]
+    assert [w["worker_id"] for w in status["workers"]] == ["w1"]
+    assert status["storage"] == {"books": 1, "capacity": 20}
+    assert status["books_lent"] == 5 and status["users_at_limit"] == 1 and status["dead_letters"] == 0
+    text = render(status)
+    assert "dead consumer ghost holds 1 entries" in text and "books lent        5" in text
+
+
+async def test_lag_counts_unread_entries(redis: Redis, keys: Keys, namespace: str) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    for n in range(3):
+        await send(redis, keys, "lend", "ada", [f"b{n}"])
+    status = await read_status(redis, namespace, 5, 20)
+    assert status["groups"][0]["lag"] == 3
+    assert status["workers"] == []
+
+
+def test_status_command_json(redis_url: str, namespace: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lending", "status", "--redis-url", redis_url, "--namespace", namespace, "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["namespace"] == namespace and status["books_lent"] == 0
+    assert all(not g["exists"] for g in status["groups"])
+
+
+def test_status_command_with_redis_unreachable() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lending", "status", "--redis-url", "redis://127.0.0.1:1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: cannot reach Redis") and len(proc.stderr.strip().splitlines()) == 1
