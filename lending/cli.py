@@ -60,6 +60,8 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
 @_int_option("max-deliveries", 5, "Deliveries before an entry is dead-lettered.")
 @_int_option("concurrency", 64, "Requests processed at once by this worker.")
 @_int_option("worker-ttl-ms", 10_000, "Lifetime of the worker-id heartbeat key.")
+@_int_option("events-maxlen", 1_000_000, "About how many events {NS}:events keeps (request streams are "
+             "trimmed only below what every group has read and acknowledged).")
 @click.option("--force", is_flag=True, envvar="LENDING_FORCE", show_envvar=True,
               help="Start even if another live worker holds WORKER_ID.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LENDING_DATA_DIR",

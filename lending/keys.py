@@ -39,6 +39,12 @@ class Keys:
         return f"{self.prefix}:events"
 
     @property
+    def events_trimmed_to(self) -> str:
+        """The first event ID left after the last trim of ``{NS}:events`` (for the checker:
+        older requests may have lost their event to trimming)."""
+        return f"{self.prefix}:events:trimmed-to"
+
+    @property
     def lent_books(self) -> str:
         return f"{self.prefix}:lent-books"
 

@@ -30,6 +30,8 @@ class Settings:
     :param request_timeout_s: a request taking longer is abandoned and retried.
     :param retry_idle_ms: how long a failed entry waits before its next delivery.
     :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
+    :param events_maxlen: about how many events ``{NS}:events`` keeps.
+    :param trim_interval_s: how often the worker trims the namespace's streams.
     :param uvloop: run on uvloop's event loop when it is installed (less CPU per request).
     """
 
@@ -54,6 +56,8 @@ class Settings:
     shelving_fail_rate: float = 0.0
     shelving_latency_ms: float = 0.0
     uvloop: bool = True
+    events_maxlen: int = 1_000_000
+    trim_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -69,6 +73,8 @@ class Settings:
         for name in ("max_books_per_user", "max_books_per_request", "max_deliveries", "read_count", "concurrency"):
             if getattr(self, name) < 1:
                 out.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.events_maxlen < 1 or self.trim_interval_s <= 0:
+            out.append("events-maxlen must be at least 1 and the trim interval positive")
         for name in ("storage_capacity", "claim_idle_ms", "retry_idle_ms"):
             if getattr(self, name) < 0:
                 out.append(f"{name.replace('_', '-')} must not be negative")

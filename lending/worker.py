@@ -12,6 +12,7 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
+from . import retention
 from .errors import WorkerIdTaken
 from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from .scripts import Scripts
@@ -92,6 +93,7 @@ class Worker:
                 loop.add_signal_handler(sig, partial(self.handle_sig, sig))
         tasks = [asyncio.create_task(consumer.run()) for consumer in self.consumers]
         heartbeat = asyncio.create_task(self._heartbeat())
+        trimming = asyncio.create_task(self._trim_periodically())
         print(READY_MESSAGE, flush=True)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
@@ -103,9 +105,9 @@ class Worker:
             drained = all(
                 await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers))
             )
-            for task in (*tasks, heartbeat):
+            for task in (*tasks, heartbeat, trimming):
                 task.cancel()
-            await asyncio.gather(*tasks, heartbeat, return_exceptions=True)
+            await asyncio.gather(*tasks, heartbeat, trimming, return_exceptions=True)
             await self._release_id()
             log.info(
                 "worker stopped",
@@ -155,6 +157,18 @@ class Worker:
                 self.lost_id = True
                 self._stop.set()
                 return
+
+    async def _trim_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.trim_interval_s)
+            try:
+                removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("trimming streams failed")
+                continue
+            if any(removed.values()):
+                log.debug("trimmed streams", **removed)
 
     async def _release_id(self) -> None:
         try:

@@ -541,3 +541,19 @@ async def test_check_command_with_redis_unreachable_exits_1_with_a_one_line_erro
     assert run.out == ""
     assert run.err.startswith("error:"), run
     assert len(run.err.strip().splitlines()) == 1, run
+
+
+@pytest.mark.parametrize(
+    ("trimmed_to", "flagged"),
+    [(None, True), ("1-5", True), ("11-0", False)],
+    ids=["events never trimmed", "trimmed before the entry", "trimmed past the entry's event"],
+)
+def test_an_entry_whose_event_was_trimmed_away(trimmed_to: str | None, flagged: bool) -> None:
+    snapshot = consistent_snapshot()
+    snapshot.events = [e for e in snapshot.events if e[2] != "2-0"]  # lend 2-0's event is gone
+    snapshot.events_trimmed_to = trimmed_to
+
+    violations = check_state(snapshot, LIMIT, CAPACITY)
+
+    assert (reported(violations) == {"one-event-per-entry"}) is flagged
+    assert flagged or violations == []

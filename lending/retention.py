@@ -1,0 +1,67 @@
+"""Keeping streams bounded without losing work.
+
+Request streams and ``{NS}:shelving:returns`` are trimmed (``XTRIM MINID``) only below
+the oldest entry that some consumer group still has to read or acknowledge: trimming
+never loses an entry that is waiting to be processed. ``{NS}:events`` keeps a window of
+about ``events_maxlen`` entries (approximate ``MAXLEN``: Redis trims whole nodes).
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .keys import Keys
+from .stream import Entries, text
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest stream ID greater than ``entry_id``."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def safe_trim_id(client: Redis, stream: str) -> str | None:
+    """The lowest ID that every group of ``stream`` still needs (entries below it are
+    read and acknowledged by all groups), or ``None`` when nothing may be trimmed."""
+    try:
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return None
+    if not groups:
+        return None  # nobody consumes it yet: everything is still to be read
+    needed: list[str] = []
+    for group in groups:
+        name = _str(group["name"])
+        if int(group["pending"]):
+            summary = await client.xpending(stream, name)
+            needed.append(_str(summary["min"]))
+        else:
+            needed.append(next_id(_str(group["last-delivered-id"])))
+    return min(needed, key=_key)
+
+
+async def trim(client: Redis, keys: Keys, events_maxlen: int) -> dict[str, int]:
+    """Trim the namespace's streams once; how many entries each lost."""
+    removed: dict[str, int] = {}
+    for stream in (keys.lend_requests, keys.return_requests, keys.shelving_returns):
+        minid = await safe_trim_id(client, stream)
+        if minid is not None:
+            removed[stream] = int(await client.xtrim(stream, minid=minid, approximate=False))
+    removed[keys.events] = int(await client.xtrim(keys.events, maxlen=events_maxlen, approximate=True))
+    if removed[keys.events]:
+        first = cast(Entries, await client.xrange(keys.events, count=1))
+        if first:
+            await client.set(keys.events_trimmed_to, text(first[0][0]))
+    return removed
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

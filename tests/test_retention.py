@@ -1,0 +1,97 @@
+"""Streams stay bounded, and trimming never loses work."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from lending import checker
+from lending.keys import LENDING_GROUP, Keys
+from lending.retention import next_id, safe_trim_id, trim
+from lending.stream import ensure_group
+
+from .conftest import StartWorker
+from .support import event_for, send, wait_until
+
+
+def test_next_id() -> None:
+    assert next_id("5-0") == "5-1"
+    assert next_id("0-0") == "0-1"
+
+
+async def test_a_long_run_stays_bounded_and_the_checker_still_passes(
+    redis: Redis, keys: Keys, namespace: str, start_worker: StartWorker
+) -> None:
+    await start_worker(events_maxlen=100, trim_interval_s=0.2)
+    for n in range(600):
+        await send(redis, keys, "lend" if n % 2 == 0 else "return", f"user-{n % 50}", [f"book-{n % 300}"])
+    await wait_until(lambda: _all_answered(redis, keys), timeout_s=30)
+    await wait_until(lambda: _trimmed(redis, keys), timeout_s=10)
+
+    assert await redis.xlen(keys.events) < 300  # about 100: Redis trims whole nodes
+    assert await redis.exists(keys.events_trimmed_to)
+    report = await checker.check(redis, namespace, 5, 20, wait_quiescent_s=10)
+    assert report.quiescent and report.clean, report.violations
+
+
+async def _all_answered(redis: Redis, keys: Keys) -> bool:
+    groups = await redis.xinfo_groups(keys.lend_requests) + await redis.xinfo_groups(keys.return_requests)
+    pending = sum(int(g["pending"]) for g in groups)
+    return pending == 0 and await redis.xlen(keys.events) > 0 and await _caught_up(redis, keys)
+
+
+async def _caught_up(redis: Redis, keys: Keys) -> bool:
+    for stream in (keys.lend_requests, keys.return_requests):
+        last = await redis.xrevrange(stream, count=1)
+        groups = await redis.xinfo_groups(stream)
+        if last and groups[0]["last-delivered-id"] != last[0][0]:
+            return False
+    return True
+
+
+async def _trimmed(redis: Redis, keys: Keys) -> bool:
+    return await redis.xlen(keys.lend_requests) == 0 and await redis.xlen(keys.return_requests) == 0
+
+
+async def test_entries_a_slow_group_still_needs_are_never_trimmed(redis: Redis, keys: Keys) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    await ensure_group(redis, keys.lend_requests, "audit")  # a slow second consumer group
+    ids = [await send(redis, keys, "lend", "ada", [f"b{n}"]) for n in range(5)]
+    # lending-service has read and acknowledged everything; audit read two, acked none.
+    await redis.xreadgroup(LENDING_GROUP, "w1", {keys.lend_requests: ">"}, count=10)
+    await redis.xack(keys.lend_requests, LENDING_GROUP, *ids)
+    await redis.xreadgroup("audit", "slow", {keys.lend_requests: ">"}, count=2)
+
+    assert await safe_trim_id(redis, keys.lend_requests) == ids[0]
+    await trim(redis, keys, events_maxlen=1000)
+    assert await redis.xlen(keys.lend_requests) == 5
+
+    await redis.xack(keys.lend_requests, "audit", ids[0])  # audit acks one: it may go
+    await trim(redis, keys, events_maxlen=1000)
+    assert [e[0].decode() for e in await redis.xrange(keys.lend_requests)] == ids[1:]
+
+
+async def test_pending_entries_of_a_dead_consumer_are_kept(redis: Redis, keys: Keys) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    ids = [await send(redis, keys, "lend", "ada", [f"b{n}"]) for n in range(3)]
+    await redis.xreadgroup(LENDING_GROUP, "ghost", {keys.lend_requests: ">"}, count=1)  # dies holding ids[0]
+    await redis.xreadgroup(LENDING_GROUP, "w1", {keys.lend_requests: ">"}, count=10)
+    await redis.xack(keys.lend_requests, LENDING_GROUP, *ids[1:])
+
+    await trim(redis, keys, events_maxlen=1000)
+
+    assert await redis.xlen(keys.lend_requests) == 3  # nothing below the ghost's entry
+
+
+async def test_nothing_is_trimmed_before_any_group_exists(redis: Redis, keys: Keys) -> None:
+    await send(redis, keys, "lend", "ada", ["b1"])
+    assert await safe_trim_id(redis, keys.lend_requests) is None
+    await trim(redis, keys, events_maxlen=1)
+    assert await redis.xlen(keys.lend_requests) == 1
+
+
+async def test_a_worker_trims_processed_requests(redis: Redis, keys: Keys, start_worker: StartWorker) -> None:
+    await start_worker(trim_interval_s=0.1)
+    entry = await send(redis, keys, "lend", "ada", ["b1"])
+    assert (await event_for(redis, keys, "lend", entry)).status == "accepted"
+    await wait_until(lambda: _trimmed(redis, keys), timeout_s=5)
+    assert await redis.xlen(keys.events) == 1
