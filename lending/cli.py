@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from redis.asyncio import Redis
 
-from . import app, checker, status
+from . import app, checker, dead_letters, status
 from .client import submit, wait_for_event
 from .connection import check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
@@ -259,6 +260,79 @@ async def _status(url: str, namespace: str, limit: int, capacity: int, as_json: 
         await client.aclose()
 
 
+@click.group("dead-letters", context_settings={"help_option_names": ["-h", "--help"]})
+def dead_letters_group() -> None:
+    """Inspect and replay entries that failed --max-deliveries times."""
+
+
+@dead_letters_group.command("list")
+@redis_url_option
+@namespace_option
+@click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="One JSON object per line.")
+def dead_letters_list(redis_url: str | None, namespace: str, count: int, as_json: bool) -> None:
+    """List dead letters, oldest first."""
+
+    async def show(client: Redis) -> None:
+        for letter in await dead_letters.list_letters(client, Keys(namespace), count):
+            if as_json:
+                click.echo(json.dumps(letter))
+            else:
+                books = letter.get("book_ids", "")
+                click.echo(f"{letter['id']}  {letter.get('stream')} {letter.get('request_id') or letter.get('entry_id')}"
+                           f"  user={letter.get('user_id', '')} books={books}"
+                           f"  deliveries={letter.get('deliveries')}  error: {letter.get('error')}")
+
+    sys.exit(asyncio.run(_with_client(redis_url, show)))
+
+
+@dead_letters_group.command("retry")
+@redis_url_option
+@namespace_option
+@click.argument("letter_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Retry every dead letter.")
+def dead_letters_retry(redis_url: str | None, namespace: str, letter_ids: tuple[str, ...], everything: bool) -> None:
+    """Queue the original entries of LETTER_IDS again (as new entries) and delete the letters."""
+
+    async def replay(client: Redis) -> None:
+        keys = Keys(namespace)
+        ids = await dead_letters.all_ids(client, keys) if everything else list(letter_ids)
+        for letter_id, new_id in (await dead_letters.retry(client, keys, ids)).items():
+            click.echo(f"{letter_id} -> queued again as {new_id}")
+
+    sys.exit(asyncio.run(_with_client(redis_url, replay)))
+
+
+@dead_letters_group.command("purge")
+@redis_url_option
+@namespace_option
+@click.argument("letter_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Delete every dead letter.")
+def dead_letters_purge(redis_url: str | None, namespace: str, letter_ids: tuple[str, ...], everything: bool) -> None:
+    """Delete dead letters (the original entries stay in their streams)."""
+
+    async def remove(client: Redis) -> None:
+        keys = Keys(namespace)
+        ids = await dead_letters.all_ids(client, keys) if everything else list(letter_ids)
+        click.echo(f"purged {await dead_letters.purge(client, keys, ids)}")
+
+    sys.exit(asyncio.run(_with_client(redis_url, remove)))
+
+
+async def _with_client(redis_url: str | None, action: Callable[[Redis], Awaitable[None]]) -> int:
+    url = redis_url or DEFAULT_REDIS_URL
+    client = make_client(url)
+    try:
+        await check_reachable(client, url)
+        await action(client)
+        return 0
+    except RedisUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    finally:
+        await client.aclose()
+
+
 @click.group()
 def main() -> None:
     """The lending service's commands."""
@@ -268,6 +342,7 @@ main.add_command(worker_command, "worker")
 main.add_command(get_books_command, "get-books")
 main.add_command(check_command, "check")
 main.add_command(status_command, "status")
+main.add_command(dead_letters_group, "dead-letters")
 
 
 def worker_main() -> None:

@@ -108,8 +108,9 @@ class ShelvingService:
             "stream", keys.shelving_returns, "entry_id", delivery.entry_id,
             "error", error, "deliveries", str(delivery.deliveries),
         ]
-        if b"book_ids" in delivery.fields:
-            letter += ["book_ids", delivery.fields[b"book_ids"]]
+        for name in ("book_ids", "context_ids"):
+            if name.encode() in delivery.fields:
+                letter += [name, delivery.fields[name.encode()]]
         # finish.lua without reservation or event: the XACK guard keeps it to one letter.
         await self._scripts.finish(
             self._client,
