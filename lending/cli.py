@@ -72,6 +72,8 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
               show_envvar=True, default="console", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), envvar="LENDING_LOG_LEVEL",
               show_envvar=True, default="info", show_default=True)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="LENDING_METRICS_PORT", show_envvar=True,
+              default=None, help="Serve Prometheus /metrics and /healthz on this port [default: off].")
 @click.option("--uvloop/--no-uvloop", envvar="LENDING_UVLOOP", show_envvar=True, default=True, show_default=True,
               help="Run on uvloop's faster event loop (when installed).")
 @click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), envvar="LENDING_SHELVING_FAIL_RATE",

@@ -24,6 +24,7 @@ from .errors import Contention
 from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from .faults import fault_point
 from .keys import LEND, LENDING_GROUP, RETURN, Keys
+from .metrics import Metrics
 from .policy import decide_loan, nothing_to_return_reason
 from .requests import BookRequest, Rejection, parse_request
 from .scripts import Arg, Scripts
@@ -82,8 +83,12 @@ class CommitBuilder:
 class LendingService:
     """Processes entries of ``{NS}:lend-requests`` and ``{NS}:return-requests``."""
 
-    def __init__(self, client: Redis, settings: Settings, scripts: Scripts, shelving: ShelvingService) -> None:
+    def __init__(
+        self, client: Redis, settings: Settings, scripts: Scripts, shelving: ShelvingService,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._client = client
+        self._metrics = metrics or Metrics()
         self._settings = settings
         self._scripts = scripts
         self._shelving = shelving
@@ -94,11 +99,14 @@ class LendingService:
         started = time.perf_counter()
         events = await self.process_batch(deliveries)
         fault_point("after_exec")
-        duration_ms = round((time.perf_counter() - started) * 1000, 2)
+        duration = time.perf_counter() - started
+        self._metrics.batch_seconds.observe(duration)
+        duration_ms = round(duration * 1000, 2)
         for delivery, event in zip(deliveries, events):
             if event is None:
                 log.info("request finished by another worker", request_id=delivery.entry_id)
             else:
+                self._metrics.requests.labels(event.action, event.status).inc()
                 log.info("processed", request_id=event.request_id, action=event.action, user=event.user_id,
                          status=event.status, books=",".join(event.books), duration_ms=duration_ms)
         return events
@@ -159,6 +167,7 @@ class LendingService:
                         fault_point("before_exec")
                         results = await self._scripts.commit(self._client, builder.keys, builder.records)
             except WatchError:
+                self._metrics.watch_conflicts.inc()
                 retry = True
                 continue
             except NoScriptError:

@@ -30,6 +30,7 @@ class Settings:
     :param request_timeout_s: a request taking longer is abandoned and retried.
     :param retry_idle_ms: how long a failed entry waits before its next delivery.
     :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
+    :param metrics_port: serve ``/metrics`` and ``/healthz`` on this port (``None``: off).
     :param events_maxlen: about how many events ``{NS}:events`` keeps.
     :param trim_interval_s: how often the worker trims the namespace's streams.
     :param uvloop: run on uvloop's event loop when it is installed (less CPU per request).
@@ -57,6 +58,7 @@ class Settings:
     shelving_latency_ms: float = 0.0
     uvloop: bool = True
     events_maxlen: int = 1_000_000
+    metrics_port: int | None = None
     trim_interval_s: float = 10.0
 
     def __post_init__(self) -> None:

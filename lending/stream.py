@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .metrics import Metrics
 from .policy import retry_backoff_s
 
 log = structlog.get_logger(__name__)
@@ -95,6 +96,7 @@ class StreamConsumer:
         handler: Handler,
         dead_letter: DeadLetterHandler,
         name: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self._client = client
         self._streams = list(streams)
@@ -102,6 +104,8 @@ class StreamConsumer:
         self._handler = handler
         self._dead_letter = dead_letter
         self._log = log.bind(consumer=name)
+        self._name = name
+        self._metrics = metrics or Metrics()
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._errors: dict[tuple[str, str], str] = {}
         self._slot_freed = asyncio.Event()
@@ -128,6 +132,8 @@ class StreamConsumer:
                 if not self.connected:
                     await self.ensure_groups()
                     self.connected = True
+                    if failures:
+                        self._metrics.reconnects.labels(self._name).inc()
                     self._next_retry = 0.0  # resume own pending entries at once
                 await self._tick()
                 failures = 0
@@ -218,6 +224,7 @@ class StreamConsumer:
                 if len(ids) < CLAIM_PAGE:
                     break
         if claimed:
+            self._metrics.reclaims.labels(self._name).inc(claimed)
             self._log.info("took over abandoned entries", count=claimed)
             # They are ours now: process them at once rather than after retry_idle_ms.
             await self._resume_own(0)
@@ -301,6 +308,7 @@ class StreamConsumer:
                     "(the worker processing it died or timed out)"
                 )
                 await self._dead_letter(delivery, error)
+                self._metrics.dead_letters.labels(self._name).inc()
                 self._log.error("dead-lettered", stream=delivery.stream, entry_id=delivery.entry_id, error=error)
             if live:
                 await self._process(live)
@@ -331,8 +339,10 @@ class StreamConsumer:
                     bound.error("processing failed for the last time")
                     self._errors.pop(key, None)
                     await self._dead_letter(delivery, error)
+                    self._metrics.dead_letters.labels(self._name).inc()
                 else:
                     bound.warning("processing failed; will retry")
+                    self._metrics.retries.labels(self._name).inc()
                     self._errors[key] = error
             return
         for delivery in batch:

@@ -12,7 +12,8 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
-from . import retention
+from . import metrics, retention
+from .metrics import Metrics
 from .errors import WorkerIdTaken
 from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from .scripts import Scripts
@@ -48,7 +49,8 @@ class Worker:
             fail_rate=settings.shelving_fail_rate,
             latency_ms=settings.shelving_latency_ms,
         )
-        self.lending = LendingService(client, settings, self._scripts, self.shelving)
+        self.metrics = Metrics()
+        self.lending = LendingService(client, settings, self._scripts, self.shelving, self.metrics)
         config = ConsumerConfig(
             group=LENDING_GROUP,
             consumer=settings.worker_id,
@@ -67,6 +69,7 @@ class Worker:
                 self.lending.handle,
                 self.lending.dead_letter,
                 name="lending-service",
+                metrics=self.metrics,
             ),
             StreamConsumer(
                 client,
@@ -75,6 +78,7 @@ class Worker:
                 self.shelving.release_all,
                 self.shelving.dead_letter,
                 name="shelving-service",
+                metrics=self.metrics,
             ),
         ]
         self._stop = asyncio.Event()
@@ -94,6 +98,11 @@ class Worker:
         tasks = [asyncio.create_task(consumer.run()) for consumer in self.consumers]
         heartbeat = asyncio.create_task(self._heartbeat())
         trimming = asyncio.create_task(self._trim_periodically())
+        server = None
+        if self.settings.metrics_port is not None:
+            server = await metrics.serve(self.metrics, self.settings.metrics_port, self.healthy)
+            log.info("serving /metrics and /healthz", port=self.settings.metrics_port)
+        refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
         print(READY_MESSAGE, flush=True)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
@@ -105,9 +114,13 @@ class Worker:
             drained = all(
                 await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers))
             )
-            for task in (*tasks, heartbeat, trimming):
+            background = [t for t in (*tasks, heartbeat, trimming, refreshing) if t is not None]
+            for task in background:
                 task.cancel()
-            await asyncio.gather(*tasks, heartbeat, trimming, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
+            if server is not None:
+                server.close()
+                await server.wait_closed()
             await self._release_id()
             log.info(
                 "worker stopped",
@@ -157,6 +170,19 @@ class Worker:
                 self.lost_id = True
                 self._stop.set()
                 return
+
+    def healthy(self) -> bool:
+        """Connected and consuming: what ``/healthz`` reports."""
+        return not self._stop.is_set() and all(c.connected for c in self.consumers)
+
+    async def _refresh_metrics(self) -> None:
+        while True:
+            try:
+                await self.metrics.refresh(self._client, self.keys)
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("refreshing metrics failed")
+            await asyncio.sleep(2.0)
 
     async def _trim_periodically(self) -> None:
         while True:
