@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 from redis.asyncio import Redis
 
-from . import app, checker, dead_letters, status
+from . import acl, app, checker, dead_letters, status
 from .client import submit, wait_for_event
 from .connection import check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
@@ -335,6 +335,19 @@ async def _with_client(redis_url: str | None, action: Callable[[Redis], Awaitabl
         await client.aclose()
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@namespace_option
+@click.option("--service-user", default="lending", show_default=True)
+@click.option("--sender-user", default="get-books", show_default=True)
+def acl_command(namespace: str, service_user: str, sender_user: str) -> None:
+    """Print ACL SETUSER commands for least-privilege users of NAMESPACE: the service
+    (only {NAMESPACE}:* keys, only the commands it uses) and get_books (add requests,
+    read events). Replace <password> before running them; never put it in a command
+    line that others can see in ps."""
+    click.echo(acl.setuser_command(service_user, acl.worker_user_rules(namespace)))
+    click.echo(acl.setuser_command(sender_user, acl.sender_user_rules(namespace)))
+
+
 @click.group()
 def main() -> None:
     """The lending service's commands."""
@@ -345,6 +358,7 @@ main.add_command(get_books_command, "get-books")
 main.add_command(check_command, "check")
 main.add_command(status_command, "status")
 main.add_command(dead_letters_group, "dead-letters")
+main.add_command(acl_command, "acl")
 
 
 def worker_main() -> None:

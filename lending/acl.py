@@ -1,0 +1,45 @@
+"""Least-privilege Redis ACL users for a namespace (Redis 6.2+).
+
+``python -m lending acl`` prints the ``ACL SETUSER`` commands; the README explains them.
+The service user may touch only ``{NS}:*`` keys with only the commands the worker (and
+its scripts) use; the sender user may only add requests and read events.
+"""
+
+from __future__ import annotations
+
+from .keys import Keys
+
+# Connection housekeeping redis-py does on its own.
+CONNECTION_COMMANDS = ("ping", "hello", "client|setinfo", "client|setname", "auth", "select")
+
+WORKER_COMMANDS = CONNECTION_COMMANDS + (
+    # streams: consuming, claiming, trimming, events, dead letters
+    "xreadgroup", "xack", "xadd", "xautoclaim", "xclaim", "xpending", "xrange", "xrevrange", "xlen",
+    "xinfo|groups", "xinfo|stream", "xgroup|create", "xtrim", "xdel",
+    # scripts and the per-user limit transaction
+    "evalsha", "script|load", "watch", "unwatch", "multi", "exec", "discard",
+    # inside the scripts, and status/metrics reads
+    "get", "set", "mget", "del", "incrby", "pttl", "scan",
+    "hget", "hmget", "hset", "hsetnx", "hdel", "hexists", "hlen", "hgetall", "hkeys",
+    "sadd", "smove", "smembers", "sismember", "smismember", "scard",
+)
+
+SENDER_COMMANDS = CONNECTION_COMMANDS + ("xadd", "xread", "xrevrange")
+
+
+def worker_user_rules(namespace: str) -> list[str]:
+    """``ACL SETUSER <name> ...`` rules for the service (add ``on`` and ``>password``)."""
+    return ["resetkeys", "resetchannels", f"~{Keys(namespace).prefix}:*", "-@all", *(f"+{c}" for c in WORKER_COMMANDS)]
+
+
+def sender_user_rules(namespace: str) -> list[str]:
+    """Rules for get_books: add requests, read events, nothing else."""
+    keys = Keys(namespace)
+    return [
+        "resetkeys", "resetchannels", f"~{keys.lend_requests}", f"~{keys.return_requests}", f"~{keys.events}",
+        "-@all", *(f"+{c}" for c in SENDER_COMMANDS),
+    ]
+
+
+def setuser_command(name: str, rules: list[str], password_placeholder: str = "<password>") -> str:
+    return " ".join(["ACL", "SETUSER", name, "reset", "on", f">{password_placeholder}", *rules])
