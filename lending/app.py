@@ -52,7 +52,7 @@ async def run(settings: Settings) -> int:
     """
     embedded: EmbeddedRedis | None = None
     url = settings.effective_redis_url
-    client = make_client(url, max_connections=settings.concurrency * 2 + 16)
+    client = make_client(url, max_connections=settings.concurrency * 2 + 16, tls=settings.tls)
     try:
         try:
             await check_reachable(client, url)

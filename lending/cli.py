@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from . import acl, app, checker, dead_letters, status
 from .client import submit, wait_for_event
-from .connection import check_reachable, make_client, redacted
+from .connection import Tls, check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
 from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from .keys import LEND, RETURN, Keys
@@ -42,6 +42,25 @@ namespace_option = click.option(
     "--namespace", envvar="LENDING_NAMESPACE", show_envvar=True, default="lending", show_default=True,
     help="Key namespace: every key starts with {NAMESPACE}.",
 )
+
+
+def tls_options(command: F) -> F:
+    """--tls-ca-cert, --tls-cert and --tls-key, for rediss:// URLs."""
+    for name, text in (
+        ("key", "Client private key (when the server asks for a client certificate)."),
+        ("cert", "Client certificate (when the server asks for one)."),
+        ("ca-cert", "CA certificate to trust for rediss:// URLs."),
+    ):
+        command = click.option(
+            f"--tls-{name}", type=click.Path(exists=True, dir_okay=False), envvar=f"LENDING_TLS_{name.upper().replace('-', '_')}",
+            show_envvar=True, default=None, help=text,
+        )(command)
+    return command
+
+
+def tls_from_options(options: dict[str, Any]) -> Tls:
+    """Take the TLS options out of ``options``."""
+    return Tls(options.pop("tls_ca_cert", None), options.pop("tls_cert", None), options.pop("tls_key", None))
 
 
 def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
@@ -82,6 +101,7 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
 @click.option("--shelving-latency-ms", type=click.FloatRange(min=0), envvar="LENDING_SHELVING_LATENCY_MS",
               show_envvar=True, default=0.0, show_default=True,
               help="Mean latency added to each shelving call (simulating the remote service).")
+@tls_options
 def worker_command(worker_id: str, **options: Any) -> None:
     """Run lending worker WORKER_ID: the lending service and the shelving mock.
 
@@ -91,7 +111,7 @@ def worker_command(worker_id: str, **options: Any) -> None:
     """
     configure_logging(options["log_format"], options["log_level"])
     try:
-        settings = Settings(worker_id=worker_id, **options)
+        settings = Settings(worker_id=worker_id, tls=tls_from_options(options), **options)
         code = app.run_sync(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -113,9 +133,10 @@ def worker_command(worker_id: str, **options: Any) -> None:
               help="Queue the request and exit without waiting.")
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
               help="Print the event as one JSON object.")
+@tls_options
 def get_books_command(
     action: str, user: str, books: tuple[str, ...], redis_url: str | None, namespace: str,
-    timeout: float, no_wait: bool, as_json: bool,
+    timeout: float, no_wait: bool, as_json: bool, **tls_opts: Any,
 ) -> None:
     """Ask the library to lend (request) or take back (return) BOOKS for USER.
 
@@ -126,13 +147,16 @@ def get_books_command(
     """
     stream_action = LEND if action == "request" else RETURN
     url = redis_url or DEFAULT_REDIS_URL
-    sys.exit(asyncio.run(_get_books(url, Keys(namespace), stream_action, user, books, timeout, no_wait, as_json)))
+    sys.exit(asyncio.run(
+        _get_books(url, tls_from_options(tls_opts), Keys(namespace), stream_action, user, books, timeout, no_wait, as_json)
+    ))
 
 
 async def _get_books(
-    url: str, keys: Keys, action: str, user: str, books: tuple[str, ...], timeout: float, no_wait: bool, as_json: bool
+    url: str, tls: Tls, keys: Keys, action: str, user: str, books: tuple[str, ...], timeout: float, no_wait: bool,
+    as_json: bool,
 ) -> int:
-    client = make_client(url)
+    client = make_client(url, tls=tls)
     try:
         await check_reachable(client, url)
         request_id, after = await submit(client, keys, action, user, books)
@@ -178,8 +202,10 @@ def format_event(event: Event) -> str:
               help="First wait up to SECONDS for the namespace to become quiescent.")
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
               help="Print the report as JSON.")
+@tls_options
 def check_command(
-    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, wait_s: float, as_json: bool
+    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, wait_s: float, as_json: bool,
+    **tls_opts: Any,
 ) -> None:
     """Check the invariants of a namespace; exit 0 when clean, 1 otherwise.
 
@@ -191,11 +217,11 @@ def check_command(
     entry; no reservation is left.
     """
     url = redis_url or DEFAULT_REDIS_URL
-    sys.exit(asyncio.run(_check(url, namespace, max_books_per_user, storage_capacity, wait_s, as_json)))
+    sys.exit(asyncio.run(_check(url, tls_from_options(tls_opts), namespace, max_books_per_user, storage_capacity, wait_s, as_json)))
 
 
-async def _check(url: str, namespace: str, limit: int, capacity: int, wait_s: float, as_json: bool) -> int:
-    client = make_client(url)
+async def _check(url: str, tls: Tls, namespace: str, limit: int, capacity: int, wait_s: float, as_json: bool) -> int:
+    client = make_client(url, tls=tls)
     try:
         await check_reachable(client, url)
         report = await checker.check(client, namespace, limit, capacity, wait_s)
@@ -227,21 +253,23 @@ def format_report(report: checker.Report) -> str:
 @_int_option("storage-capacity", 20, "The storage capacity to assume.")
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="Print as JSON.")
 @click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
+@tls_options
 def status_command(
-    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, as_json: bool, watch: bool
+    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, as_json: bool, watch: bool,
+    **tls_opts: Any,
 ) -> None:
     """Show a namespace: stream lengths, group lag and pending entries (with the oldest
     idle time), live workers, dead consumers holding entries, storage fill, books lent,
     users at their limit and dead letters. Exit 1 if Redis is unreachable."""
     url = redis_url or DEFAULT_REDIS_URL
     try:
-        sys.exit(asyncio.run(_status(url, namespace, max_books_per_user, storage_capacity, as_json, watch)))
+        sys.exit(asyncio.run(_status(url, tls_from_options(tls_opts), namespace, max_books_per_user, storage_capacity, as_json, watch)))
     except KeyboardInterrupt:
         sys.exit(0)
 
 
-async def _status(url: str, namespace: str, limit: int, capacity: int, as_json: bool, watch: bool) -> int:
-    client = make_client(url)
+async def _status(url: str, tls: Tls, namespace: str, limit: int, capacity: int, as_json: bool, watch: bool) -> int:
+    client = make_client(url, tls=tls)
     try:
         await check_reachable(client, url)
         while True:
@@ -272,7 +300,8 @@ def dead_letters_group() -> None:
 @namespace_option
 @click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="One JSON object per line.")
-def dead_letters_list(redis_url: str | None, namespace: str, count: int, as_json: bool) -> None:
+@tls_options
+def dead_letters_list(redis_url: str | None, namespace: str, count: int, as_json: bool, **tls_opts: Any) -> None:
     """List dead letters, oldest first."""
 
     async def show(client: Redis) -> None:
@@ -285,7 +314,7 @@ def dead_letters_list(redis_url: str | None, namespace: str, count: int, as_json
                            f"  user={letter.get('user_id', '')} books={books}"
                            f"  deliveries={letter.get('deliveries')}  error: {letter.get('error')}")
 
-    sys.exit(asyncio.run(_with_client(redis_url, show)))
+    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), show)))
 
 
 @dead_letters_group.command("retry")
@@ -293,7 +322,10 @@ def dead_letters_list(redis_url: str | None, namespace: str, count: int, as_json
 @namespace_option
 @click.argument("letter_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Retry every dead letter.")
-def dead_letters_retry(redis_url: str | None, namespace: str, letter_ids: tuple[str, ...], everything: bool) -> None:
+@tls_options
+def dead_letters_retry(
+    redis_url: str | None, namespace: str, letter_ids: tuple[str, ...], everything: bool, **tls_opts: Any
+) -> None:
     """Queue the original entries of LETTER_IDS again (as new entries) and delete the letters."""
 
     async def replay(client: Redis) -> None:
@@ -302,7 +334,7 @@ def dead_letters_retry(redis_url: str | None, namespace: str, letter_ids: tuple[
         for letter_id, new_id in (await dead_letters.retry(client, keys, ids)).items():
             click.echo(f"{letter_id} -> queued again as {new_id}")
 
-    sys.exit(asyncio.run(_with_client(redis_url, replay)))
+    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), replay)))
 
 
 @dead_letters_group.command("purge")
@@ -310,7 +342,10 @@ def dead_letters_retry(redis_url: str | None, namespace: str, letter_ids: tuple[
 @namespace_option
 @click.argument("letter_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Delete every dead letter.")
-def dead_letters_purge(redis_url: str | None, namespace: str, letter_ids: tuple[str, ...], everything: bool) -> None:
+@tls_options
+def dead_letters_purge(
+    redis_url: str | None, namespace: str, letter_ids: tuple[str, ...], everything: bool, **tls_opts: Any
+) -> None:
     """Delete dead letters (the original entries stay in their streams)."""
 
     async def remove(client: Redis) -> None:
@@ -318,12 +353,12 @@ def dead_letters_purge(redis_url: str | None, namespace: str, letter_ids: tuple[
         ids = await dead_letters.all_ids(client, keys) if everything else list(letter_ids)
         click.echo(f"purged {await dead_letters.purge(client, keys, ids)}")
 
-    sys.exit(asyncio.run(_with_client(redis_url, remove)))
+    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), remove)))
 
 
-async def _with_client(redis_url: str | None, action: Callable[[Redis], Awaitable[None]]) -> int:
+async def _with_client(redis_url: str | None, tls: Tls, action: Callable[[Redis], Awaitable[None]]) -> int:
     url = redis_url or DEFAULT_REDIS_URL
-    client = make_client(url)
+    client = make_client(url, tls=tls)
     try:
         await check_reachable(client, url)
         await action(client)

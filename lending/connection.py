@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -10,10 +13,38 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .errors import RedisUnavailable
 
 
-def make_client(url: str, *, max_connections: int = 128) -> Redis:
-    """An asyncio client for ``url``; bytes in and out, since entries may hold any bytes."""
+@dataclass(frozen=True)
+class Tls:
+    """Files for ``rediss://`` connections: the CA to trust, and a client certificate
+    and key when the server asks for one."""
+
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.ca_cert:
+            out["ssl_ca_certs"] = self.ca_cert
+        if self.cert:
+            out["ssl_certfile"] = self.cert
+        if self.key:
+            out["ssl_keyfile"] = self.key
+        return out
+
+    def env(self) -> dict[str, str]:
+        """The same, as the environment variables the command lines read."""
+        names = {"LENDING_TLS_CA_CERT": self.ca_cert, "LENDING_TLS_CERT": self.cert, "LENDING_TLS_KEY": self.key}
+        return {name: value for name, value in names.items() if value}
+
+
+def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None) -> Redis:
+    """An asyncio client for ``url``; bytes in and out, since entries may hold any bytes.
+    ``tls`` applies to ``rediss://`` URLs."""
+    extra = tls.options() if tls and url.startswith("rediss://") else {}
     return Redis.from_url(
         url,
+        **extra,
         decode_responses=False,
         socket_connect_timeout=3.0,
         # Above the XREADGROUP block time, so a blocked read never times out by itself.

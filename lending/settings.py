@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .connection import Tls
 from .errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379"
@@ -33,6 +34,7 @@ class Settings:
     :param metrics_port: serve ``/metrics`` and ``/healthz`` on this port (``None``: off).
     :param events_maxlen: about how many events ``{NS}:events`` keeps.
     :param trim_interval_s: how often the worker trims the namespace's streams.
+    :param tls: CA and client certificate files for ``rediss://`` URLs.
     :param uvloop: run on uvloop's event loop when it is installed (less CPU per request).
     """
 
@@ -57,6 +59,7 @@ class Settings:
     shelving_fail_rate: float = 0.0
     shelving_latency_ms: float = 0.0
     uvloop: bool = True
+    tls: Tls = Tls()
     events_maxlen: int = 1_000_000
     metrics_port: int | None = None
     trim_interval_s: float = 10.0

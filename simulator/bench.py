@@ -22,7 +22,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from lending import checker
-from lending.connection import make_client
+from lending.connection import Tls, make_client
 from lending.keys import Keys
 from lending.stream import Entries, text
 
@@ -42,19 +42,20 @@ class BenchOptions:
     rates: tuple[float, ...] = (200, 500, 1000, 2000)
     rate_duration_s: float = 10.0
     seed: int = 1
+    tls: Tls = Tls()
 
 
 async def benchmark(options: BenchOptions) -> dict[str, Any]:
     server = Deployment("bench", redis_url=options.redis_url)
     await asyncio.to_thread(server.start)
-    client = make_client(server.redis_url)
+    client = make_client(server.redis_url, tls=options.tls)
     try:
         info = await client.info("server")
         results: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
             "redis_version": info.get("redis_version"),
-            "options": {k: v for k, v in asdict(options).items() if k != "redis_url"},
+            "options": {k: v for k, v in asdict(options).items() if k not in ("redis_url", "tls")},
             "drain": [],
             "latency": [],
         }
@@ -74,7 +75,8 @@ async def _drain(client: Redis, url: str, options: BenchOptions, workers: int) -
     await queue_requests(client, keys, Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
                          options.requests)
     before = await _redis_counters(client)
-    deployment = Deployment(namespace, redis_url=url, workers=workers, worker_args=("--log-level", "warning"))
+    deployment = Deployment(namespace, redis_url=url, workers=workers, worker_args=("--log-level", "warning"),
+                            worker_env=options.tls.env())
     await asyncio.to_thread(deployment.start)
     try:
         cpu_start = {pid: process_cpu_s(pid) for pid in deployment.worker_pids()}
@@ -118,7 +120,8 @@ async def queue_requests(client: Redis, keys: Keys, workload: Workload, n: int) 
 
 async def _latency(client: Redis, url: str, options: BenchOptions, rate: float) -> dict[str, Any]:
     namespace = f"bench-latency-{int(rate)}-{uuid.uuid4().hex[:6]}"
-    deployment = Deployment(namespace, redis_url=url, workers=1, worker_args=("--log-level", "warning"))
+    deployment = Deployment(namespace, redis_url=url, workers=1, worker_args=("--log-level", "warning"),
+                            worker_env=options.tls.env())
     await asyncio.to_thread(deployment.start)
     try:
         driver = Driver(

@@ -6,10 +6,12 @@ import json
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import click
 
 from lending.app import run_fast
+from lending.cli import tls_from_options, tls_options
 from lending.logs import configure_logging
 
 from .bench import BenchOptions, benchmark, render
@@ -44,6 +46,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Also write the report as JSON to this file ('-' for stdout).")
+@tls_options
 def run(redis_url: str | None, namespace: str | None, duration: float | None, requests: int | None,
         workers: int | None, kill_every: float | None, restart_redis_every: float | None,
         json_path: str | None, **options: object) -> None:
@@ -60,8 +63,10 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
         workers = 0 if redis_url else 2
     if (kill_every or redis_url is None) and workers == 0:
         raise click.UsageError("--kill-every and a private Redis need --workers of at least 1")
+    tls = tls_from_options(options)
     settings = RunOptions(
         redis_url=redis_url,
+        tls=tls,
         namespace=namespace or ("lending" if redis_url else f"sim-{uuid.uuid4().hex[:8]}"),
         duration_s=duration,
         requests=requests,
@@ -92,8 +97,9 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
 @click.option("--rate-duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), default="bench-results.json", show_default=True,
               help="Where to save the results as JSON.")
+@tls_options
 def bench(redis_url: str | None, requests: int, users: int, catalogue: int, workers: str, rates: str,
-          rate_duration: float, output: str) -> None:
+          rate_duration: float, output: str, **tls_opts: Any) -> None:
     """The standard benchmark: drain throughput, latency, Redis work per request."""
     configure_logging("console", "warning")
     options = BenchOptions(
@@ -101,6 +107,7 @@ def bench(redis_url: str | None, requests: int, users: int, catalogue: int, work
         workers=tuple(int(w) for w in workers.split(",") if w),
         rates=tuple(float(r) for r in rates.split(",") if r),
         rate_duration_s=rate_duration,
+        tls=tls_from_options(tls_opts),
     )
     results = run_fast(benchmark(options))
     Path(output).write_text(json.dumps(results, indent=2) + "\n")

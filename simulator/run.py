@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import structlog
 
 from lending import checker
-from lending.connection import make_client
+from lending.connection import Tls, make_client
 from lending.keys import Keys
 
 from .deployment import Deployment
@@ -41,6 +41,7 @@ class RunOptions:
     seed: int = 1
     progress: bool = False
     quiescence_timeout_s: float = 120.0
+    tls: Tls = Tls()
 
 
 async def simulate(options: RunOptions) -> RunReport:
@@ -58,11 +59,12 @@ async def simulate(options: RunOptions) -> RunReport:
         worker_env={
             "LENDING_SHELVING_FAIL_RATE": str(options.shelving_fail_rate),
             "LENDING_SHELVING_LATENCY_MS": str(options.shelving_latency_ms),
+            **options.tls.env(),
         },
         appendfsync="always" if chaos else "everysec",
     )
     await asyncio.to_thread(deployment.start)
-    client = make_client(deployment.redis_url)
+    client = make_client(deployment.redis_url, tls=options.tls)
     rng = random.Random(options.seed)
     try:
         driver = Driver(
