@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
 
+from .cluster import cluster_client, is_cluster_url
 from .connection import check_reachable, make_client
 from .embedded import EmbeddedRedis
 from .errors import RedisUnavailable
@@ -52,7 +53,14 @@ async def run(settings: Settings) -> int:
     """
     embedded: EmbeddedRedis | None = None
     url = settings.effective_redis_url
-    client = make_client(url, max_connections=settings.concurrency * 2 + 16, tls=settings.tls)
+    pool_size = settings.concurrency * 2 + 16
+    follow: Callable[[], Awaitable[None]] | None = None
+    if is_cluster_url(url):
+        client, follow = await cluster_client(url, settings.namespace, settings.tls, max_connections=pool_size)
+        master = client.connection_pool.connection_kwargs
+        log.info("cluster: the namespace's slot is served by", master=f"{master.get('host')}:{master.get('port')}")
+    else:
+        client = make_client(url, max_connections=pool_size, tls=settings.tls)
     try:
         try:
             await check_reachable(client, url)
@@ -64,9 +72,9 @@ async def run(settings: Settings) -> int:
             log.info("no Redis at the default URL: starting the embedded redis-server",
                      url=embedded.url, data_dir=str(settings.data_dir.resolve()))
             embedded.start()
-            client = make_client(embedded.url, max_connections=settings.concurrency * 2 + 16)
+            client = make_client(embedded.url, max_connections=pool_size)
             await check_reachable(client, embedded.url)
-        return await Worker(settings, client).run()
+        return await Worker(settings, client, on_redis_error=follow).run()
     finally:
         await client.aclose()
         if embedded is not None:

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from . import acl, app, checker, dead_letters, status
 from .client import submit, wait_for_event
+from .cluster import namespace_url
 from .connection import Tls, check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
 from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
@@ -156,18 +157,16 @@ async def _get_books(
     url: str, tls: Tls, keys: Keys, action: str, user: str, books: tuple[str, ...], timeout: float, no_wait: bool,
     as_json: bool,
 ) -> int:
-    client = make_client(url, tls=tls)
+    client = await _connect(url, tls, keys.namespace)
+    if client is None:
+        return EXIT_UNREACHABLE
     try:
-        await check_reachable(client, url)
         request_id, after = await submit(client, keys, action, user, books)
         if no_wait:
             click.echo(json.dumps({"status": "queued", "action": action, "request_id": request_id})
                        if as_json else f"QUEUED {request_id}")
             return 0
         event = await wait_for_event(client, keys, action, request_id, after, timeout)
-    except RedisUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        return EXIT_UNREACHABLE
     except OSError as exc:
         click.echo(f"error: lost Redis at {redacted(url)}: {exc}", err=True)
         return EXIT_UNREACHABLE
@@ -221,13 +220,11 @@ def check_command(
 
 
 async def _check(url: str, tls: Tls, namespace: str, limit: int, capacity: int, wait_s: float, as_json: bool) -> int:
-    client = make_client(url, tls=tls)
-    try:
-        await check_reachable(client, url)
-        report = await checker.check(client, namespace, limit, capacity, wait_s)
-    except RedisUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
+    client = await _connect(url, tls, namespace)
+    if client is None:
         return 1
+    try:
+        report = await checker.check(client, namespace, limit, capacity, wait_s)
     finally:
         await client.aclose()
     if as_json:
@@ -269,9 +266,10 @@ def status_command(
 
 
 async def _status(url: str, tls: Tls, namespace: str, limit: int, capacity: int, as_json: bool, watch: bool) -> int:
-    client = make_client(url, tls=tls)
+    client = await _connect(url, tls, namespace)
+    if client is None:
+        return 1
     try:
-        await check_reachable(client, url)
         while True:
             snapshot = await status.read_status(client, namespace, limit, capacity)
             if as_json:
@@ -283,9 +281,6 @@ async def _status(url: str, tls: Tls, namespace: str, limit: int, capacity: int,
             if not watch:
                 return 0
             await asyncio.sleep(1.0)
-    except RedisUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        return 1
     finally:
         await client.aclose()
 
@@ -314,7 +309,7 @@ def dead_letters_list(redis_url: str | None, namespace: str, count: int, as_json
                            f"  user={letter.get('user_id', '')} books={books}"
                            f"  deliveries={letter.get('deliveries')}  error: {letter.get('error')}")
 
-    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), show)))
+    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), namespace, show)))
 
 
 @dead_letters_group.command("retry")
@@ -334,7 +329,7 @@ def dead_letters_retry(
         for letter_id, new_id in (await dead_letters.retry(client, keys, ids)).items():
             click.echo(f"{letter_id} -> queued again as {new_id}")
 
-    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), replay)))
+    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), namespace, replay)))
 
 
 @dead_letters_group.command("purge")
@@ -353,19 +348,37 @@ def dead_letters_purge(
         ids = await dead_letters.all_ids(client, keys) if everything else list(letter_ids)
         click.echo(f"purged {await dead_letters.purge(client, keys, ids)}")
 
-    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), remove)))
+    sys.exit(asyncio.run(_with_client(redis_url, tls_from_options(tls_opts), namespace, remove)))
 
 
-async def _with_client(redis_url: str | None, tls: Tls, action: Callable[[Redis], Awaitable[None]]) -> int:
-    url = redis_url or DEFAULT_REDIS_URL
-    client = make_client(url, tls=tls)
+async def _connect(url: str, tls: Tls, namespace: str) -> Redis | None:
+    """A checked client for ``url`` (for a cluster, the master owning the namespace);
+    ``None`` after saying why on stderr."""
     try:
-        await check_reachable(client, url)
-        await action(client)
-        return 0
+        target = await namespace_url(url, namespace, tls)
     except RedisUnavailable as exc:
         click.echo(f"error: {exc}", err=True)
+        return None
+    client = make_client(target, tls=tls)
+    try:
+        await check_reachable(client, redacted(url))
+    except RedisUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        await client.aclose()
+        return None
+    return client
+
+
+async def _with_client(
+    redis_url: str | None, tls: Tls, namespace: str, action: Callable[[Redis], Awaitable[None]]
+) -> int:
+    url = redis_url or DEFAULT_REDIS_URL
+    client = await _connect(url, tls, namespace)
+    if client is None:
         return 1
+    try:
+        await action(client)
+        return 0
     finally:
         await client.aclose()
 

@@ -23,7 +23,7 @@ from typing import Any, cast
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .metrics import Metrics
@@ -72,8 +72,14 @@ class ConsumerConfig:
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT_ERRORS):
         return True
+    # Cluster: the namespace's slot moved (resharding, failover) or the cluster is down.
+    if isinstance(exc, (MovedError, AskError, ClusterDownError, TryAgainError)):
+        return True
     # Redis answers LOADING while it reads its data back after a restart.
-    return isinstance(exc, ResponseError) and str(exc).startswith(("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"))
+    # UNBLOCKED and READONLY: the node we block on or write to just became a replica.
+    return isinstance(exc, ResponseError) and str(exc).startswith(
+        ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "UNBLOCKED", "READONLY")
+    )
 
 
 async def ensure_group(client: Redis, stream: str, group: str) -> None:
@@ -97,6 +103,7 @@ class StreamConsumer:
         dead_letter: DeadLetterHandler,
         name: str,
         metrics: Metrics | None = None,
+        on_redis_error: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._streams = list(streams)
@@ -106,6 +113,7 @@ class StreamConsumer:
         self._log = log.bind(consumer=name)
         self._name = name
         self._metrics = metrics or Metrics()
+        self._on_redis_error = on_redis_error
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._errors: dict[tuple[str, str], str] = {}
         self._slot_freed = asyncio.Event()
@@ -147,6 +155,11 @@ class StreamConsumer:
                 elif self.connected or failures == 1:
                     self._log.warning("redis unavailable, retrying", error=str(exc), retry_in_s=delay)
                 self.connected = False
+                if self._on_redis_error is not None and is_transient(exc):
+                    try:
+                        await self._on_redis_error()
+                    except Exception as hook_exc:
+                        self._log.warning("could not find Redis again yet", error=str(hook_exc))
                 await self._sleep(delay)
 
     async def ensure_groups(self) -> None:

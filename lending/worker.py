@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import structlog
@@ -33,9 +34,17 @@ class Worker:
     :param settings: the worker's configuration.
     :param client: a connected Redis client; the worker does not close it.
     :param handle_signals: install SIGINT/SIGTERM handlers (off for tests and embedding).
+    :param on_redis_error: called after Redis errors (a cluster namespace follows its slot).
     """
 
-    def __init__(self, settings: Settings, client: Redis, *, handle_signals: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: Redis,
+        *,
+        handle_signals: bool = True,
+        on_redis_error: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self._client = client
@@ -70,6 +79,7 @@ class Worker:
                 self.lending.dead_letter,
                 name="lending-service",
                 metrics=self.metrics,
+                on_redis_error=on_redis_error,
             ),
             StreamConsumer(
                 client,
@@ -79,6 +89,7 @@ class Worker:
                 self.shelving.dead_letter,
                 name="shelving-service",
                 metrics=self.metrics,
+                on_redis_error=on_redis_error,
             ),
         ]
         self._stop = asyncio.Event()

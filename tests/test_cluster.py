@@ -1,0 +1,165 @@
+"""Redis Cluster: namespaces on different masters, and a master failover under way.
+
+A fixture builds a real cluster of 3 masters and 3 replicas from the embedded
+redis-server binary on loopback ports (``redis-cli --cluster create``)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from lending import checker
+from lending.cluster import SlotOwner, cluster_client
+from lending.embedded import free_port, redis_cli_path, redis_server_path
+from lending.keys import Keys
+from lending.settings import Settings
+from lending.worker import Worker
+
+from .support import ROOT, event_for, process_env, send, wait_until
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[int]]]:
+    cli = redis_cli_path()
+    if cli is None:
+        pytest.skip("no redis-cli to create a cluster with")
+    folder = tmp_path_factory.mktemp("cluster")
+    ports = [_cluster_port() for _ in range(6)]
+    processes = []
+    for port in ports:
+        node = folder / str(port)
+        node.mkdir()
+        processes.append(subprocess.Popen(
+            [redis_server_path(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000", "--dir", str(node),
+             "--save", "", "--appendonly", "yes", "--logfile", "redis.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+    try:
+        for port in ports:
+            _wait(port, lambda c: bool(c.ping()))
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+        for port in ports:
+            _wait(port, lambda c: b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO"), timeout_s=30)
+        yield f"redis+cluster://127.0.0.1:{ports[0]}", ports
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(10)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port < 55_000:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10_000))
+                    return port
+                except OSError:
+                    pass
+
+
+def _wait(port: int, predicate: Callable[[redis.Redis], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with redis.Redis(host="127.0.0.1", port=port) as client:
+                if predicate(client):
+                    return
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("cluster did not come up")
+        time.sleep(0.1)
+
+
+async def namespaces_on_two_masters(url: str) -> tuple[str, str]:
+    """Two fresh namespaces whose hash slots are served by different masters."""
+    found: dict[tuple[str, int], str] = {}
+    while len(found) < 2:
+        namespace = f"lib-{uuid.uuid4().hex[:6]}"
+        found.setdefault(await SlotOwner(url, namespace).master(), namespace)
+    first, second = list(found.values())[:2]
+    return first, second
+
+
+async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[str, list[int]]) -> None:
+    url, _ = cluster
+    namespaces = await namespaces_on_two_masters(url)
+    running = []
+    for namespace in namespaces:
+        client, follow = await cluster_client(url, namespace)
+        settings = Settings(worker_id="w1", redis_url=url, namespace=namespace, retry_idle_ms=100)
+        worker = Worker(settings, client, handle_signals=False, on_redis_error=follow)
+        running.append((worker, asyncio.create_task(worker.run()), client))
+    try:
+        # get_books with the cluster URL, in both namespaces.
+        for namespace in namespaces:
+            got = await asyncio.to_thread(
+                subprocess.run, [sys.executable, str(ROOT / "get_books.py"), "request", "ada", "book-1"],
+                cwd=ROOT, env=process_env(url, namespace), capture_output=True, text=True, timeout=30,
+            )
+            assert got.returncode == 0 and got.stdout.startswith("ACCEPTED"), got.stdout + got.stderr
+
+        # Fail over the first namespace's master to its replica, while requests flow.
+        owner = SlotOwner(url, namespaces[0])
+        old_master = await owner.master()
+        keys = Keys(namespaces[0])
+        client = running[0][2]
+        before = [await send(client, keys, "lend", f"user-{n}", [f"b{n}"]) for n in range(5)]
+        replica_port = _replica_of(old_master[1])
+        await asyncio.to_thread(_run_on, replica_port, "CLUSTER", "FAILOVER")
+        await wait_until(lambda: _moved(owner, old_master), timeout_s=20)
+
+        # The worker follows the slot; requests sent before and after all get their event.
+        new_master = await owner.master()
+        fresh = redis.asyncio.Redis(host=new_master[0], port=new_master[1])
+        try:
+            after = [await send(fresh, keys, "lend", f"user-{n}", [f"c{n}"]) for n in range(5)]
+            for entry in before + after:
+                assert (await event_for(fresh, keys, "lend", entry, timeout_s=30)).status == "accepted"
+            report = await checker.check(fresh, namespaces[0], 5, 20, wait_quiescent_s=10)
+            assert report.clean and report.quiescent, report.violations
+        finally:
+            await fresh.aclose()
+    finally:
+        for worker, task, client in running:
+            worker.stop()
+            await asyncio.wait_for(task, 15)
+            await client.aclose()
+
+
+async def _moved(owner: SlotOwner, old: tuple[str, int]) -> bool:
+    try:
+        return await owner.master() != old
+    except Exception:
+        return False
+
+
+def _run_on(port: int, *command: str) -> bytes:
+    with redis.Redis(host="127.0.0.1", port=port) as client:
+        return bytes(client.execute_command(*command))
+
+
+def _replica_of(master_port: int) -> int:
+    node_id = _run_on(master_port, "CLUSTER", "MYID").decode()
+    for line in _run_on(master_port, "CLUSTER", "NODES").decode().splitlines():
+        parts = line.split()
+        if parts[2].startswith("slave") and parts[3] == node_id:
+            return int(parts[1].split(":")[1].split("@")[0])
+    raise AssertionError(f"no replica of the master on port {master_port}")
