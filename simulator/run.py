@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import structlog
 
 from lending import checker
+from lending.cluster import namespace_url
 from lending.connection import Tls, make_client
 from lending.keys import Keys
 
@@ -64,7 +65,8 @@ async def simulate(options: RunOptions) -> RunReport:
         appendfsync="always" if chaos else "everysec",
     )
     await asyncio.to_thread(deployment.start)
-    client = make_client(deployment.redis_url, tls=options.tls)
+    # With a cluster URL, talk to the master owning the namespace, as the workers do.
+    client = make_client(await namespace_url(deployment.redis_url, options.namespace, options.tls), tls=options.tls)
     rng = random.Random(options.seed)
     try:
         driver = Driver(
