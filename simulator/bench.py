@@ -22,6 +22,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from lending import checker
+from lending.cluster import namespace_url
 from lending.connection import Tls, make_client
 from lending.keys import Keys
 from lending.stream import Entries, text
@@ -43,12 +44,13 @@ class BenchOptions:
     rate_duration_s: float = 10.0
     seed: int = 1
     tls: Tls = Tls()
+    namespaces: int = 1  # > 1: also drain that many namespaces at once (one per master in a cluster)
 
 
 async def benchmark(options: BenchOptions) -> dict[str, Any]:
     server = Deployment("bench", redis_url=options.redis_url)
     await asyncio.to_thread(server.start)
-    client = make_client(server.redis_url, tls=options.tls)
+    client = make_client(await namespace_url(server.redis_url, "bench", options.tls), tls=options.tls)
     try:
         info = await client.info("server")
         results: dict[str, Any] = {
@@ -60,17 +62,32 @@ async def benchmark(options: BenchOptions) -> dict[str, Any]:
             "latency": [],
         }
         for workers in options.workers:
-            results["drain"].append(await _drain(client, server.redis_url, options, workers))
+            results["drain"].append(await _drain(server.redis_url, options, workers))
         for rate in options.rates:
-            results["latency"].append(await _latency(client, server.redis_url, options, rate))
+            results["latency"].append(await _latency(server.redis_url, options, rate))
+        if options.namespaces > 1:
+            results["namespaces"] = await _drain_namespaces(server.redis_url, options)
         return results
     finally:
         await client.aclose()
         await asyncio.to_thread(server.stop)
 
 
-async def _drain(client: Redis, url: str, options: BenchOptions, workers: int) -> dict[str, Any]:
+async def _namespace_client(url: str, namespace: str, options: BenchOptions) -> Redis:
+    """A client on the Redis serving ``namespace`` (its slot's master, in a cluster)."""
+    return make_client(await namespace_url(url, namespace, options.tls), tls=options.tls)
+
+
+async def _drain(url: str, options: BenchOptions, workers: int) -> dict[str, Any]:
     namespace = f"bench-drain-{workers}-{uuid.uuid4().hex[:6]}"
+    client = await _namespace_client(url, namespace, options)
+    try:
+        return await _drain_on(client, url, namespace, options, workers)
+    finally:
+        await client.aclose()
+
+
+async def _drain_on(client: Redis, url: str, namespace: str, options: BenchOptions, workers: int) -> dict[str, Any]:
     keys = Keys(namespace)
     await queue_requests(client, keys, Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
                          options.requests)
@@ -118,8 +135,52 @@ async def queue_requests(client: Redis, keys: Keys, workload: Workload, n: int) 
             await pipe.execute()
 
 
-async def _latency(client: Redis, url: str, options: BenchOptions, rate: float) -> dict[str, Any]:
+async def _drain_namespaces(url: str, options: BenchOptions) -> dict[str, Any]:
+    """Drain ``options.namespaces`` namespaces at once, one worker each; in a cluster the
+    namespaces are picked so that each lives on a different master (as far as there are)."""
+    by_master: dict[str, str] = {}
+    for _ in range(200):
+        if len(by_master) == options.namespaces:
+            break
+        namespace = f"bench-ns-{uuid.uuid4().hex[:6]}"
+        by_master.setdefault(await namespace_url(url, namespace, options.tls), namespace)
+    namespaces = list(by_master.values())
+    while len(namespaces) < options.namespaces:  # fewer masters than namespaces
+        namespaces.append(f"bench-ns-{uuid.uuid4().hex[:6]}")
+    clients = [await _namespace_client(url, ns, options) for ns in namespaces]
+    try:
+        runs = await asyncio.gather(*(_drain_on(c, url, ns, options, 1) for c, ns in zip(clients, namespaces)))
+        spans = [await _event_span(c, Keys(ns)) for c, ns in zip(clients, namespaces)]
+    finally:
+        for c in clients:
+            await c.aclose()
+    total = sum(run["requests"] for run in runs)
+    span_s = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1000.0
+    return {
+        "namespaces": len(namespaces),
+        "masters": len(by_master),
+        "requests": total,
+        "throughput_rps": round(total / max(span_s, 0.001), 1),
+        "per_namespace": runs,
+    }
+
+
+async def _event_span(client: Redis, keys: Keys) -> tuple[int, int]:
+    first = cast(Entries, await client.xrange(keys.events, count=1))
+    last = cast(Entries, await client.xrevrange(keys.events, count=1))
+    return _ms(text(first[0][0])), _ms(text(last[0][0]))
+
+
+async def _latency(url: str, options: BenchOptions, rate: float) -> dict[str, Any]:
     namespace = f"bench-latency-{int(rate)}-{uuid.uuid4().hex[:6]}"
+    client = await _namespace_client(url, namespace, options)
+    try:
+        return await _latency_on(client, url, namespace, options, rate)
+    finally:
+        await client.aclose()
+
+
+async def _latency_on(client: Redis, url: str, namespace: str, options: BenchOptions, rate: float) -> dict[str, Any]:
     deployment = Deployment(namespace, redis_url=url, workers=1, worker_args=("--log-level", "warning"),
                             worker_env=options.tls.env())
     await asyncio.to_thread(deployment.start)
@@ -188,6 +249,13 @@ def render(results: dict[str, Any]) -> str:
             f"         {lat['offered_rps']:<10} {lat['requests']:<9} {lat['p50_ms']:<7} {lat['p95_ms']:<7} "
             f"{lat['p99_ms']:<7} {lat['max_ms']:<7} {lat['missing']:<8} {lat['worker_rss_mb_max']}"
         )
+    if "namespaces" in results:
+        many = results["namespaces"]
+        lines += ["", f"namespaces at once: {many['namespaces']} on {many['masters']} master(s), one worker each: "
+                      f"{many['requests']} requests at {many['throughput_rps']} req/s in all"]
+        lines += [f"  {run['throughput_rps']} req/s, {run['redis_commands_per_request']} cmds/req, "
+                  f"{run['redis_cpu_us_per_request']} Redis µs/req, checker {'clean' if run['check_clean'] else 'VIOLATIONS'}"
+                  for run in many["per_namespace"]]
     if results["drain"]:
         lines += ["", "commands per request (first drain): " + ", ".join(
             f"{name} {calls}" for name, calls in list(results["drain"][0]["commands"].items())[:12])]

@@ -95,11 +95,13 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
 @click.option("--workers", default="1,2,4", show_default=True, help="Worker counts to drain with.")
 @click.option("--rates", default="200,500,1000,2000", show_default=True, help="Offered loads for the latency runs.")
 @click.option("--rate-duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
+@click.option("--namespaces", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Also drain this many namespaces at once, one worker each (one per master in a cluster).")
 @click.option("--output", type=click.Path(dir_okay=False), default="bench-results.json", show_default=True,
               help="Where to save the results as JSON.")
 @tls_options
 def bench(redis_url: str | None, requests: int, users: int, catalogue: int, workers: str, rates: str,
-          rate_duration: float, output: str, **tls_opts: Any) -> None:
+          rate_duration: float, namespaces: int, output: str, **tls_opts: Any) -> None:
     """The standard benchmark: drain throughput, latency, Redis work per request."""
     configure_logging("console", "warning")
     options = BenchOptions(
@@ -107,6 +109,7 @@ def bench(redis_url: str | None, requests: int, users: int, catalogue: int, work
         workers=tuple(int(w) for w in workers.split(",") if w),
         rates=tuple(float(r) for r in rates.split(",") if r),
         rate_duration_s=rate_duration,
+        namespaces=namespaces,
         tls=tls_from_options(tls_opts),
     )
     results = run_fast(benchmark(options))

@@ -156,10 +156,19 @@ def _run_on(port: int, *command: str) -> bytes:
         return bytes(client.execute_command(*command))
 
 
-def _replica_of(master_port: int) -> int:
+def _replica_of(master_port: int, timeout_s: float = 40.0) -> int:
+    """The port of a replica of that master that is in sync (replicas attach shortly
+    after the cluster is created)."""
     node_id = _run_on(master_port, "CLUSTER", "MYID").decode()
-    for line in _run_on(master_port, "CLUSTER", "NODES").decode().splitlines():
-        parts = line.split()
-        if parts[2].startswith("slave") and parts[3] == node_id:
-            return int(parts[1].split(":")[1].split("@")[0])
-    raise AssertionError(f"no replica of the master on port {master_port}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in _run_on(master_port, "CLUSTER", "NODES").decode().splitlines():
+            parts = line.split()
+            if "slave" in parts[2] and parts[3] == node_id and parts[7] == "connected":
+                port = int(parts[1].split(":")[1].split("@")[0])
+                with redis.Redis(host="127.0.0.1", port=port) as replica:
+                    if replica.info("replication").get("master_link_status") == "up":
+                        return port
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no replica in sync with the master on port {master_port}")
+        time.sleep(0.2)
