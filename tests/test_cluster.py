@@ -108,13 +108,14 @@ async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[s
         worker = Worker(settings, client, handle_signals=False, on_redis_error=follow)
         running.append((worker, asyncio.create_task(worker.run()), client))
     try:
-        # get_books with the cluster URL, in both namespaces.
+        # get_books with the cluster URL, lending and returning in both namespaces.
         for namespace in namespaces:
-            got = await asyncio.to_thread(
-                subprocess.run, [sys.executable, str(ROOT / "get_books.py"), "request", "ada", "book-1"],
-                cwd=ROOT, env=process_env(url, namespace), capture_output=True, text=True, timeout=30,
-            )
-            assert got.returncode == 0 and got.stdout.startswith("ACCEPTED"), got.stdout + got.stderr
+            for action, expected in (("request", "ACCEPTED"), ("return", "RETURNED"), ("request", "ACCEPTED")):
+                got = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, str(ROOT / "get_books.py"), action, "ada", "book-1"],
+                    cwd=ROOT, env=process_env(url, namespace), capture_output=True, text=True, timeout=30,
+                )
+                assert got.returncode == 0 and got.stdout.startswith(expected), got.stdout + got.stderr
 
         # Fail over the first namespace's master to its replica, while requests flow.
         owner = SlotOwner(url, namespaces[0])
