@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from .keys import Keys
 
-# Connection housekeeping redis-py does on its own.
-CONNECTION_COMMANDS = ("ping", "hello", "client|setinfo", "client|setname", "auth", "select")
+# Connection housekeeping redis-py does on its own. (Its CLIENT SETINFO is optional:
+# redis-py ignores a refusal, and Redis 7.0 does not know the subcommand in ACL rules.)
+CONNECTION_COMMANDS = ("ping", "hello", "auth", "select")
 
 WORKER_COMMANDS = CONNECTION_COMMANDS + (
     # streams: consuming, claiming, trimming, events, dead letters
