@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from .connection import Tls, make_client
 from .errors import RedisUnavailable
 from .keys import Keys
+from .stream import text
 
 log = structlog.get_logger(__name__)
 
@@ -64,11 +65,11 @@ class SlotOwner:
                 continue
             finally:
                 await client.aclose()
-            nodes = [(_text(n[0]), int(n[1])) for r in ranges for n in r[2:]]
+            nodes = [(text(n[0]), int(n[1])) for r in ranges for n in r[2:]]
             self.known = list(dict.fromkeys([*self.known, *nodes]))
             for start, end, primary, *_ in ranges:
                 if int(start) <= slot <= int(end):
-                    return _text(primary[0]), int(primary[1])
+                    return text(primary[0]), int(primary[1])
             errors.append(f"{host}:{port}: slot {slot} of {self.tag} is not served")
         raise RedisUnavailable(self.url, "; ".join(errors) or "no cluster node answered")
 
@@ -108,7 +109,3 @@ async def cluster_client(
 async def namespace_url(url: str, namespace: str, tls: Tls | None = None) -> str:
     """``url`` itself, or for a cluster URL the URL of the master owning the namespace."""
     return await SlotOwner(url, namespace, tls).url_of_master() if is_cluster_url(url) else url
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -15,7 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 
 from .keys import Keys
-from .status import read_status
+from .status import consumed_streams, read_group
 
 
 class Metrics:
@@ -43,13 +43,14 @@ class Metrics:
         self.books_lent = Gauge("lending_books_lent", "Books lent", registry=r)
 
     async def refresh(self, client: Redis, keys: Keys) -> None:
-        """Update the gauges from Redis (the same reads as ``python -m lending status``)."""
-        status = await read_status(client, keys.namespace, max_books_per_user=1 << 30, storage_capacity=0)
-        for group in status["groups"]:
-            self.lag.labels(group["stream"], group["group"]).set(group["lag"])
-            self.pending.labels(group["stream"], group["group"]).set(group["pending"])
-        self.storage_books.set(status["storage"]["books"])
-        self.books_lent.set(status["books_lent"])
+        """Update the gauges from Redis: the group reads of ``status``, without its scans
+        of workers and user counts (this runs every few seconds in every worker)."""
+        for stream, group in consumed_streams(keys):
+            state = await read_group(client, stream, group, live=set())
+            self.lag.labels(stream, group).set(state["lag"])
+            self.pending.labels(stream, group).set(state["pending"])
+        self.storage_books.set(await client.scard(keys.storage))
+        self.books_lent.set(await client.hlen(keys.lent_books))
 
 
 async def serve(metrics: Metrics, port: int, healthy: Callable[[], bool], host: str = "0.0.0.0") -> asyncio.Server:

@@ -39,12 +39,12 @@ async def safe_trim_id(client: Redis, stream: str) -> str | None:
         return None  # nobody consumes it yet: everything is still to be read
     needed: list[str] = []
     for group in groups:
-        name = _str(group["name"])
+        name = text(group["name"])
         if int(group["pending"]):
             summary = await client.xpending(stream, name)
-            needed.append(_str(summary["min"]))
+            needed.append(text(summary["min"]))
         else:
-            needed.append(next_id(_str(group["last-delivered-id"])))
+            needed.append(next_id(text(group["last-delivered-id"])))
     return min(needed, key=_key)
 
 
@@ -61,7 +61,3 @@ async def trim(client: Redis, keys: Keys, events_maxlen: int) -> dict[str, int]:
         if first:
             await client.set(keys.events_trimmed_to, text(first[0][0]))
     return removed
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

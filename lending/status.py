@@ -19,13 +19,7 @@ async def read_status(client: Redis, namespace: str, max_books_per_user: int, st
     async for raw in client.scan_iter(match=keys.worker("*"), count=1000):
         key = _str(raw)
         workers[key.removeprefix(keys.worker(""))] = await client.pttl(key)
-    groups = []
-    for stream, group in (
-        (keys.lend_requests, LENDING_GROUP),
-        (keys.return_requests, LENDING_GROUP),
-        (keys.shelving_returns, SHELVING_GROUP),
-    ):
-        groups.append(await _group(client, stream, group, set(workers)))
+    groups = [await read_group(client, stream, group, set(workers)) for stream, group in consumed_streams(keys)]
     at_limit = 0
     async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
         value = await client.get(raw)
@@ -52,7 +46,18 @@ async def read_status(client: Redis, namespace: str, max_books_per_user: int, st
     }
 
 
-async def _group(client: Redis, stream: str, group: str, live: set[str]) -> dict[str, Any]:
+def consumed_streams(keys: Keys) -> list[tuple[str, str]]:
+    """Each stream of the namespace with the consumer group that reads it."""
+    return [
+        (keys.lend_requests, LENDING_GROUP),
+        (keys.return_requests, LENDING_GROUP),
+        (keys.shelving_returns, SHELVING_GROUP),
+    ]
+
+
+async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> dict[str, Any]:
+    """Lag, pending entries (and the oldest one's idle time) of ``group`` on ``stream``;
+    consumers holding entries that are not in ``live`` are listed as dead."""
     out: dict[str, Any] = {"stream": stream, "group": group, "exists": False, "lag": 0, "pending": 0,
                            "oldest_pending_idle_ms": None, "dead_consumers": []}
     try:

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -78,13 +79,22 @@ async def _namespace_client(url: str, namespace: str, options: BenchOptions) -> 
     return make_client(await namespace_url(url, namespace, options.tls), tls=options.tls)
 
 
-async def _drain(url: str, options: BenchOptions, workers: int) -> dict[str, Any]:
-    namespace = f"bench-drain-{workers}-{uuid.uuid4().hex[:6]}"
+async def _in_fresh_namespace(
+    url: str, name: str, options: BenchOptions, run: Callable[[Redis, str], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """``run(client, namespace)`` in a new namespace, with a client on its Redis."""
+    namespace = f"{name}-{uuid.uuid4().hex[:6]}"
     client = await _namespace_client(url, namespace, options)
     try:
-        return await _drain_on(client, url, namespace, options, workers)
+        return await run(client, namespace)
     finally:
         await client.aclose()
+
+
+async def _drain(url: str, options: BenchOptions, workers: int) -> dict[str, Any]:
+    return await _in_fresh_namespace(
+        url, f"bench-drain-{workers}", options, lambda c, ns: _drain_on(c, url, ns, options, workers)
+    )
 
 
 async def _drain_on(client: Redis, url: str, namespace: str, options: BenchOptions, workers: int) -> dict[str, Any]:
@@ -172,12 +182,9 @@ async def _event_span(client: Redis, keys: Keys) -> tuple[int, int]:
 
 
 async def _latency(url: str, options: BenchOptions, rate: float) -> dict[str, Any]:
-    namespace = f"bench-latency-{int(rate)}-{uuid.uuid4().hex[:6]}"
-    client = await _namespace_client(url, namespace, options)
-    try:
-        return await _latency_on(client, url, namespace, options, rate)
-    finally:
-        await client.aclose()
+    return await _in_fresh_namespace(
+        url, f"bench-latency-{int(rate)}", options, lambda c, ns: _latency_on(c, url, ns, options, rate)
+    )
 
 
 async def _latency_on(client: Redis, url: str, namespace: str, options: BenchOptions, rate: float) -> dict[str, Any]:
