@@ -69,6 +69,16 @@ class Keys:
         return f"{self.prefix}:from-shelving"
 
     @property
+    def grants(self) -> str:
+        """book -> context: books the shelving service handed to a lend request that the
+        library has not settled yet (lent, stored or given back).
+
+        Written by the shelving service in the same atomic step as the hand-out, so no
+        grant exists without a record; cleared by the commit that settles it, or by the
+        reconciliation that gives back the grants of finished requests."""
+        return f"{self.prefix}:grants"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead-letters"
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from .commit import Lend, Record, Reject, Return
+from .events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
+from .keys import LEND, RETURN
+from .requests import BookRequest, Rejection
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,59 @@ def nothing_to_return_reason(user_id: str) -> str:
     return f"none of the requested books is lent to {user_id}"
 
 
-def retry_backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 5.0) -> float:
-    """Delay before reconnect or retry number ``attempt`` (1-based): exponential, capped."""
-    # The exponent is bounded: after hours of outage, 2 ** attempt would not fit a float.
-    return float(min(cap_s, base_s * 2.0 ** min(max(0, attempt - 1), 60)))
+def decide_batch(
+    requests: Sequence[BookRequest | Rejection],
+    reserved: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+    counts: Mapping[str, int],
+    holders: Mapping[str, str],
+    limit: int,
+) -> list[Record]:
+    """Each entry's outcome, in order, as the record the commit applies.
+
+    :param requests: the batch's parsed entries, in arrival order.
+    :param reserved: lend request id -> (books reserved from storage, books shelving
+        handed to it); lends not in it got nothing.
+    :param counts: user -> books held before the batch (missing: 0).
+    :param holders: book -> user holding it, for the books being returned.
+    :param limit: books one user may hold.
+
+    Later requests see the effect of earlier ones on counts and holders.
+    """
+    held = dict(counts)
+    holder = dict(holders)
+    out: list[Record] = []
+    for r in requests:
+        if isinstance(r, Rejection):
+            out.append(Reject(Event(r.request_id, r.action, r.user_id, REJECTED, reason=r.reason)))
+        elif r.action == LEND:
+            stored, granted = reserved.get(r.request_id, ((), ()))
+            out.append(_decide_lend(r, tuple(stored), tuple(granted), held, limit))
+        else:
+            out.append(_decide_return(r, held, holder))
+    return out
+
+
+def _decide_lend(r: BookRequest, stored: tuple[str, ...], granted: tuple[str, ...], held: dict[str, int],
+                 limit: int) -> Lend:
+    mine = set(stored) | set(granted)
+    books = tuple(book for book in r.book_ids if book in mine)
+    decision = decide_loan(held.get(r.user_id, 0), len(books), limit)
+    if decision.allowed:
+        held[r.user_id] = held.get(r.user_id, 0) + len(books)
+        skipped = tuple(book for book in r.book_ids if book not in mine)
+        event = Event(r.request_id, LEND, r.user_id, ACCEPTED, books, skipped)
+    else:
+        event = Event(r.request_id, LEND, r.user_id, DENIED, (), r.book_ids, decision.reason)
+    return Lend(event, stored, granted)
+
+
+def _decide_return(r: BookRequest, held: dict[str, int], holder: dict[str, str]) -> Return:
+    returned = tuple(book for book in r.book_ids if holder.get(book) == r.user_id)
+    for book in returned:
+        holder[book] = ""
+    if not returned:
+        reason = nothing_to_return_reason(r.user_id)
+        return Return(Event(r.request_id, RETURN, r.user_id, DENIED, (), r.book_ids, reason))
+    held[r.user_id] = held.get(r.user_id, 0) - len(returned)
+    skipped = tuple(book for book in r.book_ids if book not in set(returned))
+    return Return(Event(r.request_id, RETURN, r.user_id, RETURNED, returned, skipped))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -18,26 +17,51 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 Arg = str | bytes | int | float
 
 
-@dataclass(frozen=True)
 class Script:
-    name: str
-    source: str
-    sha: str = field(init=False)
+    """One script of ``lua/``, with its SHA1.
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+    A file may start with a Redis 7 shebang (``#!lua flags=...``): Redis then checks the
+    flags before running the script (without ``allow-oom`` it refuses a writing script
+    as a whole while out of memory). Redis 6.2 does not know the shebang; for it the
+    line is blanked out (``flagged=False``), keeping line numbers in error messages.
+    """
+
+    def __init__(self, name: str, text: str, *, flagged: bool = True) -> None:
+        self.name = name
+        self.text = text
+        self.use_flags(flagged)
+
+    def use_flags(self, flagged: bool) -> None:
+        self.flagged = flagged
+        if flagged or not self.text.startswith("#!"):
+            self.source = self.text
+        else:
+            self.source = "--" + self.text[2:]
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def load(self, client: Redis) -> None:
+        """SCRIPT LOAD it; a server that fails to compile the shebang (Redis 6.2) gets it
+        without. (Finding out this way needs no ``INFO``, which a least-privilege user
+        may not have.)"""
+        try:
+            await client.script_load(self.source)
+        except ResponseError as exc:
+            if not self.flagged or "compil" not in str(exc).lower():
+                raise
+            self.use_flags(False)
+            await client.script_load(self.source)
 
     async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run the script, loading it first if Redis does not know it."""
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await client.script_load(self.source)
+            await self.load(client)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
@@ -61,8 +85,10 @@ class Scripts:
     def __init__(self) -> None:
         self.reserve = _read("reserve")
         self.commit = _read("commit")
-        self.record_grants = _read("record_grants")
         self.finish = _read("finish")
+        self.reconcile = _read("reconcile")
+        self.renew = _read("renew")
+        self.dead_letter = _read("dead_letter")
         self.shelving_get = _read("shelving_get")
         self.shelving_release = _read("shelving_release")
         self.worker_claim = _read("worker_claim")
@@ -74,4 +100,4 @@ class Scripts:
     async def load(self, client: Redis) -> None:
         """SCRIPT LOAD every script: at start, and after Redis forgot them."""
         for script in self.all():
-            await client.script_load(script.source)
+            await script.load(client)

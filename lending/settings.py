@@ -11,6 +11,7 @@ from .connection import Tls
 from .errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379"
+MIN_CLAIM_IDLE_MS = 100
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,11 @@ class Settings:
     :param read_count: entries read per XREADGROUP call.
     :param concurrency: requests processed at the same time by one worker.
     :param request_timeout_s: a request taking longer is abandoned and retried.
-    :param retry_idle_ms: how long a failed entry waits before its next delivery.
+    :param retry_base_ms: how long a failed entry waits before its first retry; the wait
+        doubles with each failure (with jitter), up to ``retry_max_ms``.
+    :param retry_max_ms: the longest wait between two attempts of an entry.
+    :param reconcile_interval_s: how often the worker settles the shelving grants of
+        finished requests (``{NS}:grants``).
     :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
     :param metrics_port: serve ``/metrics`` and ``/healthz`` on this port (``None``: off).
     :param events_maxlen: about how many events ``{NS}:events`` keeps.
@@ -45,7 +50,7 @@ class Settings:
     max_books_per_user: int = 5
     max_books_per_request: int = 50
     claim_idle_ms: int = 30_000
-    max_deliveries: int = 5
+    max_deliveries: int = 10
     force: bool = False
     data_dir: Path = Path(".lending-data")
     log_format: str = "console"
@@ -54,7 +59,9 @@ class Settings:
     read_count: int = 100
     concurrency: int = 64
     request_timeout_s: float = 10.0
-    retry_idle_ms: int = 1_000
+    retry_base_ms: int = 1_000
+    retry_max_ms: int = 60_000
+    reconcile_interval_s: float = 1.0
     shutdown_grace_s: float = 8.0
     shelving_fail_rate: float = 0.0
     shelving_latency_ms: float = 0.0
@@ -80,15 +87,33 @@ class Settings:
                 out.append(f"{name.replace('_', '-')} must be at least 1")
         if self.events_maxlen < 1 or self.trim_interval_s <= 0:
             out.append("events-maxlen must be at least 1 and the trim interval positive")
-        for name in ("storage_capacity", "claim_idle_ms", "retry_idle_ms"):
-            if getattr(self, name) < 0:
-                out.append(f"{name.replace('_', '-')} must not be negative")
+        if self.storage_capacity < 0:
+            out.append("storage-capacity must not be negative")
+        if self.claim_idle_ms < MIN_CLAIM_IDLE_MS:
+            out.append(f"claim-idle-ms must be at least {MIN_CLAIM_IDLE_MS} (a worker renews the entries it "
+                       "holds every third of it)")
+        if not 1 <= self.retry_base_ms <= self.retry_max_ms:
+            out.append("retry-base-ms must be at least 1 and at most retry-max-ms")
+        if self.reconcile_interval_s <= 0:
+            out.append("the reconcile interval must be positive")
         if self.worker_ttl_ms < 1000:
             out.append("worker ttl must be at least 1000 ms")
         if not 0.0 <= self.shelving_fail_rate <= 1.0:
             out.append("shelving fail rate must be between 0 and 1")
         if self.log_format not in ("console", "json"):
             out.append("log format must be console or json")
+        return out
+
+    def warnings(self) -> list[str]:
+        """Settings that work, but not well."""
+        out = []
+        # The mock's calls take up to 1.5 times the mean latency.
+        if self.claim_idle_ms < 1.5 * self.shelving_latency_ms:
+            out.append(
+                f"claim-idle-ms ({self.claim_idle_ms}) is shorter than a shelving call may take "
+                f"({1.5 * self.shelving_latency_ms:g} ms): should this worker stall during one, another "
+                "worker takes its entries over and the work is done twice"
+            )
         return out
 
     def replace(self, **changes: Any) -> Settings:

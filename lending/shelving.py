@@ -1,8 +1,10 @@
-"""A mock of the remote shelving service, run beside the lending service.
+"""The shelving service: what the lending service needs of it, and a mock of it.
 
-Books are handed out with an idempotent ``get_book(book_id, context_id)``: asking again
-with the same context answers yes again. Books come back through the
-``{NS}:shelving:returns`` stream, consumed by the ``shelving-service`` group.
+Books are handed out with an idempotent ``get_book(book_id, context_id)`` (asked many
+at a time): asking again with the same context answers yes again. Every hand-out is
+recorded in the library's grants ledger in the same atomic step. Books come back
+through the ``{NS}:shelving:returns`` stream, consumed by the ``shelving-service``
+group, each with the context it was handed out to.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import enum
 import random
 from collections.abc import Sequence
+from typing import Protocol
 
 from redis.asyncio import Redis
 
@@ -31,6 +34,18 @@ class Grant(enum.IntEnum):
 
 class ShelvingUnavailable(LendingError):
     """The (simulated) remote shelving service failed to answer."""
+
+
+class Shelving(Protocol):
+    """What the lending service asks of the shelving service."""
+
+    async def get_many(self, asks: Sequence[tuple[str, str]]) -> list[Grant]:
+        """Answer ``get_book(book_id, context_id)`` for each ``(book_id, context_id)``.
+
+        A book handed out (``NEW``) must be in ``{NS}:grants`` by the time the call
+        returns, written in the same atomic step as the hand-out. Raises
+        ``ShelvingUnavailable`` when the service does not answer."""
+        ...
 
 
 class ShelvingService:
@@ -62,25 +77,8 @@ class ShelvingService:
         if not asks:
             return []
         args = [item for ask in asks for item in ask]
-        codes = await self._scripts.shelving_get(self._client, [self._keys.shelving_state], args)
+        codes = await self._scripts.shelving_get(self._client, [self._keys.shelving_state, self._keys.grants], args)
         return [Grant(int(code)) for code in codes]
-
-    async def get_books(self, book_ids: Sequence[str], context_id: str) -> dict[str, Grant]:
-        """Hand out each of ``book_ids`` to ``context_id`` if it can."""
-        grants = await self.get_many([(book, context_id) for book in book_ids])
-        return dict(zip(book_ids, grants))
-
-    async def held_for(self, book_ids: Sequence[str], context_id: str) -> list[str]:
-        """Which of ``book_ids`` are handed out to ``context_id`` (asks, changes nothing)."""
-        if not book_ids:
-            return []
-        owners = await self._client.hmget(self._keys.shelving_state, list(book_ids))
-        return [book for book, owner in zip(book_ids, owners) if owner == context_id.encode()]
-
-    async def get_book(self, book_id: str, context_id: str) -> bool:
-        """The remote API of the book: may ``context_id`` have ``book_id``?"""
-        grants = await self.get_books([book_id], context_id)
-        return grants[book_id] is not Grant.REFUSED
 
     async def release_all(self, deliveries: Sequence[Delivery]) -> None:
         """Apply a batch of ``shelving:returns`` entries (each one atomic on its own)."""
@@ -111,19 +109,8 @@ class ShelvingService:
         for name in ("book_ids", "context_ids"):
             if name.encode() in delivery.fields:
                 letter += [name, delivery.fields[name.encode()]]
-        # finish.lua without reservation or event: the XACK guard keeps it to one letter.
-        await self._scripts.finish(
-            self._client,
-            [
-                keys.shelving_returns,
-                keys.events,
-                keys.storage,
-                keys.reservation("-"),
-                keys.shelving_returns,
-                keys.dead_letters,
-                keys.from_shelving,
-            ],
-            [SHELVING_GROUP, delivery.entry_id, 0, 0, 0, *letter],
+        await self._scripts.dead_letter(
+            self._client, [keys.shelving_returns, keys.dead_letters], [SHELVING_GROUP, delivery.entry_id, *letter]
         )
 
 

@@ -1,13 +1,20 @@
-"""Consuming Redis Streams with a consumer group: reading, retrying, taking over.
+"""Consuming Redis Streams with a consumer group: reading, retrying, keeping, taking over.
 
 A ``StreamConsumer`` reads new entries of its streams in batches with XREADGROUP and
-hands each to a handler, a bounded number at a time. Entries that are not finished
-stay pending and come back:
+hands each batch to a handler, a bounded number of entries at a time. Entries that are
+not finished stay pending and come back:
 
-- its own pending entries (left by a failure, a lost connection or a previous run
-  under the same worker id) are claimed again with XCLAIM after ``retry_idle_ms``;
+- an entry whose processing failed is retried after a delay that doubles with each
+  failure (``retry_base_ms`` up to ``retry_max_ms``, jittered). A failure of Redis
+  itself (connection lost, loading, out of memory, a refused write) is not the entry's
+  fault: it is retried without counting a delivery. Any other failure counts one, and
+  the entry is dead-lettered at its ``max_deliveries``-th;
+- while this consumer holds an entry (in flight or waiting for its retry) it renews the
+  entry's idle time every third of ``claim_idle_ms``, so no other consumer takes over
+  the work of a live one;
 - entries pending on another consumer for ``claim_idle_ms`` are taken over with
-  XAUTOCLAIM (that consumer died or stalled);
+  XAUTOCLAIM (that consumer died or stalled), and entries pending on this consumer
+  from an earlier run are resumed; both count a delivery;
 - an entry delivered more than ``max_deliveries`` times goes to the dead-letter
   handler instead of the handler.
 """
@@ -15,26 +22,36 @@ stay pending and come back:
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .backoff import jittered, retry_backoff_s
 from .metrics import Metrics
-from .policy import retry_backoff_s
+from .scripts import Script
+from .streamids import id_key
 
 log = structlog.get_logger(__name__)
 
-#: Errors that say nothing about the entry itself: Redis is gone, restarting or loading.
 CLAIM_PAGE = 100
 
+#: Errors that say nothing about the entry itself: Redis is gone, restarting or loading.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis answers LOADING while it reads its data back after a restart; UNBLOCKED and
+# READONLY when the node we block on or write to just became a replica.
+TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "UNBLOCKED", "READONLY")
+# Redis refusing a write for reasons of its own: out of memory, a permission taken
+# away, a stream out of IDs (our scripts' STREAMFULL). The entry waits for an operator.
+REFUSED_REPLIES = ("OOM", "NOPERM", "STREAMFULL")
 
 
 @dataclass(frozen=True)
@@ -63,23 +80,26 @@ class ConsumerConfig:
     concurrency: int
     read_count: int
     claim_idle_ms: int
-    retry_idle_ms: int
+    retry_base_ms: int
+    retry_max_ms: int
     max_deliveries: int
     handler_timeout_s: float
     block_ms: int = 500
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Redis is unreachable or not serving right now (reconnect, ask the cluster again)."""
     if isinstance(exc, TRANSIENT_ERRORS):
         return True
     # Cluster: the namespace's slot moved (resharding, failover) or the cluster is down.
     if isinstance(exc, (MovedError, AskError, ClusterDownError, TryAgainError)):
         return True
-    # Redis answers LOADING while it reads its data back after a restart.
-    # UNBLOCKED and READONLY: the node we block on or write to just became a replica.
-    return isinstance(exc, ResponseError) and str(exc).startswith(
-        ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "UNBLOCKED", "READONLY")
-    )
+    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of Redis, not of the entry: retried without counting a delivery."""
+    return is_transient(exc) or (isinstance(exc, ResponseError) and str(exc).startswith(REFUSED_REPLIES))
 
 
 async def ensure_group(client: Redis, stream: str, group: str) -> None:
@@ -89,6 +109,16 @@ async def ensure_group(client: Redis, stream: str, group: str) -> None:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+@dataclass
+class Retry:
+    """A failed entry waiting for its next attempt."""
+
+    failures: int
+    due: float  # time.monotonic() of the next attempt
+    counts: bool  # the next attempt counts a delivery
+    error: str
 
 
 class StreamConsumer:
@@ -102,24 +132,29 @@ class StreamConsumer:
         handler: Handler,
         dead_letter: DeadLetterHandler,
         name: str,
+        renew: Script,
         metrics: Metrics | None = None,
         on_redis_error: Callable[[], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self._streams = list(streams)
         self._config = config
         self._handler = handler
         self._dead_letter = dead_letter
+        self._renew = renew
         self._log = log.bind(consumer=name)
         self._name = name
         self._metrics = metrics or Metrics()
         self._on_redis_error = on_redis_error
+        self._rng = rng or random.Random()
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._errors: dict[tuple[str, str], str] = {}
+        self._retries: dict[tuple[str, str], Retry] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
-        self._next_retry = 0.0
+        self._next_resume = 0.0
+        self._resume_all = True  # at start and after a reconnect: every own entry at once
         self.processed = 0
         self.failures = 0
         self.connected = False
@@ -134,6 +169,15 @@ class StreamConsumer:
 
     async def run(self) -> None:
         """Read and dispatch until stopped, riding out lost connections."""
+        renewing = asyncio.create_task(self._renew_forever())
+        try:
+            await self._consume()
+        finally:
+            renewing.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewing
+
+    async def _consume(self) -> None:
         failures = 0
         while not self._stopping.is_set():
             try:
@@ -142,24 +186,27 @@ class StreamConsumer:
                     self.connected = True
                     if failures:
                         self._metrics.reconnects.labels(self._name).inc()
-                    self._next_retry = 0.0  # resume own pending entries at once
+                    self._resume_all = True
                 await self._tick()
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures += 1
-                delay = retry_backoff_s(failures, base_s=0.1)
-                if not is_transient(exc):
-                    self._log.exception("consumer loop error, retrying", retry_in_s=delay)
+                delay = jittered(retry_backoff_s(failures, base_s=0.1), self._rng)
+                if not is_outage(exc):
+                    self._log.exception("consumer loop error, retrying", retry_in_s=round(delay, 2))
                 elif self.connected or failures == 1:
-                    self._log.warning("redis unavailable, retrying", error=str(exc), retry_in_s=delay)
+                    self._log.warning("redis unavailable, retrying", error=str(exc), retry_in_s=round(delay, 2))
                 self.connected = False
                 if self._on_redis_error is not None and is_transient(exc):
                     try:
                         await self._on_redis_error()
                     except Exception as hook_exc:
                         self._log.warning("could not find Redis again yet", error=str(hook_exc))
+                    else:
+                        # Found the (new) master: carry on at once rather than sleep.
+                        delay = min(delay, 0.05)
                 await self._sleep(delay)
 
     async def ensure_groups(self) -> None:
@@ -172,7 +219,7 @@ class StreamConsumer:
         """Wait up to ``timeout_s`` for in-flight entries; ``True`` when all finished."""
         if not self._inflight:
             return True
-        done, pending = await asyncio.wait(list(self._inflight.values()), timeout=timeout_s)
+        done, pending = await asyncio.wait(set(self._inflight.values()), timeout=timeout_s)
         for task in pending:
             task.cancel()
         if pending:
@@ -184,11 +231,14 @@ class StreamConsumer:
         if now >= self._next_claim:
             await self._claim_abandoned()
             self._next_claim = now + min(max(self._config.claim_idle_ms / 2000.0, 0.1), 5.0)
-        if now >= self._next_retry:
-            await self._resume_own(self._config.retry_idle_ms if self._next_retry else 0)
-            self._next_retry = now + max(self._config.retry_idle_ms / 1000.0, 0.1)
+        if now >= self._next_resume or self._due_retry(now):
+            await self._resume_own()
+            self._next_resume = now + max(self._config.retry_base_ms / 1000.0, 0.1)
         if await self._wait_for_slot():
             await self._read_new()
+
+    def _due_retry(self, now: float) -> bool:
+        return any(r.due <= now for key, r in self._retries.items() if key not in self._inflight)
 
     async def _wait_for_slot(self) -> bool:
         # XREADGROUP's COUNT applies to each stream: leave room for one entry of each.
@@ -203,12 +253,17 @@ class StreamConsumer:
 
     async def _read_new(self) -> None:
         free = self._config.concurrency - len(self._inflight)
+        # Wake up for the next retry rather than sleep the whole block time.
+        due = min((r.due for r in self._retries.values()), default=None)
+        block_ms = self._config.block_ms
+        if due is not None:
+            block_ms = max(1, min(block_ms, int((due - time.monotonic()) * 1000)))
         reply = await self._client.xreadgroup(
             self._config.group,
             self._config.consumer,
             {stream: ">" for stream in self._streams},
             count=max(1, min(self._config.read_count, free) // len(self._streams)),
-            block=self._config.block_ms,
+            block=block_ms,
         )
         batch = [
             Delivery(text(stream_raw), text(entry_id), fields or {}, 1)
@@ -239,55 +294,102 @@ class StreamConsumer:
         if claimed:
             self._metrics.reclaims.labels(self._name).inc(claimed)
             self._log.info("took over abandoned entries", count=claimed)
-            # They are ours now: process them at once rather than after retry_idle_ms.
-            await self._resume_own(0)
+            # They are ours now: process them at once rather than after retry_base_ms.
+            self._resume_all = True
+            await self._resume_own()
 
-    async def _resume_own(self, min_idle_ms: int) -> None:
-        """Deliver again this consumer's pending entries that are not being processed."""
+    async def _resume_own(self) -> None:
+        """Deliver again this consumer's pending entries that are not being processed:
+        failed ones whose retry is due, and ones this process does not know (left by an
+        earlier run, taken over, or whose delivery was lost with a connection)."""
+        fresh_ms = 0 if self._resume_all else self._config.retry_base_ms
+        self._resume_all = False
+        now = time.monotonic()
         for stream in self._streams:
             free = self._config.concurrency - len(self._inflight)
             if free <= 0:
                 return
+            held = sum(1 for s, _ in (*self._inflight, *self._retries) if s == stream)
             pending: list[dict[str, Any]] = await self._client.xpending_range(
-                stream,
-                self._config.group,
-                min="-",
-                max="+",
-                count=free + len(self._inflight),
+                stream, self._config.group, min="-", max="+", count=free + held,
                 consumername=self._config.consumer,
-                idle=min_idle_ms or None,
             )
-            waiting = {
-                text(p["message_id"]): int(p["times_delivered"])
-                for p in pending
-                if (stream, text(p["message_id"])) not in self._inflight
-            }
-            if not waiting:
-                continue
-            # XCLAIM to ourselves counts a delivery and returns the entries' fields.
-            entries = await self._client.xclaim(
-                stream, self._config.group, self._config.consumer, min_idle_ms, list(waiting)
-            )
-            batch = [
-                Delivery(stream, text(entry_id), fields or {}, waiting[text(entry_id)] + 1)
+            counted: dict[str, int] = {}  # resumed with a delivery counted (XCLAIM)
+            kept: dict[str, int] = {}  # resumed as they are (Redis failed, not them)
+            for p in pending:
+                entry_id, delivered = text(p["message_id"]), int(p["times_delivered"])
+                key = (stream, entry_id)
+                retry = self._retries.get(key)
+                if key in self._inflight or (retry and retry.due > now):
+                    continue
+                if retry is None and int(p["time_since_delivered"]) < fresh_ms:
+                    continue
+                (counted if retry is None or retry.counts else kept)[entry_id] = delivered
+                if len(counted) + len(kept) >= free:
+                    break
+            batch = await self._fetch(stream, counted, kept)
+            # An entry that failed before is retried on its own, so that one poison entry
+            # cannot fail the entries it happened to be batched with.
+            suspects = [d for d in batch if (d.stream, d.entry_id) in self._retries and d.entry_id in counted]
+            for delivery in suspects:
+                self._dispatch([delivery])
+            self._dispatch([d for d in batch if d not in suspects])
+
+    async def _fetch(self, stream: str, counted: dict[str, int], kept: dict[str, int]) -> list[Delivery]:
+        """The entries' fields: XCLAIM to ourselves for ``counted`` (it adds a delivery),
+        XRANGE for ``kept``; entries deleted from the stream meanwhile are acknowledged."""
+        batch: list[Delivery] = []
+        if counted:
+            entries = await self._client.xclaim(stream, self._config.group, self._config.consumer, 0, list(counted))
+            batch += [
+                Delivery(stream, text(entry_id), fields or {}, counted[text(entry_id)] + 1)
                 for entry_id, fields in cast(Entries, entries)
                 if entry_id is not None  # Redis 6.2: a deleted entry still pending
             ]
-            # An entry that failed before is retried on its own, so that one poison
-            # entry cannot fail the entries it happened to be batched with.
-            suspects = [d for d in batch if (d.stream, d.entry_id) in self._errors]
-            for delivery in suspects:
-                self._dispatch([delivery])
-            self._dispatch([d for d in batch if (d.stream, d.entry_id) not in self._errors])
-            found = {d.entry_id for d in batch}
-            for entry in set(waiting) - found:
-                await self._forget_if_deleted(stream, entry)
+        if kept:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for entry_id in kept:
+                    pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+                replies = await pipe.execute()
+            batch += [
+                Delivery(stream, text(entry_id), fields or {}, kept[text(entry_id)])
+                for reply in replies
+                for entry_id, fields in cast(Entries, reply)
+                if entry_id is not None
+            ]
+        for entry_id in {*counted, *kept} - {d.entry_id for d in batch}:
+            await self._forget_if_deleted(stream, entry_id)
+        return batch
 
     async def _forget_if_deleted(self, stream: str, entry_id: str) -> None:
         """An entry deleted from its stream while pending can never be processed: ack it."""
+        self._retries.pop((stream, entry_id), None)
         if not await self._client.xrange(stream, min=entry_id, max=entry_id, count=1):
             await self._client.xack(stream, self._config.group, entry_id)
             self._log.warning("acknowledged a pending entry deleted from its stream", stream=stream, entry_id=entry_id)
+
+    async def _renew_forever(self) -> None:
+        """Every third of ``claim_idle_ms``: renew the entries this consumer holds."""
+        interval = max(self._config.claim_idle_ms / 3000.0, 0.01)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.renew()
+            except Exception as exc:
+                if not is_outage(exc):
+                    self._log.exception("renewing held entries failed")
+
+    async def renew(self) -> int:
+        """Reset the idle time of the entries this consumer holds (in flight or waiting
+        for a retry), if still its own; returns how many were renewed."""
+        renewed = 0
+        held = {*self._inflight, *self._retries}
+        for stream in self._streams:
+            ids = sorted((entry_id for s, entry_id in held if s == stream), key=id_key)
+            if ids:
+                args = [self._config.group, self._config.consumer, ids[0], ids[-1], *ids]
+                renewed += int(await self._renew(self._client, [stream], args))
+        return renewed
 
     def _dispatch(self, deliveries: Sequence[Delivery]) -> None:
         """Start one task for a batch; each entry counts against ``concurrency``."""
@@ -315,52 +417,76 @@ class StreamConsumer:
         live = [d for d in batch if d.deliveries <= self._config.max_deliveries]
         try:
             for delivery in spent:
-                key = (delivery.stream, delivery.entry_id)
-                error = self._errors.pop(key, None) or (
+                retry = self._retries.get((delivery.stream, delivery.entry_id))
+                error = retry.error if retry else (
                     f"delivered {delivery.deliveries - 1} times without finishing "
                     "(the worker processing it died or timed out)"
                 )
-                await self._dead_letter(delivery, error)
-                self._metrics.dead_letters.labels(self._name).inc()
-                self._log.error("dead-lettered", stream=delivery.stream, entry_id=delivery.entry_id, error=error)
+                await self._give_up(delivery, error)
             if live:
                 await self._process(live)
         except asyncio.CancelledError:
             self._log.warning("processing cancelled; entries stay pending", entries=len(batch))
+
+    async def _give_up(self, delivery: Delivery, error: str) -> None:
+        """Dead-letter ``delivery``; if even that fails, it stays pending and is retried."""
+        key = (delivery.stream, delivery.entry_id)
+        try:
+            await self._dead_letter(delivery, error)
         except Exception as exc:
-            self._log.error("could not finish entries; they stay pending", error=f"{type(exc).__name__}: {exc}")
+            self._log.error("could not dead-letter the entry; it stays pending", stream=delivery.stream,
+                            entry_id=delivery.entry_id, error=f"{type(exc).__name__}: {exc}")
+            self._schedule(delivery, error, counts=False)
+            return
+        self._retries.pop(key, None)
+        self._metrics.dead_letters.labels(self._name).inc()
+        self._log.error("dead-lettered", stream=delivery.stream, entry_id=delivery.entry_id, error=error)
 
     async def _process(self, batch: Sequence[Delivery]) -> None:
+        deadline = asyncio.timeout(self._config.handler_timeout_s)
         try:
-            await asyncio.wait_for(self._handler(batch), self._config.handler_timeout_s)
+            async with deadline:
+                await self._handler(batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if is_transient(exc):
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                await self._fail(batch, f"processing took longer than {self._config.handler_timeout_s:g} s", exc)
+            elif is_outage(exc):
                 self._log.warning("redis unavailable while processing; entries stay pending",
                                   entries=len(batch), error=str(exc))
-                return
-            self.failures += len(batch)
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if isinstance(exc, TimeoutError):
-                error = f"processing took longer than {self._config.handler_timeout_s:g} s"
-            for delivery in batch:
-                key = (delivery.stream, delivery.entry_id)
-                bound = self._log.bind(stream=delivery.stream, entry_id=delivery.entry_id,
-                                       deliveries=delivery.deliveries, error=error)
-                if delivery.deliveries >= self._config.max_deliveries:
-                    bound.error("processing failed for the last time")
-                    self._errors.pop(key, None)
-                    await self._dead_letter(delivery, error)
-                    self._metrics.dead_letters.labels(self._name).inc()
-                else:
-                    bound.warning("processing failed; will retry")
-                    self._metrics.retries.labels(self._name).inc()
-                    self._errors[key] = error
+                for delivery in batch:
+                    self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False)
+            else:
+                await self._fail(batch, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, exc)
             return
         for delivery in batch:
-            self._errors.pop((delivery.stream, delivery.entry_id), None)
+            self._retries.pop((delivery.stream, delivery.entry_id), None)
         self.processed += len(batch)
+
+    async def _fail(self, batch: Sequence[Delivery], error: str, exc: BaseException) -> None:
+        """A failure of the entries themselves: each counts a delivery."""
+        self.failures += len(batch)
+        # The traceback once per batch: it is the same for every entry of it.
+        self._log.error("processing failed", entries=[d.entry_id for d in batch], error=error, exc_info=exc)
+        for delivery in batch:
+            if delivery.deliveries >= self._config.max_deliveries:
+                self._log.error("processing failed for the last time", stream=delivery.stream,
+                                entry_id=delivery.entry_id, deliveries=delivery.deliveries)
+                await self._give_up(delivery, error)
+            else:
+                retry = self._schedule(delivery, error, counts=True)
+                self._metrics.retries.labels(self._name).inc()
+                self._log.warning("will retry", stream=delivery.stream, entry_id=delivery.entry_id,
+                                  deliveries=delivery.deliveries, retry_in_s=round(retry.due - time.monotonic(), 2))
+
+    def _schedule(self, delivery: Delivery, error: str, *, counts: bool) -> Retry:
+        key = (delivery.stream, delivery.entry_id)
+        failures = self._retries[key].failures + 1 if key in self._retries else 1
+        delay_s = retry_backoff_s(failures, self._config.retry_base_ms / 1000.0, self._config.retry_max_ms / 1000.0)
+        retry = Retry(failures, time.monotonic() + jittered(delay_s, self._rng), counts, error)
+        self._retries[key] = retry
+        return retry
 
     async def _sleep(self, seconds: float) -> None:
         try:

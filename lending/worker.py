@@ -21,7 +21,7 @@ from .scripts import Scripts
 from .service import LendingService
 from .settings import Settings
 from .shelving import ShelvingService
-from .stream import ConsumerConfig, StreamConsumer, is_transient
+from .stream import ConsumerConfig, StreamConsumer, is_outage
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +66,8 @@ class Worker:
             concurrency=settings.concurrency,
             read_count=settings.read_count,
             claim_idle_ms=settings.claim_idle_ms,
-            retry_idle_ms=settings.retry_idle_ms,
+            retry_base_ms=settings.retry_base_ms,
+            retry_max_ms=settings.retry_max_ms,
             max_deliveries=settings.max_deliveries,
             handler_timeout_s=settings.request_timeout_s,
         )
@@ -78,6 +79,7 @@ class Worker:
                 self.lending.handle,
                 self.lending.dead_letter,
                 name="lending-service",
+                renew=self._scripts.renew,
                 metrics=self.metrics,
                 on_redis_error=on_redis_error,
             ),
@@ -88,6 +90,7 @@ class Worker:
                 self.shelving.release_all,
                 self.shelving.dead_letter,
                 name="shelving-service",
+                renew=self._scripts.renew,
                 metrics=self.metrics,
                 on_redis_error=on_redis_error,
             ),
@@ -98,6 +101,8 @@ class Worker:
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
+        for warning in self.settings.warnings():
+            log.warning(warning)
         await self._claim_id()
         await self._scripts.load(self._client)
         for consumer in self.consumers:
@@ -109,6 +114,7 @@ class Worker:
         tasks = [asyncio.create_task(consumer.run()) for consumer in self.consumers]
         heartbeat = asyncio.create_task(self._heartbeat())
         trimming = asyncio.create_task(self._trim_periodically())
+        reconciling = asyncio.create_task(self._reconcile_periodically())
         server = None
         if self.settings.metrics_port is not None:
             server = await metrics.serve(self.metrics, self.settings.metrics_port, self.healthy)
@@ -125,7 +131,7 @@ class Worker:
             drained = all(
                 await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers))
             )
-            background = [t for t in (*tasks, heartbeat, trimming, refreshing) if t is not None]
+            background = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -172,7 +178,7 @@ class Worker:
                     self._client, [key], [self._token, self.settings.worker_ttl_ms, 0]
                 )
             except Exception as exc:
-                if not is_transient(exc):
+                if not is_outage(exc):
                     log.exception("heartbeat failed")
                 continue
             if not held:
@@ -191,7 +197,7 @@ class Worker:
             try:
                 await self.metrics.refresh(self._client, self.keys)
             except Exception as exc:
-                if not is_transient(exc):
+                if not is_outage(exc):
                     log.exception("refreshing metrics failed")
             await asyncio.sleep(2.0)
 
@@ -201,11 +207,24 @@ class Worker:
             try:
                 removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
             except Exception as exc:
-                if not is_transient(exc):
+                if not is_outage(exc):
                     log.exception("trimming streams failed")
                 continue
             if any(removed.values()):
                 log.debug("trimmed streams", **removed)
+
+    async def _reconcile_periodically(self) -> None:
+        """Give back the shelving grants of finished requests that nobody settled (a
+        worker that died or stalled between a shelving call and its commit)."""
+        cursor = 0
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval_s)
+            try:
+                cursor, _ = await self.lending.reconcile_ledger(cursor)
+            except Exception as exc:
+                cursor = 0
+                if not is_outage(exc):
+                    log.exception("reconciling shelving grants failed")
 
     async def _release_id(self) -> None:
         try:

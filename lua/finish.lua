@@ -1,58 +1,102 @@
--- Finish a stream entry without lending: give back whatever its reservation holds,
--- acknowledge it, publish its event and, for a poison entry, keep a dead letter.
--- Used for rejected, denied and failed outcomes of both request streams, and for
--- dead-lettering a shelving returns entry (no reservation, no event).
+#!lua
+-- Finish a request entry that keeps failing: its `failed` event, a dead letter, the
+-- books it holds given back (its reservation, and the shelving grants the ledger names
+-- it for), and the acknowledgement, in one step.
 --
--- KEYS[1]  the entry's stream
+-- KEYS[1]  the entry's request stream
 -- KEYS[2]  events stream ({NS}:events)
 -- KEYS[3]  automated storage set ({NS}:storage)
 -- KEYS[4]  a lend request's reservation set ({NS}:reservations:<request_id>)
 -- KEYS[5]  shelving returns stream ({NS}:shelving:returns)
 -- KEYS[6]  dead-letters stream ({NS}:dead-letters)
 -- KEYS[7]  books the library took from shelving ({NS}:from-shelving): book -> context
+-- KEYS[8]  grants ledger ({NS}:grants): book -> context
 -- ARGV[1]  consumer group
 -- ARGV[2]  entry id
 -- ARGV[3]  storage capacity
--- ARGV[4]  1 to give back the reservation KEYS[4] (lend requests), 0 to leave it alone
---          (return entries are numbered apart from lend entries: same ids, other requests)
--- ARGV[5]  P, number of event fields (0: no event); ARGV[6..5+2P] event field/value pairs
--- ARGV[6+2P..] dead-letter field/value pairs (none: no dead letter)
+-- ARGV[4]  1 to give back what a lend request holds, 0 for a return entry (its ids are
+--          numbered apart from lend entries: the same id names another request)
+-- ARGV[5]  N; ARGV[6..5+N] the request's books, to look up in the grants ledger
+-- then P, the number of event fields, the event's P field/value pairs, and the dead
+-- letter's field/value pairs
 --
--- Returns 1 when finished here, 0 when the entry was already finished elsewhere
--- (then nothing is written: the reservation was emptied by whoever finished it,
--- and nothing can be added to it once the entry is acknowledged).
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+-- Returns 1 when finished here, 0 when the entry was no longer pending (finished
+-- elsewhere): then nothing is written.
+--
+-- Failure first: every check and read comes before the first write, and the first
+-- write is an XADD (refused as a whole under OOM), so a call that fails changes
+-- nothing and the entry stays pending.
 
--- Give the reserved books back: refill storage up to its capacity, the rest to shelving.
-local books = {}
-if ARGV[4] == '1' then books = redis.call('SMEMBERS', KEYS[4]) end
-if #books > 0 then
-  local room = tonumber(ARGV[3]) - redis.call('SCARD', KEYS[3])
-  local rest = {}
-  for _, book in ipairs(books) do
-    if room > 0 then
-      redis.call('SADD', KEYS[3], book)
-      room = room - 1
-    else
-      rest[#rest + 1] = book
+local MAX_MS = '18446744073709551615-'
+
+local function check_room(stream)
+  if redis.call('EXISTS', stream) == 0 then return end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for k = 1, #info, 2 do
+    if info[k] == 'last-generated-id' and string.find(info[k + 1], MAX_MS, 1, true) == 1 then
+      error({err = 'STREAMFULL ' .. stream .. ' has used up its entry IDs: no entry can be added'})
     end
   end
-  if #rest > 0 then
-    -- Each book goes back with the context it was handed out to, and leaves the
-    -- library's record: shelving frees it only if it still has it for that context.
-    local contexts = redis.call('HMGET', KEYS[7], unpack(rest))
-    for i = 1, #contexts do contexts[i] = contexts[i] or '' end
-    redis.call('XADD', KEYS[5], '*', 'book_ids', table.concat(rest, ','), 'context_ids', table.concat(contexts, ','))
-    redis.call('HDEL', KEYS[7], unpack(rest))
-  end
-  redis.call('DEL', KEYS[4])
 end
 
-local last_event_arg = 5 + 2 * tonumber(ARGV[5])
-if last_event_arg > 5 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6, last_event_arg))
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+
+local n = tonumber(ARGV[5])
+local p_arg = 6 + n
+local last_event_arg = p_arg + 2 * tonumber(ARGV[p_arg])
+
+-- Plan the give-back: refill storage up to its capacity, the rest to shelving, each
+-- book with the context it was handed out to (a reserved book's is in from-shelving).
+local to_storage, taken, rest, contexts, settled = {}, {}, {}, {}, {}
+if ARGV[4] == '1' then
+  local books = {}
+  for _, book in ipairs(redis.call('SMEMBERS', KEYS[4])) do books[#books + 1] = {book, false} end
+  if n > 0 then
+    local holders = redis.call('HMGET', KEYS[8], unpack(ARGV, 6, 5 + n))
+    for k = 1, n do
+      if holders[k] == ARGV[2] then
+        books[#books + 1] = {ARGV[5 + k], ARGV[2]}
+        settled[#settled + 1] = ARGV[5 + k]
+      end
+    end
+  end
+  local room = #books > 0 and tonumber(ARGV[3]) - redis.call('SCARD', KEYS[3]) or 0
+  local lookup = {}
+  for _, item in ipairs(books) do
+    if room > 0 then
+      room = room - 1
+      to_storage[#to_storage + 1] = item[1]
+      if item[2] then
+        taken[#taken + 1] = item[1]
+        taken[#taken + 1] = item[2]
+      end
+    else
+      rest[#rest + 1] = item[1]
+      contexts[#rest] = item[2] or ''
+      if not item[2] then lookup[#lookup + 1] = #rest end
+    end
+  end
+  if #lookup > 0 then
+    local wanted = {}
+    for k, index in ipairs(lookup) do wanted[k] = rest[index] end
+    local found = redis.call('HMGET', KEYS[7], unpack(wanted))
+    for k, index in ipairs(lookup) do contexts[index] = found[k] or '' end
+  end
 end
-if #ARGV > last_event_arg then
-  redis.call('XADD', KEYS[6], '*', unpack(ARGV, last_event_arg + 1))
+
+check_room(KEYS[2])
+check_room(KEYS[6])
+if #rest > 0 then check_room(KEYS[5]) end
+
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, p_arg + 1, last_event_arg))
+redis.call('XADD', KEYS[6], '*', unpack(ARGV, last_event_arg + 1))
+if #rest > 0 then
+  redis.call('XADD', KEYS[5], '*', 'book_ids', table.concat(rest, ','), 'context_ids', table.concat(contexts, ','))
+  redis.call('HDEL', KEYS[7], unpack(rest))
 end
+if #to_storage > 0 then redis.call('SADD', KEYS[3], unpack(to_storage)) end
+if #taken > 0 then redis.call('HSET', KEYS[7], unpack(taken)) end
+if #settled > 0 then redis.call('HDEL', KEYS[8], unpack(settled)) end
+if ARGV[4] == '1' then redis.call('DEL', KEYS[4]) end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1

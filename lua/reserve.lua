@@ -1,3 +1,4 @@
+#!lua
 -- Read and reserve for a batch, in one call, after WATCH on the batch's user counts:
 -- take from automated storage the books of its lend requests, and read what the
 -- decisions depend on (the users' counts, the holders of the books being returned).

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Shelving service mock: take back the books of one entry of {NS}:shelving:returns.
 --
 -- KEYS[1]  shelving returns stream ({NS}:shelving:returns)

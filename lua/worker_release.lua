@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Release a worker id's liveness key, if this process still holds it.
 --
 -- KEYS[1]  worker key ({NS}:workers:<worker_id>)

@@ -90,7 +90,7 @@ def settings(redis_url: str, namespace: str, tmp_path: Path) -> Settings:
         namespace=namespace,
         data_dir=tmp_path / "data",
         claim_idle_ms=1_000,
-        retry_idle_ms=100,
+        retry_base_ms=100,
         shutdown_grace_s=3.0,
     )
 

@@ -15,6 +15,8 @@ from redis.asyncio import Redis
 from lending.client import wait_for_event
 from lending.events import Event
 from lending.keys import Keys
+from lending.service import LendingService
+from lending.stream import Delivery
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,3 +104,9 @@ def stop_process(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> tuple[
         proc.kill()
         out, err = proc.communicate()
     return proc.returncode, out, err
+
+
+async def process_one(service: LendingService, delivery: Delivery) -> Event | None:
+    """Process one entry as a batch of one; ``None``: finished by another consumer."""
+    (event,) = await service.process_batch([delivery])
+    return event

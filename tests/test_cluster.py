@@ -103,7 +103,7 @@ async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[s
     running = []
     for namespace in namespaces:
         client, follow = await cluster_client(url, namespace)
-        settings = Settings(worker_id="w1", redis_url=url, namespace=namespace, retry_idle_ms=100)
+        settings = Settings(worker_id="w1", redis_url=url, namespace=namespace, retry_base_ms=100)
         worker = Worker(settings, client, handle_signals=False, on_redis_error=follow)
         running.append((worker, asyncio.create_task(worker.run()), client))
     try:

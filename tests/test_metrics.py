@@ -55,7 +55,7 @@ async def test_healthz_is_503_while_redis_is_away(tmp_path: Path, namespace: str
     server.start()
     port = free_port()
     client = make_client(server.url)
-    settings = Settings(worker_id="w1", redis_url=server.url, namespace=namespace, metrics_port=port, retry_idle_ms=100)
+    settings = Settings(worker_id="w1", redis_url=server.url, namespace=namespace, metrics_port=port, retry_base_ms=100)
     worker = Worker(settings, client, handle_signals=False)
     task = asyncio.create_task(worker.run())
 

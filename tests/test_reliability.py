@@ -23,7 +23,7 @@ from lending.stream import Delivery, ensure_group
 from lending.worker import Worker
 
 from .conftest import StartWorker
-from .support import all_events, event_for, send, start_worker_process, stop_process, wait_until
+from .support import process_one, all_events, event_for, send, start_worker_process, stop_process, wait_until
 
 
 class PausableShelving(ShelvingService):
@@ -103,10 +103,10 @@ async def test_paused_worker_commits_nothing_when_another_finished_the_lend(
     paused, gate, live = services(redis, settings)
 
     # Worker A reserves the storage book, then stalls in its shelving call.
-    stalled = asyncio.create_task(paused.process(await deliver(redis, keys, "A", entry, claim=False)))
+    stalled = asyncio.create_task(process_one(paused, await deliver(redis, keys, "A", entry, claim=False)))
     await gate.reached.wait()
     # Worker B takes the entry over and finishes it.
-    event = await live.process(await deliver(redis, keys, "B", entry, claim=True))
+    event = await process_one(live, await deliver(redis, keys, "B", entry, claim=True))
     assert event is not None and event.status == "accepted"
     assert set(event.books) == {"from-storage", "from-shelving"}
 
@@ -126,15 +126,15 @@ async def test_paused_worker_leaves_alone_a_book_another_request_now_holds(
     entry = await send(redis, keys, "lend", "ada", ["b1", "b2"])
     paused, gate, live = services(redis, settings)
 
-    stalled = asyncio.create_task(paused.process(await deliver(redis, keys, "A", entry, claim=False)))
+    stalled = asyncio.create_task(process_one(paused, await deliver(redis, keys, "A", entry, claim=False)))
     await gate.reached.wait()
     # B finishes it: over ada's limit, so both books go back to storage ...
-    event = await live.process(await deliver(redis, keys, "B", entry, claim=True))
+    event = await process_one(live, await deliver(redis, keys, "B", entry, claim=True))
     assert event is not None and event.status == "denied"
     assert {b.decode() for b in await redis.smembers(keys.storage)} == {"b1", "b2"}
     # ... and another request takes b2 from there.
     other = await send(redis, keys, "lend", "bob", ["b2"])
-    taken = await live.process(await deliver(redis, keys, "B", other, claim=False))
+    taken = await process_one(live, await deliver(redis, keys, "B", other, claim=False))
     assert taken is not None and taken.books == ("b2",)
 
     # A resumes: the shelving service still says b1/b2 are "held" for A's request.
@@ -155,9 +155,9 @@ async def test_paused_worker_gives_back_a_book_it_got_after_the_entry_was_finish
     entry = await send(redis, keys, "lend", "ada", ["b1", "b2"])
     paused, gate, live = services(redis, settings)
 
-    stalled = asyncio.create_task(paused.process(await deliver(redis, keys, "A", entry, claim=False)))
+    stalled = asyncio.create_task(process_one(paused, await deliver(redis, keys, "A", entry, claim=False)))
     await gate.reached.wait()
-    event = await live.process(await deliver(redis, keys, "B", entry, claim=True))
+    event = await process_one(live, await deliver(redis, keys, "B", entry, claim=True))
     assert event is not None and event.status == "denied"
     await drain_shelving_returns(redis, keys, settings)  # shelving took b1 and b2 back
     assert await redis.hlen(keys.shelving_state) == 0
@@ -173,10 +173,9 @@ async def test_paused_worker_gives_back_a_book_it_got_after_the_entry_was_finish
 
 async def test_shelving_grants_are_idempotent_per_context(redis: Redis, keys: Keys) -> None:
     shelving = ShelvingService(redis, keys, Scripts())
-    assert await shelving.get_books(["b"], "r1") == {"b": Grant.NEW}
-    assert await shelving.get_books(["b"], "r1") == {"b": Grant.HELD}
-    assert await shelving.get_book("b", "r1") is True
-    assert await shelving.get_book("b", "r2") is False
+    assert await shelving.get_many([("b", "r1")]) == [Grant.NEW]
+    assert await shelving.get_many([("b", "r1")]) == [Grant.HELD]
+    assert await shelving.get_many([("b", "r2")]) == [Grant.REFUSED]
 
 
 # -- the per-user limit under concurrency ----------------------------------------
@@ -243,7 +242,7 @@ async def test_worker_rides_out_a_redis_restart(tmp_path: Path, namespace: str) 
     keys = Keys(namespace)
     client = make_client(server.url)
     worker_client = make_client(server.url)
-    settings = Settings(worker_id="w1", redis_url=server.url, namespace=namespace, retry_idle_ms=100)
+    settings = Settings(worker_id="w1", redis_url=server.url, namespace=namespace, retry_base_ms=100)
     worker = Worker(settings, worker_client, handle_signals=False)
     task = asyncio.create_task(worker.run())
     try:

@@ -19,7 +19,7 @@ from lending.shelving import Grant, ShelvingService
 from lending.stream import Delivery, ensure_group
 
 from .conftest import StartWorker
-from .support import all_events, event_for, send, send_raw, wait_until
+from .support import process_one, all_events, event_for, send, send_raw, wait_until
 
 # -- reading the state -------------------------------------------------------------------
 
@@ -538,7 +538,7 @@ async def test_a_stalled_worker_does_not_give_back_books_the_other_worker_lent(
     scripts = Scripts()
     stalled_shelving = PausedAfterShelving(redis, keys, scripts)
     stalled = LendingService(redis, settings.replace(worker_id="A"), scripts, stalled_shelving)
-    task = asyncio.create_task(stalled.process(Delivery(keys.lend_requests, entry, fields, 1)))
+    task = asyncio.create_task(process_one(stalled, Delivery(keys.lend_requests, entry, fields, 1)))
     await stalled_shelving.answered.wait()
     assert await shelving_state(redis, keys) == {"b1": entry}
 

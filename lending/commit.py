@@ -1,0 +1,99 @@
+"""What a batch commits: one typed record per request entry, and their one encoding.
+
+The service decides every outcome; ``commit.lua`` only checks that each entry is still
+pending on this consumer and applies its record. ``encode_commit`` is the only writer
+of the script's wire format (the script's header documents the same layout), used by
+the service and by the script's tests alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .events import ACCEPTED, RETURNED, Event
+from .keys import LEND, Keys
+from .streamids import id_range
+
+Arg = str | bytes | int | float
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An entry that is not a valid request: only its ``rejected`` event is written."""
+
+    event: Event
+
+
+@dataclass(frozen=True)
+class Lend:
+    """A lend decided ``accepted`` (lend ``stored`` and ``granted``) or ``denied`` (give
+    them back: storage first, the rest to shelving).
+
+    :param stored: books this request reserved from the automated storage.
+    :param granted: books the shelving service handed to this request (its context).
+    """
+
+    event: Event
+    stored: tuple[str, ...] = ()
+    granted: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.event.status == ACCEPTED
+
+
+@dataclass(frozen=True)
+class Return:
+    """A return decided ``returned`` (take back ``event.books``) or ``denied``."""
+
+    event: Event
+
+    @property
+    def returned(self) -> bool:
+        return self.event.status == RETURNED
+
+
+Record = Reject | Lend | Return
+
+# The keys every commit names, in the script's KEYS[1..8] order.
+FIXED_KEYS = 8
+
+
+def fixed_keys(keys: Keys) -> list[str]:
+    return [
+        keys.lend_requests, keys.return_requests, keys.events, keys.lent_books,
+        keys.storage, keys.shelving_returns, keys.from_shelving, keys.grants,
+    ]
+
+
+def encode_commit(
+    keys: Keys, group: str, consumer: str, capacity: int, records: Sequence[Record]
+) -> tuple[list[str], list[Arg]]:
+    """``commit.lua``'s KEYS and ARGV for ``records``, in the order they are applied."""
+    all_keys = fixed_keys(keys)
+    index: dict[str, int] = {}
+
+    def key_index(name: str) -> int:
+        if name not in index:
+            all_keys.append(name)
+            index[name] = len(all_keys) - FIXED_KEYS
+        return index[name]
+
+    body: list[Arg] = []
+    for record in records:
+        event = record.event
+        if isinstance(record, Reject):
+            body += ["X", *event.fields().values()]
+        elif isinstance(record, Lend):
+            body += [
+                "L", *event.fields().values(),
+                key_index(keys.user_count(event.user_id)), key_index(keys.reservation(event.request_id)),
+                len(record.stored), *record.stored, len(record.granted), *record.granted,
+            ]
+        else:
+            body += ["T", *event.fields().values(), key_index(keys.user_count(event.user_id))]
+    lend_ids = [r.event.request_id for r in records if r.event.action == LEND]
+    return_ids = [r.event.request_id for r in records if r.event.action != LEND]
+    args: list[Arg] = [group, consumer, capacity, *id_range(lend_ids), *id_range(return_ids), *body]
+    return all_keys, args

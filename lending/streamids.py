@@ -1,0 +1,36 @@
+"""Redis stream entry IDs (``<ms>-<seq>``): parsing, ordering and ranges. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# The largest ID a stream can hold: a stream whose last ID is this takes no more entries.
+MAX_ID = "18446744073709551615-18446744073709551615"
+
+
+def is_id(value: str) -> bool:
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and (seq.isdigit() or not seq)
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """Sort key of an ID (a bare ``<ms>`` means sequence 0)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest ID greater than ``entry_id``."""
+    ms, seq = id_key(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def id_range(ids: Iterable[str]) -> tuple[str, str]:
+    """The lowest and highest of ``ids`` (``''`` and ``''`` when there are none)."""
+    ordered = sorted(ids, key=id_key)
+    return (ordered[0], ordered[-1]) if ordered else ("", "")
+
+
+def id_ms(entry_id: str) -> int:
+    """The millisecond timestamp part of an ID: when the entry was added."""
+    return id_key(entry_id)[0]

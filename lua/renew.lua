@@ -1,0 +1,25 @@
+#!lua flags=allow-oom
+-- Keep this consumer's entries: reset the idle time of those still pending on it, so
+-- that no other consumer takes over entries a live worker is processing or will retry.
+-- (Like a visibility-timeout extension; XCLAIM ... JUSTID counts no delivery.)
+--
+-- KEYS[1]  a consumed stream
+-- ARGV[1]  consumer group
+-- ARGV[2]  consumer (this worker)
+-- ARGV[3], ARGV[4]  the lowest and highest of the ids below
+-- ARGV[5..] entry ids this consumer holds in memory (in flight or waiting for a retry)
+--
+-- Returns the number of entries renewed. Entries another consumer has taken over are
+-- left alone: renewing must never take an entry back.
+-- allow-oom: renewing uses no memory, and must go on while Redis is out of memory.
+
+local mine = {}
+for _, entry in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[4], 1000000, ARGV[2])) do
+  mine[entry[1]] = true
+end
+local ids = {}
+for k = 5, #ARGV do
+  if mine[ARGV[k]] then ids[#ids + 1] = ARGV[k] end
+end
+if #ids > 0 then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids), 'JUSTID') end
+return #ids
