@@ -82,6 +82,7 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
 @_int_option("max-deliveries", 10, "Deliveries before an entry is dead-lettered.")
 @_int_option("retry-base-ms", 1_000, "Wait before a failed entry's first retry; it doubles with each failure.")
 @_int_option("retry-max-ms", 60_000, "Longest wait between two attempts of a failed entry.")
+@_int_option("reconcile-interval-ms", 1_000, "How often to give back shelving grants of finished requests.")
 @_int_option("concurrency", 64, "Requests processed at once by this worker.")
 @_int_option("worker-ttl-ms", 10_000, "Lifetime of the worker-id heartbeat key.")
 @_int_option("events-maxlen", 1_000_000, "About how many events {NS}:events keeps (request streams are "

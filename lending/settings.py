@@ -33,7 +33,7 @@ class Settings:
     :param retry_base_ms: how long a failed entry waits before its first retry; the wait
         doubles with each failure (with jitter), up to ``retry_max_ms``.
     :param retry_max_ms: the longest wait between two attempts of an entry.
-    :param reconcile_interval_s: how often the worker settles the shelving grants of
+    :param reconcile_interval_ms: how often the worker settles the shelving grants of
         finished requests (``{NS}:grants``).
     :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
     :param metrics_port: serve ``/metrics`` and ``/healthz`` on this port (``None``: off).
@@ -61,7 +61,7 @@ class Settings:
     request_timeout_s: float = 10.0
     retry_base_ms: int = 1_000
     retry_max_ms: int = 60_000
-    reconcile_interval_s: float = 1.0
+    reconcile_interval_ms: int = 1_000
     shutdown_grace_s: float = 8.0
     shelving_fail_rate: float = 0.0
     shelving_latency_ms: float = 0.0
@@ -94,8 +94,8 @@ class Settings:
                        "holds every third of it)")
         if not 1 <= self.retry_base_ms <= self.retry_max_ms:
             out.append("retry-base-ms must be at least 1 and at most retry-max-ms")
-        if self.reconcile_interval_s <= 0:
-            out.append("the reconcile interval must be positive")
+        if self.reconcile_interval_ms < 1:
+            out.append("reconcile-interval-ms must be at least 1")
         if self.worker_ttl_ms < 1000:
             out.append("worker ttl must be at least 1000 ms")
         if not 0.0 <= self.shelving_fail_rate <= 1.0:

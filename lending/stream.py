@@ -31,7 +31,16 @@ from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -44,14 +53,22 @@ log = structlog.get_logger(__name__)
 
 CLAIM_PAGE = 100
 
-#: Errors that say nothing about the entry itself: Redis is gone, restarting or loading.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
-# Redis answers LOADING while it reads its data back after a restart; UNBLOCKED and
-# READONLY when the node we block on or write to just became a replica.
-TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "UNBLOCKED", "READONLY")
-# Redis refusing a write for reasons of its own: out of memory, a permission taken
-# away, a stream out of IDs (our scripts' STREAMFULL). The entry waits for an operator.
-REFUSED_REPLIES = ("OOM", "NOPERM", "STREAMFULL")
+#: Errors that say nothing about the entry itself: Redis is gone, restarting or loading
+#: (LOADING is a ConnectionError), or the node we write to just became a replica.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError,
+    # Cluster: the namespace's slot moved (resharding, failover) or the cluster is down.
+    MovedError, AskError, ClusterDownError, TryAgainError,
+)
+# Replies redis-py has no class for: a busy script; UNBLOCKED when the node we block on
+# became a replica.
+TRANSIENT_REPLIES = ("BUSY", "UNBLOCKED", "READONLY")
+#: Redis refusing a write for reasons of its own: out of memory, a permission taken
+#: away, a stream out of IDs (our scripts' STREAMFULL). The entry waits for an operator.
+REFUSED_ERRORS: tuple[type[BaseException], ...] = (OutOfMemoryError, NoPermissionError)
+# The same as error codes; Redis 6.2 reports an error inside a script as
+# "ERR Error running script ... -OOM ...".
+REFUSED_CODES = ("OOM", "NOPERM", "STREAMFULL")
 
 
 @dataclass(frozen=True)
@@ -87,23 +104,49 @@ class ConsumerConfig:
     block_ms: int = 500
 
 
+def reply_text(exc: ResponseError) -> str:
+    """Redis's error reply, without what redis-py adds in a pipeline ("Command # 1 (EVALSHA
+    ... all its arguments ...) of pipeline caused error: ('...',)"): arguments are user
+    data, and must not be read as an error code."""
+    message = str(exc)
+    _, found, reply = message.partition(" of pipeline caused error: ")
+    return reply.strip("(),'\"") if found else message
+
+
 def is_transient(exc: BaseException) -> bool:
     """Redis is unreachable or not serving right now (reconnect, ask the cluster again)."""
     if isinstance(exc, TRANSIENT_ERRORS):
         return True
-    # Cluster: the namespace's slot moved (resharding, failover) or the cluster is down.
-    if isinstance(exc, (MovedError, AskError, ClusterDownError, TryAgainError)):
+    return isinstance(exc, ResponseError) and reply_text(exc).startswith(TRANSIENT_REPLIES)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Redis refused a write for reasons of its own (out of memory, no permission, a
+    stream out of IDs)."""
+    if isinstance(exc, REFUSED_ERRORS):
         return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
+    if not isinstance(exc, ResponseError):
+        return False
+    reply = reply_text(exc)
+    return reply.startswith(REFUSED_CODES) or any(f"-{code} " in reply for code in REFUSED_CODES)
 
 
 def is_outage(exc: BaseException) -> bool:
     """A failure of Redis, not of the entry: retried without counting a delivery."""
-    return is_transient(exc) or (isinstance(exc, ResponseError) and str(exc).startswith(REFUSED_REPLIES))
+    return is_transient(exc) or is_refusal(exc)
 
 
 async def ensure_group(client: Redis, stream: str, group: str) -> None:
-    """Create ``group`` on ``stream`` at ID 0 (so queued entries are read), if missing."""
+    """Create ``group`` on ``stream`` at ID 0 (so queued entries are read), if missing.
+
+    Looked up first: XGROUP CREATE is refused while Redis is out of memory, even for a
+    group that exists, and a worker must go on consuming then."""
+    try:
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:  # no such stream yet
+        groups = []
+    if any(text(g["name"]) == group for g in groups):
+        return
     try:
         await client.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:

@@ -218,7 +218,7 @@ class Worker:
         worker that died or stalled between a shelving call and its commit)."""
         cursor = 0
         while True:
-            await asyncio.sleep(self.settings.reconcile_interval_s)
+            await asyncio.sleep(self.settings.reconcile_interval_ms / 1000.0)
             try:
                 cursor, _ = await self.lending.reconcile_ledger(cursor)
             except Exception as exc:

@@ -35,27 +35,26 @@
 local MAX_MS = '18446744073709551615-'
 local group, consumer = ARGV[1], ARGV[2]
 
-local function expect(key, kind)
+-- The checks return what is wrong (nil: nothing), for the script to answer as an error.
+local function wrong_type(key, kind)
   local found = redis.call('TYPE', key).ok
-  if found ~= 'none' and found ~= kind then
-    error({err = 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind})
-  end
+  if found ~= 'none' and found ~= kind then return 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind end
 end
 
-local function check_room(stream)
-  if redis.call('EXISTS', stream) == 0 then return end
+local function no_room(stream)
+  if redis.call('EXISTS', stream) == 0 then return nil end
   local info = redis.call('XINFO', 'STREAM', stream)
   for k = 1, #info, 2 do
     if info[k] == 'last-generated-id' and string.find(info[k + 1], MAX_MS, 1, true) == 1 then
-      error({err = 'STREAMFULL ' .. stream .. ' has used up its entry IDs: no entry can be added'})
+      return 'STREAMFULL ' .. stream .. ' has used up its entry IDs: no entry can be added'
     end
   end
 end
 
-local function check_integer(key)
+local function not_a_count(key)
   local value = redis.call('GET', key)
   if value and not (string.match(value, '^-?%d+$') and #value < 19) then
-    error({err = 'NOTINTEGER ' .. key .. ' holds ' .. value .. ', not a count'})
+    return 'NOTINTEGER ' .. key .. ' holds ' .. value .. ', not a count'
   end
 end
 
@@ -200,13 +199,11 @@ if #granted > 0 then
 end
 
 -- Check everything that could make a write fail.
-if #events > 0 then check_room(KEYS[3]) end
-if #back > 0 then check_room(KEYS[6]) end
-expect(KEYS[4], 'hash')
-expect(KEYS[5], 'set')
-expect(KEYS[7], 'hash')
-expect(KEYS[8], 'hash')
-for _, key in ipairs(delta_keys) do check_integer(key) end
+local problem = (#events > 0 and no_room(KEYS[3])) or (#back > 0 and no_room(KEYS[6]))
+  or wrong_type(KEYS[4], 'hash') or wrong_type(KEYS[5], 'set')
+  or wrong_type(KEYS[7], 'hash') or wrong_type(KEYS[8], 'hash')
+for _, key in ipairs(delta_keys) do problem = problem or not_a_count(key) end
+if problem then return redis.error_reply(problem) end
 
 -- Write: the XADDs first.
 for _, fields in ipairs(events) do redis.call('XADD', KEYS[3], '*', unpack(fields)) end

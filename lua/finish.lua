@@ -29,12 +29,13 @@
 
 local MAX_MS = '18446744073709551615-'
 
-local function check_room(stream)
-  if redis.call('EXISTS', stream) == 0 then return end
+-- What is wrong with adding to ``stream`` (nil: nothing).
+local function no_room(stream)
+  if redis.call('EXISTS', stream) == 0 then return nil end
   local info = redis.call('XINFO', 'STREAM', stream)
   for k = 1, #info, 2 do
     if info[k] == 'last-generated-id' and string.find(info[k + 1], MAX_MS, 1, true) == 1 then
-      error({err = 'STREAMFULL ' .. stream .. ' has used up its entry IDs: no entry can be added'})
+      return 'STREAMFULL ' .. stream .. ' has used up its entry IDs: no entry can be added'
     end
   end
 end
@@ -84,9 +85,8 @@ if ARGV[4] == '1' then
   end
 end
 
-check_room(KEYS[2])
-check_room(KEYS[6])
-if #rest > 0 then check_room(KEYS[5]) end
+local problem = no_room(KEYS[2]) or no_room(KEYS[6]) or (#rest > 0 and no_room(KEYS[5]))
+if problem then return redis.error_reply(problem) end
 
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, p_arg + 1, last_event_arg))
 redis.call('XADD', KEYS[6], '*', unpack(ARGV, last_event_arg + 1))

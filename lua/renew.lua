@@ -21,5 +21,9 @@ local ids = {}
 for k = 5, #ARGV do
   if mine[ARGV[k]] then ids[#ids + 1] = ARGV[k] end
 end
-if #ids > 0 then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids), 'JUSTID') end
-return #ids
+local n = #ids
+if n > 0 then
+  ids[n + 1] = 'JUSTID'  -- after the ids: unpack() expands fully only as the last argument
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
+end
+return n
