@@ -247,12 +247,12 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     trimmed_to = await client.get(keys.events_trimmed_to)
     snap.events_trimmed_to = _str(trimmed_to) if trimmed_to is not None else None
     count_prefix, count_suffix = f"{keys.prefix}:user:", ":count"
-    async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
+    async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
         key = _str(raw)
         value = await client.get(key)
         if value is not None:
             snap.counts[key[len(count_prefix): -len(count_suffix)]] = _str(value)
-    snap.reservations = sorted([raw.decode() async for raw in client.scan_iter(match=keys.reservation("*"), count=1000)])
+    snap.reservations = sorted([raw.decode() async for raw in client.scan_iter(match=keys.pattern("reservations:*"), count=1000)])
     for action in ACTIONS:
         snap.requests[action] = [entry_id for entry_id, _ in await _read_all(client, keys.requests(action))]
         if (last := await _last_generated_id(client, keys.requests(action))) is not None:

@@ -16,12 +16,12 @@ async def read_status(client: Redis, namespace: str, max_books_per_user: int, st
     """A snapshot of the namespace: streams, groups, workers, storage, loans."""
     keys = Keys(namespace)
     workers = {}
-    async for raw in client.scan_iter(match=keys.worker("*"), count=1000):
+    async for raw in client.scan_iter(match=keys.pattern("workers:*"), count=1000):
         key = _str(raw)
         workers[key.removeprefix(keys.worker(""))] = await client.pttl(key)
     groups = [await read_group(client, stream, group, set(workers)) for stream, group in consumed_streams(keys)]
     at_limit = 0
-    async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
+    async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
         value = await client.get(raw)
         if value is not None and int(value) >= max_books_per_user:
             at_limit += 1
