@@ -76,9 +76,11 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
         out["lag"] = len(unread or [])
     if out["pending"]:
         summary = await client.xpending(stream, group)
-        oldest = await client.xpending_range(stream, group, min=summary["min"], max=summary["min"], count=1)
-        if oldest:
-            out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
+        # No minimum: the entries XINFO counted were acknowledged in between (a normal race).
+        if summary["min"] is not None:
+            oldest = await client.xpending_range(stream, group, min=summary["min"], max=summary["min"], count=1)
+            if oldest:
+                out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
         out["dead_consumers"] = [
             {"consumer": _str(c["name"]), "pending": int(c["pending"])}
             for c in summary["consumers"]

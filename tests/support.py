@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -102,3 +103,17 @@ def stop_process(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> tuple[
         proc.kill()
         out, err = proc.communicate()
     return proc.returncode, out, err
+
+
+class AcksAfterXinfo(Redis):
+    """A real client; right after its XINFO GROUPS reply another worker acknowledges the
+    group's pending entries, before XPENDING is asked (the race, made deterministic)."""
+
+    acks: tuple[str, str, list[str]] = ("", "", [])
+
+    async def xinfo_groups(self, name: Any) -> Any:
+        groups = await super().xinfo_groups(name)
+        stream, group, ids = self.acks
+        if ids:
+            await self.xack(stream, group, *ids)
+        return groups
