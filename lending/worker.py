@@ -17,6 +17,7 @@ from . import metrics, retention
 from .metrics import Metrics
 from .errors import WorkerIdTaken
 from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from .logs import announce
 from .scripts import Scripts
 from .service import LendingService
 from .settings import Settings
@@ -114,7 +115,7 @@ class Worker:
             server = await metrics.serve(self.metrics, self.settings.metrics_port, self.healthy)
             log.info("serving /metrics and /healthz", port=self.settings.metrics_port)
         refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
-        print(READY_MESSAGE, flush=True)
+        announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
             await self._stop.wait()
@@ -142,14 +143,18 @@ class Worker:
         return 1 if self.lost_id else 0
 
     def handle_sig(self, signum: int) -> None:
-        """First signal: stop reading and finish in-flight work. Second: exit at once."""
+        """First signal: stop reading and finish in-flight work. Second: exit at once.
+
+        The stop comes before the log line: shutdown must not depend on logging."""
         self._signals += 1
         if self._signals > 1:
-            log.warning("second signal: exiting now; unfinished entries stay pending", signal=signum)
-            os._exit(128 + signum)
+            try:
+                log.warning("second signal: exiting now; unfinished entries stay pending", signal=signum)
+            finally:
+                os._exit(128 + signum)
+        self._stop.set()
         log.info("stopping: finishing in-flight requests", signal=signal.Signals(signum).name,
                  inflight=sum(c.inflight for c in self.consumers))
-        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
