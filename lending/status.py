@@ -7,6 +7,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from . import eviction
 from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
 
 LAG_SCAN_LIMIT = 10_000  # Redis 6.2 reports no lag: count unread entries up to this
@@ -43,6 +44,7 @@ async def read_status(client: Redis, namespace: str, max_books_per_user: int, st
         "books_lent": await client.hlen(keys.lent_books),
         "users_at_limit": at_limit,
         "dead_letters": await client.xlen(keys.dead_letters),
+        "maxmemory_policy": await eviction.read_policy(client),  # None: INFO refused
     }
 
 
@@ -111,7 +113,11 @@ def render(status: dict[str, Any]) -> str:
         f"books lent        {status['books_lent']}",
         f"users at limit    {status['users_at_limit']}",
         f"dead letters      {status['dead_letters']}",
+        f"maxmemory-policy  {status['maxmemory_policy'] or 'unknown'}",
     ]
+    verdict = eviction.judge(status["maxmemory_policy"])
+    if verdict.level != "ok":
+        lines.append(f"  warning: {verdict.message}")
     return "\n".join(lines)
 
 

@@ -104,6 +104,7 @@ class StreamConsumer:
         name: str,
         metrics: Metrics | None = None,
         on_redis_error: Callable[[], Awaitable[None]] | None = None,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._streams = list(streams)
@@ -114,6 +115,7 @@ class StreamConsumer:
         self._name = name
         self._metrics = metrics or Metrics()
         self._on_redis_error = on_redis_error
+        self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._errors: dict[tuple[str, str], str] = {}
         self._slot_freed = asyncio.Event()
@@ -142,6 +144,8 @@ class StreamConsumer:
                     self.connected = True
                     if failures:
                         self._metrics.reconnects.labels(self._name).inc()
+                        if self._on_reconnect is not None:
+                            await self._on_reconnect()
                     self._next_retry = 0.0  # resume own pending entries at once
                 await self._tick()
                 failures = 0

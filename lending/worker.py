@@ -13,7 +13,7 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
-from . import metrics, retention
+from . import eviction, metrics, retention
 from .metrics import Metrics
 from .errors import WorkerIdTaken
 from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
@@ -81,6 +81,7 @@ class Worker:
                 name="lending-service",
                 metrics=self.metrics,
                 on_redis_error=on_redis_error,
+                on_reconnect=self._check_eviction,
             ),
             StreamConsumer(
                 client,
@@ -91,14 +92,22 @@ class Worker:
                 name="shelving-service",
                 metrics=self.metrics,
                 on_redis_error=on_redis_error,
+                on_reconnect=self._check_eviction,
             ),
         ]
         self._stop = asyncio.Event()
         self._signals = 0
         self.lost_id = False
+        self.refused_eviction = False
+        self._eviction_reported: eviction.Verdict | None = None
 
     async def run(self) -> int:
-        """Serve until stopped; returns the process exit code."""
+        """Serve until stopped; returns the process exit code.
+
+        :raises EvictionRefused: Redis may evict any key (``allkeys-*``) and
+            ``allow_eviction_data_loss`` is off.
+        """
+        await self._check_eviction(starting=True)
         await self._claim_id()
         await self._scripts.load(self._client)
         for consumer in self.consumers:
@@ -140,7 +149,7 @@ class Worker:
                 failures=sum(c.failures for c in self.consumers),
                 drained=drained,
             )
-        return 1 if self.lost_id else 0
+        return 1 if self.lost_id or self.refused_eviction else 0
 
     def handle_sig(self, signum: int) -> None:
         """First signal: stop reading and finish in-flight work. Second: exit at once.
@@ -158,6 +167,23 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _check_eviction(self, *, starting: bool = False) -> None:
+        """Refuse a Redis that may evict any key: at start by raising ``EvictionRefused``,
+        later (after a reconnect, perhaps to another server) by stopping with exit code 1.
+        A risky or unknown policy is logged once, not again on every reconnect."""
+        policy = await eviction.read_policy(self._client)
+        verdict = eviction.judge(policy, self.settings.allow_eviction_data_loss)
+        if verdict.level == "refuse":
+            if starting:
+                raise eviction.EvictionRefused(policy, verdict.message)
+            if not self._stop.is_set():
+                self.refused_eviction = True
+                self._stop.set()
+                log.error(verdict.message, policy=policy, action="stopping")
+        elif verdict.level == "warn" and verdict != self._eviction_reported:
+            log.warning(verdict.message, policy=policy)
+        self._eviction_reported = verdict
 
     async def _claim_id(self) -> None:
         key = self.keys.worker(self.settings.worker_id)
