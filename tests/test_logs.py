@@ -3,6 +3,7 @@ shipper, ``| head``) still starts, serves and stops on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -10,14 +11,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import structlog
 from redis.asyncio import Redis
 
 from lending.keys import Keys
 from lending.logs import SafeStream
+from lending.settings import Settings
+from lending.worker import Worker
 
-from .support import ROOT, process_env, start_worker_process
+from .support import ROOT, process_env, start_worker_process, wait_until
 
 
 @pytest.fixture
@@ -43,6 +48,29 @@ def test_once_the_reader_is_gone_output_goes_nowhere(reader_gone: tuple[SafeStre
     # The descriptor now points to /dev/null: the interpreter's own flush at exit
     # succeeds too (a failing one would turn exit code 0 into 120).
     assert os.path.samefile(f"/proc/self/fd/{write_fd}", os.devnull)
+
+
+def _pipe_is_gone(*_: Any) -> Any:
+    raise BrokenPipeError(32, "Broken pipe")
+
+
+async def test_a_signal_stops_the_worker_even_when_logging_raises(settings: Settings, redis: Redis) -> None:
+    worker = Worker(settings, redis, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: task.done() or worker.healthy())
+        saved = structlog.get_config()
+        structlog.configure(processors=[_pipe_is_gone])  # any logging configuration may fail
+        try:
+            with pytest.raises(BrokenPipeError):
+                worker.handle_sig(signal.SIGTERM)
+        finally:
+            structlog.configure(**saved)
+
+        assert await asyncio.wait_for(task, 10) == 0
+    finally:
+        worker.stop()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def test_sigterm_stops_a_worker_whose_log_reader_is_gone(redis: Redis, redis_url: str, keys: Keys) -> None:
