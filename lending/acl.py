@@ -23,6 +23,8 @@ WORKER_COMMANDS = CONNECTION_COMMANDS + (
     "get", "set", "mget", "del", "incrby", "pttl", "scan",
     "hget", "hmget", "hset", "hsetnx", "hdel", "hexists", "hlen", "hgetall", "hkeys",
     "sadd", "smove", "smembers", "sismember", "smismember", "scard",
+    # the eviction-policy check (INFO memory; never CONFIG, which reveals passwords)
+    "info",
 )
 
 SENDER_COMMANDS = CONNECTION_COMMANDS + ("xadd", "xread", "xrevrange")

@@ -16,6 +16,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from . import eviction
 from .keys import ACTIONS, LENDING_GROUP, SHELVING_GROUP, Keys
 
 PAGE = 10_000
@@ -212,6 +213,7 @@ class Report:
     namespace: str
     quiescent: bool
     violations: list[Violation]
+    maxmemory_policy: str | None = None  # Redis's eviction policy; None: INFO refused
 
     @property
     def clean(self) -> bool:
@@ -223,15 +225,18 @@ class Report:
             "quiescent": self.quiescent,
             "clean": self.clean,
             "violations": [v.as_json() for v in self.violations],
+            "maxmemory_policy": self.maxmemory_policy,
         }
 
 
 async def check(
     client: Redis, namespace: str, max_books_per_user: int, storage_capacity: int, wait_quiescent_s: float = 0.0
 ) -> Report:
-    """Read ``namespace`` (after waiting up to ``wait_quiescent_s`` for quiescence) and check it."""
+    """Read ``namespace`` (after waiting up to ``wait_quiescent_s`` for quiescence) and check it;
+    the report also names Redis's eviction policy (an evicting Redis is no violation)."""
     snap = await wait_quiescent(client, namespace, wait_quiescent_s)
-    return Report(namespace, snap.quiescent, check_state(snap, max_books_per_user, storage_capacity))
+    violations = check_state(snap, max_books_per_user, storage_capacity)
+    return Report(namespace, snap.quiescent, violations, await eviction.read_policy(client))
 
 
 # -- reading -------------------------------------------------------------------------
@@ -247,12 +252,12 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     trimmed_to = await client.get(keys.events_trimmed_to)
     snap.events_trimmed_to = _str(trimmed_to) if trimmed_to is not None else None
     count_prefix, count_suffix = f"{keys.prefix}:user:", ":count"
-    async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
+    async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
         key = _str(raw)
         value = await client.get(key)
         if value is not None:
             snap.counts[key[len(count_prefix): -len(count_suffix)]] = _str(value)
-    snap.reservations = sorted([raw.decode() async for raw in client.scan_iter(match=keys.reservation("*"), count=1000)])
+    snap.reservations = sorted([raw.decode() async for raw in client.scan_iter(match=keys.pattern("reservations:*"), count=1000)])
     for action in ACTIONS:
         snap.requests[action] = [entry_id for entry_id, _ in await _read_all(client, keys.requests(action))]
         if (last := await _last_generated_id(client, keys.requests(action))) is not None:

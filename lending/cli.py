@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 from redis.asyncio import Redis
 
-from . import acl, app, checker, dead_letters, status
+from . import acl, app, checker, dead_letters, eviction, status
 from .client import submit, wait_for_event
 from .cluster import namespace_url
 from .connection import Tls, check_reachable, make_client, redacted
@@ -89,6 +89,10 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
              "trimmed only below what every group has read and acknowledged).")
 @click.option("--force", is_flag=True, envvar="LENDING_FORCE", show_envvar=True,
               help="Start even if another live worker holds WORKER_ID.")
+@click.option("--allow-eviction-data-loss", is_flag=True, envvar="LENDING_ALLOW_EVICTION_DATA_LOSS",
+              show_envvar=True,
+              help="Run even if Redis's maxmemory-policy is allkeys-*: a full Redis then deletes requests "
+                   "and the library's state, losing books.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LENDING_DATA_DIR",
               show_envvar=True, default=Path(".lending-data"), show_default=True,
               help="Data folder of the embedded redis-server (used when no Redis is configured).")
@@ -241,9 +245,14 @@ async def _check(url: str, tls: Tls, namespace: str, limit: int, capacity: int, 
 def format_report(report: checker.Report) -> str:
     scope = "all invariants" if report.quiescent else "not quiescent: only the always-invariants"
     if report.clean:
-        return f"OK: namespace {report.namespace!r} is consistent ({scope} checked)"
-    lines = [f"FAILED: {len(report.violations)} violation(s) in namespace {report.namespace!r} ({scope} checked)"]
-    lines += [f"  [{v.invariant}] {v.message}  keys: {', '.join(v.keys)}" for v in report.violations]
+        lines = [f"OK: namespace {report.namespace!r} is consistent ({scope} checked)"]
+    else:
+        lines = [f"FAILED: {len(report.violations)} violation(s) in namespace {report.namespace!r} ({scope} checked)"]
+        lines += [f"  [{v.invariant}] {v.message}  keys: {', '.join(v.keys)}" for v in report.violations]
+    lines.append(f"maxmemory-policy: {report.maxmemory_policy or 'unknown'}")
+    verdict = eviction.judge(report.maxmemory_policy)
+    if verdict.level != "ok":
+        lines.append(f"warning: {verdict.message}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ Cluster slot, and its scripts and transactions may touch any of its keys.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 LENDING_GROUP = "lending-service"
@@ -14,6 +15,10 @@ SHELVING_GROUP = "shelving-service"
 LEND = "lend"
 RETURN = "return"
 ACTIONS = (LEND, RETURN)
+
+# The characters SCAN MATCH (Redis's stringmatch) gives a meaning: a namespace such as
+# ``lib?`` must match only itself, not ``libX``.
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,12 @@ class Keys:
     @property
     def prefix(self) -> str:
         return "{" + self.namespace + "}"
+
+    def pattern(self, suffix_glob: str) -> str:
+        """A SCAN MATCH pattern for keys ``{NS}:<suffix_glob>`` of this namespace only:
+        the namespace is matched literally (its glob characters escaped), the suffix is
+        a glob (``keys.pattern("user:*:count")``)."""
+        return _GLOB_SPECIAL.sub(r"\\\1", self.prefix) + ":" + suffix_glob
 
     @property
     def lend_requests(self) -> str:

@@ -8,7 +8,8 @@ about ``events_maxlen`` entries (approximate ``MAXLEN``: Redis trims whole nodes
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -39,13 +40,22 @@ async def safe_trim_id(client: Redis, stream: str) -> str | None:
         return None  # nobody consumes it yet: everything is still to be read
     needed: list[str] = []
     for group in groups:
-        name = text(group["name"])
-        if int(group["pending"]):
-            summary = await client.xpending(stream, name)
-            needed.append(text(summary["min"]))
-        else:
-            needed.append(next_id(text(group["last-delivered-id"])))
+        summary = await client.xpending(stream, text(group["name"])) if int(group["pending"]) else None
+        needed.append(first_needed(group, summary))
     return min(needed, key=_key)
+
+
+def first_needed(group: Mapping[str, Any], summary: Mapping[str, Any] | None) -> str:
+    """The lowest ID a group still needs, from its XINFO GROUPS entry and, when that
+    counted pending entries, its XPENDING summary: its oldest pending entry, or else the
+    entry after its last delivered one.
+
+    XPENDING shows no minimum when the entries XINFO counted were acknowledged in
+    between (a normal race): nothing is pending then. The last delivered ID read before
+    is no newer than the current one, so trimming below it stays safe.
+    """
+    oldest = summary.get("min") if summary else None
+    return text(oldest) if oldest is not None else next_id(text(group["last-delivered-id"]))
 
 
 async def trim(client: Redis, keys: Keys, events_maxlen: int) -> dict[str, int]:

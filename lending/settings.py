@@ -41,6 +41,8 @@ class Settings:
     :param trim_interval_s: how often the worker trims the namespace's streams.
     :param tls: CA and client certificate files for ``rediss://`` URLs.
     :param uvloop: run on uvloop's event loop when it is installed (less CPU per request).
+    :param allow_eviction_data_loss: run even on a Redis whose maxmemory-policy may evict
+        any key (``allkeys-*``), which loses requests and books when memory runs out.
     """
 
     worker_id: str = "worker-1"
@@ -70,6 +72,7 @@ class Settings:
     events_maxlen: int = 1_000_000
     metrics_port: int | None = None
     trim_interval_s: float = 10.0
+    allow_eviction_data_loss: bool = False
 
     def __post_init__(self) -> None:
         problems = list(self._problems())

@@ -7,6 +7,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from . import eviction
 from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
 
 LAG_SCAN_LIMIT = 10_000  # Redis 6.2 reports no lag: count unread entries up to this
@@ -16,12 +17,12 @@ async def read_status(client: Redis, namespace: str, max_books_per_user: int, st
     """A snapshot of the namespace: streams, groups, workers, storage, loans."""
     keys = Keys(namespace)
     workers = {}
-    async for raw in client.scan_iter(match=keys.worker("*"), count=1000):
+    async for raw in client.scan_iter(match=keys.pattern("workers:*"), count=1000):
         key = _str(raw)
         workers[key.removeprefix(keys.worker(""))] = await client.pttl(key)
     groups = [await read_group(client, stream, group, set(workers)) for stream, group in consumed_streams(keys)]
     at_limit = 0
-    async for raw in client.scan_iter(match=keys.user_count("*"), count=1000):
+    async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
         value = await client.get(raw)
         if value is not None and int(value) >= max_books_per_user:
             at_limit += 1
@@ -43,6 +44,7 @@ async def read_status(client: Redis, namespace: str, max_books_per_user: int, st
         "books_lent": await client.hlen(keys.lent_books),
         "users_at_limit": at_limit,
         "dead_letters": await client.xlen(keys.dead_letters),
+        "maxmemory_policy": await eviction.read_policy(client),  # None: INFO refused
     }
 
 
@@ -76,9 +78,11 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
         out["lag"] = len(unread or [])
     if out["pending"]:
         summary = await client.xpending(stream, group)
-        oldest = await client.xpending_range(stream, group, min=summary["min"], max=summary["min"], count=1)
-        if oldest:
-            out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
+        # No minimum: the entries XINFO counted were acknowledged in between (a normal race).
+        if summary["min"] is not None:
+            oldest = await client.xpending_range(stream, group, min=summary["min"], max=summary["min"], count=1)
+            if oldest:
+                out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
         out["dead_consumers"] = [
             {"consumer": _str(c["name"]), "pending": int(c["pending"])}
             for c in summary["consumers"]
@@ -109,7 +113,11 @@ def render(status: dict[str, Any]) -> str:
         f"books lent        {status['books_lent']}",
         f"users at limit    {status['users_at_limit']}",
         f"dead letters      {status['dead_letters']}",
+        f"maxmemory-policy  {status['maxmemory_policy'] or 'unknown'}",
     ]
+    verdict = eviction.judge(status["maxmemory_policy"])
+    if verdict.level != "ok":
+        lines.append(f"  warning: {verdict.message}")
     return "\n".join(lines)
 
 

@@ -179,6 +179,7 @@ class StreamConsumer:
         metrics: Metrics | None = None,
         on_redis_error: Callable[[], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._streams = list(streams)
@@ -191,6 +192,7 @@ class StreamConsumer:
         self._metrics = metrics or Metrics()
         self._on_redis_error = on_redis_error
         self._rng = rng or random.Random()
+        self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._retries: dict[tuple[str, str], Retry] = {}
         self._slot_freed = asyncio.Event()
@@ -229,6 +231,8 @@ class StreamConsumer:
                     self.connected = True
                     if failures:
                         self._metrics.reconnects.labels(self._name).inc()
+                        if self._on_reconnect is not None:
+                            await self._on_reconnect()
                     self._resume_all = True
                 await self._tick()
                 failures = 0

@@ -13,10 +13,11 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
-from . import metrics, retention
+from . import eviction, metrics, retention
 from .metrics import Metrics
 from .errors import WorkerIdTaken
 from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from .logs import announce
 from .scripts import Scripts
 from .service import LendingService
 from .settings import Settings
@@ -82,6 +83,7 @@ class Worker:
                 renew=self._scripts.renew,
                 metrics=self.metrics,
                 on_redis_error=on_redis_error,
+                on_reconnect=self._check_eviction,
             ),
             StreamConsumer(
                 client,
@@ -93,14 +95,22 @@ class Worker:
                 renew=self._scripts.renew,
                 metrics=self.metrics,
                 on_redis_error=on_redis_error,
+                on_reconnect=self._check_eviction,
             ),
         ]
         self._stop = asyncio.Event()
         self._signals = 0
         self.lost_id = False
+        self.refused_eviction = False
+        self._eviction_reported: eviction.Verdict | None = None
 
     async def run(self) -> int:
-        """Serve until stopped; returns the process exit code."""
+        """Serve until stopped; returns the process exit code.
+
+        :raises EvictionRefused: Redis may evict any key (``allkeys-*``) and
+            ``allow_eviction_data_loss`` is off.
+        """
+        await self._check_eviction(starting=True)
         for warning in self.settings.warnings():
             log.warning(warning)
         await self._claim_id()
@@ -120,7 +130,7 @@ class Worker:
             server = await metrics.serve(self.metrics, self.settings.metrics_port, self.healthy)
             log.info("serving /metrics and /healthz", port=self.settings.metrics_port)
         refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
-        print(READY_MESSAGE, flush=True)
+        announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
             await self._stop.wait()
@@ -145,20 +155,41 @@ class Worker:
                 failures=sum(c.failures for c in self.consumers),
                 drained=drained,
             )
-        return 1 if self.lost_id else 0
+        return 1 if self.lost_id or self.refused_eviction else 0
 
     def handle_sig(self, signum: int) -> None:
-        """First signal: stop reading and finish in-flight work. Second: exit at once."""
+        """First signal: stop reading and finish in-flight work. Second: exit at once.
+
+        The stop comes before the log line: shutdown must not depend on logging."""
         self._signals += 1
         if self._signals > 1:
-            log.warning("second signal: exiting now; unfinished entries stay pending", signal=signum)
-            os._exit(128 + signum)
+            try:
+                log.warning("second signal: exiting now; unfinished entries stay pending", signal=signum)
+            finally:
+                os._exit(128 + signum)
+        self._stop.set()
         log.info("stopping: finishing in-flight requests", signal=signal.Signals(signum).name,
                  inflight=sum(c.inflight for c in self.consumers))
-        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _check_eviction(self, *, starting: bool = False) -> None:
+        """Refuse a Redis that may evict any key: at start by raising ``EvictionRefused``,
+        later (after a reconnect, perhaps to another server) by stopping with exit code 1.
+        A risky or unknown policy is logged once, not again on every reconnect."""
+        policy = await eviction.read_policy(self._client)
+        verdict = eviction.judge(policy, self.settings.allow_eviction_data_loss)
+        if verdict.level == "refuse":
+            if starting:
+                raise eviction.EvictionRefused(policy, verdict.message)
+            if not self._stop.is_set():
+                self.refused_eviction = True
+                self._stop.set()
+                log.error(verdict.message, policy=policy, action="stopping")
+        elif verdict.level == "warn" and verdict != self._eviction_reported:
+            log.warning(verdict.message, policy=policy)
+        self._eviction_reported = verdict
 
     async def _claim_id(self) -> None:
         key = self.keys.worker(self.settings.worker_id)

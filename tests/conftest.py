@@ -99,7 +99,7 @@ def settings(redis_url: str, namespace: str, tmp_path: Path) -> Settings:
 async def redis(redis_url: str, namespace: str) -> AsyncIterator[Redis]:
     client = make_client(redis_url)
     yield client
-    async for key in client.scan_iter(match="{" + namespace + "}:*", count=1000):
+    async for key in client.scan_iter(match=Keys(namespace).pattern("*"), count=1000):
         await client.delete(key)
     await client.aclose()
 

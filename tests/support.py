@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -110,3 +111,17 @@ async def process_one(service: LendingService, delivery: Delivery) -> Event | No
     """Process one entry as a batch of one; ``None``: finished by another consumer."""
     (event,) = await service.process_batch([delivery])
     return event
+
+
+class AcksAfterXinfo(Redis):
+    """A real client; right after its XINFO GROUPS reply another worker acknowledges the
+    group's pending entries, before XPENDING is asked (the race, made deterministic)."""
+
+    acks: tuple[str, str, list[str]] = ("", "", [])
+
+    async def xinfo_groups(self, name: Any) -> Any:
+        groups = await super().xinfo_groups(name)
+        stream, group, ids = self.acks
+        if ids:
+            await self.xack(stream, group, *ids)
+        return groups

@@ -452,7 +452,7 @@ async def test_second_sigint_exits_at_once_and_work_resumes(redis: Redis, keys: 
     await asyncio.sleep(1.0)  # a duplicate would show up by now
     assert await events_of(redis, keys, "lend", request_id) == 1
     assert await redis.hgetall(keys.lent_books) == {b"ofmiceandmen": b"Salvatore"}
-    assert [key async for key in redis.scan_iter(match=keys.prefix + ":reservations:*")] == []
+    assert [key async for key in redis.scan_iter(match=keys.pattern("reservations:*"))] == []
 
 
 # -- logs -------------------------------------------------------------------------

@@ -85,7 +85,7 @@ async def hash_of(redis: Redis, key: str) -> dict[str, str]:
 
 
 async def reservation_keys(redis: Redis, keys: Keys) -> list[bytes]:
-    return [key async for key in redis.scan_iter(match=keys.prefix + ":reservations:*")]
+    return [key async for key in redis.scan_iter(match=keys.pattern("reservations:*"))]
 
 
 def _id(entry_id: object) -> tuple[int, int]:

@@ -88,7 +88,7 @@ async def assert_consistent(redis: Redis, keys: Keys, settings: Settings) -> Non
     for user in set(lent.values()):
         count = int(await redis.get(keys.user_count(user)) or 0)
         assert count == sum(1 for u in lent.values() if u == user) <= settings.max_books_per_user
-    assert not [k async for k in redis.scan_iter(match=keys.reservation("*"))]
+    assert not [k async for k in redis.scan_iter(match=keys.pattern("reservations:*"))]
 
 
 # -- two workers processing the same entry ---------------------------------------

@@ -2,20 +2,53 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from redis.asyncio import Redis
 
 from lending import checker
 from lending.keys import LENDING_GROUP, Keys
-from lending.retention import next_id, safe_trim_id, trim
+from lending.retention import first_needed, next_id, safe_trim_id, trim
 from lending.stream import ensure_group
 
 from .conftest import StartWorker
-from .support import event_for, send, wait_until
+from .support import AcksAfterXinfo, event_for, send, wait_until
 
 
 def test_next_id() -> None:
     assert next_id("5-0") == "5-1"
     assert next_id("0-0") == "0-1"
+
+
+@pytest.mark.parametrize(
+    ("group", "summary", "needed"),
+    [
+        ({"pending": 0, "last-delivered-id": b"7-0"}, None, "7-1"),
+        ({"pending": 2, "last-delivered-id": b"7-0"}, {"pending": 2, "min": b"3-0", "max": b"7-0"}, "3-0"),
+        # XINFO counted pending entries, then they were acknowledged before XPENDING.
+        ({"pending": 2, "last-delivered-id": b"7-0"}, {"pending": 0, "min": None, "max": None}, "7-1"),
+    ],
+    ids=["nothing pending", "oldest pending entry", "acknowledged between the two reads"],
+)
+def test_the_first_entry_a_group_still_needs(
+    group: dict[str, Any], summary: dict[str, Any] | None, needed: str
+) -> None:
+    assert first_needed(group, summary) == needed
+
+
+async def test_entries_acknowledged_between_xinfo_and_xpending_are_no_error(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    ids = [await send(redis, keys, "lend", "ada", [f"b{n}"]) for n in range(3)]
+    await redis.xreadgroup(LENDING_GROUP, "w1", {keys.lend_requests: ">"}, count=10)
+    racing = AcksAfterXinfo.from_url(redis_url)
+    racing.acks = (keys.lend_requests, LENDING_GROUP, ids)
+    try:
+        assert await safe_trim_id(racing, keys.lend_requests) == next_id(ids[-1])
+    finally:
+        await racing.aclose()
 
 
 async def test_a_long_run_stays_bounded_and_the_checker_still_passes(

@@ -48,7 +48,7 @@ async def count(redis: Redis, keys: Keys, user: str) -> int | None:
 
 
 async def reservations(redis: Redis, keys: Keys) -> list[bytes]:
-    return [key async for key in redis.scan_iter(match=keys.reservation("*"), count=1000)]
+    return [key async for key in redis.scan_iter(match=keys.pattern("reservations:*"), count=1000)]
 
 
 async def pending(redis: Redis, stream: str, group: str = LENDING_GROUP) -> int:
@@ -374,7 +374,7 @@ async def test_malformed_entries_are_rejected_acknowledged_and_touch_nothing(
     assert await pending(redis, keys.lend_requests) == 0
     assert await pending(redis, keys.return_requests) == 0
     assert len(await all_events(redis, keys)) == len(sent)
-    touched = {key.decode() async for key in redis.scan_iter(match=keys.prefix + ":*", count=1000)}
+    touched = {key.decode() async for key in redis.scan_iter(match=keys.pattern("*"), count=1000)}
     allowed = {keys.lend_requests, keys.return_requests, keys.events, keys.worker("w1"), keys.shelving_returns}
     assert touched <= allowed, touched - allowed
     assert await redis.xlen(keys.shelving_returns) == 0

@@ -9,11 +9,11 @@ import sys
 from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, Keys
-from lending.status import read_status, render
+from lending.status import read_group, read_status, render
 from lending.stream import ensure_group
 
 from .conftest import StartWorker
-from .support import ROOT, event_for, send
+from .support import ROOT, AcksAfterXinfo, event_for, send
 
 
 async def test_status_of_a_busy_namespace(redis: Redis, keys: Keys, namespace: str, start_worker: StartWorker) -> None:
@@ -69,3 +69,18 @@ def test_status_command_with_redis_unreachable() -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: cannot reach Redis") and len(proc.stderr.strip().splitlines()) == 1
+
+
+async def test_entries_acknowledged_while_status_reads_a_group_are_no_error(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    ids = [await send(redis, keys, "lend", "ada", [f"b{n}"]) for n in range(3)]
+    await redis.xreadgroup(LENDING_GROUP, "w1", {keys.lend_requests: ">"}, count=10)
+    racing = AcksAfterXinfo.from_url(redis_url)
+    racing.acks = (keys.lend_requests, LENDING_GROUP, ids)
+    try:
+        group = await read_group(racing, keys.lend_requests, LENDING_GROUP, live=set())
+    finally:
+        await racing.aclose()
+    assert (group["oldest_pending_idle_ms"], group["dead_consumers"]) == (None, [])
