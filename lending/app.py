@@ -68,7 +68,7 @@ async def run(settings: Settings) -> int:
             if settings.redis_url is not None:
                 raise
             await client.aclose()
-            embedded = EmbeddedRedis(settings.data_dir, port=6379)
+            embedded = EmbeddedRedis(settings.data_dir, port=settings.embedded_port)
             log.info("no Redis at the default URL: starting the embedded redis-server",
                      url=embedded.url, data_dir=str(settings.data_dir.resolve()))
             embedded.start()

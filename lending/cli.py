@@ -23,7 +23,7 @@ from .errors import ConfigError, LendingError, RedisUnavailable
 from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from .keys import LEND, RETURN, Keys
 from .logs import configure_logging
-from .settings import DEFAULT_REDIS_URL, Settings
+from .settings import DEFAULT_PORT, DEFAULT_REDIS_URL, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,6 +88,9 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LENDING_DATA_DIR",
               show_envvar=True, default=Path(".lending-data"), show_default=True,
               help="Data folder of the embedded redis-server (used when no Redis is configured).")
+# Hidden: tests try the embedded default on a free port instead of 6379.
+@click.option("--embedded-port", type=click.IntRange(1, 65535), envvar="LENDING_EMBEDDED_PORT", default=DEFAULT_PORT,
+              hidden=True)
 @click.option("--log-format", type=click.Choice(["console", "json"]), envvar="LENDING_LOG_FORMAT",
               show_envvar=True, default="console", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), envvar="LENDING_LOG_LEVEL",
