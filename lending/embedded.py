@@ -53,6 +53,9 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process bound to 127.0.0.1, its data in ``data_dir``.
 
+    The child runs in a session of its own: a Ctrl-C in the terminal (SIGINT to the whole
+    foreground process group) reaches the worker only, which stops the server last.
+
     :param persistent: append-only persistence (``appendfsync`` as given) so that data
         survives a restart; off for throwaway test servers.
     """
@@ -98,7 +101,8 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
