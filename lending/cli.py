@@ -111,7 +111,8 @@ def worker_command(worker_id: str, **options: Any) -> None:
 
     Without --redis-url (or REDIS_URL) it uses redis://localhost:6379, and if nothing
     listens there it starts the embedded redis-server on 127.0.0.1:6379 with its data
-    in --data-dir. Stop with Ctrl-C or SIGTERM; a second signal exits at once.
+    in --data-dir (workers with the same --data-dir share it; the one that started it
+    stops it on exit). Stop with Ctrl-C or SIGTERM; a second signal exits at once.
     """
     configure_logging(options["log_format"], options["log_level"])
     try:

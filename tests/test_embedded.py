@@ -22,13 +22,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lending.connection import make_client
-from lending.embedded import free_port
+from lending.embedded import EmbeddedRedis, Found, PidFile, classify, data_dir_lock, free_port, read_pid_file
 from lending.keys import LENDING_GROUP, Keys
 
 from .support import ROOT, event_for, wait_until
 
 READY = "Ready to process events..."
+STARTING = "starting the embedded redis-server"
 STOPPED = "embedded redis-server stopped"
+SHARING = "sharing the embedded redis-server"
+ADOPTING = "adopting an orphaned embedded redis-server"
+WAITING = "waiting for the embedded redis-server lock"
 
 
 def quick_client(port: int) -> redis.Redis:
@@ -194,3 +198,108 @@ async def test_ctrl_c_finishes_the_work_releases_the_id_and_then_stops_the_serve
         assert await client.xlen(keys.events) == 1
     finally:
         await client.aclose()
+
+
+# -- several workers, orphans -------------------------------------------------------
+
+
+async def test_a_second_worker_shares_the_server_which_its_owner_stops(default: EmbeddedDefault) -> None:
+    owner = default.start("w1")
+    sharer = default.start("w2")
+
+    assert sharer.stop() == 0, sharer.log
+    assert SHARING in sharer.log and f"owner_pid={owner.proc.pid}" in sharer.log, sharer.log
+    assert STARTING not in sharer.log and STOPPED not in sharer.log, sharer.log
+    assert port_open(default.port), "a worker that shares the server stopped it"
+
+    assert owner.stop() == 0, owner.log
+    assert STOPPED in owner.log, owner.log
+    assert not port_open(default.port)
+    assert read_pid_file(default.data_dir) is None
+
+
+async def test_an_orphaned_server_is_adopted_and_stopped_by_its_new_owner(default: EmbeddedDefault) -> None:
+    first = default.start("w1")
+    started = read_pid_file(default.data_dir)
+    first.proc.kill()  # kill -9: no clean-up, the server stays behind without an owner
+    first.proc.wait()
+    assert port_open(default.port)
+
+    second = default.start("w2")
+    adopted = read_pid_file(default.data_dir)
+    assert second.stop() == 0, second.log
+
+    assert ADOPTING in second.log and f"dead_owner_pid={first.proc.pid}" in second.log, second.log
+    assert STOPPED in second.log, second.log
+    assert not port_open(default.port), "the adopting worker left the orphan running"
+    assert started is not None and started.owner_pid == first.proc.pid
+    assert adopted == PidFile(server_pid=started.server_pid, owner_pid=second.proc.pid, port=default.port)
+    assert read_pid_file(default.data_dir) is None
+
+
+async def test_a_redis_without_our_pid_file_is_someone_elses_and_is_left_running(
+    default: EmbeddedDefault, tmp_path: Path
+) -> None:
+    theirs = EmbeddedRedis(tmp_path / "theirs", port=default.port, persistent=False)
+    theirs.start()
+    try:
+        worker = default.start("w1")
+        assert worker.stop() == 0, worker.log
+        assert STARTING not in worker.log and SHARING not in worker.log and ADOPTING not in worker.log, worker.log
+        assert port_open(default.port), "the worker stopped a server it did not start"
+        assert read_pid_file(default.data_dir) is None
+    finally:
+        theirs.stop()
+
+
+async def test_workers_starting_together_start_one_server(default: EmbeddedDefault) -> None:
+    # Holding the data dir's lock lines both workers up at "is a server answering?".
+    with data_dir_lock(default.data_dir):
+        workers = [default.launch("w1"), default.launch("w2")]
+        deadline = time.monotonic() + 20
+        while not all(WAITING in worker.log for worker in workers):
+            assert not port_open(default.port), "a worker started a server while another process held the lock"
+            assert time.monotonic() < deadline, [worker.log for worker in workers]
+            time.sleep(0.05)
+
+    for worker in workers:
+        worker.wait_ready()
+    logs = [worker.log for worker in workers]
+    assert sorted((STARTING in log, SHARING in log) for log in logs) == [(False, True), (True, False)], logs
+    sharer, owner = sorted(workers, key=lambda worker: STARTING in worker.log)
+    assert sharer.stop() == 0 and owner.stop() == 0
+    assert not port_open(default.port)
+
+
+# -- the decision -------------------------------------------------------------------
+
+OURS = PidFile(server_pid=100, owner_pid=200, port=6379)
+
+
+@pytest.mark.parametrize(
+    ("pid_file", "answering", "server_pid", "owner_alive", "found"),
+    [
+        pytest.param(None, False, None, False, Found.NOTHING, id="nothing-answers"),
+        pytest.param(OURS, False, None, False, Found.NOTHING, id="stale-pid-file"),
+        pytest.param(None, True, 100, False, Found.FOREIGN, id="no-pid-file"),
+        pytest.param(OURS, True, 101, True, Found.FOREIGN, id="another-server-on-the-port"),
+        pytest.param(OURS, True, None, True, Found.FOREIGN, id="server-hides-its-pid"),
+        pytest.param(OURS, True, 100, True, Found.SHARED, id="owner-alive"),
+        pytest.param(OURS, True, 100, False, Found.ORPHAN, id="owner-dead"),
+    ],
+)
+def test_classify(pid_file: PidFile | None, answering: bool, server_pid: int | None, owner_alive: bool, found: Found) -> None:
+    assert classify(pid_file, answering, server_pid, owner_alive) is found
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        pytest.param(OURS.render(), OURS, id="round-trip"),
+        pytest.param("server_pid=100\nowner_pid=2", None, id="torn"),
+        pytest.param("12345\n", None, id="a-plain-pid-file"),
+        pytest.param("", None, id="empty"),
+    ],
+)
+def test_pid_file_parse(text: str, parsed: PidFile | None) -> None:
+    assert PidFile.parse(text) == parsed
