@@ -16,7 +16,7 @@ import click
 from redis.asyncio import Redis
 
 from . import acl, app, checker, dead_letters, status
-from .client import submit, wait_for_event
+from .client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
 from .cluster import namespace_url
 from .connection import Tls, check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
@@ -34,6 +34,7 @@ PASSWORD_NOTE = (
 EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
 EXIT_TIMEOUT = 3
 EXIT_UNREACHABLE = 5
+EXIT_REFUSED = 6
 
 redis_url_option = click.option(
     "--redis-url", envvar="REDIS_URL", show_envvar=True, default=None,
@@ -132,8 +133,9 @@ def worker_command(worker_id: str, **options: Any) -> None:
 @click.argument("books", nargs=-1, required=True)
 @redis_url_option
 @namespace_option
-@click.option("--timeout", type=click.FloatRange(min=0), envvar="LENDING_TIMEOUT", show_envvar=True,
-              default=10.0, show_default=True, help="Seconds to wait for the outcome.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar="LENDING_TIMEOUT", show_envvar=True,
+              default=10.0, show_default=True,
+              help="Seconds the whole run may take: connecting, queuing and waiting for the outcome.")
 @click.option("--no-wait", is_flag=True, envvar="LENDING_NO_WAIT", show_envvar=True,
               help="Queue the request and exit without waiting.")
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
@@ -146,45 +148,45 @@ def get_books_command(
     """Ask the library to lend (request) or take back (return) BOOKS for USER.
 
     Prints the outcome: ACCEPTED, DENIED, RETURNED, REJECTED or FAILED, the request
-    id, the books and the reason. Exit codes: 0 accepted/returned (or queued with
-    --no-wait), 1 denied, 2 rejected or usage error, 3 no outcome within --timeout
-    (the request stays queued), 4 failed, 5 Redis unreachable.
+    id, the books and the reason.
+
+    Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
+    or usage error, 3 no outcome within --timeout (the request stays queued), 4
+    failed, 5 Redis unreachable, lost, or silent for --timeout before the request
+    was queued, 6 Redis refused the request (out of memory, no permission, stream
+    out of IDs, ...).
     """
     stream_action = LEND if action == "request" else RETURN
     url = redis_url or DEFAULT_REDIS_URL
-    sys.exit(asyncio.run(
-        _get_books(url, tls_from_options(tls_opts), Keys(namespace), stream_action, user, books, timeout, no_wait, as_json)
+    outcome = asyncio.run(send_request(
+        url, tls_from_options(tls_opts), Keys(namespace), stream_action, user, books, timeout_s=timeout, wait=not no_wait
     ))
+    sys.exit(report(outcome, stream_action, timeout, as_json))
 
 
-async def _get_books(
-    url: str, tls: Tls, keys: Keys, action: str, user: str, books: tuple[str, ...], timeout: float, no_wait: bool,
-    as_json: bool,
-) -> int:
-    client = await _connect(url, tls, keys.namespace)
-    if client is None:
-        return EXIT_UNREACHABLE
-    try:
-        request_id, after = await submit(client, keys, action, user, books)
-        if no_wait:
+def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
+    """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
+    match outcome:
+        case Answered(event):
+            click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
+            return EXIT_BY_STATUS.get(event.status, 4)
+        case Queued(request_id):
             click.echo(json.dumps({"status": "queued", "action": action, "request_id": request_id})
                        if as_json else f"QUEUED {request_id}")
             return 0
-        event = await wait_for_event(client, keys, action, request_id, after, timeout)
-    except OSError as exc:
-        click.echo(f"error: lost Redis at {redacted(url)}: {exc}", err=True)
-        return EXIT_UNREACHABLE
-    finally:
-        await client.aclose()
-    if event is None:
-        click.echo(
-            f"no outcome for {action} request {request_id} within {timeout:g} s; "
-            f"the request stays queued (id {request_id}) and will be processed when a worker runs",
-            err=True,
-        )
-        return EXIT_TIMEOUT
-    click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
-    return EXIT_BY_STATUS.get(event.status, 4)
+        case NoOutcome(request_id):
+            click.echo(
+                f"no outcome for {action} request {request_id} within {timeout:g} s; "
+                f"the request stays queued (id {request_id}) and will be processed when a worker runs",
+                err=True,
+            )
+            return EXIT_TIMEOUT
+        case Unreachable(message):
+            click.echo(f"error: {message}", err=True)
+            return EXIT_UNREACHABLE
+        case Refused(reason):
+            click.echo(f"error: Redis refused the request: {reason}", err=True)
+            return EXIT_REFUSED
 
 
 def format_event(event: Event) -> str:
