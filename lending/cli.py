@@ -23,6 +23,7 @@ from .errors import ConfigError, LendingError, RedisUnavailable
 from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from .keys import LEND, RETURN, Keys
 from .logs import configure_logging
+from .requests import id_problem
 from .settings import DEFAULT_PORT, DEFAULT_REDIS_URL, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -127,10 +128,25 @@ def worker_command(worker_id: str, **options: Any) -> None:
     sys.exit(code)
 
 
+def _check_user(_ctx: click.Context, _param: click.Parameter, user: str) -> str:
+    """Refuse a user id the service would reject, before anything is queued."""
+    if problem := id_problem(user, "user_id"):
+        raise click.BadParameter(f"{problem}; nothing was queued")
+    return user
+
+
+def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse book ids the service would reject: a comma would even split one into two."""
+    for book in books:
+        if problem := id_problem(book, "book id"):
+            raise click.BadParameter(f"{problem}; nothing was queued")
+    return books
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("action", type=click.Choice(["request", "return"]))
-@click.argument("user")
-@click.argument("books", nargs=-1, required=True)
+@click.argument("user", callback=_check_user)
+@click.argument("books", nargs=-1, required=True, callback=_check_books)
 @redis_url_option
 @namespace_option
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar="LENDING_TIMEOUT", show_envvar=True,
@@ -148,13 +164,14 @@ def get_books_command(
     """Ask the library to lend (request) or take back (return) BOOKS for USER.
 
     Prints the outcome: ACCEPTED, DENIED, RETURNED, REJECTED or FAILED, the request
-    id, the books and the reason.
+    id, the books and the reason. USER and BOOKS are checked first with the service's
+    own rules (1-128 characters, no comma, no whitespace or control character).
 
     Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
-    or usage error, 3 no outcome within --timeout (the request stays queued), 4
-    failed, 5 Redis unreachable, lost, or silent for --timeout before the request
-    was queued, 6 Redis refused the request (out of memory, no permission, stream
-    out of IDs, ...).
+    or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
+    --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
+    silent for --timeout before the request was queued, 6 Redis refused the request
+    (out of memory, no permission, stream out of IDs, ...).
     """
     stream_action = LEND if action == "request" else RETURN
     url = redis_url or DEFAULT_REDIS_URL

@@ -1,4 +1,4 @@
-"""get_books.py when Redis fails it: stalls, refuses the request, or dies.
+"""get_books.py when Redis fails it: stalls, refuses, dies, or is given ids it would reject.
 
 Each case runs the real command against a real redis-server: the session's, or a
 private one started for the test (stalled with SIGSTOP, limited with ``maxmemory``,
@@ -179,7 +179,27 @@ async def test_redis_killed_while_waiting_exits_5_naming_the_queued_request(
     assert "lost Redis" in line and request_id.decode() in line, line
 
 
-# -- --help ---------------------------------------------------------------------------
+# -- ids the service would reject: exit 2, nothing queued ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        pytest.param(("Salvatore", "ofmiceandmen,dune"), "contains a comma", id="comma-in-a-book"),
+        pytest.param(("Salvatore", "ofmiceandmen", ""), "book id is empty", id="empty-book"),
+        pytest.param(("Salva tore", "ofmiceandmen"), "contains whitespace", id="space-in-the-user"),
+        pytest.param(("Salvatore", "x" * 129), "129 characters long", id="book-too-long"),
+    ],
+)
+async def test_ids_the_service_would_reject_exit_2_and_queue_nothing(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, args: tuple[str, ...], reason: str
+) -> None:
+    result = run_get_books(redis_url, namespace, "--timeout", "1", "request", *args)
+
+    assert result.returncode == 2, result
+    assert reason in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert await redis.xlen(keys.lend_requests) == 0
 
 
 def test_help_documents_exit_code_6() -> None:
