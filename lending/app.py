@@ -11,8 +11,7 @@ import structlog
 
 from .cluster import cluster_client, is_cluster_url
 from .connection import check_reachable, make_client
-from .embedded import EmbeddedRedis
-from .errors import RedisUnavailable
+from .embedded import find_or_start
 from .settings import Settings
 from .worker import Worker
 
@@ -47,12 +46,24 @@ def run_fast(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
 async def run(settings: Settings) -> int:
     """Run one worker until it is stopped; returns the exit code.
 
-    With no Redis configured, the default URL is tried first; if nothing answers there,
-    the embedded redis-server is started on 127.0.0.1:6379 with its data in
-    ``settings.data_dir``, and stopped again when the worker exits.
+    With no Redis configured, the default URL is used if a Redis answers there; else the
+    embedded redis-server is started on 127.0.0.1 with its data in ``settings.data_dir``
+    (or shared, or adopted: see ``embedded.find_or_start``). The worker that owns it
+    stops it last, once it has drained its work and released its id.
     """
-    embedded: EmbeddedRedis | None = None
-    url = settings.effective_redis_url
+    if settings.redis_url is not None:
+        return await _serve(settings, settings.redis_url)
+    # Called here, not in a thread: a Ctrl-C during the start then cancels this task
+    # only once it is complete, and the ``finally`` stops what was started.
+    default = find_or_start(settings.effective_redis_url, settings.data_dir, settings.embedded_port)
+    try:
+        return await _serve(settings, default.url)
+    finally:
+        default.release()
+
+
+async def _serve(settings: Settings, url: str) -> int:
+    """Connect to ``url`` (for a cluster, to the namespace's master) and run the worker."""
     pool_size = settings.concurrency * 2 + 16
     follow: Callable[[], Awaitable[None]] | None = None
     if is_cluster_url(url):
@@ -62,21 +73,7 @@ async def run(settings: Settings) -> int:
     else:
         client = make_client(url, max_connections=pool_size, tls=settings.tls)
     try:
-        try:
-            await check_reachable(client, url)
-        except RedisUnavailable:
-            if settings.redis_url is not None:
-                raise
-            await client.aclose()
-            embedded = EmbeddedRedis(settings.data_dir, port=6379)
-            log.info("no Redis at the default URL: starting the embedded redis-server",
-                     url=embedded.url, data_dir=str(settings.data_dir.resolve()))
-            embedded.start()
-            client = make_client(embedded.url, max_connections=pool_size)
-            await check_reachable(client, embedded.url)
+        await check_reachable(client, url)
         return await Worker(settings, client, on_redis_error=follow).run()
     finally:
         await client.aclose()
-        if embedded is not None:
-            embedded.stop()
-            log.info("embedded redis-server stopped", data_dir=str(settings.data_dir.resolve()))

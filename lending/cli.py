@@ -16,14 +16,15 @@ import click
 from redis.asyncio import Redis
 
 from . import acl, app, checker, dead_letters, eviction, status
-from .client import submit, wait_for_event
+from .client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
 from .cluster import namespace_url
 from .connection import Tls, check_reachable, make_client, redacted
 from .errors import ConfigError, LendingError, RedisUnavailable
 from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from .keys import LEND, RETURN, Keys
 from .logs import configure_logging
-from .settings import DEFAULT_REDIS_URL, Settings
+from .requests import id_problem
+from .settings import DEFAULT_PORT, DEFAULT_REDIS_URL, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +35,7 @@ PASSWORD_NOTE = (
 EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
 EXIT_TIMEOUT = 3
 EXIT_UNREACHABLE = 5
+EXIT_REFUSED = 6
 
 redis_url_option = click.option(
     "--redis-url", envvar="REDIS_URL", show_envvar=True, default=None,
@@ -96,6 +98,9 @@ def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LENDING_DATA_DIR",
               show_envvar=True, default=Path(".lending-data"), show_default=True,
               help="Data folder of the embedded redis-server (used when no Redis is configured).")
+# Hidden: tests try the embedded default on a free port instead of 6379.
+@click.option("--embedded-port", type=click.IntRange(1, 65535), envvar="LENDING_EMBEDDED_PORT", default=DEFAULT_PORT,
+              hidden=True)
 @click.option("--log-format", type=click.Choice(["console", "json"]), envvar="LENDING_LOG_FORMAT",
               show_envvar=True, default="console", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), envvar="LENDING_LOG_LEVEL",
@@ -116,7 +121,8 @@ def worker_command(worker_id: str, **options: Any) -> None:
 
     Without --redis-url (or REDIS_URL) it uses redis://localhost:6379, and if nothing
     listens there it starts the embedded redis-server on 127.0.0.1:6379 with its data
-    in --data-dir. Stop with Ctrl-C or SIGTERM; a second signal exits at once.
+    in --data-dir (workers with the same --data-dir share it; the one that started it
+    stops it on exit). Stop with Ctrl-C or SIGTERM; a second signal exits at once.
     """
     configure_logging(options["log_format"], options["log_level"])
     try:
@@ -130,14 +136,30 @@ def worker_command(worker_id: str, **options: Any) -> None:
     sys.exit(code)
 
 
+def _check_user(_ctx: click.Context, _param: click.Parameter, user: str) -> str:
+    """Refuse a user id the service would reject, before anything is queued."""
+    if problem := id_problem(user, "user_id"):
+        raise click.BadParameter(f"{problem}; nothing was queued")
+    return user
+
+
+def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse book ids the service would reject: a comma would even split one into two."""
+    for book in books:
+        if problem := id_problem(book, "book id"):
+            raise click.BadParameter(f"{problem}; nothing was queued")
+    return books
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("action", type=click.Choice(["request", "return"]))
-@click.argument("user")
-@click.argument("books", nargs=-1, required=True)
+@click.argument("user", callback=_check_user)
+@click.argument("books", nargs=-1, required=True, callback=_check_books)
 @redis_url_option
 @namespace_option
-@click.option("--timeout", type=click.FloatRange(min=0), envvar="LENDING_TIMEOUT", show_envvar=True,
-              default=10.0, show_default=True, help="Seconds to wait for the outcome.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar="LENDING_TIMEOUT", show_envvar=True,
+              default=10.0, show_default=True,
+              help="Seconds the whole run may take: connecting, queuing and waiting for the outcome.")
 @click.option("--no-wait", is_flag=True, envvar="LENDING_NO_WAIT", show_envvar=True,
               help="Queue the request and exit without waiting.")
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
@@ -150,45 +172,46 @@ def get_books_command(
     """Ask the library to lend (request) or take back (return) BOOKS for USER.
 
     Prints the outcome: ACCEPTED, DENIED, RETURNED, REJECTED or FAILED, the request
-    id, the books and the reason. Exit codes: 0 accepted/returned (or queued with
-    --no-wait), 1 denied, 2 rejected or usage error, 3 no outcome within --timeout
-    (the request stays queued), 4 failed, 5 Redis unreachable.
+    id, the books and the reason. USER and BOOKS are checked first with the service's
+    own rules (1-128 characters, no comma, no whitespace or control character).
+
+    Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
+    or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
+    --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
+    silent for --timeout before the request was queued, 6 Redis refused the request
+    (out of memory, no permission, stream out of IDs, ...).
     """
     stream_action = LEND if action == "request" else RETURN
     url = redis_url or DEFAULT_REDIS_URL
-    sys.exit(asyncio.run(
-        _get_books(url, tls_from_options(tls_opts), Keys(namespace), stream_action, user, books, timeout, no_wait, as_json)
+    outcome = asyncio.run(send_request(
+        url, tls_from_options(tls_opts), Keys(namespace), stream_action, user, books, timeout_s=timeout, wait=not no_wait
     ))
+    sys.exit(report(outcome, stream_action, timeout, as_json))
 
 
-async def _get_books(
-    url: str, tls: Tls, keys: Keys, action: str, user: str, books: tuple[str, ...], timeout: float, no_wait: bool,
-    as_json: bool,
-) -> int:
-    client = await _connect(url, tls, keys.namespace)
-    if client is None:
-        return EXIT_UNREACHABLE
-    try:
-        request_id, after = await submit(client, keys, action, user, books)
-        if no_wait:
+def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
+    """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
+    match outcome:
+        case Answered(event):
+            click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
+            return EXIT_BY_STATUS.get(event.status, 4)
+        case Queued(request_id):
             click.echo(json.dumps({"status": "queued", "action": action, "request_id": request_id})
                        if as_json else f"QUEUED {request_id}")
             return 0
-        event = await wait_for_event(client, keys, action, request_id, after, timeout)
-    except OSError as exc:
-        click.echo(f"error: lost Redis at {redacted(url)}: {exc}", err=True)
-        return EXIT_UNREACHABLE
-    finally:
-        await client.aclose()
-    if event is None:
-        click.echo(
-            f"no outcome for {action} request {request_id} within {timeout:g} s; "
-            f"the request stays queued (id {request_id}) and will be processed when a worker runs",
-            err=True,
-        )
-        return EXIT_TIMEOUT
-    click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
-    return EXIT_BY_STATUS.get(event.status, 4)
+        case NoOutcome(request_id):
+            click.echo(
+                f"no outcome for {action} request {request_id} within {timeout:g} s; "
+                f"the request stays queued (id {request_id}) and will be processed when a worker runs",
+                err=True,
+            )
+            return EXIT_TIMEOUT
+        case Unreachable(message):
+            click.echo(f"error: {message}", err=True)
+            return EXIT_UNREACHABLE
+        case Refused(reason):
+            click.echo(f"error: Redis refused the request: {reason}", err=True)
+            return EXIT_REFUSED
 
 
 def format_event(event: Event) -> str:

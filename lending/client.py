@@ -1,28 +1,141 @@
-"""The sender's side: queue a request and wait for its outcome event."""
+"""The sender's side: queue a request and wait for its outcome event.
+
+``send_request`` is a whole get_books run, bounded by one deadline: it never raises for
+Redis' sake but says how the run ended, as one of the outcomes below.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
 
+from .cluster import namespace_url
+from .connection import Tls, check_reachable, make_client, redacted
+from .errors import RedisUnavailable
 from .events import Event
 from .keys import Keys
 from .stream import Entries, StreamsReply, text
 
 
-async def submit(client: Redis, keys: Keys, action: str, user_id: str, book_ids: Sequence[str]) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Answered:
+    """The request's outcome event came."""
+
+    event: Event
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The request was queued, and the caller did not want to wait."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class NoOutcome:
+    """The request was queued, but no outcome came before the deadline."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """Redis could not be reached, was lost, or did not answer in time."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Redis answered with an error (OOM, NOPERM, a stream out of IDs, ...)."""
+
+    reason: str
+
+
+Outcome = Answered | Queued | NoOutcome | Unreachable | Refused
+
+
+@dataclass
+class Progress:
+    """How far a run got: a failure means something else before and after queuing.
+
+    :param sent: the XADD was sent (its reply may never have come).
+    :param request_id: the id of the queued request, once Redis gave it.
+    """
+
+    sent: bool = False
+    request_id: str | None = None
+
+
+async def send_request(
+    url: str, tls: Tls, keys: Keys, action: str, user_id: str, book_ids: Sequence[str], *,
+    timeout_s: float, wait: bool = True,
+) -> Outcome:
+    """Connect, queue the request and (if ``wait``) wait for its outcome, all within ``timeout_s``.
+
+    The deadline holds even when Redis stalls: a socket timeout would not (it is longer,
+    and restarts with every retry).
+    """
+    progress = Progress()
+    client: Redis | None = None
+    deadline = asyncio.timeout(timeout_s)
+    try:
+        async with deadline:
+            client = make_client(await namespace_url(url, keys.namespace, tls), tls=tls)
+            await check_reachable(client, redacted(url))
+            request_id, after = await submit(client, keys, action, user_id, book_ids, progress)
+            if not wait:
+                return Queued(request_id)
+            event = await wait_for_event(client, keys, action, request_id, after, timeout_s)
+            return Answered(event) if event else NoOutcome(request_id)
+    except (RedisUnavailable, RedisError, OSError) as exc:  # OSError includes the deadline's TimeoutError
+        return failure_outcome(exc, progress, url=redacted(url), timeout_s=timeout_s, expired=deadline.expired())
+    finally:
+        if client is not None:
+            await client.aclose()
+
+
+def failure_outcome(exc: BaseException, progress: Progress, *, url: str, timeout_s: float, expired: bool) -> Outcome:
+    """What ``exc``, raised when the run got as far as ``progress``, means for the sender.
+
+    :param expired: the run's deadline passed (``exc`` is then its ``TimeoutError``).
+    """
+    if expired:
+        if progress.request_id is not None:
+            return NoOutcome(progress.request_id)
+        fate = "the request may have been queued (no id came back)" if progress.sent else "nothing was queued"
+        return Unreachable(f"Redis at {url} did not answer within {timeout_s:g} s; {fate}")
+    if isinstance(exc, RedisUnavailable):
+        return Unreachable(str(exc))
+    if isinstance(exc, ResponseError):
+        return Refused(str(exc) or type(exc).__name__)
+    message = f"lost Redis at {url}: {(str(exc) or type(exc).__name__).rstrip('.')}"
+    if progress.request_id is not None:
+        return Unreachable(f"{message}; request {progress.request_id} was queued")
+    return Unreachable(f"{message}; the request may have been queued" if progress.sent else message)
+
+
+async def submit(
+    client: Redis, keys: Keys, action: str, user_id: str, book_ids: Sequence[str], progress: Progress | None = None
+) -> tuple[str, str]:
     """Queue a request; returns its id and the events-stream id to read events after.
 
     The last event id is taken before the request is added, so its event cannot be
-    missed however fast a worker answers.
+    missed however fast a worker answers. ``progress`` records how far it got.
     """
+    progress = progress or Progress()
     last = cast(Entries, await client.xrevrange(keys.events, count=1))
     after = text(last[0][0]) if last else "0-0"
+    progress.sent = True
     request_id = await client.xadd(keys.requests(action), {"user_id": user_id, "book_ids": ",".join(book_ids)})
-    return text(request_id), after
+    progress.request_id = text(request_id)
+    return progress.request_id, after
 
 
 async def wait_for_event(

@@ -10,7 +10,8 @@ from typing import Any
 from .connection import Tls
 from .errors import ConfigError
 
-DEFAULT_REDIS_URL = "redis://localhost:6379"
+DEFAULT_PORT = 6379
+DEFAULT_REDIS_URL = f"redis://localhost:{DEFAULT_PORT}"
 MIN_CLAIM_IDLE_MS = 100
 
 
@@ -20,6 +21,8 @@ class Settings:
 
     :param redis_url: Redis to use; ``None`` means the default URL, falling back to the
         embedded redis-server when nothing listens there.
+    :param embedded_port: the port of the default URL and of the embedded redis-server
+        (6379; only tests choose another, to try the default beside other servers).
     :param namespace: prefix of every key, inside a ``{}`` hash tag (one cluster slot).
     :param storage_capacity: how many books the automated storage holds.
     :param max_books_per_user: how many books one user may hold at once.
@@ -55,6 +58,7 @@ class Settings:
     max_deliveries: int = 10
     force: bool = False
     data_dir: Path = Path(".lending-data")
+    embedded_port: int = DEFAULT_PORT
     log_format: str = "console"
     log_level: str = "info"
     worker_ttl_ms: int = 10_000
@@ -124,4 +128,5 @@ class Settings:
 
     @property
     def effective_redis_url(self) -> str:
-        return self.redis_url or DEFAULT_REDIS_URL
+        """The URL given, else the default one (``DEFAULT_REDIS_URL`` unless tests moved its port)."""
+        return self.redis_url or f"redis://localhost:{self.embedded_port}"

@@ -206,11 +206,12 @@ async def test_json_output_is_one_object_with_lists(
 
 
 async def test_rejected_request_exits_2(redis: Redis, keys: Keys, redis_url: str, namespace: str, spawn: Spawn) -> None:
-    spawn("w1")
-    result = run_get_books(redis_url, namespace, "request", "Salvatore", "bad book")
+    # get_books refuses bad ids itself; the per-request limit only the service knows.
+    spawn("w1", "--max-books-per-request", "1")
+    result = run_get_books(redis_url, namespace, "request", "Salvatore", "ofmiceandmen", "dune")
     assert result.returncode == 2, result
     assert result.stdout.startswith("REJECTED"), result.stdout
-    assert "whitespace" in result.stdout
+    assert "at most 1 per request" in result.stdout
     assert await redis.hlen(keys.lent_books) == 0
 
 
