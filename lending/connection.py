@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -53,6 +55,9 @@ def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None)
         # No periodic PING before commands: it costs CPU on every call, and a broken
         # connection fails the command, which the callers retry anyway.
         health_check_interval=0,
+        # No silent resending either: an XADD whose reply was lost would be queued
+        # twice. Every caller decides itself what a lost connection means.
+        retry=Retry(NoBackoff(), 0),
     )
 
 

@@ -131,6 +131,12 @@ def is_refusal(exc: BaseException) -> bool:
     return reply.startswith(REFUSED_CODES) or any(f"-{code} " in reply for code in REFUSED_CODES)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and (reply_text(exc).startswith("OOM") or "-OOM " in reply_text(exc))
+    )
+
+
 def is_outage(exc: BaseException) -> bool:
     """A failure of Redis, not of the entry: retried without counting a delivery."""
     return is_transient(exc) or is_refusal(exc)

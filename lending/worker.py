@@ -22,7 +22,8 @@ from .scripts import Scripts
 from .service import LendingService
 from .settings import Settings
 from .shelving import ShelvingService
-from .stream import ConsumerConfig, StreamConsumer, is_outage
+from .backoff import retry_backoff_s
+from .stream import ConsumerConfig, StreamConsumer, is_out_of_memory, is_outage
 
 log = structlog.get_logger(__name__)
 
@@ -113,10 +114,7 @@ class Worker:
         await self._check_eviction(starting=True)
         for warning in self.settings.warnings():
             log.warning(warning)
-        await self._claim_id()
-        await self._scripts.load(self._client)
-        for consumer in self.consumers:
-            await consumer.ensure_groups()  # before "Ready": XPENDING/XINFO work from then on
+        await self._start_up()
         if self._handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -156,6 +154,24 @@ class Worker:
                 drained=drained,
             )
         return 1 if self.lost_id or self.refused_eviction else 0
+
+    async def _start_up(self) -> None:
+        """Claim the id, load the scripts, create the groups (before "Ready": XPENDING and
+        XINFO work from then on). While Redis is out of memory this waits, as the
+        consumers do, rather than fail."""
+        for attempt in range(1, 1_000_000):
+            try:
+                await self._claim_id()
+                await self._scripts.load(self._client)
+                for consumer in self.consumers:
+                    await consumer.ensure_groups()
+                return
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if attempt == 1:
+                    log.warning("Redis is out of memory: waiting for it to start", error=str(exc))
+                await asyncio.sleep(retry_backoff_s(attempt, base_s=0.1))
 
     def handle_sig(self, signum: int) -> None:
         """First signal: stop reading and finish in-flight work. Second: exit at once.

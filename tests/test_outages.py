@@ -136,6 +136,30 @@ async def test_out_of_memory_requests_wait_and_are_processed_once_memory_is_back
     assert "Traceback" not in log, log
 
 
+async def test_a_worker_started_while_redis_is_out_of_memory_waits_then_serves(
+    server_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    client = make_client(server_url)
+    await wait_answering(client)
+    entry = await send(client, keys, "lend", "ada", ["b1"])
+    await client.config_set("maxmemory-policy", "noeviction")
+    await client.config_set("maxmemory", "1")
+    starting = asyncio.create_task(asyncio.to_thread(start_worker_process, "w1", server_url, namespace))
+    try:
+        await asyncio.sleep(1.5)
+        assert not starting.done(), "the worker claimed to be ready while Redis refused every write"
+        await client.config_set("maxmemory", "0")
+        worker = await asyncio.wait_for(starting, 20)
+        assert (await event_for(client, keys, "lend", entry)).status == "accepted"
+        code, _, log = stop_process(worker)
+        assert code == 0, log
+        assert "out of memory: waiting" in log, log
+    finally:
+        await client.config_set("maxmemory", "0")
+        await client.aclose()
+
+
 # -- a commit that would fail at its last write -------------------------------------------
 
 
