@@ -19,9 +19,10 @@ WORKER_COMMANDS = CONNECTION_COMMANDS + (
     "xinfo|groups", "xinfo|stream", "xgroup|create", "xtrim", "xdel",
     # scripts and the per-user limit transaction
     "evalsha", "script|load", "watch", "unwatch", "multi", "exec", "discard",
-    # inside the scripts, and status/metrics reads
-    "get", "set", "mget", "del", "incrby", "pttl", "scan",
-    "hget", "hmget", "hset", "hsetnx", "hdel", "hexists", "hlen", "hgetall", "hkeys",
+    # inside the scripts (their checks: exists, type), the ledger's reconciliation
+    # (hscan), the heartbeat (pexpire), and status/metrics reads
+    "exists", "type", "get", "set", "mget", "del", "incrby", "pexpire", "pttl", "scan",
+    "hget", "hmget", "hset", "hsetnx", "hdel", "hexists", "hlen", "hgetall", "hkeys", "hscan",
     "sadd", "smove", "smembers", "sismember", "smismember", "scard",
     # the eviction-policy check (INFO memory; never CONFIG, which reveals passwords)
     "info",

@@ -505,6 +505,12 @@ class StreamConsumer:
         except Exception as exc:
             if isinstance(exc, TimeoutError) and deadline.expired():
                 await self._fail(batch, f"processing took longer than {self._config.handler_timeout_s:g} s", exc)
+            elif is_refusal(exc):
+                # Loud: an operator must act (free memory, fix an ACL, move a full stream).
+                self._log.error("Redis refused the commit; entries wait, uncharged", entries=len(batch),
+                                error=reply_text(exc) if isinstance(exc, ResponseError) else str(exc))
+                for delivery in batch:
+                    self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False)
             elif is_outage(exc):
                 self._log.warning("redis unavailable while processing; entries stay pending",
                                   entries=len(batch), error=str(exc))
