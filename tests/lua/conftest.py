@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from lending.connection import make_client
 from lending.embedded import EmbeddedRedis, free_port
+from lending.events import Event
 from lending.keys import LENDING_GROUP, Keys
 from lending.scripts import Scripts
 from lending.stream import ensure_group
@@ -67,6 +68,12 @@ async def stream_items(redis: Redis, stream: str) -> list[list[tuple[str, str]]]
 
 async def stream_fields(redis: Redis, stream: str) -> list[dict[str, str]]:
     return [dict(items) for items in await stream_items(redis, stream)]
+
+
+async def all_events(redis: Redis, keys: Keys) -> list[Event]:
+    """``{NS}:events`` as events (equal when their fields are, whatever their IDs)."""
+    entries: Any = await redis.xrange(keys.events)
+    return [Event.from_fields(fields, text(event_id)) for event_id, fields in entries]
 
 
 def returned_books(entries: list[dict[str, str]]) -> list[str]:
@@ -144,6 +151,12 @@ async def out_of_memory(redis: Redis) -> AsyncIterator[None]:
     finally:
         await redis.config_set("maxmemory", text(saved["maxmemory"]))
         await redis.config_set("maxmemory-policy", text(saved["maxmemory-policy"]))
+
+
+def is_oom(error: ResponseError) -> bool:
+    """Redis refused for want of memory: before the script ran (Redis 7, redis-py's
+    ``OutOfMemoryError``) or at its first write (Redis 6.2, inside the script's error)."""
+    return isinstance(error, OutOfMemoryError) or "OOM command not allowed" in str(error)
 
 
 # -- observing Redis -----------------------------------------------------------------------
