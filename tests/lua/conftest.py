@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from pprint import pformat
 from typing import Any, TypeVar
 
 import pytest
@@ -186,6 +187,15 @@ async def snapshot(redis: Redis, keys: Keys) -> Snapshot:
             value = await redis.dump(key)
         out[key] = (kind, value, await redis.pttl(key) > 0)
     return out
+
+
+async def assert_unchanged(redis: Redis, keys: Keys, before: Snapshot) -> None:
+    """Nothing in the namespace changed since ``before``: else, each changed key as
+    (before, after), None for a key missing on that side."""
+    after = await snapshot(redis, keys)
+    changed = {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+               if before.get(key) != after.get(key)}
+    assert not changed, "changed:\n" + pformat(changed, width=110)
 
 
 async def _stream_state(redis: Redis, stream: str) -> dict[str, object]:

@@ -19,6 +19,7 @@ from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
 from lending.scripts import Scripts
 
 from .conftest import (
+    assert_unchanged,
     all_events,
     assert_reads_then_writes,
     contexts_of,
@@ -197,7 +198,7 @@ async def test_commit_refuses_when_a_reservation_differs(
 
     assert await commit(redis, scripts, keys, record, capacity=0) == -1
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
     assert await is_pending(redis, keys.lend_requests, entry)
 
 
@@ -228,7 +229,7 @@ async def test_commit_minus_one_leaves_everything_untouched(redis: Redis, keys: 
 
     assert await commit(redis, scripts, keys, *records, capacity=1) == -1
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
     for entry in (rejected_lend, accepted_lend, denied_lend, changed):
         assert await pending_on(redis, keys.lend_requests, entry) == "c1"
     assert await pending_on(redis, keys.lend_requests, elsewhere) == "c2"
@@ -293,7 +294,7 @@ async def test_commit_not_mine_lend_writes_nothing_and_leaves_its_grants_in_the_
 
     assert await commit(redis, scripts, keys, make(entry, granted=["g1", "g2"]), capacity=0) == [0]
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
     assert await hash_of(redis, keys.grants) == {"g1": entry, "g2": entry}
 
 
@@ -760,7 +761,7 @@ async def test_commit_into_a_full_stream_changes_nothing(
         redis, keys, lambda: commit(redis, scripts, keys, *records, capacity=1)
     )
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
     assert not [c.text for c in script_commands(commands) if c.writes]
     # The reason, for the worker to tell a refusal by Redis from a failure of the entry.
     assert str(error).startswith("STREAMFULL"), str(error)
@@ -790,7 +791,7 @@ async def test_commit_with_a_count_that_is_not_an_integer_changes_nothing(
     with pytest.raises(ResponseError) as error:
         await commit(redis, scripts, keys, *records, capacity=1)
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
     assert str(error.value).startswith("NOTINTEGER"), str(error.value)
 
 
@@ -810,7 +811,7 @@ async def test_commit_with_a_key_of_the_wrong_type_changes_nothing(
     with pytest.raises(ResponseError) as error:
         await commit(redis, scripts, keys, *records, capacity=1)
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
     assert "WRONGTYPE" in str(error.value), str(error.value)
 
 
@@ -825,7 +826,7 @@ async def test_commit_out_of_memory_changes_nothing(each_server: Redis, keys: Ke
             redis, keys, lambda: commit(redis, scripts, keys, *records, capacity=1)
         )
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
     assert is_oom(error), str(error)
     if await server_major(redis) >= 7:
         # The shebang declares no allow-oom: Redis refuses the script before it runs.

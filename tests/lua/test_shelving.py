@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from lending.keys import SHELVING_GROUP, Keys
 from lending.scripts import Arg, Scripts
 
-from .conftest import hash_of, is_pending, pending_entry, snapshot
+from .conftest import assert_unchanged, hash_of, is_pending, pending_entry, snapshot
 
 # -- shelving_get.lua ----------------------------------------------------------------------
 
@@ -77,7 +77,7 @@ async def test_shelving_get_writes_nothing_for_held_and_refused_books(
 
     assert await scripts.shelving_get(redis, get_keys(keys), ["h1", "r1", "o1", "r1"]) == [2, 0]
 
-    assert await snapshot(redis, keys) == before
+    await assert_unchanged(redis, keys, before)
 
 
 async def test_shelving_get_mixed_call_records_only_the_new_grants(
