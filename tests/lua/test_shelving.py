@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from lending.keys import SHELVING_GROUP, Keys
 from lending.scripts import Arg, Scripts
 
-from .conftest import assert_unchanged, hash_of, is_pending, pending_entry, snapshot
+from .conftest import assert_unchanged, hash_of, is_pending, out_of_memory, pending_entry, snapshot
 
 # -- shelving_get.lua ----------------------------------------------------------------------
 
@@ -133,3 +133,19 @@ async def test_shelving_release_of_an_entry_without_books(redis: Redis, keys: Ke
     assert await scripts.shelving_release(redis, release_keys(keys), [SHELVING_GROUP, entry, 0]) == 1
 
     assert await hash_of(redis, keys.shelving_state) == {"b1": "r1"}
+
+
+async def test_shelving_release_goes_on_while_redis_is_out_of_memory(
+    each_server: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    # Giving books back frees memory: allow-oom on Redis 7, XACK and HDEL on 6.2.
+    redis = each_server
+    await redis.hset(keys.shelving_state, mapping={"b1": "r1", "b2": "r1"})
+    entry = await pending_entry(redis, keys.shelving_returns, SHELVING_GROUP, book_ids="b1")
+    await scripts.load(redis)
+
+    async with out_of_memory(redis):
+        assert await scripts.shelving_release(redis, release_keys(keys), [SHELVING_GROUP, entry, 1, "b1", "r1"]) == 1
+
+    assert await hash_of(redis, keys.shelving_state) == {"b2": "r1"}
+    assert not await is_pending(redis, keys.shelving_returns, entry, SHELVING_GROUP)

@@ -7,6 +7,8 @@ from redis.asyncio import Redis
 from lending.keys import Keys
 from lending.scripts import Scripts
 
+from .conftest import out_of_memory
+
 
 async def test_worker_claim_and_renew(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     key = keys.worker("w1")
@@ -51,3 +53,18 @@ async def test_worker_release_only_by_the_holder(redis: Redis, keys: Keys, scrip
     assert await scripts.worker_release(redis, [key], ["token-a"]) == 1
     assert not await redis.exists(key)
     assert await scripts.worker_release(redis, [key], ["token-a"]) == 0
+
+
+async def test_worker_claim_renews_while_redis_is_out_of_memory(
+    each_server: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    # A renewal is a PEXPIRE: a live worker stays visible (allow-oom on Redis 7).
+    redis = each_server
+    key = keys.worker("w1")
+    await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0])
+    await redis.pexpire(key, 500)
+
+    async with out_of_memory(redis):
+        assert await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0]) == 1
+
+    assert await redis.pttl(key) > 5_000
