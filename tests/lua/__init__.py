@@ -1,0 +1,1 @@
+"""Direct tests of the scripts of ``lua/``: one module per script."""
