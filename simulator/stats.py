@@ -28,7 +28,8 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
 
 @dataclass
 class RunReport:
-    sent: int = 0
+    sent: int = 0  # requests added to the request streams: each is due one event
+    refused: int = 0  # requests Redis refused to add (out of memory): no event due
     outcomes: Counter[str] = field(default_factory=Counter)
     missing: int = 0  # requests that never got an event
     duplicated: int = 0  # requests that got more than one
@@ -46,6 +47,7 @@ class RunReport:
         finished = sum(self.outcomes.values())
         return {
             "requests": self.sent,
+            "refused_out_of_memory": self.refused,
             "outcomes": dict(sorted(self.outcomes.items())),
             "missing_events": self.missing,
             "duplicate_events": self.duplicated,
@@ -68,6 +70,8 @@ class RunReport:
             f"throughput    {data['throughput_rps']} req/s over {data['duration_s']} s",
             f"latency       p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms  p99 {lat['p99_ms']} ms  max {lat['max_ms']} ms",
         ]
+        if self.refused:
+            lines.append(f"refused       {self.refused} (by Redis: out of memory; never queued, no event due)")
         if self.chaos:
             lines.append("chaos         " + ", ".join(f"{k} {v}" for k, v in self.chaos.items()))
         check = self.check

@@ -1,14 +1,25 @@
-"""The simulator's own logic: workload and statistics (pure)."""
+"""The simulator: its workload and statistics (pure), and its driver."""
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from lending.connection import make_client
+from lending.embedded import EmbeddedRedis, free_port
+from lending.keys import Keys
+from simulator.driver import Driver
 from simulator.stats import RunReport, latency_summary, percentile
 from simulator.workload import Zipf, Workload
+
+from .support import ROOT
 
 
 def test_zipf_favours_popular_books() -> None:
@@ -60,15 +71,8 @@ def test_report_fails_on_a_missing_or_duplicate_event() -> None:
     assert not RunReport(sent=3, check={"clean": False}).ok
 
 
-def test_run_command_reports_and_exits_zero_when_all_is_well(tmp_path: object) -> None:
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from .support import ROOT
-
-    out = Path(str(tmp_path)) / "report.json"
+def test_run_command_reports_and_exits_zero_when_all_is_well(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "simulator", "run", "--requests", "300", "--rate", "300", "--workers", "1",
          "--users", "20", "--catalogue", "100", "--json", str(out)],
@@ -88,3 +92,26 @@ def test_standard_mix_is_about_sixty_forty() -> None:
     workload = Workload(users=2000, catalogue=50_000, seed=1)
     actions = Counter(workload.next_request().action for _ in range(20_000))
     assert 0.37 <= actions["return"] / 20_000 <= 0.43
+
+
+# -- the driver under Redis out of memory ------------------------------------------------------------
+
+
+async def test_the_driver_counts_requests_redis_refuses_for_lack_of_memory() -> None:
+    with tempfile.TemporaryDirectory() as data:
+        server = EmbeddedRedis(Path(data), port=free_port(), persistent=False,
+                               extra_args=("--maxmemory", "1", "--maxmemory-policy", "noeviction"))
+        server.start()
+        client = make_client(server.url)
+        try:
+            driver = Driver(client, Keys("oom"), Workload(users=5, catalogue=20), rate=200, requests=30)
+            report = await driver.run(drain_timeout_s=5)
+        finally:
+            await client.aclose()
+            server.stop()
+    assert (report.refused, report.sent, report.missing) == (30, 0, 0)
+    report.check = {"clean": True}
+    assert report.ok, "refused requests are not missing outcomes"
+    assert "refused       30 (by Redis: out of memory" in report.render()
+
+
