@@ -37,6 +37,8 @@ def main() -> None:
               help="SIGKILL a random spawned worker every SECONDS and restart it.")
 @click.option("--restart-redis-every", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
               help="Kill and restart the private redis-server every SECONDS (appendfsync always).")
+@click.option("--pause-every", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="About every SECONDS (±50 %) SIGSTOP a random spawned worker for 1.5-4 s, then SIGCONT it.")
 @click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--shelving-latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
@@ -49,7 +51,7 @@ def main() -> None:
 @tls_options
 def run(redis_url: str | None, namespace: str | None, duration: float | None, requests: int | None,
         workers: int | None, kill_every: float | None, restart_redis_every: float | None,
-        json_path: str | None, **options: object) -> None:
+        pause_every: float | None, json_path: str | None, **options: object) -> None:
     """Simulated users borrow and return books; then the invariants are checked.
 
     Exits non-zero if any request got no event or two events, or an invariant fails.
@@ -61,8 +63,8 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
         raise click.UsageError("--restart-redis-every needs the simulator's own Redis (no --redis-url)")
     if workers is None:
         workers = 0 if redis_url else 2
-    if (kill_every or redis_url is None) and workers == 0:
-        raise click.UsageError("--kill-every and a private Redis need --workers of at least 1")
+    if (kill_every or pause_every or redis_url is None) and workers == 0:
+        raise click.UsageError("--kill-every, --pause-every and a private Redis need --workers of at least 1")
     tls = tls_from_options(options)
     settings = RunOptions(
         redis_url=redis_url,
@@ -73,6 +75,7 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
         workers=workers,
         kill_every_s=kill_every,
         restart_redis_every_s=restart_redis_every,
+        pause_every_s=pause_every,
         progress=True,
         **options,  # type: ignore[arg-type]
     )

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
+from redis.asyncio import Redis
 
 from lending import checker
 from lending.cluster import namespace_url
@@ -24,6 +28,12 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class RunOptions:
+    """One simulation run.
+
+    :param pause_every_s: SIGSTOP a random worker about this often (±50 %) ...
+    :param pause_s: ... for a random time in this range, then SIGCONT it.
+    """
+
     redis_url: str | None
     namespace: str
     users: int = 200
@@ -34,6 +44,8 @@ class RunOptions:
     workers: int = 2
     kill_every_s: float | None = None
     restart_redis_every_s: float | None = None
+    pause_every_s: float | None = None
+    pause_s: tuple[float, float] = (1.5, 4.0)
     shelving_fail_rate: float = 0.0
     shelving_latency_ms: float = 0.0
     max_books_per_user: int = 5
@@ -45,9 +57,10 @@ class RunOptions:
     tls: Tls = Tls()
 
 
-async def simulate(options: RunOptions) -> RunReport:
+def _deployment(options: RunOptions) -> Deployment:
+    """The processes of a run: the workers (and Redis, unless ``redis_url``)."""
     chaos = options.kill_every_s or options.restart_redis_every_s
-    deployment = Deployment(
+    return Deployment(
         options.namespace,
         redis_url=options.redis_url,
         workers=options.workers,
@@ -64,50 +77,154 @@ async def simulate(options: RunOptions) -> RunReport:
         },
         appendfsync="always" if chaos else "everysec",
     )
-    await asyncio.to_thread(deployment.start)
-    # With a cluster URL, talk to the master owning the namespace, as the workers do.
-    client = make_client(await namespace_url(deployment.redis_url, options.namespace, options.tls), tls=options.tls)
-    rng = random.Random(options.seed)
+
+
+async def simulate(options: RunOptions) -> RunReport:
+    """Run the traffic (and chaos) of ``options``, then check the invariants.
+
+    However the run ends (done, failed, Ctrl-C, or SIGTERM, which ends it as Ctrl-C does)
+    the chaos stops, every paused worker is continued and every process the run started
+    is stopped.
+    """
+    deployment = _deployment(options)
+    client: Redis | None = None
+    with _sigterm_cancels_the_run() as terminated:
+        try:
+            await _in_thread_to_the_end(deployment.start)
+            # With a cluster URL, talk to the master owning the namespace, as the workers do.
+            client = make_client(await namespace_url(deployment.redis_url, options.namespace, options.tls),
+                                 tls=options.tls)
+            return await _run(options, deployment, client)
+        except asyncio.CancelledError:
+            if terminated:
+                raise KeyboardInterrupt from None  # the way Ctrl-C ends a run (after the clean-up below)
+            raise
+        finally:
+            deployment.resume_all()
+            if client is not None:
+                await client.aclose()
+            await asyncio.to_thread(deployment.stop)
+
+
+async def _run(options: RunOptions, deployment: Deployment, client: Redis) -> RunReport:
+    driver = Driver(
+        client,
+        Keys(options.namespace),
+        Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
+        rate=options.rate,
+        duration_s=options.duration_s,
+        requests=options.requests,
+        progress=options.progress,
+    )
+    chaos = _start_chaos(options, deployment)
+    traffic = asyncio.create_task(driver.run(drain_timeout_s=options.quiescence_timeout_s))
+    sending = asyncio.create_task(driver.sending_finished.wait())
     try:
-        driver = Driver(
-            client,
-            Keys(options.namespace),
-            Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
-            rate=options.rate,
-            duration_s=options.duration_s,
-            requests=options.requests,
-            progress=options.progress,
-        )
-        chaos_tasks = []
-        if options.kill_every_s:
-            chaos_tasks.append(asyncio.create_task(_every(options.kill_every_s, deployment.kill_random_worker, rng)))
-        if options.restart_redis_every_s:
-            chaos_tasks.append(asyncio.create_task(_every(options.restart_redis_every_s, deployment.restart_redis)))
-        traffic = asyncio.create_task(driver.run(drain_timeout_s=options.quiescence_timeout_s))
-        if chaos_tasks:
-            # Chaos lasts as long as requests are being sent, then the service settles.
-            await driver.sending_finished.wait()
-            for task in chaos_tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # Chaos lasts as long as requests are being sent, then the service settles.
+        await asyncio.wait([traffic, sending], return_when=asyncio.FIRST_COMPLETED)
+        await _cancel(sending, *chaos)
         report = await traffic
-        report.chaos = {"worker_kills": deployment.kills, "redis_restarts": deployment.redis_restarts}
-        result = await checker.check(
-            client, options.namespace, options.max_books_per_user, options.storage_capacity,
-            wait_quiescent_s=options.quiescence_timeout_s,
-        )
-        report.check = result.as_json()
-        return report
     finally:
-        await client.aclose()
-        await asyncio.to_thread(deployment.stop)
+        await _cancel(sending, *chaos, traffic)  # when interrupted or failed: nothing left running
+
+    report.chaos = {
+        "worker_kills": deployment.kills,
+        "redis_restarts": deployment.redis_restarts,
+        "worker_pauses": deployment.pauses,
+    }
+    result = await checker.check(
+        client, options.namespace, options.max_books_per_user, options.storage_capacity,
+        wait_quiescent_s=options.quiescence_timeout_s,
+    )
+    report.check = result.as_json()
+    return report
 
 
-async def _every(seconds: float, action: object, *args: object) -> None:
+def _start_chaos(options: RunOptions, deployment: Deployment) -> list[asyncio.Task[None]]:
+    rng = random.Random(options.seed)
+    chaos: list[asyncio.Task[None]] = []
+    if options.kill_every_s:
+        chaos.append(asyncio.create_task(_every(options.kill_every_s, deployment.kill_random_worker, rng)))
+    if options.restart_redis_every_s:
+        chaos.append(asyncio.create_task(_every(options.restart_redis_every_s, deployment.restart_redis)))
+    if options.pause_every_s:
+        # A generator of its own: adding pauses does not change which workers are killed.
+        pauses = random.Random(f"pause-{options.seed}")
+        chaos.append(asyncio.create_task(_pause_workers(deployment, options.pause_every_s, options.pause_s, pauses)))
+    return chaos
+
+
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def _sigterm_cancels_the_run() -> Iterator[list[bool]]:
+    """While inside, SIGTERM cancels the current task; the list yielded says whether it did.
+    (Without a handler SIGTERM would end the process at once, leaving paused workers
+    stopped and every process the run started running.)"""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    terminated: list[bool] = []
+
+    def cancel() -> None:
+        terminated.append(True)
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here (not the main thread)
+        yield terminated
+        return
+    try:
+        yield terminated
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _every(seconds: float, action: Callable[..., object], *args: object) -> None:
     while True:
         await asyncio.sleep(seconds)
         try:
-            await asyncio.to_thread(action, *args)  # type: ignore[arg-type]
+            await _in_thread_to_the_end(action, *args)
         except Exception:
             log.exception("chaos action failed")
+
+
+async def _in_thread_to_the_end(action: Callable[..., object], *args: object) -> None:
+    """``action(*args)`` in a thread. Cancelled, it still waits for the action to finish (a
+    thread cannot be stopped): a kill and restart of a worker, a Redis restart or the start
+    of the deployment is never left half done, racing the deployment's stop."""
+    done = asyncio.ensure_future(asyncio.to_thread(action, *args))
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait([done])
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("interrupted action failed", action=getattr(action, "__name__", str(action)),
+                        error=repr(done.exception()))
+        raise
+
+
+async def _pause_workers(
+    deployment: Deployment, every_s: float, pause_s: tuple[float, float], rng: random.Random
+) -> None:
+    """Every ``every_s`` (±50 %) SIGSTOP a random worker for a random time in ``pause_s``,
+    then SIGCONT it. Pauses of different workers may overlap. When this task ends, every
+    worker it paused is continued."""
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    try:
+        while True:
+            await asyncio.sleep(every_s * rng.uniform(0.5, 1.5))
+            worker = deployment.pause_random_worker(rng)
+            if worker is not None:
+                timers.append(loop.call_later(rng.uniform(*pause_s), deployment.resume, worker))
+            timers = [t for t in timers if t.when() > loop.time()]
+    finally:
+        for timer in timers:
+            timer.cancel()
+        deployment.resume_all()

@@ -1,20 +1,30 @@
-"""The simulator: its workload and statistics (pure), and its driver."""
+"""The simulator: its workload and statistics (pure), its driver, its chaos (pausing
+workers) and its command line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from redis.asyncio import Redis
 
 from lending.connection import make_client
 from lending.embedded import EmbeddedRedis, free_port
 from lending.keys import Keys
+from simulator.cli import main
+from simulator.deployment import Deployment
 from simulator.driver import Driver
 from simulator.stats import RunReport, latency_summary, percentile
 from simulator.workload import Zipf, Workload
@@ -94,6 +104,128 @@ def test_standard_mix_is_about_sixty_forty() -> None:
     assert 0.37 <= actions["return"] / 20_000 <= 0.43
 
 
+# -- chaos: pausing workers ----------------------------------------------------------------------
+
+MARK = "SIM_TEST_RUN"  # an environment mark every process of a run inherits (LENDING_* are not passed on)
+
+
+def processes_of_run(mark: str) -> dict[int, str]:
+    """pid -> state (``T``: stopped) of every live process that inherited ``MARK=mark``."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"{MARK}={mark}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if state != "Z":
+            found[int(entry.name)] = state
+    return found
+
+
+def state_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def stopped(pid: int, timeout_s: float = 5.0) -> bool:
+    """Is ``pid`` stopped (``T``), once a signal sent to it had time to arrive?"""
+    deadline = time.monotonic() + timeout_s
+    while state_of(pid) != "T":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def simulator(*args: str) -> list[str]:
+    return [sys.executable, "-m", "simulator", "run", "--users", "20", "--catalogue", "200", *args]
+
+
+def simulator_env(mark: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("LENDING_")}, MARK: mark}
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+
+
+@needs_proc
+async def test_a_paused_worker_is_killed_and_continued_safely_and_stop_continues_the_paused(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    deployment = Deployment(namespace, redis_url=redis_url, workers=1, worker_args=("--log-level", "warning"))
+    await asyncio.to_thread(deployment.start)
+    try:
+        rng = random.Random(1)
+        first = deployment.pause_random_worker(rng)
+        assert first is not None and stopped(first.process.pid)
+        assert deployment.pause_random_worker(rng) is None, "the only worker is paused already"
+
+        # Killing the stopped worker works; continuing it afterwards does nothing, and does
+        # not touch its successor under the same id.
+        await asyncio.to_thread(deployment.kill_random_worker, rng)
+        assert first.process.returncode == -signal.SIGKILL
+        successor = deployment.workers[first.worker_id]
+        deployment.resume(first)
+        assert successor.alive and not stopped(successor.process.pid, timeout_s=0.5)
+
+        await asyncio.to_thread(deployment.wait_ready)
+        second = deployment.pause_random_worker(rng)
+        assert second is successor and stopped(second.process.pid)
+    finally:
+        await asyncio.to_thread(deployment.stop)
+    # stop() continued it first: it acted on SIGTERM and shut down cleanly (a stopped
+    # process would have been SIGKILLed after the grace period).
+    assert successor.process.returncode == 0
+    assert deployment.pauses == 2 and deployment.kills == 1
+
+
+@needs_proc
+def test_run_with_pauses_reports_them_and_leaves_nothing_stopped(tmp_path: Path) -> None:
+    out, mark = tmp_path / "report.json", uuid.uuid4().hex
+    proc = subprocess.run(
+        simulator("--duration", "6", "--rate", "50", "--workers", "2", "--pause-every", "1",
+                  "--claim-idle-ms", "1000", "--json", str(out)),
+        cwd=ROOT, env=simulator_env(mark), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "RESULT        OK" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["chaos"]["worker_pauses"] > 0
+    assert f"worker_pauses {report['chaos']['worker_pauses']}" in proc.stdout
+    assert report["missing_events"] == 0 and report["duplicate_events"] == 0
+    assert report["check"]["clean"]
+    assert processes_of_run(mark) == {}
+
+
+@needs_proc
+@pytest.mark.parametrize("interrupt", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(interrupt: signal.Signals) -> None:
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        simulator("--duration", "60", "--rate", "20", "--workers", "2", "--pause-every", "0.3"),
+        cwd=ROOT, env=simulator_env(mark), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "T" not in processes_of_run(mark).values():  # a worker is paused right now
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(interrupt)
+        signalled = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1 and "Aborted!" in err, err
+    assert processes_of_run(mark) == {}
+    # A worker left stopped would not act on SIGTERM: the run would SIGKILL it after 15 s.
+    assert time.monotonic() - signalled < 12
+
+
 # -- the driver under Redis out of memory ------------------------------------------------------------
 
 
@@ -115,3 +247,22 @@ async def test_the_driver_counts_requests_redis_refuses_for_lack_of_memory() -> 
     assert "refused       30 (by Redis: out of memory" in report.render()
 
 
+# -- the command line --------------------------------------------------------------------------------
+
+
+def test_run_help_lists_the_chaos_options() -> None:
+    result = CliRunner().invoke(main, ["run", "--help"])
+    assert result.exit_code == 0
+    assert "--pause-every SECONDS" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pause-every", "1", "--redis-url", "redis://127.0.0.1:1"], "--pause-every"),
+    ],
+)
+def test_run_usage_errors(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["run", "--duration", "1", *args])
+    assert result.exit_code == 2
+    assert message in result.output
