@@ -43,6 +43,8 @@ class Deployment:
         loopback port, its data in a temporary folder (append-only, ``appendfsync``).
     :param worker_args: extra ``main.py`` options for every worker.
     :param worker_env: extra environment for every worker (e.g. shelving chaos).
+    :param redis_args: extra ``redis-server`` options for the private server (e.g.
+        ``--maxmemory``); only without ``redis_url``.
     """
 
     def __init__(
@@ -54,8 +56,11 @@ class Deployment:
         worker_args: tuple[str, ...] = (),
         worker_env: dict[str, str] | None = None,
         appendfsync: str = "everysec",
+        redis_args: tuple[str, ...] = (),
         keep_dir: bool = False,
     ) -> None:
+        if redis_url is not None and redis_args:
+            raise ValueError("redis-server options need the deployment's own Redis (no redis_url)")
         self.namespace = namespace
         self.workers_wanted = workers
         self.worker_args = worker_args
@@ -64,7 +69,9 @@ class Deployment:
         self.keep_dir = keep_dir
         self.redis: EmbeddedRedis | None = None
         if redis_url is None:
-            self.redis = EmbeddedRedis(self.dir / "redis", port=free_port(), appendfsync=appendfsync)
+            self.redis = EmbeddedRedis(
+                self.dir / "redis", port=free_port(), appendfsync=appendfsync, extra_args=redis_args
+            )
         self.redis_url = redis_url or self.redis.url  # type: ignore[union-attr]
         self.workers: dict[str, WorkerProcess] = {}
         self.kills = 0

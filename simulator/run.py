@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ from lending import checker
 from lending.cluster import namespace_url
 from lending.connection import Tls, make_client
 from lending.keys import Keys
+from lending.stream import is_transient
 
 from .deployment import Deployment
 from .driver import Driver
@@ -25,6 +28,9 @@ from .workload import Workload
 
 log = structlog.get_logger(__name__)
 
+#: How often the memory watch samples ``INFO memory`` under ``--maxmemory``.
+MEMORY_SAMPLE_S = 0.1
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -32,6 +38,8 @@ class RunOptions:
 
     :param pause_every_s: SIGSTOP a random worker about this often (±50 %) ...
     :param pause_s: ... for a random time in this range, then SIGCONT it.
+    :param maxmemory: the private Redis's ``maxmemory`` in bytes (``noeviction``), lifted
+        once the traffic is over.
     """
 
     redis_url: str | None
@@ -46,6 +54,7 @@ class RunOptions:
     restart_redis_every_s: float | None = None
     pause_every_s: float | None = None
     pause_s: tuple[float, float] = (1.5, 4.0)
+    maxmemory: int | None = None
     shelving_fail_rate: float = 0.0
     shelving_latency_ms: float = 0.0
     max_books_per_user: int = 5
@@ -55,6 +64,53 @@ class RunOptions:
     progress: bool = False
     quiescence_timeout_s: float = 120.0
     tls: Tls = Tls()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+
+
+def memory_bytes(size: str) -> int:
+    """A memory size as Redis reads it (``5mb`` = 5 MiB, ``5m`` = 5,000,000 bytes)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?b?)\s*", size.lower())
+    if match is None:
+        raise ValueError(f"{size!r} is not a memory size like 5mb, 512kb or 1gb")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class MemoryWatch:
+    """How long the private Redis was out of memory, from ``INFO memory`` samples."""
+
+    full_s: float = 0.0
+    first_full_at_s: float | None = None
+
+    async def run(self, client: Redis, started: float) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(MEMORY_SAMPLE_S)
+            try:
+                info: dict[str, Any] = await client.info("memory")
+            except Exception as exc:
+                if is_transient(exc):
+                    continue
+                log.exception("cannot watch Redis memory")
+                return
+            now = time.monotonic()
+            limit = int(info.get("maxmemory", 0))
+            # What Redis compares with maxmemory: not the AOF and replica buffers.
+            used = int(info["used_memory"]) - int(info.get("mem_not_counted_for_evict", 0))
+            if limit and used > limit:
+                self.full_s += now - last
+                if self.first_full_at_s is None:
+                    self.first_full_at_s = now - started
+            last = now
+
+    def as_json(self, maxmemory: int) -> dict[str, Any]:
+        return {
+            "maxmemory_bytes": maxmemory,
+            "full_s": round(self.full_s, 1),
+            "first_full_at_s": None if self.first_full_at_s is None else round(self.first_full_at_s, 1),
+        }
 
 
 def _deployment(options: RunOptions) -> Deployment:
@@ -76,6 +132,9 @@ def _deployment(options: RunOptions) -> Deployment:
             **options.tls.env(),
         },
         appendfsync="always" if chaos else "everysec",
+        redis_args=(
+            ("--maxmemory", str(options.maxmemory), "--maxmemory-policy", "noeviction") if options.maxmemory else ()
+        ),
     )
 
 
@@ -86,6 +145,8 @@ async def simulate(options: RunOptions) -> RunReport:
     the chaos stops, every paused worker is continued and every process the run started
     is stopped.
     """
+    if options.maxmemory and options.redis_url:
+        raise ValueError("maxmemory needs the simulator's own Redis (no redis_url)")
     deployment = _deployment(options)
     client: Redis | None = None
     with _sigterm_cancels_the_run() as terminated:
@@ -117,12 +178,18 @@ async def _run(options: RunOptions, deployment: Deployment, client: Redis) -> Ru
         progress=options.progress,
     )
     chaos = _start_chaos(options, deployment)
+    memory = MemoryWatch() if options.maxmemory else None
+    if memory is not None:
+        chaos.append(asyncio.create_task(memory.run(client, time.monotonic())))
     traffic = asyncio.create_task(driver.run(drain_timeout_s=options.quiescence_timeout_s))
     sending = asyncio.create_task(driver.sending_finished.wait())
     try:
-        # Chaos lasts as long as requests are being sent, then the service settles.
+        # Chaos and the memory limit last as long as requests are being sent; then the
+        # service settles, and the entries that waited for memory are processed.
         await asyncio.wait([traffic, sending], return_when=asyncio.FIRST_COMPLETED)
         await _cancel(sending, *chaos)
+        if memory is not None:
+            await _lift_memory_limit(client)
         report = await traffic
     finally:
         await _cancel(sending, *chaos, traffic)  # when interrupted or failed: nothing left running
@@ -132,6 +199,8 @@ async def _run(options: RunOptions, deployment: Deployment, client: Redis) -> Ru
         "redis_restarts": deployment.redis_restarts,
         "worker_pauses": deployment.pauses,
     }
+    if memory is not None:
+        report.memory = memory.as_json(options.maxmemory or 0)
     result = await checker.check(
         client, options.namespace, options.max_books_per_user, options.storage_capacity,
         wait_quiescent_s=options.quiescence_timeout_s,
@@ -228,3 +297,16 @@ async def _pause_workers(
         for timer in timers:
             timer.cancel()
         deployment.resume_all()
+
+
+async def _lift_memory_limit(client: Redis, timeout_s: float = 30.0) -> None:
+    """``CONFIG SET maxmemory 0``, riding out a Redis that is briefly unavailable."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.config_set("maxmemory", 0)
+            return
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
