@@ -15,7 +15,19 @@ from lending.cli import tls_from_options, tls_options
 from lending.logs import configure_logging
 
 from .bench import BenchOptions, benchmark, render
-from .run import RunOptions, simulate
+from .run import RunOptions, memory_bytes, simulate
+
+
+def _memory_size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        size = memory_bytes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if size <= 0:
+        raise click.BadParameter("must be more than 0 (0 means no limit)")
+    return size
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +49,11 @@ def main() -> None:
               help="SIGKILL a random spawned worker every SECONDS and restart it.")
 @click.option("--restart-redis-every", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
               help="Kill and restart the private redis-server every SECONDS (appendfsync always).")
+@click.option("--pause-every", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="About every SECONDS (±50 %) SIGSTOP a random spawned worker for 1.5-4 s, then SIGCONT it.")
+@click.option("--maxmemory", default=None, metavar="SIZE", callback=_memory_size,
+              help="Run the private redis-server with this maxmemory (e.g. 5mb) and noeviction; "
+                   "the limit is lifted when the traffic ends.")
 @click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--shelving-latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
@@ -49,7 +66,7 @@ def main() -> None:
 @tls_options
 def run(redis_url: str | None, namespace: str | None, duration: float | None, requests: int | None,
         workers: int | None, kill_every: float | None, restart_redis_every: float | None,
-        json_path: str | None, **options: object) -> None:
+        pause_every: float | None, json_path: str | None, **options: object) -> None:
     """Simulated users borrow and return books; then the invariants are checked.
 
     Exits non-zero if any request got no event or two events, or an invariant fails.
@@ -57,12 +74,13 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
     configure_logging("console", "warning")
     if duration is None and requests is None:
         raise click.UsageError("give --duration or --requests")
-    if restart_redis_every and redis_url:
-        raise click.UsageError("--restart-redis-every needs the simulator's own Redis (no --redis-url)")
+    for flag, given in (("--restart-redis-every", restart_redis_every), ("--maxmemory", options["maxmemory"])):
+        if given and redis_url:
+            raise click.UsageError(f"{flag} needs the simulator's own Redis (no --redis-url)")
     if workers is None:
         workers = 0 if redis_url else 2
-    if (kill_every or redis_url is None) and workers == 0:
-        raise click.UsageError("--kill-every and a private Redis need --workers of at least 1")
+    if (kill_every or pause_every or redis_url is None) and workers == 0:
+        raise click.UsageError("--kill-every, --pause-every and a private Redis need --workers of at least 1")
     tls = tls_from_options(options)
     settings = RunOptions(
         redis_url=redis_url,
@@ -73,6 +91,7 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
         workers=workers,
         kill_every_s=kill_every,
         restart_redis_every_s=restart_redis_every,
+        pause_every_s=pause_every,
         progress=True,
         **options,  # type: ignore[arg-type]
     )

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class Deployment:
         loopback port, its data in a temporary folder (append-only, ``appendfsync``).
     :param worker_args: extra ``main.py`` options for every worker.
     :param worker_env: extra environment for every worker (e.g. shelving chaos).
+    :param redis_args: extra ``redis-server`` options for the private server (e.g.
+        ``--maxmemory``); only without ``redis_url``.
     """
 
     def __init__(
@@ -53,8 +56,11 @@ class Deployment:
         worker_args: tuple[str, ...] = (),
         worker_env: dict[str, str] | None = None,
         appendfsync: str = "everysec",
+        redis_args: tuple[str, ...] = (),
         keep_dir: bool = False,
     ) -> None:
+        if redis_url is not None and redis_args:
+            raise ValueError("redis-server options need the deployment's own Redis (no redis_url)")
         self.namespace = namespace
         self.workers_wanted = workers
         self.worker_args = worker_args
@@ -63,11 +69,19 @@ class Deployment:
         self.keep_dir = keep_dir
         self.redis: EmbeddedRedis | None = None
         if redis_url is None:
-            self.redis = EmbeddedRedis(self.dir / "redis", port=free_port(), appendfsync=appendfsync)
+            self.redis = EmbeddedRedis(
+                self.dir / "redis", port=free_port(), appendfsync=appendfsync, extra_args=redis_args
+            )
         self.redis_url = redis_url or self.redis.url  # type: ignore[union-attr]
         self.workers: dict[str, WorkerProcess] = {}
         self.kills = 0
         self.redis_restarts = 0
+        self.pauses = 0
+        # Workers stopped by pause_random_worker and not continued yet. Pauses are made and
+        # ended on the event loop, stop() runs in a thread: the lock keeps the list whole.
+        self._paused: list[WorkerProcess] = []
+        self._paused_lock = threading.Lock()
+        self._stopping = False
 
     def start(self, ready_timeout_s: float = 30.0) -> None:
         if self.redis is not None:
@@ -102,7 +116,7 @@ class Deployment:
 
     def kill_random_worker(self, rng: random.Random) -> str | None:
         """SIGKILL a random worker and start it again under the same id."""
-        if not self.workers:
+        if not self.workers or self._stopping:
             return None
         worker = self.workers[rng.choice(sorted(self.workers))]
         worker.process.kill()
@@ -110,6 +124,42 @@ class Deployment:
         self.kills += 1
         self.spawn(worker.worker_id)
         return worker.worker_id
+
+    def pause_random_worker(self, rng: random.Random) -> WorkerProcess | None:
+        """SIGSTOP a random live worker that is not paused already; ``resume`` continues it.
+
+        A paused worker may still be killed (SIGKILL ends a stopped process too); resuming
+        it afterwards does nothing, and its restarted successor is never stopped by it.
+        """
+        with self._paused_lock:
+            if self._stopping:
+                return None
+            candidates = [w for _, w in sorted(self.workers.items())
+                          if w.alive and not any(w is p for p in self._paused)]
+            if not candidates:
+                return None
+            worker = rng.choice(candidates)
+            worker.process.send_signal(signal.SIGSTOP)  # a no-op if it died meanwhile
+            self._paused.append(worker)
+            self.pauses += 1
+            return worker
+
+    def resume(self, worker: WorkerProcess) -> None:
+        """SIGCONT a worker paused by ``pause_random_worker``, unless it was resumed or died."""
+        with self._paused_lock:
+            if not any(worker is p for p in self._paused):
+                return
+            self._paused = [p for p in self._paused if p is not worker]
+            # Popen.send_signal skips a process it has reaped and ignores one that is gone:
+            # continuing a worker killed meanwhile is harmless.
+            worker.process.send_signal(signal.SIGCONT)
+
+    def resume_all(self) -> None:
+        """Continue every paused worker (at the end of a run, however it ends)."""
+        with self._paused_lock:
+            paused = list(self._paused)
+        for worker in paused:
+            self.resume(worker)
 
     def restart_redis(self) -> None:
         """SIGKILL the private redis-server and start it again on the same port and data."""
@@ -123,6 +173,9 @@ class Deployment:
         return [w.process.pid for w in self.workers.values() if w.alive]
 
     def stop(self) -> None:
+        with self._paused_lock:
+            self._stopping = True  # no new pause from here on
+        self.resume_all()  # a stopped worker would not act on SIGTERM
         for worker in self.workers.values():
             if worker.alive:
                 worker.process.send_signal(signal.SIGTERM)

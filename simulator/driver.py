@@ -10,6 +10,7 @@ from typing import cast
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from lending.events import Event
 from lending.keys import Keys
@@ -105,6 +106,7 @@ class Driver:
             await asyncio.sleep(max(0.0, (sent / self.rate) - (time.monotonic() - start)) or 0.001)
 
     async def _send_batch(self, n: int) -> int:
+        """XADD ``n`` requests in one pipeline; returns ``n`` (each was tried once)."""
         batch = [self.workload.next_request() for _ in range(n)]
         async with self.client.pipeline(transaction=False) as pipe:
             for request in batch:
@@ -112,7 +114,8 @@ class Driver:
                           {"user_id": request.user_id, "book_ids": ",".join(request.book_ids)})
             sent_at = time.monotonic()
             try:
-                ids = await pipe.execute()
+                # Redis may refuse some of the commands (out of memory) and add the others.
+                replies = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -122,13 +125,24 @@ class Driver:
                 log.warning("send failed; Redis unavailable", error=str(exc))
                 await asyncio.sleep(0.2)
                 return n
-        self.report.sent += n
-        for request, entry_id in zip(batch, ids):
-            key = (request.action, entry_id.decode())
+        errors = [r for r in replies if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError)]
+        if errors and not is_transient(errors[0]):
+            raise errors[0]
+        for request, reply in zip(batch, replies):
+            if isinstance(reply, Exception):
+                # Refused (out of memory, or Redis loading its data): not added, no event due.
+                if isinstance(reply, OutOfMemoryError):
+                    self.report.refused += 1
+                self.workload.outcome(request, "refused", ())
+                continue
+            self.report.sent += 1
+            key = (request.action, text(reply))
             self._inflight[key] = InFlight(request, sent_at)
             # The event may have been read before XADD's reply reached us.
             for event, seen_at in self._early.pop(key, []):
                 self._record(event, seen_at)
+        if errors:
+            log.warning("Redis refused requests", count=len(errors), error=str(errors[0]))
         return n
 
     async def _read_events(self) -> None:
@@ -175,6 +189,7 @@ class Driver:
                 f"sent {self.report.sent}  "
                 + "  ".join(f"{k} {v}" for k, v in sorted(self.report.outcomes.items()))
                 + f"  outstanding {self.outstanding}  rate {rate:.0f}/s  p99 {p99:.1f} ms"
+                + (f"  refused (out of memory) {self.report.refused}" if self.report.refused else "")
             )
             if sys.stderr.isatty():
                 print("\r\033[K" + line, end="", file=sys.stderr, flush=True)

@@ -28,7 +28,8 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
 
 @dataclass
 class RunReport:
-    sent: int = 0
+    sent: int = 0  # requests added to the request streams: each is due one event
+    refused: int = 0  # requests Redis refused to add (out of memory): no event due
     outcomes: Counter[str] = field(default_factory=Counter)
     missing: int = 0  # requests that never got an event
     duplicated: int = 0  # requests that got more than one
@@ -36,6 +37,7 @@ class RunReport:
     duration_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     chaos: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)  # under a maxmemory limit
     check: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -46,6 +48,7 @@ class RunReport:
         finished = sum(self.outcomes.values())
         return {
             "requests": self.sent,
+            "refused_out_of_memory": self.refused,
             "outcomes": dict(sorted(self.outcomes.items())),
             "missing_events": self.missing,
             "duplicate_events": self.duplicated,
@@ -54,6 +57,7 @@ class RunReport:
             "throughput_rps": round(finished / self.duration_s, 1) if self.duration_s else 0.0,
             "latency": latency_summary(self.latencies_ms),
             "chaos": self.chaos,
+            **({"memory": self.memory} if self.memory else {}),
             "check": self.check,
             "ok": self.ok,
         }
@@ -68,6 +72,14 @@ class RunReport:
             f"throughput    {data['throughput_rps']} req/s over {data['duration_s']} s",
             f"latency       p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms  p99 {lat['p99_ms']} ms  max {lat['max_ms']} ms",
         ]
+        if self.refused or self.memory:
+            lines.append(f"refused       {self.refused} (by Redis: out of memory; never queued, no event due)")
+        if self.memory:
+            memory = self.memory
+            full = (f"full for about {memory['full_s']} s from {memory['first_full_at_s']} s into the run"
+                    if memory["first_full_at_s"] is not None else "never full")
+            lines.append(f"memory        maxmemory {memory['maxmemory_bytes']} bytes (noeviction): {full}; "
+                         "limit lifted after the traffic")
         if self.chaos:
             lines.append("chaos         " + ", ".join(f"{k} {v}" for k, v in self.chaos.items()))
         check = self.check

@@ -1,0 +1,100 @@
+"""The guards of the stream consumers, as a worker wires them (not the scripts alone):
+the shelving consumer frees a book only for the context it comes back from, and the
+lending consumer takes over another consumer's entries only once they are idle for
+``claim_idle_ms``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from lending.keys import LENDING_GROUP, Keys
+from lending.shelving import Grant
+from lending.worker import Worker
+
+from .conftest import StartWorker
+from .support import event_for, send, wait_until
+from .test_service import shelving_caught_up, shelving_state
+
+# -- the shelving consumer's context guard ----------------------------------------------------
+
+
+async def test_a_book_handed_back_twice_stays_with_the_context_it_was_handed_out_to_since(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """Two hand-backs of b1 for the context ``old`` (a worker that lost a race hands a book
+    back a second time); between them shelving hands b1 out to ``new``. The second
+    hand-back must not free b1 from its new holder."""
+    worker = await start_worker()
+    shelving = worker.shelving
+    assert await shelving.get_books(["b1", "b2"], "old") == {"b1": Grant.NEW, "b2": Grant.NEW}
+
+    await redis.xadd(keys.shelving_returns, {"book_ids": "b1", "context_ids": "old"})
+    await wait_until(lambda: shelving_caught_up(redis, keys))
+    assert await shelving_state(redis, keys) == {"b2": "old"}, "the first hand-back frees b1"
+
+    assert await shelving.get_books(["b1"], "new") == {"b1": Grant.NEW}
+    # The second hand-back also carries b2, still handed out to "old": that one is freed,
+    # which shows the entry was applied, book by book.
+    await redis.xadd(keys.shelving_returns, {"book_ids": "b1,b2", "context_ids": "old,old"})
+    await wait_until(lambda: shelving_caught_up(redis, keys))
+
+    assert await shelving_state(redis, keys) == {"b1": "new"}, "the new holder lost its book"
+    assert await shelving.get_books(["b1"], "someone-else") == {"b1": Grant.REFUSED}
+
+
+# -- taking over entries only once idle for claim_idle_ms --------------------------------------
+
+
+def reclaims(worker: Worker) -> float:
+    """Entries the worker's lending consumer took over from other consumers."""
+    value = worker.metrics.registry.get_sample_value("lending_reclaims_total", {"consumer": "lending-service"})
+    return value or 0.0
+
+
+async def pending_by_consumer(redis: Redis, stream: str) -> dict[str, str]:
+    """entry id -> the consumer it is pending on."""
+    entries: list[dict[str, Any]] = await redis.xpending_range(stream, LENDING_GROUP, min="-", max="+", count=1000)
+    return {e["message_id"].decode(): e["consumer"].decode() for e in entries}
+
+
+async def test_a_busy_consumers_entries_are_taken_over_only_once_idle_for_claim_idle_ms(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    claim_idle_ms = 2_000
+    await redis.xgroup_create(keys.lend_requests, LENDING_GROUP, id="0", mkstream=True)
+    entries = [await send(redis, keys, "lend", f"user-{n}", [f"book-{n}"]) for n in range(5)]
+    # Consumer A reads them and is busy with them (it never acknowledges: it may be slow
+    # or dead, nobody can tell until claim_idle_ms have passed).
+    read_at = time.monotonic()
+    reply: Any = await redis.xreadgroup(LENDING_GROUP, "A", {keys.lend_requests: ">"}, count=len(entries))
+    assert [e.decode() for e, _ in reply[0][1]] == entries
+
+    worker = await start_worker(worker_id="B", claim_idle_ms=claim_idle_ms)
+
+    # B looks for abandoned entries as soon as it runs, then every second. While A's entries
+    # are younger than claim_idle_ms, every look must leave them to A. Each sample is judged
+    # by the time *after* XPENDING answered: the entries were at most that old when seen.
+    samples, b_running_by = 0, None
+    while True:
+        owners = await pending_by_consumer(redis, keys.lend_requests)
+        age_ms = (time.monotonic() - read_at) * 1000
+        if age_ms >= claim_idle_ms - 100:
+            break
+        assert owners == dict.fromkeys(entries, "A"), f"taken from A at most {age_ms:.0f} ms after it read them"
+        assert reclaims(worker) == 0
+        samples += 1
+        if b_running_by is None and worker.consumers[0].connected:
+            b_running_by = age_ms
+        await asyncio.sleep(0.02)
+    assert b_running_by is not None and b_running_by < claim_idle_ms / 2, "B was not consuming in time"
+    assert samples > 20
+
+    # Idle for longer than claim_idle_ms: B takes them over and processes them.
+    for entry in entries:
+        assert (await event_for(redis, keys, "lend", entry)).status == "accepted"
+    await wait_until(lambda: reclaims(worker) == len(entries))
+    assert await pending_by_consumer(redis, keys.lend_requests) == {}
