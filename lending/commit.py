@@ -8,7 +8,7 @@ the service and by the script's tests alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .events import ACCEPTED, RETURNED, Event
@@ -56,6 +56,20 @@ class Return:
 
 Record = Reject | Lend | Return
 
+
+@dataclass(frozen=True)
+class Fail:
+    """A request that kept failing: its ``failed`` event and dead letter; whatever a lend
+    holds (reservation, the grants naming it among ``books``) goes back.
+
+    :param books: a lend's books, looked up in the grants ledger (none for a return).
+    :param letter: the dead letter's fields.
+    """
+
+    event: Event
+    books: tuple[str, ...]
+    letter: Mapping[str, Arg]
+
 # The keys every commit names, in the script's KEYS[1..8] order.
 FIXED_KEYS = 8
 
@@ -96,4 +110,22 @@ def encode_commit(
     lend_ids = [r.event.request_id for r in records if r.event.action == LEND]
     return_ids = [r.event.request_id for r in records if r.event.action != LEND]
     args: list[Arg] = [group, consumer, capacity, *id_range(lend_ids), *id_range(return_ids), *body]
+    return all_keys, args
+
+
+def encode_finish(keys: Keys, group: str, capacity: int, fail: Fail) -> tuple[list[str], list[Arg]]:
+    """``finish.lua``'s KEYS and ARGV for ``fail``."""
+    event = fail.event
+    lend = event.action == LEND
+    books = fail.books if lend else ()
+    all_keys = [
+        keys.requests(event.action), keys.events, keys.storage, keys.reservation(event.request_id),
+        keys.shelving_returns, keys.dead_letters, keys.from_shelving, keys.grants,
+    ]
+    args: list[Arg] = [
+        group, event.request_id, capacity, 1 if lend else 0, len(books), *books,
+        len(event.fields()), *event.flat_fields(),
+    ]
+    for name, value in fail.letter.items():
+        args += [name, value]
     return all_keys, args

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 
-from .commit import Lend, encode_commit
+from .commit import Fail, Lend, encode_commit, encode_finish
 from .errors import Contention
 from .events import FAILED, Event
 from .faults import fault_point
@@ -285,21 +285,9 @@ class LendingService:
         for name in ("user_id", "book_ids"):
             if name.encode() in delivery.fields:
                 letter[name] = delivery.fields[name.encode()]
-        keys = self._keys
-        lend = action == LEND
-        args: list[Arg] = [
-            LENDING_GROUP, delivery.entry_id, self._settings.storage_capacity, 1 if lend else 0,
-            len(books) if lend else 0, *(books if lend else ()),
-            len(event.fields()), *event.flat_fields(),
-        ]
-        for name, value in letter.items():
-            args += [name, value]
-        await self._scripts.finish(
-            self._client,
-            [keys.requests(action), keys.events, keys.storage, keys.reservation(delivery.entry_id),
-             keys.shelving_returns, keys.dead_letters, keys.from_shelving, keys.grants],
-            args,
-        )
+        keys, args = encode_finish(self._keys, LENDING_GROUP, self._settings.storage_capacity,
+                                   Fail(event, books, letter))
+        await self._scripts.finish(self._client, keys, args)
 
 
 def _chunks(deliveries: Sequence[Delivery]) -> list[Sequence[Delivery]]:

@@ -29,7 +29,12 @@
 
 local MAX_MS = '18446744073709551615-'
 
--- What is wrong with adding to ``stream`` (nil: nothing).
+-- The checks return what is wrong (nil: nothing), for the script to answer as an error.
+local function wrong_type(key, kind)
+  local found = redis.call('TYPE', key).ok
+  if found ~= 'none' and found ~= kind then return 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind end
+end
+
 local function no_room(stream)
   if redis.call('EXISTS', stream) == 0 then return nil end
   local info = redis.call('XINFO', 'STREAM', stream)
@@ -86,6 +91,8 @@ if ARGV[4] == '1' then
 end
 
 local problem = no_room(KEYS[2]) or no_room(KEYS[6]) or (#rest > 0 and no_room(KEYS[5]))
+  or wrong_type(KEYS[3], 'set') or wrong_type(KEYS[4], 'set') or wrong_type(KEYS[7], 'hash')
+  or wrong_type(KEYS[8], 'hash')
 if problem then return redis.error_reply(problem) end
 
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, p_arg + 1, last_event_arg))

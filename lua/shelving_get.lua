@@ -37,7 +37,9 @@ for k, book in ipairs(books) do
   end
 end
 if #pairs_to_set > 0 then
-  redis.call('HSET', KEYS[1], unpack(pairs_to_set))
+  -- The ledger first: should the second write fail, a record without a hand-out is
+  -- harmless (its give-back changes nothing), a hand-out without a record is not.
   redis.call('HSET', KEYS[2], unpack(pairs_to_set))
+  redis.call('HSET', KEYS[1], unpack(pairs_to_set))
 end
 return codes

@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
+from lending.commit import Fail, encode_finish
 from lending.events import FAILED, Event
 from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
 from lending.scripts import Arg, Scripts
@@ -55,19 +56,12 @@ def finish_call(
     event: Event | None = None,
     letter: Mapping[str, str] = LETTER,
 ) -> tuple[list[str], list[Arg]]:
-    """finish.lua's KEYS and ARGV, laid out as ``LendingService.dead_letter`` does: the
-    lend's books to look up in the ledger, the event's fields, the dead letter's."""
+    """finish.lua's KEYS and ARGV, from the package's one encoder (``stream`` overrides
+    the entry's stream, to call it on another one)."""
     event = event or failed(entry, LEND if lend else RETURN)
-    call_keys = [
-        stream or (keys.lend_requests if lend else keys.return_requests), keys.events, keys.storage,
-        keys.reservation(entry), keys.shelving_returns, keys.dead_letters, keys.from_shelving, keys.grants,
-    ]
-    args: list[Arg] = [
-        LENDING_GROUP, entry, capacity, 1 if lend else 0, len(books), *books,
-        len(event.fields()), *event.flat_fields(),
-    ]
-    for name, value in letter.items():
-        args += [name, value]
+    call_keys, args = encode_finish(keys, LENDING_GROUP, capacity, Fail(event, tuple(books), letter))
+    if stream is not None:
+        call_keys[0] = stream
     return call_keys, args
 
 
