@@ -30,20 +30,20 @@ async def test_a_book_handed_back_twice_stays_with_the_context_it_was_handed_out
     hand-back must not free b1 from its new holder."""
     worker = await start_worker()
     shelving = worker.shelving
-    assert await shelving.get_books(["b1", "b2"], "old") == {"b1": Grant.NEW, "b2": Grant.NEW}
+    assert await shelving.get_many([("b1", "old"), ("b2", "old")]) == [Grant.NEW, Grant.NEW]
 
     await redis.xadd(keys.shelving_returns, {"book_ids": "b1", "context_ids": "old"})
     await wait_until(lambda: shelving_caught_up(redis, keys))
     assert await shelving_state(redis, keys) == {"b2": "old"}, "the first hand-back frees b1"
 
-    assert await shelving.get_books(["b1"], "new") == {"b1": Grant.NEW}
+    assert await shelving.get_many([("b1", "new")]) == [Grant.NEW]
     # The second hand-back also carries b2, still handed out to "old": that one is freed,
     # which shows the entry was applied, book by book.
     await redis.xadd(keys.shelving_returns, {"book_ids": "b1,b2", "context_ids": "old,old"})
     await wait_until(lambda: shelving_caught_up(redis, keys))
 
     assert await shelving_state(redis, keys) == {"b1": "new"}, "the new holder lost its book"
-    assert await shelving.get_books(["b1"], "someone-else") == {"b1": Grant.REFUSED}
+    assert await shelving.get_many([("b1", "someone-else")]) == [Grant.REFUSED]
 
 
 # -- taking over entries only once idle for claim_idle_ms --------------------------------------
