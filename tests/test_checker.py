@@ -206,6 +206,17 @@ def test_quiescent_invariants_are_not_reported_while_requests_are_in_flight(case
     assert check_state(case.apply(consistent_snapshot()), LIMIT, CAPACITY, quiescent=False) == []
 
 
+def test_a_book_the_grants_ledger_names_is_not_lost() -> None:
+    """A late grant to a finished request, not yet given back: the ledger owns it."""
+    snapshot = consistent_snapshot()
+    snapshot.shelving["late"] = "1-0"
+    snapshot.grants["late"] = "1-0"
+    assert check_state(snapshot, LIMIT, CAPACITY) == []
+
+    snapshot.grants["late"] = "2-0"  # the ledger names another request: nobody owns it
+    assert reported(check_state(snapshot, LIMIT, CAPACITY)) == {"shelving-matches-library"}
+
+
 def test_an_event_for_an_entry_trimmed_from_its_stream_is_not_a_violation() -> None:
     snapshot = consistent_snapshot()
     snapshot.events.insert(0, ("9-0", "lend", "0-7"))  # older than the lend stream's first entry, 1-0
