@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from .cluster import cluster_client, is_cluster_url
-from .connection import check_reachable, make_client
-from .embedded import find_or_start
-from .settings import Settings
-from .worker import Worker
+from lending.redis.cluster import cluster_client, is_cluster_url
+from lending.redis.connection import check_reachable, make_client
+from lending.redis.embedded import find_or_start
+from lending.settings import Settings
+from lending.worker import Worker
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

@@ -15,12 +15,13 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from .cluster import namespace_url
-from .connection import Tls, check_reachable, make_client, redacted
-from .errors import RedisUnavailable
-from .events import Event
-from .keys import Keys
-from .stream import Entries, StreamsReply, text
+from lending.redis.cluster import namespace_url
+from lending.settings import Tls
+from lending.redis.connection import check_reachable, make_client, redacted
+from lending.errors import RedisUnavailable
+from lending.domain.events import Event
+from lending.keys import Keys
+from lending.redis.replies import Entries, StreamsReply, text
 
 
 @dataclass(frozen=True)

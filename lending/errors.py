@@ -39,3 +39,17 @@ class Contention(LendingError):
         super().__init__(f"request {request_id} still conflicted after {attempts} attempts")
         self.request_id = request_id
         self.attempts = attempts
+
+
+class LimitsDiffer(LendingError):
+    """A live worker of the namespace enforces other lending limits."""
+
+    def __init__(self, worker_id: str, field: str, theirs: str, mine: str) -> None:
+        super().__init__(
+            f"live worker {worker_id!r} runs with {field.replace('_', '-')} {theirs}, this one with {mine}: "
+            "every worker of a namespace must enforce the same limits (stop the others first to change them)"
+        )
+        self.worker_id = worker_id
+        self.field = field
+        self.theirs = theirs
+        self.mine = mine

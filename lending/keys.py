@@ -12,9 +12,32 @@ from dataclasses import dataclass
 LENDING_GROUP = "lending-service"
 SHELVING_GROUP = "shelving-service"
 
+
+@dataclass(frozen=True)
+class RequestType:
+    """A kind of request the library takes.
+
+    :param action: its name in events (``action``) and in the code.
+    :param stream: the suffix of its request stream, ``{NS}:<stream>``.
+    :param verb: what a sender types (``get_books.py <verb> USER BOOK...``).
+    """
+
+    action: str
+    stream: str
+    verb: str
+
+
 LEND = "lend"
 RETURN = "return"
-ACTIONS = (LEND, RETURN)
+#: Every request type, in the order the streams are read. The one list that the worker,
+#: the sender, the checker, status, retention and the ACL rules all go through.
+REQUEST_TYPES = (
+    RequestType(LEND, "lend-requests", "request"),
+    RequestType(RETURN, "return-requests", "return"),
+)
+ACTIONS = tuple(t.action for t in REQUEST_TYPES)
+BY_VERB = {t.verb: t for t in REQUEST_TYPES}
+_BY_ACTION = {t.action: t for t in REQUEST_TYPES}
 
 # The characters SCAN MATCH (Redis's stringmatch) gives a meaning: a namespace such as
 # ``lib?`` must match only itself, not ``libX``.
@@ -39,11 +62,40 @@ class Keys:
 
     @property
     def lend_requests(self) -> str:
-        return f"{self.prefix}:lend-requests"
+        return self.requests(LEND)
 
     @property
     def return_requests(self) -> str:
-        return f"{self.prefix}:return-requests"
+        return self.requests(RETURN)
+
+    def requests(self, action: str) -> str:
+        """The request stream of ``action``."""
+        return f"{self.prefix}:{_BY_ACTION[action].stream}"
+
+    @property
+    def request_streams(self) -> list[str]:
+        """Every request stream, in the registry's order."""
+        return [self.requests(t.action) for t in REQUEST_TYPES]
+
+    def action_of(self, stream: str) -> str:
+        """The action whose request stream ``stream`` is (``KeyError`` for another key)."""
+        return {self.requests(t.action): t.action for t in REQUEST_TYPES}[stream]
+
+    def consumed(self) -> list[tuple[str, str]]:
+        """Each stream the workers consume, with the consumer group that reads it."""
+        return [(stream, LENDING_GROUP) for stream in self.request_streams] + [(self.shelving_returns, SHELVING_GROUP)]
+
+    @property
+    def config(self) -> str:
+        """The lending limits the workers run with (hash: ``storage_capacity``,
+        ``max_books_per_user``, ``max_books_per_request``), for tools to check against."""
+        return f"{self.prefix}:config"
+
+    @property
+    def workers(self) -> str:
+        """The ids of the workers that started in this namespace (set); a worker is live
+        while its ``worker(id)`` key exists."""
+        return f"{self.prefix}:workers"
 
     @property
     def events(self) -> str:
@@ -102,9 +154,3 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:workers:{worker_id}"
 
-    def requests(self, action: str) -> str:
-        """The request stream of ``action`` (``lend`` or ``return``)."""
-        return self.lend_requests if action == LEND else self.return_requests
-
-    def action_of(self, stream: str) -> str:
-        return LEND if stream == self.lend_requests else RETURN

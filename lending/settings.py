@@ -5,14 +5,62 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from .connection import Tls
-from .errors import ConfigError
+from lending.errors import ConfigError
 
 DEFAULT_PORT = 6379
 DEFAULT_REDIS_URL = f"redis://localhost:{DEFAULT_PORT}"
 MIN_CLAIM_IDLE_MS = 100
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Files for ``rediss://`` connections: the CA to trust, and a client certificate
+    and key when the server asks for one."""
+
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.ca_cert:
+            out["ssl_ca_certs"] = self.ca_cert
+        if self.cert:
+            out["ssl_certfile"] = self.cert
+        if self.key:
+            out["ssl_keyfile"] = self.key
+        return out
+
+    def env(self) -> dict[str, str]:
+        """The same, as the environment variables the command lines read."""
+        names = {"LENDING_TLS_CA_CERT": self.ca_cert, "LENDING_TLS_CERT": self.cert, "LENDING_TLS_KEY": self.key}
+        return {name: value for name, value in names.items() if value}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The lending limits: what every worker of a namespace enforces, and what the tools
+    (``check``, ``status``, the simulator) check against. Published in ``{NS}:config``."""
+
+    storage_capacity: int = 20
+    max_books_per_user: int = 5
+    max_books_per_request: int = 50
+
+    def fields(self) -> dict[str, str]:
+        return {name: str(value) for name, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[bytes, bytes]) -> Limits:
+        """The limits a hash holds; a missing or unreadable field keeps its default."""
+        values: dict[str, int] = {}
+        for field in dataclasses.fields(cls):
+            value = raw.get(field.name.encode(), b"")
+            if value.isdigit():
+                values[field.name] = int(value)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -122,6 +170,10 @@ class Settings:
                 "worker takes its entries over and the work is done twice"
             )
         return out
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.storage_capacity, self.max_books_per_user, self.max_books_per_request)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -13,17 +13,23 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
-from . import eviction, metrics, retention
-from .metrics import Metrics
-from .errors import WorkerIdTaken
-from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
-from .logs import announce
-from .scripts import Scripts
-from .service import LendingService
-from .settings import Settings
-from .shelving import ShelvingService
-from .backoff import retry_backoff_s
-from .stream import ConsumerConfig, StreamConsumer, is_out_of_memory, is_outage
+from lending.redis import eviction
+
+from lending.ops import monitoring
+
+from lending.ops import retention
+from lending.metrics import Metrics
+from lending.errors import WorkerIdTaken
+from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.logs import announce
+from lending.redis.scripts import Scripts
+from lending.redis.workers import WorkerId
+from lending.service.lending import LendingService
+from lending.settings import Settings
+from lending.service.shelving_mock import ShelvingService
+from lending.domain.backoff import retry_backoff_s
+from lending.redis.consumer import ConsumerConfig, StreamConsumer
+from lending.redis.replies import is_out_of_memory, is_outage
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +58,8 @@ class Worker:
         self._client = client
         self._handle_signals = handle_signals
         self._scripts = Scripts()
-        self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.worker_id = WorkerId(client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms)
         self.shelving = ShelvingService(
             client,
             self.keys,
@@ -76,7 +83,7 @@ class Worker:
         self.consumers = [
             StreamConsumer(
                 client,
-                [self.keys.lend_requests, self.keys.return_requests],
+                self.keys.request_streams,
                 config,
                 self.lending.handle,
                 self.lending.dead_letter,
@@ -125,7 +132,7 @@ class Worker:
         reconciling = asyncio.create_task(self._reconcile_periodically())
         server = None
         if self.settings.metrics_port is not None:
-            server = await metrics.serve(self.metrics, self.settings.metrics_port, self.healthy)
+            server = await monitoring.serve(self.metrics, self.settings.metrics_port, self.healthy)
             log.info("serving /metrics and /healthz", port=self.settings.metrics_port)
         refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
         announce(READY_MESSAGE)
@@ -161,7 +168,7 @@ class Worker:
         consumers do, rather than fail."""
         for attempt in range(1, 1_000_000):
             try:
-                await self._claim_id()
+                await self.worker_id.claim(self.settings.limits, force=self.settings.force)
                 await self._scripts.load(self._client)
                 for consumer in self.consumers:
                     await consumer.ensure_groups()
@@ -207,23 +214,12 @@ class Worker:
             log.warning(verdict.message, policy=policy)
         self._eviction_reported = verdict
 
-    async def _claim_id(self) -> None:
-        key = self.keys.worker(self.settings.worker_id)
-        held = await self._scripts.worker_claim(
-            self._client, [key], [self._token, self.settings.worker_ttl_ms, 1 if self.settings.force else 0]
-        )
-        if not held:
-            raise WorkerIdTaken(self.settings.worker_id, key)
-
     async def _heartbeat(self) -> None:
-        key = self.keys.worker(self.settings.worker_id)
         interval = self.settings.worker_ttl_ms / 3000.0
         while True:
             await asyncio.sleep(interval)
             try:
-                held = await self._scripts.worker_claim(
-                    self._client, [key], [self._token, self.settings.worker_ttl_ms, 0]
-                )
+                held = await self.worker_id.renew()
             except Exception as exc:
                 if not is_outage(exc):
                     log.exception("heartbeat failed")
@@ -242,7 +238,7 @@ class Worker:
     async def _refresh_metrics(self) -> None:
         while True:
             try:
-                await self.metrics.refresh(self._client, self.keys)
+                await monitoring.refresh(self.metrics, self._client, self.keys)
             except Exception as exc:
                 if not is_outage(exc):
                     log.exception("refreshing metrics failed")
@@ -275,6 +271,6 @@ class Worker:
 
     async def _release_id(self) -> None:
         try:
-            await self._scripts.worker_release(self._client, [self.keys.worker(self.settings.worker_id)], [self._token])
+            await self.worker_id.release()
         except Exception as exc:
             log.warning("could not release the worker id; it expires by itself", error=str(exc))

@@ -1,9 +1,14 @@
 #!lua flags=allow-oom
--- Release a worker id's liveness key, if this process still holds it.
+-- Release a worker id, if this process still holds it.
 --
 -- KEYS[1]  worker key ({NS}:workers:<worker_id>)
+-- KEYS[2]  the ids of workers that started in the namespace ({NS}:workers)
 -- ARGV[1]  this process's token
+-- ARGV[2]  this worker's id
 --
 -- Returns 1 when released, 0 when another process holds the id.
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+-- allow-oom: it only deletes.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1

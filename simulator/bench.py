@@ -22,11 +22,12 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from lending import checker
-from lending.cluster import namespace_url
-from lending.connection import Tls, make_client
+from lending.ops import checker
+from lending.redis.cluster import namespace_url
+from lending.settings import Tls
+from lending.redis.connection import make_client
 from lending.keys import Keys
-from lending.stream import Entries, text
+from lending.redis.replies import Entries, text
 
 from .deployment import Deployment, process_cpu_s, process_rss_mb
 from .driver import Driver
@@ -117,7 +118,7 @@ async def _drain_on(client: Redis, url: str, namespace: str, options: BenchOptio
         first = cast(Entries, await client.xrange(keys.events, count=1))
         last = cast(Entries, await client.xrevrange(keys.events, count=1))
         span_ms = max(1, _ms(text(last[0][0])) - _ms(text(first[0][0])))
-        report = await checker.check(client, namespace, 5, 20, wait_quiescent_s=60)
+        report = await checker.check(client, namespace, wait_quiescent_s=60)
     finally:
         await asyncio.to_thread(deployment.stop)
     n = options.requests

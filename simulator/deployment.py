@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lending.embedded import EmbeddedRedis, free_port
+from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.worker import READY_MESSAGE
 
 MAIN = Path(__file__).resolve().parent.parent / "main.py"

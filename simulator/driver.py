@@ -12,9 +12,9 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
-from lending.events import Event
+from lending.domain.events import Event
 from lending.keys import Keys
-from lending.stream import Entries, StreamsReply, is_transient, text
+from lending.redis.replies import Entries, StreamsReply, is_transient, text
 
 from .stats import RunReport, latency_summary
 from .workload import Request, Workload

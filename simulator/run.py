@@ -15,11 +15,12 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
-from lending import checker
-from lending.cluster import namespace_url
-from lending.connection import Tls, make_client
+from lending.ops import checker
+from lending.redis.cluster import namespace_url
+from lending.settings import Tls
+from lending.redis.connection import make_client
 from lending.keys import Keys
-from lending.stream import is_transient
+from lending.redis.replies import is_transient
 
 from .deployment import Deployment
 from .driver import Driver
@@ -201,10 +202,7 @@ async def _run(options: RunOptions, deployment: Deployment, client: Redis) -> Ru
     }
     if memory is not None:
         report.memory = memory.as_json(options.maxmemory or 0)
-    result = await checker.check(
-        client, options.namespace, options.max_books_per_user, options.storage_capacity,
-        wait_quiescent_s=options.quiescence_timeout_s,
-    )
+    result = await checker.check(client, options.namespace, wait_quiescent_s=options.quiescence_timeout_s)
     report.check = result.as_json()
     return report
 

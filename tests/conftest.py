@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, free_port
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker

@@ -14,10 +14,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from lending.client import wait_for_event
-from lending.events import Event
+from lending.domain.events import Event
 from lending.keys import Keys
-from lending.service import LendingService
-from lending.stream import Delivery
+from lending.service.lending import LendingService
+from lending.redis.consumer import Delivery
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,12 +10,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from lending import retention
-from lending.acl import sender_user_rules, worker_user_rules
+from lending.ops import retention
+from lending.ops import monitoring
+from lending.ops.acl import sender_user_rules, worker_user_rules
 from lending.client import submit, wait_for_event
-from lending.connection import make_client
+from lending.redis.connection import make_client
 from lending.keys import Keys
-from lending.status import read_status
+from lending.ops.status import read_status
 
 from .conftest import StartWorker
 
@@ -72,8 +73,8 @@ async def test_service_user_can_trim_read_status_and_dead_letter(
     client = make_client(url)
     try:
         await retention.trim(client, keys, events_maxlen=10)
-        await worker.metrics.refresh(client, keys)
-        await read_status(client, namespace, 5, 20)
+        await monitoring.refresh(worker.metrics, client, keys)
+        await read_status(client, namespace)
         assert await redis.xlen(keys.dead_letters) == 1
     finally:
         await client.aclose()

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from lending import checker
-from lending.checker import GroupState, Snapshot, Violation, check_state
-from lending.embedded import free_port
+from lending.settings import Limits
+from lending.ops import checker
+from lending.ops.checker import GroupState, Snapshot, Violation, check_state
+from lending.redis.embedded import free_port
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.worker import Worker
 
@@ -391,7 +392,7 @@ async def test_a_namespace_worked_by_a_real_worker_is_clean(
 ) -> None:
     await lend_and_return_a_few_books(redis, keys, start_worker)
 
-    report = await checker.check(redis, keys.namespace, LIMIT, CAPACITY, wait_quiescent_s=10)
+    report = await checker.check(redis, keys.namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))
 
     assert report.quiescent
     assert report.violations == []
@@ -407,7 +408,7 @@ async def test_trimming_processed_entries_from_a_request_stream_is_no_violation(
 
     # Every entry is acknowledged and has its event: an operator may trim the stream.
     await redis.xtrim(keys.lend_requests, maxlen=keep, approximate=False)
-    report = await checker.check(redis, keys.namespace, LIMIT, CAPACITY)
+    report = await checker.check(redis, keys.namespace, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))
 
     assert report.quiescent
     assert report.violations == []
@@ -418,11 +419,11 @@ async def test_the_checker_catches_a_corrupted_namespace(
     redis: Redis, keys: Keys, start_worker: StartWorker, corrupt: Corrupt, invariant: str
 ) -> None:
     worker = await lend_and_return_a_few_books(redis, keys, start_worker)
-    assert (await checker.check(redis, keys.namespace, LIMIT, CAPACITY, wait_quiescent_s=10)).clean
+    assert (await checker.check(redis, keys.namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))).clean
     await stop(worker, redis, keys)
 
     offending_key = await corrupt(redis, keys)
-    report = await checker.check(redis, keys.namespace, LIMIT, CAPACITY)
+    report = await checker.check(redis, keys.namespace, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))
 
     assert not report.clean
     assert any(v.invariant == invariant and offending_key in v.keys for v in report.violations), (
@@ -452,15 +453,12 @@ async def run_check(redis_url: str, namespace: str, *args: str) -> Run:
     return Run(proc.returncode, out.decode(), err.decode())
 
 
-LIMITS = ("--max-books-per-user", str(LIMIT), "--storage-capacity", str(CAPACITY))
-
-
 async def test_check_command_says_ok_and_exits_0_when_consistent(
     redis: Redis, redis_url: str, keys: Keys, start_worker: StartWorker
 ) -> None:
     await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
 
-    run = await run_check(redis_url, keys.namespace, *LIMITS)
+    run = await run_check(redis_url, keys.namespace)
 
     assert run.code == 0, run
     assert run.out.startswith("OK"), run
@@ -475,7 +473,7 @@ async def test_check_command_lists_every_violation_and_exits_1(
     count_key = await incr_a_count(redis, keys)
     await hset_a_lost_book_in_shelving(redis, keys)
 
-    run = await run_check(redis_url, keys.namespace, *LIMITS)
+    run = await run_check(redis_url, keys.namespace)
 
     assert run.code == 1, run
     assert run.out.startswith("FAILED: 2 violation(s)"), run
@@ -485,21 +483,33 @@ async def test_check_command_lists_every_violation_and_exits_1(
 
 
 @pytest.mark.parametrize(
-    ("limits", "invariant"),
+    ("limit", "invariant"),
     [
-        (("--max-books-per-user", "1"), "count-within-limit"),  # carol holds 2
-        (("--storage-capacity", "1"), "storage-within-capacity"),  # storage holds 2
+        ("max_books_per_user", "count-within-limit"),  # carol holds 2
+        ("storage_capacity", "storage-within-capacity"),  # storage holds 2
     ],
 )
-async def test_check_command_assumes_the_limits_it_is_given(
-    redis: Redis, redis_url: str, keys: Keys, start_worker: StartWorker, limits: tuple[str, ...], invariant: str
+async def test_check_command_checks_against_the_limits_the_workers_published(
+    redis: Redis, redis_url: str, keys: Keys, start_worker: StartWorker, limit: str, invariant: str
 ) -> None:
     await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
+    run = json.loads((await run_check(redis_url, keys.namespace, "--json")).out)
+    assert run["limits"] == {"max_books_per_user": LIMIT, "max_books_per_request": 50, "storage_capacity": 2}
+    assert run["limits_published"] is True
 
-    run = await run_check(redis_url, keys.namespace, *limits, "--json")
+    await redis.hset(keys.config, limit, 1)  # as if the workers had run with a limit of 1
+    run_1 = await run_check(redis_url, keys.namespace, "--json")
 
-    assert run.code == 1, run
-    assert [v["invariant"] for v in json.loads(run.out)["violations"]] == [invariant]
+    assert run_1.code == 1, run_1
+    assert [v["invariant"] for v in json.loads(run_1.out)["violations"]] == [invariant]
+
+
+async def test_check_command_assumes_the_defaults_when_no_worker_published_limits(
+    redis_url: str, keys: Keys
+) -> None:
+    run = await run_check(redis_url, keys.namespace)
+    assert run.code == 0, run
+    assert "defaults: no worker has published its limits" in run.out
 
 
 @pytest.mark.parametrize("corrupt", [None, sadd_a_lent_book_to_storage], ids=["clean", "corrupt"])
@@ -509,7 +519,7 @@ async def test_check_command_json_report(
     await stop(await lend_and_return_a_few_books(redis, keys, start_worker), redis, keys)
     offending_key = await corrupt(redis, keys) if corrupt else None
 
-    run = await run_check(redis_url, keys.namespace, *LIMITS, "--json")
+    run = await run_check(redis_url, keys.namespace, "--json")
 
     report = json.loads(run.out)
     assert report["quiescent"] is True
@@ -517,8 +527,9 @@ async def test_check_command_json_report(
         assert (run.code, report["clean"], report["violations"]) == (0, True, [])
     else:
         assert (run.code, report["clean"]) == (1, False)
-        assert [(v["invariant"], offending_key in v["keys"]) for v in report["violations"]] == [
-            ("storage-not-lent", True)
+        # Storage is full (the workers' capacity is 2), so the extra book also overfills it.
+        assert sorted((v["invariant"], offending_key in v["keys"]) for v in report["violations"]) == [
+            ("storage-not-lent", True), ("storage-within-capacity", True)
         ]
         assert all(isinstance(v["message"], str) and v["message"] for v in report["violations"])
 

@@ -24,7 +24,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lending.connection import make_client
+from lending.redis.connection import make_client
 from lending.keys import LENDING_GROUP, Keys
 
 from .support import ROOT, event_for, process_env, run_get_books, send, stop_process, wait_until

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from lending import checker
-from lending.cluster import SlotOwner, cluster_client
-from lending.embedded import free_port, redis_cli_path, redis_server_path
+from lending.ops import checker
+from lending.redis.cluster import SlotOwner, cluster_client
+from lending.redis.embedded import free_port, redis_cli_path, redis_server_path
 from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker

@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, Keys
-from lending.shelving import Grant
+from lending.service.shelving import Grant
 from lending.worker import Worker
 
 from .conftest import StartWorker

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, Found, PidFile, classify, data_dir_lock, free_port, read_pid_file
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, Found, PidFile, classify, data_dir_lock, free_port, read_pid_file
 from lending.keys import LENDING_GROUP, Keys
 
 from .support import ROOT, event_for, wait_until

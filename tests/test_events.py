@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lending.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, STATUSES, Event
+from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, STATUSES, Event
 
 CONTRACT_FIELDS = ["request_id", "action", "user_id", "status", "books", "skipped", "reason"]
 

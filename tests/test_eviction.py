@@ -20,10 +20,10 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from lending.acl import worker_user_rules
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, free_port
-from lending.eviction import judge, read_policy
+from lending.ops.acl import worker_user_rules
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.redis.eviction import judge, read_policy
 from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker

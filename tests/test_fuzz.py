@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from lending import checker
-from lending.connection import make_client
-from lending.events import Event
+from lending.ops import checker
+from lending.redis.connection import make_client
+from lending.domain.events import Event
 from lending.keys import ACTIONS, LEND, Keys
-from lending.settings import Settings
+from lending.settings import Limits, Settings
 from lending.worker import Worker
 
 from .support import event_for, send, wait_until
@@ -165,9 +165,7 @@ async def events_for(
 
 
 async def assert_consistent(redis: Redis, keys: Keys, settings: Settings) -> None:
-    report = await checker.check(
-        redis, keys.namespace, settings.max_books_per_user, settings.storage_capacity, wait_quiescent_s=10
-    )
+    report = await checker.check(redis, keys.namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=settings.storage_capacity))
     assert report.quiescent
     assert report.violations == []
 

@@ -23,8 +23,8 @@ from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.client import NoOutcome, Progress, Refused, Unreachable, failure_outcome
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, free_port
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
 

@@ -13,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
-from lending.checker import check
+from lending.ops.checker import check
 from lending.faults import FAULT_EXIT_CODE
 from lending.keys import LENDING_GROUP, Keys
-from lending.scripts import Scripts
-from lending.service import LendingService
-from lending.settings import Settings
-from lending.shelving import Grant, ShelvingService
-from lending.stream import Delivery, ensure_group
+from lending.redis.scripts import Scripts
+from lending.service.lending import LendingService
+from lending.settings import Limits, Settings
+from lending.service.shelving import Grant
+from lending.service.shelving_mock import ShelvingService
+from lending.redis.consumer import Delivery, ensure_group
 
 from .conftest import StartWorker
 from .support import event_for, process_one, send, start_worker_process, stop_process, wait_until
@@ -91,7 +93,7 @@ async def test_a_late_grant_survives_a_watch_conflict_and_goes_back(
 
     assert await redis.hlen(keys.shelving_state) == 0, "a grant to a finished request was lost"
     assert await redis.hlen(keys.grants) == 0
-    report = await check(redis, keys.namespace, settings.max_books_per_user, settings.storage_capacity)
+    report = await check(redis, keys.namespace, limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=settings.storage_capacity))
     assert report.clean, report.violations
 
 
@@ -145,6 +147,9 @@ async def test_a_worker_frozen_in_its_shelving_call_loses_no_book(
     try:
         entry = await send(redis, keys, "lend", "ada", ["b1"])
         await wait_until(lambda: _pending_on(redis, keys, entry, "A"))
+        # A reserves in a few milliseconds, then its shelving call takes 1.5 s or more:
+        # stopped now, it is stopped inside the call.
+        await asyncio.sleep(0.3)
         os.kill(a.pid, signal.SIGSTOP)
         b = start_worker_process("B", redis_url, namespace, *common, "--reconcile-interval-ms", "300")
         event = await event_for(redis, keys, "lend", entry, timeout_s=15)
@@ -154,10 +159,13 @@ async def test_a_worker_frozen_in_its_shelving_call_loses_no_book(
         await wait_until(lambda: _nothing_handed_out(redis, keys))
 
         os.kill(a.pid, signal.SIGCONT)
-        assert a.wait(timeout=15) == FAULT_EXIT_CODE  # handed b1 out anew, then died
+        try:
+            assert a.wait(timeout=15) == FAULT_EXIT_CODE  # handed b1 out anew, then died
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"A did not reach its fault point:\n{stop_process(a)[2][-3000:]}") from None
         await wait_until(lambda: _nothing_handed_out(redis, keys), timeout_s=10)
         assert await redis.hlen(keys.grants) == 0
-        report = await check(redis, namespace, settings.max_books_per_user, 0, wait_quiescent_s=10)
+        report = await check(redis, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=0))
         assert report.clean, report.violations
     finally:
         if a.poll() is None:

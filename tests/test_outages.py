@@ -22,15 +22,15 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from lending.backoff import jittered, retry_backoff_s
-from lending.checker import check
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, free_port
+from lending.domain.backoff import jittered, retry_backoff_s
+from lending.ops.checker import check
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.errors import ConfigError
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
-from lending.settings import Settings
-from lending.stream import ensure_group
-from lending.streamids import MAX_ID
+from lending.settings import Limits, Settings
+from lending.redis.consumer import ensure_group
+from lending.domain.streamids import MAX_ID
 
 from .conftest import StartWorker
 from .support import all_events, event_for, send, start_worker_process, stop_process, wait_until
@@ -124,7 +124,7 @@ async def test_out_of_memory_requests_wait_and_are_processed_once_memory_is_back
             assert event.status == "accepted", event
         assert await client.xlen(keys.dead_letters) == 0
         assert len(await all_events(client, keys)) == len(lends)
-        report = await check(client, namespace, 5, 2, wait_quiescent_s=10)
+        report = await check(client, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=5, storage_capacity=2))
         assert report.clean, report.violations
     finally:
         if worker.poll() is None:

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from lending.backoff import retry_backoff_s
-from lending.policy import NOTHING_AVAILABLE, LoanDecision, decide_loan, nothing_to_return_reason
+from lending.domain.backoff import retry_backoff_s
+from lending.domain.policy import NOTHING_AVAILABLE, LoanDecision, decide_loan, nothing_to_return_reason
 
 
 @pytest.mark.parametrize(("held", "limit"), [(0, 5), (3, 5), (5, 5), (9, 5), (0, 1)])

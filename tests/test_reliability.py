@@ -12,14 +12,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, free_port
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
-from lending.scripts import Scripts
-from lending.service import LendingService
+from lending.redis.scripts import Scripts
+from lending.service.lending import LendingService
 from lending.settings import Settings
-from lending.shelving import Grant, ShelvingService
-from lending.stream import Delivery, ensure_group
+from lending.service.shelving import Grant
+from lending.service.shelving_mock import ShelvingService
+from lending.redis.consumer import Delivery, ensure_group
 from lending.worker import Worker
 
 from .conftest import StartWorker

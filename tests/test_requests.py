@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lending.requests import MAX_ID_LENGTH, BookRequest, Rejection, id_problem, parse_request
+from lending.domain.requests import MAX_ID_LENGTH, BookRequest, Rejection, id_problem, parse_request
 
 MAX_BOOKS = 50
 

@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from lending import checker
+from lending.settings import Limits
+from lending.ops import checker
 from lending.keys import LENDING_GROUP, Keys
-from lending.retention import first_needed, next_id, safe_trim_id, trim
-from lending.stream import ensure_group
+from lending.ops.retention import first_needed, next_id, safe_trim_id, trim
+from lending.redis.consumer import ensure_group
 
 from .conftest import StartWorker
 from .support import AcksAfterXinfo, event_for, send, wait_until
@@ -62,7 +63,7 @@ async def test_a_long_run_stays_bounded_and_the_checker_still_passes(
 
     assert await redis.xlen(keys.events) < 300  # about 100: Redis trims whole nodes
     assert await redis.exists(keys.events_trimmed_to)
-    report = await checker.check(redis, namespace, 5, 20, wait_quiescent_s=10)
+    report = await checker.check(redis, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=5, storage_capacity=20))
     assert report.quiescent and report.clean, report.violations
 
 

@@ -9,14 +9,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from lending.events import Event
+from lending.domain.events import Event
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
-from lending.policy import NOTHING_AVAILABLE
-from lending.scripts import Scripts
+from lending.domain.policy import NOTHING_AVAILABLE
+from lending.redis.scripts import Scripts
 from lending.settings import Settings
-from lending.service import LendingService
-from lending.shelving import Grant, ShelvingService
-from lending.stream import Delivery, ensure_group
+from lending.service.lending import LendingService
+from lending.service.shelving import Grant
+from lending.service.shelving_mock import ShelvingService
+from lending.redis.consumer import Delivery, ensure_group
 
 from .conftest import StartWorker
 from .support import process_one, all_events, event_for, send, send_raw, wait_until

@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 from redis.asyncio import Redis
 
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, free_port
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.keys import Keys
 from simulator.cli import main
 from simulator.deployment import Deployment

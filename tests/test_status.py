@@ -9,8 +9,8 @@ import sys
 from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, Keys
-from lending.status import read_group, read_status, render
-from lending.stream import ensure_group
+from lending.ops.status import read_group, read_status, render
+from lending.redis.consumer import ensure_group
 
 from .conftest import StartWorker
 from .support import ROOT, AcksAfterXinfo, event_for, send
@@ -27,7 +27,7 @@ async def test_status_of_a_busy_namespace(redis: Redis, keys: Keys, namespace: s
     await event_for(redis, keys, "lend", await send(redis, keys, "lend", "ada", ["b3", "b4"]))  # ada at 5
     await redis.sadd(keys.storage, "s1")
 
-    status = await read_status(redis, namespace, max_books_per_user=5, storage_capacity=20)
+    status = await read_status(redis, namespace)
 
     assert status["streams"]["lend-requests"] == 4 and status["streams"]["events"] == 4
     lend_group, return_group, shelving_group = status["groups"]
@@ -46,7 +46,7 @@ async def test_lag_counts_unread_entries(redis: Redis, keys: Keys, namespace: st
     await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
     for n in range(3):
         await send(redis, keys, "lend", "ada", [f"b{n}"])
-    status = await read_status(redis, namespace, 5, 20)
+    status = await read_status(redis, namespace)
     assert status["groups"][0]["lag"] == 3
     assert status["workers"] == []
 

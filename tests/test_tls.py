@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lending.connection import Tls, make_client
-from lending.embedded import free_port, redis_server_path
+from lending.settings import Tls
+
+from lending.redis.connection import make_client
+from lending.redis.embedded import free_port, redis_server_path
 from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker

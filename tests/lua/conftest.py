@@ -20,13 +20,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
-from lending.connection import make_client
-from lending.embedded import EmbeddedRedis, free_port
-from lending.events import Event
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.domain.events import Event
 from lending.keys import LENDING_GROUP, Keys
-from lending.scripts import Scripts
-from lending.stream import ensure_group
-from lending.streamids import MAX_ID
+from lending.redis.scripts import Scripts
+from lending.redis.consumer import ensure_group
+from lending.domain.streamids import MAX_ID
 
 T = TypeVar("T")
 

@@ -13,10 +13,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
-from lending.commit import Lend, Record, Reject, Return, encode_commit
-from lending.events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
+from lending.domain.commit import Lend, Record, Reject, Return, encode_commit
+from lending.domain.events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
 from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
-from lending.scripts import Scripts
+from lending.redis.scripts import Scripts
 
 from .conftest import (
     assert_unchanged,

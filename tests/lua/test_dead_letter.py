@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from lending.keys import SHELVING_GROUP, Keys
-from lending.scripts import Arg, Scripts
+from lending.redis.scripts import Arg, Scripts
 
 from .conftest import (
     assert_reads_then_writes,

@@ -9,10 +9,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
-from lending.commit import Fail, encode_finish
-from lending.events import FAILED, Event
+from lending.domain.commit import Fail, encode_finish
+from lending.domain.events import FAILED, Event
 from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
-from lending.scripts import Arg, Scripts
+from lending.redis.scripts import Arg, Scripts
 
 from .conftest import (
     assert_unchanged,

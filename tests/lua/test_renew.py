@@ -8,8 +8,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, Keys
-from lending.scripts import Arg, Scripts
-from lending.streamids import id_range
+from lending.redis.scripts import Arg, Scripts
+from lending.domain.streamids import id_range
 
 from .conftest import finished_entry, is_pending, out_of_memory, pending_entry, text
 

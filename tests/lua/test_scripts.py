@@ -5,7 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from lending.keys import Keys
-from lending.scripts import Scripts, _lua_dir
+from lending.redis.scripts import Scripts, _lua_dir
 
 
 async def test_every_lua_file_is_registered(scripts: Scripts) -> None:

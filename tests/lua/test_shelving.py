@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio import Redis
 
 from lending.keys import SHELVING_GROUP, Keys
-from lending.scripts import Arg, Scripts
+from lending.redis.scripts import Arg, Scripts
 
 from .conftest import assert_unchanged, hash_of, is_pending, out_of_memory, pending_entry, snapshot
 

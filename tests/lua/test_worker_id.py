@@ -1,70 +1,109 @@
-"""worker_claim.lua and worker_release.lua: one live process per worker id."""
+"""worker_claim.lua, worker_renew.lua and worker_release.lua: one live process per
+worker id, a registry of the namespace's workers, and one set of lending limits.
+
+``WorkerId`` is the one caller of these scripts (it lays out their arguments); the
+tests go through it and assert on the keys the scripts write.
+"""
 
 from __future__ import annotations
 
+import pytest
 from redis.asyncio import Redis
 
+from lending.errors import LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
-from lending.scripts import Scripts
+from lending.redis.scripts import Scripts
+from lending.redis.workers import WorkerId, live_workers, read_limits
+from lending.settings import Limits
 
 from .conftest import out_of_memory
 
 
-async def test_worker_claim_and_renew(redis: Redis, keys: Keys, scripts: Scripts) -> None:
-    key = keys.worker("w1")
-    assert await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0]) == 1
-    assert await redis.get(key) == b"token-a"
-    assert 0 < await redis.pttl(key) <= 10_000
-
-    # Renewing with the same token extends the TTL.
-    await redis.pexpire(key, 500)
-    assert await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0]) == 1
-    assert await redis.pttl(key) > 5_000
+def holder(redis: Redis, scripts: Scripts, keys: Keys, token: str, worker_id: str = "w1") -> WorkerId:
+    return WorkerId(redis, scripts, keys, worker_id, token, 10_000)
 
 
-async def test_worker_claim_refuses_another_token_unless_forced(redis: Redis, keys: Keys, scripts: Scripts) -> None:
-    key = keys.worker("w1")
-    await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0])
+async def test_claim_holds_the_id_registers_it_and_publishes_the_limits(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    await holder(redis, scripts, keys, "token-a").claim(Limits(storage_capacity=7))
+    assert await redis.get(keys.worker("w1")) == b"token-a"
+    assert 0 < await redis.pttl(keys.worker("w1")) <= 10_000
+    assert await redis.smembers(keys.workers) == {b"w1"}
+    assert await read_limits(redis, keys) == Limits(storage_capacity=7)
+    assert set(await live_workers(redis, keys)) == {"w1"}
 
-    assert await scripts.worker_claim(redis, [key], ["token-b", 10_000, 0]) == 0
-    assert await redis.get(key) == b"token-a"
 
-    assert await scripts.worker_claim(redis, [key], ["token-b", 10_000, 1]) == 1
-    assert await redis.get(key) == b"token-b"
-    assert await redis.pttl(key) > 0
-    # The old holder's next renewal now fails: it has lost the id.
-    assert await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0]) == 0
+async def test_renew_extends_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits())
+    await redis.pexpire(keys.worker("w1"), 500)
+    assert await a.renew()
+    assert await redis.pttl(keys.worker("w1")) > 5_000
+
+
+async def test_claim_refuses_another_token_unless_forced(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    a, b = holder(redis, scripts, keys, "token-a"), holder(redis, scripts, keys, "token-b")
+    await a.claim(Limits())
+
+    with pytest.raises(WorkerIdTaken):
+        await b.claim(Limits())
+    assert await redis.get(keys.worker("w1")) == b"token-a"
+
+    await b.claim(Limits(), force=True)
+    assert await redis.get(keys.worker("w1")) == b"token-b"
+    assert not await a.renew()  # the old holder has lost the id
 
 
 async def test_worker_id_is_free_again_after_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
-    key = keys.worker("w1")
-    await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0])
-    await redis.delete(key)  # as if the TTL had passed
-    assert await scripts.worker_claim(redis, [key], ["token-b", 10_000, 0]) == 1
+    await holder(redis, scripts, keys, "token-a").claim(Limits())
+    await redis.delete(keys.worker("w1"))  # as if the TTL had passed
+    await holder(redis, scripts, keys, "token-b").claim(Limits())
+    assert await redis.get(keys.worker("w1")) == b"token-b"
 
 
-async def test_worker_release_only_by_the_holder(redis: Redis, keys: Keys, scripts: Scripts) -> None:
-    key = keys.worker("w1")
-    await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0])
+async def test_release_only_by_the_holder(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits())
+    await holder(redis, scripts, keys, "token-b").release()
+    assert await redis.get(keys.worker("w1")) == b"token-a"
 
-    assert await scripts.worker_release(redis, [key], ["token-b"]) == 0
-    assert await redis.get(key) == b"token-a"
-
-    assert await scripts.worker_release(redis, [key], ["token-a"]) == 1
-    assert not await redis.exists(key)
-    assert await scripts.worker_release(redis, [key], ["token-a"]) == 0
+    await a.release()
+    assert not await redis.exists(keys.worker("w1"))
+    assert await redis.smembers(keys.workers) == set()
 
 
-async def test_worker_claim_renews_while_redis_is_out_of_memory(
-    each_server: Redis, keys: Keys, scripts: Scripts
+async def test_a_worker_with_other_limits_is_refused_while_one_lives(
+    redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
+    await holder(redis, scripts, keys, "token-a", "w1").claim(Limits(max_books_per_user=5))
+    with pytest.raises(LimitsDiffer) as refused:
+        await holder(redis, scripts, keys, "token-b", "w2").claim(Limits(max_books_per_user=3))
+    assert (refused.value.worker_id, refused.value.field, refused.value.theirs, refused.value.mine) == (
+        "w1", "max_books_per_user", "5", "3")
+    assert await read_limits(redis, keys) == Limits(max_books_per_user=5)
+    assert not await redis.exists(keys.worker("w2"))
+
+    # The same limits are fine; once w1 is gone, new limits take over.
+    await holder(redis, scripts, keys, "token-c", "w3").claim(Limits(max_books_per_user=5))
+    await redis.delete(keys.worker("w1"), keys.worker("w3"))  # both died
+    await holder(redis, scripts, keys, "token-b", "w2").claim(Limits(max_books_per_user=3))
+    assert await read_limits(redis, keys) == Limits(max_books_per_user=3)
+    assert await redis.smembers(keys.workers) == {b"w2"}, "dead workers leave the set"
+
+
+async def test_read_limits_without_any_worker(redis: Redis, keys: Keys) -> None:
+    assert await read_limits(redis, keys) is None
+
+
+async def test_renew_works_while_redis_is_out_of_memory(each_server: Redis, keys: Keys, scripts: Scripts) -> None:
     # A renewal is a PEXPIRE: a live worker stays visible (allow-oom on Redis 7).
     redis = each_server
-    key = keys.worker("w1")
-    await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0])
-    await redis.pexpire(key, 500)
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits())
+    await redis.pexpire(keys.worker("w1"), 500)
 
     async with out_of_memory(redis):
-        assert await scripts.worker_claim(redis, [key], ["token-a", 10_000, 0]) == 1
+        assert await a.renew()
 
-    assert await redis.pttl(key) > 5_000
+    assert await redis.pttl(keys.worker("w1")) > 5_000

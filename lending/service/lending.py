@@ -25,19 +25,20 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 
-from .commit import Fail, Lend, encode_commit, encode_finish
-from .errors import Contention
-from .events import FAILED, Event
-from .faults import fault_point
-from .keys import LEND, LENDING_GROUP, RETURN, Keys
-from .metrics import Metrics
-from .policy import decide_batch
-from .requests import BookRequest, Rejection, parse_request
-from .scripts import Arg, Scripts
-from .settings import Settings
-from .shelving import Grant, Shelving
-from .stream import Delivery, text
-from .streamids import id_key, id_range
+from lending.domain.commit import Fail, Lend, encode_commit, encode_finish
+from lending.errors import Contention
+from lending.domain.events import FAILED, Event
+from lending.faults import fault_point
+from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
+from lending.metrics import Metrics
+from lending.domain.policy import decide_batch
+from lending.domain.requests import BookRequest, Rejection, parse_request
+from lending.redis.scripts import Arg, Scripts
+from lending.settings import Settings
+from lending.service.shelving import Grant, Shelving
+from lending.redis.consumer import Delivery
+from lending.redis.replies import text
+from lending.domain.streamids import id_key, id_range
 
 log = structlog.get_logger(__name__)
 

@@ -2,37 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import eviction
-from .keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.redis import eviction
+from lending.keys import REQUEST_TYPES, Keys
+from lending.redis.workers import live_workers, read_limits
+from lending.settings import Limits
 
 LAG_SCAN_LIMIT = 10_000  # Redis 6.2 reports no lag: count unread entries up to this
 
 
-async def read_status(client: Redis, namespace: str, max_books_per_user: int, storage_capacity: int) -> dict[str, Any]:
-    """A snapshot of the namespace: streams, groups, workers, storage, loans."""
+async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
+    """A snapshot of the namespace: streams, groups, workers, storage, loans, against the
+    limits its workers published (the defaults when none did)."""
     keys = Keys(namespace)
-    workers = {}
-    async for raw in client.scan_iter(match=keys.pattern("workers:*"), count=1000):
-        key = _str(raw)
-        workers[key.removeprefix(keys.worker(""))] = await client.pttl(key)
-    groups = [await read_group(client, stream, group, set(workers)) for stream, group in consumed_streams(keys)]
+    published = await read_limits(client, keys)
+    limits = published or Limits()
+    workers = await live_workers(client, keys)
+    groups = [await read_group(client, stream, group, set(workers)) for stream, group in keys.consumed()]
     at_limit = 0
     async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
         value = await client.get(raw)
-        if value is not None and int(value) >= max_books_per_user:
+        if value is not None and value.isdigit() and int(value) >= limits.max_books_per_user:
             at_limit += 1
     return {
         "namespace": namespace,
         "streams": {
             name: await client.xlen(key)
             for name, key in (
-                ("lend-requests", keys.lend_requests),
-                ("return-requests", keys.return_requests),
+                *((t.stream, keys.requests(t.action)) for t in REQUEST_TYPES),
                 ("events", keys.events),
                 ("shelving:returns", keys.shelving_returns),
                 ("dead-letters", keys.dead_letters),
@@ -40,21 +42,13 @@ async def read_status(client: Redis, namespace: str, max_books_per_user: int, st
         },
         "groups": groups,
         "workers": [{"worker_id": w, "ttl_ms": ttl} for w, ttl in sorted(workers.items())],
-        "storage": {"books": await client.scard(keys.storage), "capacity": storage_capacity},
+        "storage": {"books": await client.scard(keys.storage), "capacity": limits.storage_capacity},
+        "limits": {**dataclasses.asdict(limits), "published": published is not None},
         "books_lent": await client.hlen(keys.lent_books),
         "users_at_limit": at_limit,
         "dead_letters": await client.xlen(keys.dead_letters),
         "maxmemory_policy": await eviction.read_policy(client),  # None: INFO refused
     }
-
-
-def consumed_streams(keys: Keys) -> list[tuple[str, str]]:
-    """Each stream of the namespace with the consumer group that reads it."""
-    return [
-        (keys.lend_requests, LENDING_GROUP),
-        (keys.return_requests, LENDING_GROUP),
-        (keys.shelving_returns, SHELVING_GROUP),
-    ]
 
 
 async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> dict[str, Any]:
@@ -112,6 +106,7 @@ def render(status: dict[str, Any]) -> str:
         f"storage           {status['storage']['books']} / {status['storage']['capacity']}",
         f"books lent        {status['books_lent']}",
         f"users at limit    {status['users_at_limit']}",
+        "limits            " + _limits_line(status["limits"]),
         f"dead letters      {status['dead_letters']}",
         f"maxmemory-policy  {status['maxmemory_policy'] or 'unknown'}",
     ]
@@ -123,3 +118,9 @@ def render(status: dict[str, Any]) -> str:
 
 def _str(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _limits_line(limits: dict[str, Any]) -> str:
+    line = (f"{limits['max_books_per_user']} books per user, {limits['max_books_per_request']} per request, "
+            f"storage capacity {limits['storage_capacity']}")
+    return line if limits["published"] else line + " (defaults: no worker has published its limits)"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .commit import Lend, Record, Reject, Return
-from .events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
-from .keys import LEND, RETURN
-from .requests import BookRequest, Rejection
+from lending.domain.commit import Lend, Record, Reject, Return
+from lending.domain.events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
+from lending.keys import LEND, RETURN
+from lending.domain.requests import BookRequest, Rejection
 
 
 @dataclass(frozen=True)

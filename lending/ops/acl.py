@@ -7,7 +7,7 @@ its scripts) use; the sender user may only add requests and read events.
 
 from __future__ import annotations
 
-from .keys import Keys
+from lending.keys import Keys
 
 # Connection housekeeping redis-py does on its own. (Its CLIENT SETINFO is optional:
 # redis-py ignores a refusal, and Redis 7.0 does not know the subcommand in ACL rules.)
@@ -40,7 +40,7 @@ def sender_user_rules(namespace: str) -> list[str]:
     """Rules for get_books: add requests, read events, nothing else."""
     keys = Keys(namespace)
     return [
-        "resetkeys", "resetchannels", f"~{keys.lend_requests}", f"~{keys.return_requests}", f"~{keys.events}",
+        "resetkeys", "resetchannels", *(f"~{stream}" for stream in keys.request_streams), f"~{keys.events}",
         "-@all", *(f"+{c}" for c in SENDER_COMMANDS),
     ]
 

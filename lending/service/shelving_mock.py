@@ -1,51 +1,23 @@
-"""The shelving service: what the lending service needs of it, and a mock of it.
+"""A mock of the remote shelving service, run by every worker beside the lending service.
 
-Books are handed out with an idempotent ``get_book(book_id, context_id)`` (asked many
-at a time): asking again with the same context answers yes again. Every hand-out is
-recorded in the library's grants ledger in the same atomic step. Books come back
-through the ``{NS}:shelving:returns`` stream, consumed by the ``shelving-service``
-group, each with the context it was handed out to.
+It implements ``service.shelving.Shelving`` on the namespace's own Redis
+(``shelving_get.lua``: the hand-out and its ledger record in one step), and consumes
+``{NS}:shelving:returns`` as the ``shelving-service`` group.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import random
 from collections.abc import Sequence
-from typing import Protocol
 
 from redis.asyncio import Redis
 
-from .errors import LendingError
-from .faults import fault_point
-from .keys import SHELVING_GROUP, Keys
-from .scripts import Scripts
-from .stream import Delivery
-
-
-class Grant(enum.IntEnum):
-    """The shelving service's answer for one book."""
-
-    REFUSED = 0  # handed out to another context
-    NEW = 1  # handed out to this context now
-    HELD = 2  # already handed out to this context (a retry)
-
-
-class ShelvingUnavailable(LendingError):
-    """The (simulated) remote shelving service failed to answer."""
-
-
-class Shelving(Protocol):
-    """What the lending service asks of the shelving service."""
-
-    async def get_many(self, asks: Sequence[tuple[str, str]]) -> list[Grant]:
-        """Answer ``get_book(book_id, context_id)`` for each ``(book_id, context_id)``.
-
-        A book handed out (``NEW``) must be in ``{NS}:grants`` by the time the call
-        returns, written in the same atomic step as the hand-out. Raises
-        ``ShelvingUnavailable`` when the service does not answer."""
-        ...
+from lending.faults import fault_point
+from lending.keys import SHELVING_GROUP, Keys
+from lending.redis.scripts import Scripts
+from lending.redis.consumer import Delivery
+from lending.service.shelving import Grant, ShelvingUnavailable
 
 
 class ShelvingService:

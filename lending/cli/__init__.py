@@ -15,16 +15,27 @@ from typing import Any, TypeVar
 import click
 from redis.asyncio import Redis
 
-from . import acl, app, checker, dead_letters, eviction, status
-from .client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
-from .cluster import namespace_url
-from .connection import Tls, check_reachable, make_client, redacted
-from .errors import ConfigError, LendingError, RedisUnavailable
-from .events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
-from .keys import LEND, RETURN, Keys
-from .logs import configure_logging
-from .requests import id_problem
-from .settings import DEFAULT_PORT, DEFAULT_REDIS_URL, Settings
+from lending.ops import acl
+
+from lending import app
+
+from lending.ops import checker
+
+from lending.ops import dead_letters
+
+from lending.redis import eviction
+
+from lending.ops import status
+from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
+from lending.redis.cluster import namespace_url
+from lending.settings import Tls
+from lending.redis.connection import check_reachable, make_client, redacted
+from lending.errors import ConfigError, LendingError, RedisUnavailable
+from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
+from lending.keys import LEND, RETURN, Keys
+from lending.logs import configure_logging
+from lending.domain.requests import id_problem
+from lending.settings import DEFAULT_PORT, DEFAULT_REDIS_URL, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -225,8 +236,6 @@ def format_event(event: Event) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @redis_url_option
 @namespace_option
-@_int_option("max-books-per-user", 5, "The per-user limit to assume.")
-@_int_option("storage-capacity", 20, "The storage capacity to assume.")
 @click.option("--wait-quiescent", "wait_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
               metavar="SECONDS", envvar="LENDING_WAIT_QUIESCENT", show_envvar=True,
               help="First wait up to SECONDS for the namespace to become quiescent.")
@@ -234,8 +243,7 @@ def format_event(event: Event) -> str:
               help="Print the report as JSON.")
 @tls_options
 def check_command(
-    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, wait_s: float, as_json: bool,
-    **tls_opts: Any,
+    redis_url: str | None, namespace: str, wait_s: float, as_json: bool, **tls_opts: Any,
 ) -> None:
     """Check the invariants of a namespace; exit 0 when clean, 1 otherwise.
 
@@ -247,15 +255,15 @@ def check_command(
     entry; no reservation is left.
     """
     url = redis_url or DEFAULT_REDIS_URL
-    sys.exit(asyncio.run(_check(url, tls_from_options(tls_opts), namespace, max_books_per_user, storage_capacity, wait_s, as_json)))
+    sys.exit(asyncio.run(_check(url, tls_from_options(tls_opts), namespace, wait_s, as_json)))
 
 
-async def _check(url: str, tls: Tls, namespace: str, limit: int, capacity: int, wait_s: float, as_json: bool) -> int:
+async def _check(url: str, tls: Tls, namespace: str, wait_s: float, as_json: bool) -> int:
     client = await _connect(url, tls, namespace)
     if client is None:
         return 1
     try:
-        report = await checker.check(client, namespace, limit, capacity, wait_s)
+        report = await checker.check(client, namespace, wait_s)
     finally:
         await client.aclose()
     if as_json:
@@ -273,6 +281,9 @@ def format_report(report: checker.Report) -> str:
         lines = [f"FAILED: {len(report.violations)} violation(s) in namespace {report.namespace!r} ({scope} checked)"]
         lines += [f"  [{v.invariant}] {v.message}  keys: {', '.join(v.keys)}" for v in report.violations]
     lines.append(f"maxmemory-policy: {report.maxmemory_policy or 'unknown'}")
+    limits = report.limits
+    lines.append(f"limits: {limits.max_books_per_user} books per user, storage capacity {limits.storage_capacity}"
+                 + ("" if report.limits_published else " (defaults: no worker has published its limits)"))
     verdict = eviction.judge(report.maxmemory_policy)
     if verdict.level != "ok":
         lines.append(f"warning: {verdict.message}")
@@ -282,32 +293,29 @@ def format_report(report: checker.Report) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @redis_url_option
 @namespace_option
-@_int_option("max-books-per-user", 5, "The per-user limit to assume (for 'users at limit').")
-@_int_option("storage-capacity", 20, "The storage capacity to assume.")
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="Print as JSON.")
 @click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
 @tls_options
 def status_command(
-    redis_url: str | None, namespace: str, max_books_per_user: int, storage_capacity: int, as_json: bool, watch: bool,
-    **tls_opts: Any,
+    redis_url: str | None, namespace: str, as_json: bool, watch: bool, **tls_opts: Any,
 ) -> None:
     """Show a namespace: stream lengths, group lag and pending entries (with the oldest
     idle time), live workers, dead consumers holding entries, storage fill, books lent,
     users at their limit and dead letters. Exit 1 if Redis is unreachable."""
     url = redis_url or DEFAULT_REDIS_URL
     try:
-        sys.exit(asyncio.run(_status(url, tls_from_options(tls_opts), namespace, max_books_per_user, storage_capacity, as_json, watch)))
+        sys.exit(asyncio.run(_status(url, tls_from_options(tls_opts), namespace, as_json, watch)))
     except KeyboardInterrupt:
         sys.exit(0)
 
 
-async def _status(url: str, tls: Tls, namespace: str, limit: int, capacity: int, as_json: bool, watch: bool) -> int:
+async def _status(url: str, tls: Tls, namespace: str, as_json: bool, watch: bool) -> int:
     client = await _connect(url, tls, namespace)
     if client is None:
         return 1
     try:
         while True:
-            snapshot = await status.read_status(client, namespace, limit, capacity)
+            snapshot = await status.read_status(client, namespace)
             if as_json:
                 click.echo(json.dumps(snapshot))
             else:

@@ -34,7 +34,7 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .errors import LendingError
+from lending.errors import LendingError
 
 log = structlog.get_logger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from .keys import Keys
-from .stream import Entries, text
+from lending.keys import Keys
+from lending.redis.replies import Entries, text
 
 
 def next_id(entry_id: str) -> str:
@@ -61,7 +61,7 @@ def first_needed(group: Mapping[str, Any], summary: Mapping[str, Any] | None) ->
 async def trim(client: Redis, keys: Keys, events_maxlen: int) -> dict[str, int]:
     """Trim the namespace's streams once; how many entries each lost."""
     removed: dict[str, int] = {}
-    for stream in (keys.lend_requests, keys.return_requests, keys.shelving_returns):
+    for stream, _group in keys.consumed():
         minid = await safe_trim_id(client, stream)
         if minid is not None:
             removed[stream] = int(await client.xtrim(stream, minid=minid, approximate=False))

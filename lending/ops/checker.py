@@ -10,14 +10,17 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import eviction
-from .keys import ACTIONS, LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.redis import eviction
+from lending.keys import ACTIONS, Keys
+from lending.redis.workers import read_limits
+from lending.settings import Limits
 
 PAGE = 10_000
 
@@ -218,6 +221,8 @@ class Report:
     quiescent: bool
     violations: list[Violation]
     maxmemory_policy: str | None = None  # Redis's eviction policy; None: INFO refused
+    limits: Limits = Limits()
+    limits_published: bool = True  # False: no worker published limits, the defaults were assumed
 
     @property
     def clean(self) -> bool:
@@ -230,17 +235,24 @@ class Report:
             "clean": self.clean,
             "violations": [v.as_json() for v in self.violations],
             "maxmemory_policy": self.maxmemory_policy,
+            "limits": dataclasses.asdict(self.limits),
+            "limits_published": self.limits_published,
         }
 
 
 async def check(
-    client: Redis, namespace: str, max_books_per_user: int, storage_capacity: int, wait_quiescent_s: float = 0.0
+    client: Redis, namespace: str, wait_quiescent_s: float = 0.0, *, limits: Limits | None = None
 ) -> Report:
-    """Read ``namespace`` (after waiting up to ``wait_quiescent_s`` for quiescence) and check it;
-    the report also names Redis's eviction policy (an evicting Redis is no violation)."""
+    """Read ``namespace`` (after waiting up to ``wait_quiescent_s`` for quiescence) and check it
+    against the limits its workers enforce (``{NS}:config``; ``limits`` overrides them, the
+    defaults stand in when no worker ever ran). The report also names Redis's eviction
+    policy (an evicting Redis is no violation)."""
+    published = await read_limits(client, Keys(namespace))
+    used = limits or published or Limits()
     snap = await wait_quiescent(client, namespace, wait_quiescent_s)
-    violations = check_state(snap, max_books_per_user, storage_capacity)
-    return Report(namespace, snap.quiescent, violations, await eviction.read_policy(client))
+    violations = check_state(snap, used.max_books_per_user, used.storage_capacity)
+    return Report(namespace, snap.quiescent, violations, await eviction.read_policy(client), used,
+                  published is not None)
 
 
 # -- reading -------------------------------------------------------------------------
@@ -269,11 +281,7 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
             snap.last_ids[action] = last
     for event_id, fields in await _read_all(client, keys.events):
         snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
-    for stream, group in (
-        (keys.lend_requests, LENDING_GROUP),
-        (keys.return_requests, LENDING_GROUP),
-        (keys.shelving_returns, SHELVING_GROUP),
-    ):
+    for stream, group in keys.consumed():
         snap.groups.append(await _group_state(client, stream, group))
     return snap
 

@@ -71,7 +71,7 @@ class Script:
 
 def _lua_dir() -> Traversable:
     """``lua/`` beside the package in a checkout; packaged as ``lending.lua`` in a wheel."""
-    checkout = Path(__file__).resolve().parent.parent / "lua"
+    checkout = Path(__file__).resolve().parents[2] / "lua"
     return checkout if checkout.is_dir() else resources.files("lending.lua")
 
 
@@ -92,6 +92,7 @@ class Scripts:
         self.shelving_get = _read("shelving_get")
         self.shelving_release = _read("shelving_release")
         self.worker_claim = _read("worker_claim")
+        self.worker_renew = _read("worker_renew")
         self.worker_release = _read("worker_release")
 
     def all(self) -> list[Script]:

@@ -15,7 +15,7 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from .errors import LendingError
+from lending.errors import LendingError
 
 Level = Literal["ok", "warn", "refuse"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .events import ACCEPTED, RETURNED, Event
-from .keys import LEND, Keys
-from .streamids import id_range
+from lending.domain.events import ACCEPTED, RETURNED, Event
+from lending.keys import LEND, Keys
+from lending.domain.streamids import id_range
 
 Arg = str | bytes | int | float
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -12,32 +11,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import RedisUnavailable
-
-
-@dataclass(frozen=True)
-class Tls:
-    """Files for ``rediss://`` connections: the CA to trust, and a client certificate
-    and key when the server asks for one."""
-
-    ca_cert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-
-    def options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.ca_cert:
-            out["ssl_ca_certs"] = self.ca_cert
-        if self.cert:
-            out["ssl_certfile"] = self.cert
-        if self.key:
-            out["ssl_keyfile"] = self.key
-        return out
-
-    def env(self) -> dict[str, str]:
-        """The same, as the environment variables the command lines read."""
-        names = {"LENDING_TLS_CA_CERT": self.ca_cert, "LENDING_TLS_CERT": self.cert, "LENDING_TLS_KEY": self.key}
-        return {name: value for name, value in names.items() if value}
+from lending.errors import RedisUnavailable
+from lending.settings import Tls
 
 
 def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None) -> Redis:

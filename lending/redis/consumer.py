@@ -31,45 +31,25 @@ from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
-    NoPermissionError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
-from .backoff import jittered, retry_backoff_s
-from .metrics import Metrics
-from .scripts import Script
-from .streamids import id_key
+from lending.domain.backoff import jittered, retry_backoff_s
+from lending.metrics import Metrics
+from lending.redis.replies import (
+    Entries,
+    StreamsReply,
+    is_outage,
+    is_refusal,
+    is_transient,
+    reply_text,
+    text,
+)
+from lending.redis.scripts import Script
+from lending.domain.streamids import id_key
 
 log = structlog.get_logger(__name__)
 
 CLAIM_PAGE = 100
-
-#: Errors that say nothing about the entry itself: Redis is gone, restarting or loading
-#: (LOADING is a ConnectionError), or the node we write to just became a replica.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError,
-    # Cluster: the namespace's slot moved (resharding, failover) or the cluster is down.
-    MovedError, AskError, ClusterDownError, TryAgainError,
-)
-# Replies redis-py has no class for: a busy script; UNBLOCKED when the node we block on
-# became a replica.
-TRANSIENT_REPLIES = ("BUSY", "UNBLOCKED", "READONLY")
-#: Redis refusing a write for reasons of its own: out of memory, a permission taken
-#: away, a stream out of IDs (our scripts' STREAMFULL). The entry waits for an operator.
-REFUSED_ERRORS: tuple[type[BaseException], ...] = (OutOfMemoryError, NoPermissionError)
-# The same as error codes; Redis 6.2 reports an error inside a script as
-# "ERR Error running script ... -OOM ...".
-REFUSED_CODES = ("OOM", "NOPERM", "STREAMFULL")
-
 
 @dataclass(frozen=True)
 class Delivery:
@@ -80,10 +60,6 @@ class Delivery:
     fields: dict[bytes, bytes]
     deliveries: int
 
-
-# Replies of XREADGROUP / XCLAIM as parsed by redis-py with decode_responses=False.
-Entries = list[tuple[bytes | None, dict[bytes, bytes] | None]]
-StreamsReply = list[tuple[bytes, Entries]]
 
 # Processes a batch of deliveries; raising fails every delivery of the batch.
 Handler = Callable[[Sequence[Delivery]], Awaitable[Any]]
@@ -102,44 +78,6 @@ class ConsumerConfig:
     max_deliveries: int
     handler_timeout_s: float
     block_ms: int = 500
-
-
-def reply_text(exc: ResponseError) -> str:
-    """Redis's error reply, without what redis-py adds in a pipeline ("Command # 1 (EVALSHA
-    ... all its arguments ...) of pipeline caused error: ('...',)"): arguments are user
-    data, and must not be read as an error code."""
-    message = str(exc)
-    _, found, reply = message.partition(" of pipeline caused error: ")
-    return reply.strip("(),'\"") if found else message
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Redis is unreachable or not serving right now (reconnect, ask the cluster again)."""
-    if isinstance(exc, TRANSIENT_ERRORS):
-        return True
-    return isinstance(exc, ResponseError) and reply_text(exc).startswith(TRANSIENT_REPLIES)
-
-
-def is_refusal(exc: BaseException) -> bool:
-    """Redis refused a write for reasons of its own (out of memory, no permission, a
-    stream out of IDs)."""
-    if isinstance(exc, REFUSED_ERRORS):
-        return True
-    if not isinstance(exc, ResponseError):
-        return False
-    reply = reply_text(exc)
-    return reply.startswith(REFUSED_CODES) or any(f"-{code} " in reply for code in REFUSED_CODES)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, OutOfMemoryError) or (
-        isinstance(exc, ResponseError) and (reply_text(exc).startswith("OOM") or "-OOM " in reply_text(exc))
-    )
-
-
-def is_outage(exc: BaseException) -> bool:
-    """A failure of Redis, not of the entry: retried without counting a delivery."""
-    return is_transient(exc) or is_refusal(exc)
 
 
 async def ensure_group(client: Redis, stream: str, group: str) -> None:
@@ -552,8 +490,3 @@ class StreamConsumer:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
             pass
-
-
-def text(value: bytes | str | None) -> str:
-    assert value is not None  # only called on IDs and names, which Redis always sends
-    return value.decode() if isinstance(value, bytes) else value

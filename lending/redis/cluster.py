@@ -18,10 +18,12 @@ from typing import Any, cast
 import structlog
 from redis.asyncio import Redis
 
-from .connection import Tls, make_client
-from .errors import RedisUnavailable
-from .keys import Keys
-from .stream import text
+from lending.settings import Tls
+
+from lending.redis.connection import make_client
+from lending.errors import RedisUnavailable
+from lending.keys import Keys
+from lending.redis.replies import text
 
 log = structlog.get_logger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from .keys import Keys
-from .stream import Entries, text
+from lending.keys import Keys
+from lending.redis.replies import Entries, text
 
 # The fields of the original entry that a dead letter keeps, by the stream it came from.
 REPLAYED_FIELDS = {"request": ("user_id", "book_ids"), "returns": ("book_ids", "context_ids")}
@@ -30,7 +30,7 @@ async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> dict[st
         letter = _letter(letter_id, found[0][1] or {})
         stream = letter["stream"]
         kind = "returns" if stream == keys.shelving_returns else "request"
-        if stream not in (keys.lend_requests, keys.return_requests, keys.shelving_returns):
+        if stream not in {consumed for consumed, _group in keys.consumed()}:
             continue  # not a stream of this namespace: leave it for a human
         fields = {name: letter[name] for name in REPLAYED_FIELDS[kind] if letter.get(name) is not None}
         if not fields:

@@ -1,0 +1,59 @@
+"""Serving a worker's metrics: ``/metrics`` and ``/healthz`` on ``--metrics-port``.
+
+``GET /metrics`` answers in the Prometheus text format; ``GET /healthz`` answers 200
+while the worker is connected and consuming, 503 otherwise. The gauges are read from
+Redis by ``refresh``, every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.asyncio import Redis
+
+from lending.keys import Keys
+from lending.metrics import Metrics
+from lending.ops.status import read_group
+
+
+async def refresh(metrics: Metrics, client: Redis, keys: Keys) -> None:
+    """Update the gauges from Redis: the group reads of ``status``, without its scans
+    of workers and user counts (this runs every few seconds in every worker)."""
+    for stream, group in keys.consumed():
+        state = await read_group(client, stream, group, live=set())
+        metrics.lag.labels(stream, group).set(state["lag"])
+        metrics.pending.labels(stream, group).set(state["pending"])
+    metrics.storage_books.set(await client.scard(keys.storage))
+    metrics.books_lent.set(await client.hlen(keys.lent_books))
+
+
+async def serve(metrics: Metrics, port: int, healthy: Callable[[], bool], host: str = "0.0.0.0") -> asyncio.Server:
+    """A minimal HTTP/1.0 server for ``/metrics`` and ``/healthz``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            path = request.split()[1].decode() if len(request.split()) > 1 else "/"
+            if path.startswith("/metrics"):
+                status, body, ctype = "200 OK", generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+            elif path.startswith("/healthz"):
+                ok = healthy()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body, ctype = (b"ok\n" if ok else b"unavailable\n"), "text/plain"
+            else:
+                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

@@ -1,0 +1,86 @@
+"""The workers of a namespace in Redis: ids, liveness, and the limits they enforce.
+
+A worker claims its id at start (``worker_claim.lua``): one liveness key with a TTL,
+renewed by its heartbeat, its id in the ``{NS}:workers`` set, and its lending limits
+published in ``{NS}:config``, refused when a live worker enforces other ones. Tools
+list live workers from the set (no SCAN) and read the limits to check against.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from redis.asyncio import Redis
+
+from lending.errors import LimitsDiffer, WorkerIdTaken
+from lending.keys import Keys
+from lending.redis.replies import text
+from lending.redis.scripts import Scripts
+from lending.settings import Limits
+
+
+class WorkerId:
+    """One process's hold on a worker id.
+
+    :param token: tells this process from another one with the same id.
+    """
+
+    def __init__(self, client: Redis, scripts: Scripts, keys: Keys, worker_id: str, token: str, ttl_ms: int) -> None:
+        self._client = client
+        self._scripts = scripts
+        self._keys = keys
+        self.worker_id = worker_id
+        self._token = token
+        self._ttl_ms = ttl_ms
+
+    @property
+    def key(self) -> str:
+        return self._keys.worker(self.worker_id)
+
+    async def claim(self, limits: Limits, *, force: bool = False) -> None:
+        """Take the id and publish ``limits``; raises ``WorkerIdTaken`` or ``LimitsDiffer``."""
+        others = [w for w in await registered(self._client, self._keys) if w != self.worker_id]
+        fields = [item for pair in limits.fields().items() for item in pair]
+        reply = await self._scripts.worker_claim(
+            self._client,
+            [self.key, self._keys.workers, self._keys.config, *(self._keys.worker(w) for w in others)],
+            [self._token, self._ttl_ms, 1 if force else 0, self.worker_id, len(others), *others, *fields],
+        )
+        code = int(reply[0])
+        if code == 0:
+            raise WorkerIdTaken(self.worker_id, self.key)
+        if code == -1:
+            raise LimitsDiffer(*(text(value) for value in reply[1:5]))
+
+    async def renew(self) -> bool:
+        """The heartbeat; ``False`` when another process took the id over (``--force``)."""
+        renewed = await self._scripts.worker_renew(
+            self._client, [self.key, self._keys.workers], [self._token, self._ttl_ms, self.worker_id]
+        )
+        return bool(renewed)
+
+    async def release(self) -> None:
+        await self._scripts.worker_release(self._client, [self.key, self._keys.workers], [self._token, self.worker_id])
+
+
+async def registered(client: Redis, keys: Keys) -> list[str]:
+    """The ids in ``{NS}:workers``, live or not."""
+    return sorted(text(member) for member in await client.smembers(keys.workers))
+
+
+async def live_workers(client: Redis, keys: Keys) -> dict[str, int]:
+    """Live worker id -> milliseconds its liveness key has left."""
+    ids = await registered(client, keys)
+    if not ids:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.pttl(keys.worker(worker_id))
+        ttls = cast(list[int], await pipe.execute())
+    return {worker_id: ttl for worker_id, ttl in zip(ids, ttls, strict=True) if ttl > 0}
+
+
+async def read_limits(client: Redis, keys: Keys) -> Limits | None:
+    """The limits the namespace's workers enforce; ``None`` when no worker ever ran."""
+    raw = cast(dict[bytes, bytes], await client.hgetall(keys.config))
+    return Limits.from_fields(raw) if raw else None
