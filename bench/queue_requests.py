@@ -3,7 +3,12 @@
 import asyncio
 import sys
 
-from lending.redis.connection import make_client from lending.keys import Keys from simulator.bench import BenchOptions, queue_requests from simulator.workload import Workload
+from lending.keys import Keys
+from lending.redis.connection import make_client
+from simulator.bench import BenchOptions, queue_requests
+from simulator.workload import Workload
+
+
 async def main(url: str, namespace: str, n: int) -> None:
     options = BenchOptions()
     client = make_client(url)

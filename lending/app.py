@@ -29,7 +29,7 @@ def run_fast(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if use_uvloop:
         try:
-            import uvloop  # noqa: PLC0415 - optional speed-up
+            import uvloop
 
             factory = uvloop.new_event_loop
         except ImportError:

@@ -15,13 +15,13 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from lending.redis.cluster import namespace_url
-from lending.settings import Tls
-from lending.redis.connection import check_reachable, make_client, redacted
-from lending.errors import RedisUnavailable
 from lending.domain.events import Event
+from lending.errors import RedisUnavailable
 from lending.keys import Keys
+from lending.redis.cluster import namespace_url
+from lending.redis.connection import check_reachable, make_client, redacted
 from lending.redis.replies import Entries, StreamsReply, text
+from lending.settings import Tls
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,6 @@ async def wait_for_event(
         for _stream, entries in cast(StreamsReply, reply or []):
             for event_id, fields in entries:
                 after = text(event_id)
-                if fields and fields.get(b"request_id") == request_id.encode() and fields.get(b"action") == action.encode():
+                if fields and (fields.get(b"request_id"), fields.get(b"action")) == (request_id.encode(), action.encode()):
                     return Event.from_fields(fields, after)
     return None

@@ -13,23 +13,19 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
-from lending.redis import eviction
-
-from lending.ops import monitoring
-
-from lending.ops import retention
-from lending.metrics import Metrics
-from lending.errors import WorkerIdTaken
+from lending.domain.backoff import retry_backoff_s
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
+from lending.metrics import Metrics
+from lending.ops import monitoring, retention
+from lending.redis import eviction
+from lending.redis.consumer import ConsumerConfig, StreamConsumer
+from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId
 from lending.service.lending import LendingService
-from lending.settings import Settings
 from lending.service.shelving_mock import ShelvingService
-from lending.domain.backoff import retry_backoff_s
-from lending.redis.consumer import ConsumerConfig, StreamConsumer
-from lending.redis.replies import is_out_of_memory, is_outage
+from lending.settings import Settings
 
 log = structlog.get_logger(__name__)
 

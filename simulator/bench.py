@@ -17,17 +17,17 @@ import platform
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from lending.keys import Keys
 from lending.ops import checker
 from lending.redis.cluster import namespace_url
-from lending.settings import Tls
 from lending.redis.connection import make_client
-from lending.keys import Keys
 from lending.redis.replies import Entries, text
+from lending.settings import Tls
 
 from .deployment import Deployment, process_cpu_s, process_rss_mb
 from .driver import Driver
@@ -45,7 +45,7 @@ class BenchOptions:
     rates: tuple[float, ...] = (200, 500, 1000, 2000)
     rate_duration_s: float = 10.0
     seed: int = 1
-    tls: Tls = Tls()
+    tls: Tls = field(default_factory=Tls)
     namespaces: int = 1  # > 1: also drain that many namespaces at once (one per master in a cluster)
 
 
@@ -160,8 +160,8 @@ async def _drain_namespaces(url: str, options: BenchOptions) -> dict[str, Any]:
         namespaces.append(f"bench-ns-{uuid.uuid4().hex[:6]}")
     clients = [await _namespace_client(url, ns, options) for ns in namespaces]
     try:
-        runs = await asyncio.gather(*(_drain_on(c, url, ns, options, 1) for c, ns in zip(clients, namespaces)))
-        spans = [await _event_span(c, Keys(ns)) for c, ns in zip(clients, namespaces)]
+        runs = await asyncio.gather(*(_drain_on(c, url, ns, options, 1) for c, ns in zip(clients, namespaces, strict=True)))
+        spans = [await _event_span(c, Keys(ns)) for c, ns in zip(clients, namespaces, strict=True)]
     finally:
         for c in clients:
             await c.aclose()

@@ -128,7 +128,7 @@ class Driver:
         errors = [r for r in replies if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError)]
         if errors and not is_transient(errors[0]):
             raise errors[0]
-        for request, reply in zip(batch, replies):
+        for request, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 # Refused (out of memory, or Redis loading its data): not added, no event due.
                 if isinstance(reply, OutOfMemoryError):

@@ -9,18 +9,18 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 
+from lending.keys import Keys
 from lending.ops import checker
 from lending.redis.cluster import namespace_url
-from lending.settings import Tls
 from lending.redis.connection import make_client
-from lending.keys import Keys
 from lending.redis.replies import is_transient
+from lending.settings import Tls
 
 from .deployment import Deployment
 from .driver import Driver
@@ -64,7 +64,7 @@ class RunOptions:
     seed: int = 1
     progress: bool = False
     quiescence_timeout_s: float = 120.0
-    tls: Tls = Tls()
+    tls: Tls = field(default_factory=Tls)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}

@@ -376,7 +376,8 @@ async def test_malformed_entries_are_rejected_acknowledged_and_touch_nothing(
     assert await pending(redis, keys.return_requests) == 0
     assert len(await all_events(redis, keys)) == len(sent)
     touched = {key.decode() async for key in redis.scan_iter(match=keys.pattern("*"), count=1000)}
-    allowed = {keys.lend_requests, keys.return_requests, keys.events, keys.worker("w1"), keys.shelving_returns}
+    allowed = {keys.lend_requests, keys.return_requests, keys.events, keys.shelving_returns,
+               keys.worker("w1"), keys.workers, keys.config}  # the worker's own
     assert touched <= allowed, touched - allowed
     assert await redis.xlen(keys.shelving_returns) == 0
 

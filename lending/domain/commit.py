@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lending.domain.events import ACCEPTED, RETURNED, Event
-from lending.keys import LEND, Keys
 from lending.domain.streamids import id_range
+from lending.keys import LEND, Keys
 
 Arg = str | bytes | int | float
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from lending.domain.commit import Lend, Record, Reject, Return
 from lending.domain.events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
-from lending.keys import LEND, RETURN
 from lending.domain.requests import BookRequest, Rejection
+from lending.keys import LEND, RETURN
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from lending.keys import Keys
 # redis-py ignores a refusal, and Redis 7.0 does not know the subcommand in ACL rules.)
 CONNECTION_COMMANDS = ("ping", "hello", "auth", "select")
 
-WORKER_COMMANDS = CONNECTION_COMMANDS + (
+WORKER_COMMANDS = (
+    *CONNECTION_COMMANDS,
     # streams: consuming, claiming, trimming, events, dead letters
     "xreadgroup", "xack", "xadd", "xautoclaim", "xclaim", "xpending", "xrange", "xrevrange", "xlen",
     "xinfo|groups", "xinfo|stream", "xgroup|create", "xtrim", "xdel",
@@ -28,7 +29,7 @@ WORKER_COMMANDS = CONNECTION_COMMANDS + (
     "info",
 )
 
-SENDER_COMMANDS = CONNECTION_COMMANDS + ("xadd", "xread", "xrevrange")
+SENDER_COMMANDS = (*CONNECTION_COMMANDS, "xadd", "xread", "xrevrange")
 
 
 def worker_user_rules(namespace: str) -> list[str]:

@@ -7,18 +7,20 @@ snapshot, and waiting for quiescence, are the only Redis I/O here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lending.redis import eviction
+from lending.domain.streamids import id_key, is_id
 from lending.keys import ACTIONS, Keys
+from lending.redis import eviction
+from lending.redis.replies import text
 from lending.redis.workers import read_limits
 from lending.settings import Limits
 
@@ -74,7 +76,9 @@ class Snapshot:
         return all(g.done for g in self.groups)
 
 
-def check_state(snapshot: Snapshot, max_books_per_user: int, storage_capacity: int, *, quiescent: bool | None = None) -> list[Violation]:
+def check_state(
+    snapshot: Snapshot, max_books_per_user: int, storage_capacity: int, *, quiescent: bool | None = None
+) -> list[Violation]:
     """Every violated invariant of ``snapshot``.
 
     The invariants about shelving, events and reservations only hold once the service
@@ -114,7 +118,8 @@ def _check_counts(snapshot: Snapshot, keys: Keys, limit: int) -> list[Violation]
                 (key, keys.lent_books),
             ))
         if max(count, held[user]) > limit:
-            out.append(Violation("count-within-limit", f"{user!r} holds {max(count, held[user])} books (limit {limit})", (key,)))
+            holds = max(count, held[user])
+            out.append(Violation("count-within-limit", f"{user!r} holds {holds} books (limit {limit})", (key,)))
     return out
 
 
@@ -122,9 +127,14 @@ def _check_storage(snapshot: Snapshot, keys: Keys, capacity: int) -> list[Violat
     out = []
     both = sorted(snapshot.storage & set(snapshot.lent))
     if both:
-        out.append(Violation("storage-not-lent", f"books both in storage and lent: {_few(both)}", (keys.storage, keys.lent_books)))
+        out.append(Violation(
+            "storage-not-lent", f"books both in storage and lent: {_few(both)}", (keys.storage, keys.lent_books)
+        ))
     if len(snapshot.storage) > capacity:
-        out.append(Violation("storage-within-capacity", f"storage holds {len(snapshot.storage)} books (capacity {capacity})", (keys.storage,)))
+        out.append(Violation(
+            "storage-within-capacity", f"storage holds {len(snapshot.storage)} books (capacity {capacity})",
+            (keys.storage,),
+        ))
     return out
 
 
@@ -168,46 +178,38 @@ def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
     per_entry = Counter((action, request) for _, action, request in snapshot.events)
     for action in ACTIONS:
         entries = snapshot.requests.get(action, [])
-        first = _id_tuple(entries[0]) if entries else None
+        first = id_key(entries[0]) if entries else None
         present = set(entries)
         for entry in entries:
             n = per_entry[(action, entry)]
             trimmed_event = (
                 n == 0 and snapshot.events_trimmed_to is not None
-                and _id_tuple(entry) < _id_tuple(snapshot.events_trimmed_to)
+                and id_key(entry) < id_key(snapshot.events_trimmed_to)
             )
             if n != 1 and not trimmed_event:
                 out.append(Violation(
-                    "one-event-per-entry", f"{action} request {entry} has {n} events", (keys.requests(action), keys.events)
+                    "one-event-per-entry", f"{action} request {entry} has {n} events",
+                    (keys.requests(action), keys.events),
                 ))
-        for (event_action, request), n in per_entry.items():
+        for event_action, request in per_entry:
             if event_action != action or request in present:
                 continue
             # An entry older than the stream's first (or, in a stream trimmed empty, not
             # newer than its last generated ID) may have been trimmed away.
             last = snapshot.last_ids.get(action)
-            trimmed = _is_id(request) and (
-                _id_tuple(request) < first if first is not None
-                else last is not None and _id_tuple(request) <= _id_tuple(last)
+            trimmed = is_id(request) and (
+                id_key(request) < first if first is not None
+                else last is not None and id_key(request) <= id_key(last)
             )
             if not trimmed:
                 out.append(Violation(
                     "event-names-an-entry", f"event for {action} request {request} names no entry", (keys.events,)
                 ))
-    for event_id, action, request in snapshot.events:
+    for event_id, action, _request in snapshot.events:
         if action not in ACTIONS:
-            out.append(Violation("event-names-an-entry", f"event {event_id} has unknown action {action!r}", (keys.events,)))
+            message = f"event {event_id} has unknown action {action!r}"
+            out.append(Violation("event-names-an-entry", message, (keys.events,)))
     return out
-
-
-def _is_id(value: str) -> bool:
-    ms, _, seq = value.partition("-")
-    return ms.isdigit() and seq.isdigit()
-
-
-def _id_tuple(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _few(items: list[str], n: int = 10) -> str:
@@ -221,7 +223,7 @@ class Report:
     quiescent: bool
     violations: list[Violation]
     maxmemory_policy: str | None = None  # Redis's eviction policy; None: INFO refused
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     limits_published: bool = True  # False: no worker published limits, the defaults were assumed
 
     @property
@@ -262,19 +264,20 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     keys = Keys(namespace)
     snap = Snapshot(namespace)
     snap.lent = _decode_map(await client.hgetall(keys.lent_books))
-    snap.storage = {_str(m) for m in await client.smembers(keys.storage)}
+    snap.storage = {text(m) for m in await client.smembers(keys.storage)}
     snap.shelving = _decode_map(await client.hgetall(keys.shelving_state))
     snap.from_shelving = _decode_map(await client.hgetall(keys.from_shelving))
     snap.grants = _decode_map(await client.hgetall(keys.grants))
     trimmed_to = await client.get(keys.events_trimmed_to)
-    snap.events_trimmed_to = _str(trimmed_to) if trimmed_to is not None else None
+    snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None else None
     count_prefix, count_suffix = f"{keys.prefix}:user:", ":count"
     async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
-        key = _str(raw)
+        key = text(raw)
         value = await client.get(key)
         if value is not None:
-            snap.counts[key[len(count_prefix): -len(count_suffix)]] = _str(value)
-    snap.reservations = sorted([raw.decode() async for raw in client.scan_iter(match=keys.pattern("reservations:*"), count=1000)])
+            snap.counts[key[len(count_prefix): -len(count_suffix)]] = text(value)
+    reservations = client.scan_iter(match=keys.pattern("reservations:*"), count=1000)
+    snap.reservations = sorted([text(raw) async for raw in reservations])
     for action in ACTIONS:
         snap.requests[action] = [entry_id for entry_id, _ in await _read_all(client, keys.requests(action))]
         if (last := await _last_generated_id(client, keys.requests(action))) is not None:
@@ -312,7 +315,7 @@ async def _last_generated_id(client: Redis, stream: str) -> str | None:
         info = await client.xinfo_stream(stream)
     except ResponseError:  # no such stream
         return None
-    return _str(info.get("last-generated-id") or b"0-0")
+    return text(info.get("last-generated-id") or b"0-0")
 
 
 async def _group_state(client: Redis, stream: str, group: str) -> GroupState:
@@ -325,17 +328,13 @@ async def _group_state(client: Redis, stream: str, group: str) -> GroupState:
     for g in groups:
         if g["name"] == group.encode():
             last_delivered = g["last-delivered-id"]
-            unread = info["length"] > 0 and _id_tuple(last_delivered.decode()) < _id_tuple(last_generated.decode())
+            unread = info["length"] > 0 and id_key(last_delivered.decode()) < id_key(last_generated.decode())
             return GroupState(stream, group, int(g["pending"]), unread)
     return GroupState(stream, group, 0, info["length"] > 0)
 
 
 def _decode_map(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
-    return {_str(k): _str(v) for k, v in raw.items()}
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return {text(k): text(v) for k, v in raw.items()}
 
 
 def _field(fields: dict[bytes, bytes], name: bytes) -> str:

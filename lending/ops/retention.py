@@ -14,19 +14,9 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from lending.domain.streamids import id_key, next_id
 from lending.keys import Keys
 from lending.redis.replies import Entries, text
-
-
-def next_id(entry_id: str) -> str:
-    """The smallest stream ID greater than ``entry_id``."""
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"
-
-
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def safe_trim_id(client: Redis, stream: str) -> str | None:
@@ -42,7 +32,7 @@ async def safe_trim_id(client: Redis, stream: str) -> str | None:
     for group in groups:
         summary = await client.xpending(stream, text(group["name"])) if int(group["pending"]) else None
         needed.append(first_needed(group, summary))
-    return min(needed, key=_key)
+    return min(needed, key=id_key)
 
 
 def first_needed(group: Mapping[str, Any], summary: Mapping[str, Any] | None) -> str:

@@ -8,8 +8,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lending.redis import eviction
 from lending.keys import REQUEST_TYPES, Keys
+from lending.redis import eviction
+from lending.redis.replies import text
 from lending.redis.workers import live_workers, read_limits
 from lending.settings import Limits
 
@@ -60,7 +61,7 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
         infos = await client.xinfo_groups(stream)
     except ResponseError:  # no such stream yet
         return out
-    info = next((g for g in infos if _str(g["name"]) == group), None)
+    info = next((g for g in infos if text(g["name"]) == group), None)
     if info is None:
         return out
     out["exists"] = True
@@ -68,7 +69,7 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
     if info.get("lag") is not None:  # Redis 7
         out["lag"] = int(info["lag"])
     else:
-        unread = await client.xrange(stream, min="(" + _str(info["last-delivered-id"]), max="+", count=LAG_SCAN_LIMIT)
+        unread = await client.xrange(stream, min="(" + text(info["last-delivered-id"]), max="+", count=LAG_SCAN_LIMIT)
         out["lag"] = len(unread or [])
     if out["pending"]:
         summary = await client.xpending(stream, group)
@@ -78,9 +79,9 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
             if oldest:
                 out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
         out["dead_consumers"] = [
-            {"consumer": _str(c["name"]), "pending": int(c["pending"])}
+            {"consumer": text(c["name"]), "pending": int(c["pending"])}
             for c in summary["consumers"]
-            if _str(c["name"]) not in live
+            if text(c["name"]) not in live
         ]
     return out
 
@@ -114,10 +115,6 @@ def render(status: dict[str, Any]) -> str:
     if verdict.level != "ok":
         lines.append(f"  warning: {verdict.message}")
     return "\n".join(lines)
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _limits_line(limits: dict[str, Any]) -> str:

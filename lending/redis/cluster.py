@@ -18,12 +18,11 @@ from typing import Any, cast
 import structlog
 from redis.asyncio import Redis
 
-from lending.settings import Tls
-
-from lending.redis.connection import make_client
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
+from lending.redis.connection import make_client
 from lending.redis.replies import text
+from lending.settings import Tls
 
 log = structlog.get_logger(__name__)
 

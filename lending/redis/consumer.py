@@ -32,9 +32,12 @@ from typing import Any, cast
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from structlog.contextvars import bound_contextvars
 
 from lending.domain.backoff import jittered, retry_backoff_s
+from lending.domain.streamids import id_key
 from lending.metrics import Metrics
+from lending.redis.inflight import InFlight
 from lending.redis.replies import (
     Entries,
     StreamsReply,
@@ -45,7 +48,6 @@ from lending.redis.replies import (
     text,
 )
 from lending.redis.scripts import Script
-from lending.domain.streamids import id_key
 
 log = structlog.get_logger(__name__)
 
@@ -137,9 +139,8 @@ class StreamConsumer:
         self._on_redis_error = on_redis_error
         self._rng = rng or random.Random()
         self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again
-        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._inflight: InFlight[tuple[str, str]] = InFlight(config.concurrency)
         self._retries: dict[tuple[str, str], Retry] = {}
-        self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._next_resume = 0.0
@@ -208,14 +209,7 @@ class StreamConsumer:
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for in-flight entries; ``True`` when all finished."""
-        if not self._inflight:
-            return True
-        done, pending = await asyncio.wait(set(self._inflight.values()), timeout=timeout_s)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
-        return not pending
+        return await self._inflight.drain(timeout_s)
 
     async def _tick(self) -> None:
         now = time.monotonic()
@@ -234,16 +228,11 @@ class StreamConsumer:
     async def _wait_for_slot(self) -> bool:
         # XREADGROUP's COUNT applies to each stream: leave room for one entry of each.
         need = min(len(self._streams), self._config.concurrency)
-        while self._config.concurrency - len(self._inflight) < need:
-            self._slot_freed.clear()
-            try:
-                await asyncio.wait_for(self._slot_freed.wait(), timeout=self._config.block_ms / 1000.0)
-            except TimeoutError:
-                return False
-        return not self._stopping.is_set()
+        room = await self._inflight.wait_for_room(need, self._config.block_ms / 1000.0)
+        return room and not self._stopping.is_set()
 
     async def _read_new(self) -> None:
-        free = self._config.concurrency - len(self._inflight)
+        free = self._inflight.free
         # Wake up for the next retry rather than sleep the whole block time.
         due = min((r.due for r in self._retries.values()), default=None)
         block_ms = self._config.block_ms
@@ -252,7 +241,7 @@ class StreamConsumer:
         reply = await self._client.xreadgroup(
             self._config.group,
             self._config.consumer,
-            {stream: ">" for stream in self._streams},
+            dict.fromkeys(self._streams, ">"),
             count=max(1, min(self._config.read_count, free) // len(self._streams)),
             block=block_ms,
         )
@@ -297,10 +286,10 @@ class StreamConsumer:
         self._resume_all = False
         now = time.monotonic()
         for stream in self._streams:
-            free = self._config.concurrency - len(self._inflight)
+            free = self._inflight.free
             if free <= 0:
                 return
-            held = sum(1 for s, _ in (*self._inflight, *self._retries) if s == stream)
+            held = sum(1 for s, _ in (*self._inflight.items(), *self._retries) if s == stream)
             pending: list[dict[str, Any]] = await self._client.xpending_range(
                 stream, self._config.group, min="-", max="+", count=free + held,
                 consumername=self._config.consumer,
@@ -374,7 +363,7 @@ class StreamConsumer:
         """Reset the idle time of the entries this consumer holds (in flight or waiting
         for a retry), if still its own; returns how many were renewed."""
         renewed = 0
-        held = {*self._inflight, *self._retries}
+        held = {*self._inflight.items(), *self._retries}
         for stream in self._streams:
             ids = sorted((entry_id for s, entry_id in held if s == stream), key=id_key)
             if ids:
@@ -383,25 +372,14 @@ class StreamConsumer:
         return renewed
 
     def _dispatch(self, deliveries: Sequence[Delivery]) -> None:
-        """Start one task for a batch; each entry counts against ``concurrency``."""
+        """Start one task for a batch; each entry takes a place of ``concurrency``."""
         fresh = [d for d in deliveries if (d.stream, d.entry_id) not in self._inflight]
         # An entry deleted from the stream comes back without fields (XADD needs one).
         for gone in [d for d in fresh if not d.fields]:
-            self._track([gone], asyncio.create_task(self._forget_if_deleted(gone.stream, gone.entry_id)))
+            self._inflight.start([(gone.stream, gone.entry_id)], self._forget_if_deleted(gone.stream, gone.entry_id))
         batch = [d for d in fresh if d.fields]
         if batch:
-            self._track(batch, asyncio.create_task(self._handle(batch)))
-
-    def _track(self, batch: Sequence[Delivery], task: asyncio.Task[None]) -> None:
-        keys = [(d.stream, d.entry_id) for d in batch]
-        for key in keys:
-            self._inflight[key] = task
-        task.add_done_callback(lambda _t: self._done(keys))
-
-    def _done(self, keys: list[tuple[str, str]]) -> None:
-        for key in keys:
-            self._inflight.pop(key, None)
-        self._slot_freed.set()
+            self._inflight.start([(d.stream, d.entry_id) for d in batch], self._handle(batch))
 
     async def _handle(self, batch: Sequence[Delivery]) -> None:
         spent = [d for d in batch if d.deliveries > self._config.max_deliveries]
@@ -422,16 +400,17 @@ class StreamConsumer:
     async def _give_up(self, delivery: Delivery, error: str) -> None:
         """Dead-letter ``delivery``; if even that fails, it stays pending and is retried."""
         key = (delivery.stream, delivery.entry_id)
-        try:
-            await self._dead_letter(delivery, error)
-        except Exception as exc:
-            self._log.error("could not dead-letter the entry; it stays pending", stream=delivery.stream,
-                            entry_id=delivery.entry_id, error=f"{type(exc).__name__}: {exc}")
-            self._schedule(delivery, error, counts=False)
-            return
-        self._retries.pop(key, None)
-        self._metrics.dead_letters.labels(self._name).inc()
-        self._log.error("dead-lettered", stream=delivery.stream, entry_id=delivery.entry_id, error=error)
+        with bound_contextvars(stream=delivery.stream, entry_id=delivery.entry_id):
+            try:
+                await self._dead_letter(delivery, error)
+            except Exception as exc:
+                self._log.error("could not dead-letter the entry; it stays pending",
+                                error=f"{type(exc).__name__}: {exc}")
+                self._schedule(delivery, error, counts=False)
+                return
+            self._retries.pop(key, None)
+            self._metrics.dead_letters.labels(self._name).inc()
+            self._log.error("dead-lettered", error=error)
 
     async def _process(self, batch: Sequence[Delivery]) -> None:
         deadline = asyncio.timeout(self._config.handler_timeout_s)
@@ -467,15 +446,14 @@ class StreamConsumer:
         # The traceback once per batch: it is the same for every entry of it.
         self._log.error("processing failed", entries=[d.entry_id for d in batch], error=error, exc_info=exc)
         for delivery in batch:
-            if delivery.deliveries >= self._config.max_deliveries:
-                self._log.error("processing failed for the last time", stream=delivery.stream,
-                                entry_id=delivery.entry_id, deliveries=delivery.deliveries)
-                await self._give_up(delivery, error)
-            else:
-                retry = self._schedule(delivery, error, counts=True)
-                self._metrics.retries.labels(self._name).inc()
-                self._log.warning("will retry", stream=delivery.stream, entry_id=delivery.entry_id,
-                                  deliveries=delivery.deliveries, retry_in_s=round(retry.due - time.monotonic(), 2))
+            with bound_contextvars(stream=delivery.stream, entry_id=delivery.entry_id, deliveries=delivery.deliveries):
+                if delivery.deliveries >= self._config.max_deliveries:
+                    self._log.error("processing failed for the last time")
+                    await self._give_up(delivery, error)
+                else:
+                    retry = self._schedule(delivery, error, counts=True)
+                    self._metrics.retries.labels(self._name).inc()
+                    self._log.warning("will retry", retry_in_s=round(retry.due - time.monotonic(), 2))
 
     def _schedule(self, delivery: Delivery, error: str, *, counts: bool) -> Retry:
         key = (delivery.stream, delivery.entry_id)
@@ -486,7 +464,5 @@ class StreamConsumer:
         return retry
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            pass

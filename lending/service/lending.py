@@ -24,21 +24,22 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
+from structlog.contextvars import bound_contextvars
 
 from lending.domain.commit import Fail, Lend, encode_commit, encode_finish
-from lending.errors import Contention
 from lending.domain.events import FAILED, Event
+from lending.domain.policy import decide_batch
+from lending.domain.requests import BookRequest, Rejection, parse_request
+from lending.domain.streamids import id_key, id_range
+from lending.errors import Contention
 from lending.faults import fault_point
 from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
 from lending.metrics import Metrics
-from lending.domain.policy import decide_batch
-from lending.domain.requests import BookRequest, Rejection, parse_request
-from lending.redis.scripts import Arg, Scripts
-from lending.settings import Settings
-from lending.service.shelving import Grant, Shelving
 from lending.redis.consumer import Delivery
 from lending.redis.replies import text
-from lending.domain.streamids import id_key, id_range
+from lending.redis.scripts import Arg, Scripts
+from lending.service.shelving import Grant, Shelving
+from lending.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -99,12 +100,13 @@ class LendingService:
         self._metrics.batch_seconds.observe(duration)
         duration_ms = round(duration * 1000, 2)
         for delivery, event in zip(deliveries, events, strict=True):
-            if event is None:
-                log.info("request finished by another worker", request_id=delivery.entry_id)
-            else:
-                self._metrics.requests.labels(event.action, event.status).inc()
-                log.info("processed", request_id=event.request_id, action=event.action, user=event.user_id,
-                         status=event.status, books=",".join(event.books), duration_ms=duration_ms)
+            with bound_contextvars(request_id=delivery.entry_id, action=self._keys.action_of(delivery.stream)):
+                if event is None:
+                    log.info("request finished by another worker")
+                else:
+                    self._metrics.requests.labels(event.action, event.status).inc()
+                    log.info("processed", user=event.user_id, status=event.status, books=",".join(event.books),
+                             duration_ms=duration_ms)
         return events
 
     async def process_batch(self, deliveries: Sequence[Delivery]) -> list[Event | None]:

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 
 from lending.faults import fault_point
 from lending.keys import SHELVING_GROUP, Keys
-from lending.redis.scripts import Scripts
 from lending.redis.consumer import Delivery
+from lending.redis.scripts import Scripts
 from lending.service.shelving import Grant, ShelvingUnavailable
 
 
