@@ -19,7 +19,7 @@ from lending.logs import announce
 from lending.metrics import Metrics
 from lending.ops import monitoring, retention
 from lending.redis import eviction
-from lending.redis.consumer import ConsumerConfig, StreamConsumer
+from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Handler, StreamConsumer
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId
@@ -65,41 +65,30 @@ class Worker:
         )
         self.metrics = Metrics()
         self.lending = LendingService(client, settings, self._scripts, self.shelving, self.metrics)
-        config = ConsumerConfig(
-            group=LENDING_GROUP,
-            consumer=settings.worker_id,
-            concurrency=settings.concurrency,
-            read_count=settings.read_count,
-            claim_idle_ms=settings.claim_idle_ms,
-            retry_base_ms=settings.retry_base_ms,
-            retry_max_ms=settings.retry_max_ms,
-            max_deliveries=settings.max_deliveries,
-            handler_timeout_s=settings.request_timeout_s,
-        )
+
+        def consumer(
+            group: str, streams: list[str], handler: Handler, dead_letter: DeadLetterHandler
+        ) -> StreamConsumer:
+            config = ConsumerConfig(
+                group=group,
+                consumer=settings.worker_id,
+                concurrency=settings.concurrency,
+                read_count=settings.read_count,
+                claim_idle_ms=settings.claim_idle_ms,
+                retry_base_ms=settings.retry_base_ms,
+                retry_max_ms=settings.retry_max_ms,
+                max_deliveries=settings.max_deliveries,
+                handler_timeout_s=settings.request_timeout_s,
+            )
+            return StreamConsumer(
+                client, streams, config, handler, dead_letter, name=group, renew=self._scripts.renew,
+                metrics=self.metrics, on_redis_error=on_redis_error, on_reconnect=self._check_eviction,
+            )
+
         self.consumers = [
-            StreamConsumer(
-                client,
-                self.keys.request_streams,
-                config,
-                self.lending.handle,
-                self.lending.dead_letter,
-                name="lending-service",
-                renew=self._scripts.renew,
-                metrics=self.metrics,
-                on_redis_error=on_redis_error,
-                on_reconnect=self._check_eviction,
-            ),
-            StreamConsumer(
-                client,
-                [self.keys.shelving_returns],
-                ConsumerConfig(**{**vars(config), "group": SHELVING_GROUP}),
-                self.shelving.release_all,
-                self.shelving.dead_letter,
-                name="shelving-service",
-                renew=self._scripts.renew,
-                metrics=self.metrics,
-                on_redis_error=on_redis_error,
-                on_reconnect=self._check_eviction,
+            consumer(LENDING_GROUP, self.keys.request_streams, self.lending.handle, self.lending.dead_letter),
+            consumer(
+                SHELVING_GROUP, [self.keys.shelving_returns], self.shelving.release_all, self.shelving.dead_letter
             ),
         ]
         self._stop = asyncio.Event()

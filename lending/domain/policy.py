@@ -64,8 +64,10 @@ def decide_batch(
         elif r.action == LEND:
             stored, granted = reserved.get(r.request_id, ((), ()))
             out.append(_decide_lend(r, tuple(stored), tuple(granted), held, limit))
-        else:
+        elif r.action == RETURN:
             out.append(_decide_return(r, held, holder))
+        else:  # a request type in the registry without its rule here
+            raise ValueError(f"no rule decides {r.action!r} requests")
     return out
 
 
