@@ -28,6 +28,8 @@ from lending.redis import eviction
 from lending.ops import status
 from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
 from lending.redis.cluster import namespace_url
+from lending.cli.options import tls_from_options as tls_from_options  # for the simulator
+from lending.cli.options import tls_options as tls_options
 from lending.settings import Tls
 from lending.redis.connection import check_reachable, make_client, redacted
 from lending.errors import ConfigError, LendingError, RedisUnavailable
@@ -56,25 +58,6 @@ namespace_option = click.option(
     "--namespace", envvar="LENDING_NAMESPACE", show_envvar=True, default="lending", show_default=True,
     help="Key namespace: every key starts with {NAMESPACE}.",
 )
-
-
-def tls_options(command: F) -> F:
-    """--tls-ca-cert, --tls-cert and --tls-key, for rediss:// URLs."""
-    for name, text in (
-        ("key", "Client private key (when the server asks for a client certificate)."),
-        ("cert", "Client certificate (when the server asks for one)."),
-        ("ca-cert", "CA certificate to trust for rediss:// URLs."),
-    ):
-        command = click.option(
-            f"--tls-{name}", type=click.Path(exists=True, dir_okay=False), envvar=f"LENDING_TLS_{name.upper().replace('-', '_')}",
-            show_envvar=True, default=None, help=text,
-        )(command)
-    return command
-
-
-def tls_from_options(options: dict[str, Any]) -> Tls:
-    """Take the TLS options out of ``options``."""
-    return Tls(options.pop("tls_ca_cert", None), options.pop("tls_cert", None), options.pop("tls_key", None))
 
 
 def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
