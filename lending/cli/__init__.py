@@ -9,46 +9,27 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from redis.asyncio import Redis
 
-from lending.ops import acl
-
-from lending import app
-
-from lending.ops import checker
-
-from lending.ops import dead_letters
-
-from lending.redis import eviction
-
-from lending.ops import status
-from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
-from lending.redis.cluster import namespace_url
+from lending.cli.get_books import get_books_command
 from lending.cli.options import tls_from_options as tls_from_options  # for the simulator
 from lending.cli.options import tls_options as tls_options
-from lending.settings import Tls
+from lending.cli.worker import worker_command
+from lending.errors import RedisUnavailable
+from lending.keys import Keys
+from lending.ops import acl, checker, dead_letters, status
+from lending.redis import eviction
+from lending.redis.cluster import namespace_url
 from lending.redis.connection import check_reachable, make_client, redacted
-from lending.errors import ConfigError, LendingError, RedisUnavailable
-from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
-from lending.keys import LEND, RETURN, Keys
-from lending.logs import configure_logging
-from lending.domain.requests import id_problem
-from lending.settings import DEFAULT_PORT, DEFAULT_REDIS_URL, Settings
-
-F = TypeVar("F", bound=Callable[..., Any])
+from lending.settings import DEFAULT_REDIS_URL, Tls
 
 PASSWORD_NOTE = (
     "A password in the URL is never logged; prefer the REDIS_URL environment variable, "
     "which (unlike an argument) does not show in ps output."
 )
-EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
-EXIT_TIMEOUT = 3
-EXIT_UNREACHABLE = 5
-EXIT_REFUSED = 6
 
 redis_url_option = click.option(
     "--redis-url", envvar="REDIS_URL", show_envvar=True, default=None,
@@ -58,162 +39,6 @@ namespace_option = click.option(
     "--namespace", envvar="LENDING_NAMESPACE", show_envvar=True, default="lending", show_default=True,
     help="Key namespace: every key starts with {NAMESPACE}.",
 )
-
-
-def _int_option(name: str, default: int, help_text: str) -> Callable[[F], F]:
-    env = "LENDING_" + name.upper().replace("-", "_")
-    return click.option(f"--{name}", type=click.IntRange(min=0), envvar=env, show_envvar=True,
-                        default=default, show_default=True, help=help_text)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("worker_id", envvar="LENDING_WORKER_ID")
-@redis_url_option
-@namespace_option
-@_int_option("storage-capacity", 20, "Books the automated storage holds.")
-@_int_option("max-books-per-user", 5, "Books one user may hold at once.")
-@_int_option("max-books-per-request", 50, "Distinct books one request may name.")
-@_int_option("claim-idle-ms", 30_000, "Take over entries idle this long on another consumer (a live worker "
-             "renews the entries it holds every third of it).")
-@_int_option("max-deliveries", 10, "Deliveries before an entry is dead-lettered.")
-@_int_option("retry-base-ms", 1_000, "Wait before a failed entry's first retry; it doubles with each failure.")
-@_int_option("retry-max-ms", 60_000, "Longest wait between two attempts of a failed entry.")
-@_int_option("reconcile-interval-ms", 1_000, "How often to give back shelving grants of finished requests.")
-@_int_option("concurrency", 64, "Requests processed at once by this worker.")
-@_int_option("worker-ttl-ms", 10_000, "Lifetime of the worker-id heartbeat key.")
-@_int_option("events-maxlen", 1_000_000, "About how many events {NS}:events keeps (request streams are "
-             "trimmed only below what every group has read and acknowledged).")
-@click.option("--force", is_flag=True, envvar="LENDING_FORCE", show_envvar=True,
-              help="Start even if another live worker holds WORKER_ID.")
-@click.option("--allow-eviction-data-loss", is_flag=True, envvar="LENDING_ALLOW_EVICTION_DATA_LOSS",
-              show_envvar=True,
-              help="Run even if Redis's maxmemory-policy is allkeys-*: a full Redis then deletes requests "
-                   "and the library's state, losing books.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LENDING_DATA_DIR",
-              show_envvar=True, default=Path(".lending-data"), show_default=True,
-              help="Data folder of the embedded redis-server (used when no Redis is configured).")
-# Hidden: tests try the embedded default on a free port instead of 6379.
-@click.option("--embedded-port", type=click.IntRange(1, 65535), envvar="LENDING_EMBEDDED_PORT", default=DEFAULT_PORT,
-              hidden=True)
-@click.option("--log-format", type=click.Choice(["console", "json"]), envvar="LENDING_LOG_FORMAT",
-              show_envvar=True, default="console", show_default=True)
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), envvar="LENDING_LOG_LEVEL",
-              show_envvar=True, default="info", show_default=True)
-@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="LENDING_METRICS_PORT", show_envvar=True,
-              default=None, help="Serve Prometheus /metrics and /healthz on this port [default: off].")
-@click.option("--uvloop/--no-uvloop", envvar="LENDING_UVLOOP", show_envvar=True, default=True, show_default=True,
-              help="Run on uvloop's faster event loop (when installed).")
-@click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), envvar="LENDING_SHELVING_FAIL_RATE",
-              show_envvar=True, default=0.0, show_default=True,
-              help="Share of shelving calls that fail (simulating the remote service).")
-@click.option("--shelving-latency-ms", type=click.FloatRange(min=0), envvar="LENDING_SHELVING_LATENCY_MS",
-              show_envvar=True, default=0.0, show_default=True,
-              help="Mean latency added to each shelving call (simulating the remote service).")
-@tls_options
-def worker_command(worker_id: str, **options: Any) -> None:
-    """Run lending worker WORKER_ID: the lending service and the shelving mock.
-
-    Without --redis-url (or REDIS_URL) it uses redis://localhost:6379, and if nothing
-    listens there it starts the embedded redis-server on 127.0.0.1:6379 with its data
-    in --data-dir (workers with the same --data-dir share it; the one that started it
-    stops it on exit). Stop with Ctrl-C or SIGTERM; a second signal exits at once.
-    """
-    configure_logging(options["log_format"], options["log_level"])
-    try:
-        settings = Settings(worker_id=worker_id, tls=tls_from_options(options), **options)
-        code = app.run_sync(settings)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except LendingError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(code)
-
-
-def _check_user(_ctx: click.Context, _param: click.Parameter, user: str) -> str:
-    """Refuse a user id the service would reject, before anything is queued."""
-    if problem := id_problem(user, "user_id"):
-        raise click.BadParameter(f"{problem}; nothing was queued")
-    return user
-
-
-def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str, ...]) -> tuple[str, ...]:
-    """Refuse book ids the service would reject: a comma would even split one into two."""
-    for book in books:
-        if problem := id_problem(book, "book id"):
-            raise click.BadParameter(f"{problem}; nothing was queued")
-    return books
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("action", type=click.Choice(["request", "return"]))
-@click.argument("user", callback=_check_user)
-@click.argument("books", nargs=-1, required=True, callback=_check_books)
-@redis_url_option
-@namespace_option
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar="LENDING_TIMEOUT", show_envvar=True,
-              default=10.0, show_default=True,
-              help="Seconds the whole run may take: connecting, queuing and waiting for the outcome.")
-@click.option("--no-wait", is_flag=True, envvar="LENDING_NO_WAIT", show_envvar=True,
-              help="Queue the request and exit without waiting.")
-@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
-              help="Print the event as one JSON object.")
-@tls_options
-def get_books_command(
-    action: str, user: str, books: tuple[str, ...], redis_url: str | None, namespace: str,
-    timeout: float, no_wait: bool, as_json: bool, **tls_opts: Any,
-) -> None:
-    """Ask the library to lend (request) or take back (return) BOOKS for USER.
-
-    Prints the outcome: ACCEPTED, DENIED, RETURNED, REJECTED or FAILED, the request
-    id, the books and the reason. USER and BOOKS are checked first with the service's
-    own rules (1-128 characters, no comma, no whitespace or control character).
-
-    Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
-    or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
-    --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
-    silent for --timeout before the request was queued, 6 Redis refused the request
-    (out of memory, no permission, stream out of IDs, ...).
-    """
-    stream_action = LEND if action == "request" else RETURN
-    url = redis_url or DEFAULT_REDIS_URL
-    outcome = asyncio.run(send_request(
-        url, tls_from_options(tls_opts), Keys(namespace), stream_action, user, books, timeout_s=timeout, wait=not no_wait
-    ))
-    sys.exit(report(outcome, stream_action, timeout, as_json))
-
-
-def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
-    """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
-    match outcome:
-        case Answered(event):
-            click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
-            return EXIT_BY_STATUS.get(event.status, 4)
-        case Queued(request_id):
-            click.echo(json.dumps({"status": "queued", "action": action, "request_id": request_id})
-                       if as_json else f"QUEUED {request_id}")
-            return 0
-        case NoOutcome(request_id):
-            click.echo(
-                f"no outcome for {action} request {request_id} within {timeout:g} s; "
-                f"the request stays queued (id {request_id}) and will be processed when a worker runs",
-                err=True,
-            )
-            return EXIT_TIMEOUT
-        case Unreachable(message):
-            click.echo(f"error: {message}", err=True)
-            return EXIT_UNREACHABLE
-        case Refused(reason):
-            click.echo(f"error: Redis refused the request: {reason}", err=True)
-            return EXIT_REFUSED
-
-
-def format_event(event: Event) -> str:
-    parts = [event.status.upper(), event.request_id, "books=" + ",".join(event.books)]
-    if event.skipped:
-        parts.append("skipped=" + ",".join(event.skipped))
-    line = " ".join(parts)
-    return f"{line} reason: {event.reason}" if event.reason else line
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
