@@ -15,13 +15,13 @@ import click
 from redis.asyncio import Redis
 
 from lending.cli.get_books import get_books_command
+from lending.cli.inspect import check_command, status_command
 from lending.cli.options import tls_from_options as tls_from_options  # for the simulator
 from lending.cli.options import tls_options as tls_options
 from lending.cli.worker import worker_command
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
-from lending.ops import acl, checker, dead_letters, status
-from lending.redis import eviction
+from lending.ops import acl, dead_letters
 from lending.redis.cluster import namespace_url
 from lending.redis.connection import check_reachable, make_client, redacted
 from lending.settings import DEFAULT_REDIS_URL, Tls
@@ -39,102 +39,6 @@ namespace_option = click.option(
     "--namespace", envvar="LENDING_NAMESPACE", show_envvar=True, default="lending", show_default=True,
     help="Key namespace: every key starts with {NAMESPACE}.",
 )
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@redis_url_option
-@namespace_option
-@click.option("--wait-quiescent", "wait_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              metavar="SECONDS", envvar="LENDING_WAIT_QUIESCENT", show_envvar=True,
-              help="First wait up to SECONDS for the namespace to become quiescent.")
-@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
-              help="Print the report as JSON.")
-@tls_options
-def check_command(
-    redis_url: str | None, namespace: str, wait_s: float, as_json: bool, **tls_opts: Any,
-) -> None:
-    """Check the invariants of a namespace; exit 0 when clean, 1 otherwise.
-
-    Always: each user's count equals their books in lent-books and is within the
-    limit; no book is both lent and in storage; storage within its capacity. Once
-    quiescent (request streams all read and acknowledged, shelving returns drained):
-    shelving holds exactly the lent and stored books (and the library's record of
-    them agrees); every request entry has exactly one event and every event names an
-    entry; no reservation is left.
-    """
-    url = redis_url or DEFAULT_REDIS_URL
-    sys.exit(asyncio.run(_check(url, tls_from_options(tls_opts), namespace, wait_s, as_json)))
-
-
-async def _check(url: str, tls: Tls, namespace: str, wait_s: float, as_json: bool) -> int:
-    client = await _connect(url, tls, namespace)
-    if client is None:
-        return 1
-    try:
-        report = await checker.check(client, namespace, wait_s)
-    finally:
-        await client.aclose()
-    if as_json:
-        click.echo(json.dumps(report.as_json()))
-    else:
-        click.echo(format_report(report))
-    return 0 if report.clean else 1
-
-
-def format_report(report: checker.Report) -> str:
-    scope = "all invariants" if report.quiescent else "not quiescent: only the always-invariants"
-    if report.clean:
-        lines = [f"OK: namespace {report.namespace!r} is consistent ({scope} checked)"]
-    else:
-        lines = [f"FAILED: {len(report.violations)} violation(s) in namespace {report.namespace!r} ({scope} checked)"]
-        lines += [f"  [{v.invariant}] {v.message}  keys: {', '.join(v.keys)}" for v in report.violations]
-    lines.append(f"maxmemory-policy: {report.maxmemory_policy or 'unknown'}")
-    limits = report.limits
-    lines.append(f"limits: {limits.max_books_per_user} books per user, storage capacity {limits.storage_capacity}"
-                 + ("" if report.limits_published else " (defaults: no worker has published its limits)"))
-    verdict = eviction.judge(report.maxmemory_policy)
-    if verdict.level != "ok":
-        lines.append(f"warning: {verdict.message}")
-    return "\n".join(lines)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@redis_url_option
-@namespace_option
-@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="Print as JSON.")
-@click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
-@tls_options
-def status_command(
-    redis_url: str | None, namespace: str, as_json: bool, watch: bool, **tls_opts: Any,
-) -> None:
-    """Show a namespace: stream lengths, group lag and pending entries (with the oldest
-    idle time), live workers, dead consumers holding entries, storage fill, books lent,
-    users at their limit and dead letters. Exit 1 if Redis is unreachable."""
-    url = redis_url or DEFAULT_REDIS_URL
-    try:
-        sys.exit(asyncio.run(_status(url, tls_from_options(tls_opts), namespace, as_json, watch)))
-    except KeyboardInterrupt:
-        sys.exit(0)
-
-
-async def _status(url: str, tls: Tls, namespace: str, as_json: bool, watch: bool) -> int:
-    client = await _connect(url, tls, namespace)
-    if client is None:
-        return 1
-    try:
-        while True:
-            snapshot = await status.read_status(client, namespace)
-            if as_json:
-                click.echo(json.dumps(snapshot))
-            else:
-                if watch:
-                    click.clear()
-                click.echo(status.render(snapshot))
-            if not watch:
-                return 0
-            await asyncio.sleep(1.0)
-    finally:
-        await client.aclose()
 
 
 @click.group("dead-letters", context_settings={"help_option_names": ["-h", "--help"]})
