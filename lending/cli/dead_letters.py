@@ -23,7 +23,8 @@ def dead_letters_group() -> None:
 @connection_options
 @dead_letters_group.command("list")
 @click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="One JSON object per line.")
+@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
+              help="One JSON object per line.")
 def list_command(target: Target, count: int, as_json: bool) -> None:
     """List dead letters, oldest first."""
 
