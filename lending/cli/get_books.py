@@ -1,0 +1,103 @@
+"""``python get_books.py request|return USER BOOK...`` (``python -m lending get-books``):
+queue a request with ``client.send_request`` and print its outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import click
+
+from lending.cli.options import CONTEXT_SETTINGS, Target, connection_options
+from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
+from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
+from lending.domain.requests import id_problem
+from lending.keys import BY_VERB
+
+EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
+EXIT_TIMEOUT = 3
+EXIT_UNREACHABLE = 5
+EXIT_REFUSED = 6
+
+
+def _check_user(_ctx: click.Context, _param: click.Parameter, user: str) -> str:
+    """Refuse a user id the service would reject, before anything is queued."""
+    if problem := id_problem(user, "user_id"):
+        raise click.BadParameter(f"{problem}; nothing was queued")
+    return user
+
+
+def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse book ids the service would reject: a comma would even split one into two."""
+    for book in books:
+        if problem := id_problem(book, "book id"):
+            raise click.BadParameter(f"{problem}; nothing was queued")
+    return books
+
+
+@connection_options
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("action", type=click.Choice(list(BY_VERB)))
+@click.argument("user", callback=_check_user)
+@click.argument("books", nargs=-1, required=True, callback=_check_books)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar="LENDING_TIMEOUT", show_envvar=True,
+              default=10.0, show_default=True,
+              help="Seconds the whole run may take: connecting, queuing and waiting for the outcome.")
+@click.option("--no-wait", is_flag=True, envvar="LENDING_NO_WAIT", show_envvar=True,
+              help="Queue the request and exit without waiting.")
+@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
+              help="Print the event as one JSON object.")
+def get_books_command(
+    action: str, user: str, books: tuple[str, ...], target: Target, timeout: float, no_wait: bool, as_json: bool
+) -> None:
+    """Ask the library to lend (request) or take back (return) BOOKS for USER.
+
+    Prints the outcome: ACCEPTED, DENIED, RETURNED, REJECTED or FAILED, the request
+    id, the books and the reason. USER and BOOKS are checked first with the service's
+    own rules (1-128 characters, no comma, no whitespace or control character).
+
+    Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
+    or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
+    --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
+    silent for --timeout before the request was queued, 6 Redis refused the request
+    (out of memory, no permission, stream out of IDs, ...).
+    """
+    stream_action = BY_VERB[action].action
+    outcome = asyncio.run(send_request(
+        target.url, target.tls, target.keys, stream_action, user, books, timeout_s=timeout, wait=not no_wait
+    ))
+    sys.exit(report(outcome, stream_action, timeout, as_json))
+
+
+def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
+    """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
+    match outcome:
+        case Answered(event):
+            click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
+            return EXIT_BY_STATUS.get(event.status, 4)
+        case Queued(request_id):
+            click.echo(json.dumps({"status": "queued", "action": action, "request_id": request_id})
+                       if as_json else f"QUEUED {request_id}")
+            return 0
+        case NoOutcome(request_id):
+            click.echo(
+                f"no outcome for {action} request {request_id} within {timeout:g} s; "
+                f"the request stays queued (id {request_id}) and will be processed when a worker runs",
+                err=True,
+            )
+            return EXIT_TIMEOUT
+        case Unreachable(message):
+            click.echo(f"error: {message}", err=True)
+            return EXIT_UNREACHABLE
+        case Refused(reason):
+            click.echo(f"error: Redis refused the request: {reason}", err=True)
+            return EXIT_REFUSED
+
+
+def format_event(event: Event) -> str:
+    parts = [event.status.upper(), event.request_id, "books=" + ",".join(event.books)]
+    if event.skipped:
+        parts.append("skipped=" + ",".join(event.skipped))
+    line = " ".join(parts)
+    return f"{line} reason: {event.reason}" if event.reason else line

@@ -1,0 +1,169 @@
+"""What the commands share, written once: the connection options and the ``Target`` they
+make, option defaults read from ``Settings``, and ``connected``, the one way to a client.
+
+Every option can also come from an environment variable, shown in ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
+
+import click
+from redis.asyncio import Redis
+
+from lending.errors import RedisUnavailable
+from lending.keys import Keys
+from lending.redis.cluster import namespace_url
+from lending.redis.connection import check_reachable, make_client, redacted
+from lending.settings import DEFAULT_REDIS_URL, Settings, Tls
+
+F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=click.Command)
+
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+PASSWORD_NOTE = (
+    "A password in the URL is never logged; prefer the REDIS_URL environment variable, "
+    "which (unlike an argument) does not show in ps output."
+)
+_TLS_FILES = (
+    ("ca-cert", "CA certificate to trust for rediss:// URLs."),
+    ("cert", "Client certificate (when the server asks for one)."),
+    ("key", "Client private key (when the server asks for a client certificate)."),
+)
+
+
+def default(name: str) -> Any:
+    """The default of the ``Settings`` field ``name``: the command lines restate none."""
+    for field in dataclasses.fields(Settings):
+        if field.name == name:
+            return field.default
+    raise KeyError(name)
+
+
+def setting_option(*param_decls: str, **attrs: Any) -> Callable[[F], F]:
+    """``click.option`` for the ``Settings`` field the option is named after (``--claim-idle-ms``
+    is ``claim_idle_ms``): its default, and the environment variable ``LENDING_CLAIM_IDLE_MS``."""
+    field = param_decls[0].split("/")[0].removeprefix("--").replace("-", "_")
+    attrs = {"envvar": f"LENDING_{field.upper()}", "show_envvar": True, "default": default(field),
+             "show_default": True, **attrs}
+    return click.option(*param_decls, **attrs)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The Redis and namespace a command works on.
+
+    :param redis_url: the URL given; ``None`` means the default one (for the worker: the
+        default one, else the embedded redis-server).
+    :param namespace: the key namespace.
+    :param tls: CA and client certificate files for ``rediss://`` URLs.
+    """
+
+    redis_url: str | None
+    namespace: str
+    tls: Tls
+
+    @property
+    def url(self) -> str:
+        """The URL given, else ``DEFAULT_REDIS_URL``."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+
+def _redis_url_option() -> click.Option:
+    return click.Option(["--redis-url"], envvar="REDIS_URL", show_envvar=True, default=None,
+                        help=f"Redis URL [default: {DEFAULT_REDIS_URL}]. {PASSWORD_NOTE}")
+
+
+def _namespace_option() -> click.Option:
+    return click.Option(["--namespace"], envvar="LENDING_NAMESPACE", show_envvar=True, default=default("namespace"),
+                        show_default=True, help="Key namespace: every key starts with {NAMESPACE}.")
+
+
+def _tls_option_specs() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"--tls-{name}", {"type": click.Path(exists=True, dir_okay=False), "show_envvar": True, "default": None,
+                           "envvar": f"LENDING_TLS_{name.upper().replace('-', '_')}", "help": text})
+        for name, text in _TLS_FILES
+    ]
+
+
+def _around(command: C, first: Sequence[click.Parameter], last: Sequence[click.Parameter]) -> C:
+    """Put ``first`` after ``command``'s arguments, before its own options, and ``last`` after them."""
+    arguments = [param for param in command.params if isinstance(param, click.Argument)]
+    own = [param for param in command.params if not isinstance(param, click.Argument)]
+    command.params = [*arguments, *first, *own, *last]
+    return command
+
+
+def connection_options(command: C) -> C:
+    """Give ``command`` --redis-url, --namespace and the --tls-* options, and hand their values
+    to its callback as one ``target: Target``.
+
+    Goes above ``@click.command``: --redis-url and --namespace come before the command's
+    own options in ``--help``, the TLS options after them.
+    """
+    callback = command.callback
+    assert callback is not None  # click.command always sets one
+
+    @functools.wraps(callback)
+    def with_target(redis_url: str | None, namespace: str, **options: Any) -> Any:
+        return callback(target=Target(redis_url, namespace, tls_from_options(options)), **options)
+
+    command.callback = with_target
+    tls = [click.Option([name], **attrs) for name, attrs in _tls_option_specs()]
+    return _around(command, [_redis_url_option(), _namespace_option()], tls)
+
+
+def namespace_option(command: C) -> C:
+    """--namespace alone, for a command that needs no Redis; goes above ``@click.command``."""
+    return _around(command, [_namespace_option()], [])
+
+
+def tls_options(command: F) -> F:
+    """--tls-ca-cert, --tls-cert and --tls-key, as ``click.option`` decorators (for a command
+    with a --redis-url of its own, such as the simulator's); see ``tls_from_options``."""
+    for name, attrs in reversed(_tls_option_specs()):
+        command = click.option(name, **attrs)(command)
+    return command
+
+
+def tls_from_options(options: dict[str, Any]) -> Tls:
+    """Take the TLS options out of ``options``."""
+    return Tls(options.pop("tls_ca_cert", None), options.pop("tls_cert", None), options.pop("tls_key", None))
+
+
+class CommandError(click.ClickException):
+    """Ends a command with one line ``error: <message>`` on stderr and ``exit_code`` (1)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=True)
+
+
+@asynccontextmanager
+async def connected(target: Target) -> AsyncIterator[Redis]:
+    """A client of ``target`` (for a cluster, of the master owning its namespace), checked
+    to answer, and closed on leaving.
+
+    :raises CommandError: Redis cannot be reached; the command says why and exits 1.
+    """
+    client: Redis | None = None
+    try:
+        client = make_client(await namespace_url(target.url, target.namespace, target.tls), tls=target.tls)
+        await check_reachable(client, redacted(target.url))
+    except RedisUnavailable as exc:
+        if client is not None:
+            await client.aclose()
+        raise CommandError(str(exc)) from exc
+    try:
+        yield client
+    finally:
+        await client.aclose()
