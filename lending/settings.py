@@ -99,9 +99,9 @@ class Settings:
     worker_id: str = "worker-1"
     redis_url: str | None = None
     namespace: str = "lending"
-    storage_capacity: int = 20
-    max_books_per_user: int = 5
-    max_books_per_request: int = 50
+    storage_capacity: int = Limits.storage_capacity
+    max_books_per_user: int = Limits.max_books_per_user
+    max_books_per_request: int = Limits.max_books_per_request
     claim_idle_ms: int = 30_000
     max_deliveries: int = 10
     force: bool = False
