@@ -133,7 +133,7 @@ async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[s
             after = [await send(fresh, keys, "lend", f"user-{n}", [f"c{n}"]) for n in range(5)]
             for entry in before + after:
                 assert (await event_for(fresh, keys, "lend", entry, timeout_s=30)).status == "accepted"
-            report = await checker.check(fresh, namespaces[0], 5, 20, wait_quiescent_s=10)
+            report = await checker.check(fresh, namespaces[0], wait_quiescent_s=10)
             assert report.clean and report.quiescent, report.violations
         finally:
             await fresh.aclose()
