@@ -20,7 +20,7 @@ from lending.ops import checker
 from lending.redis.cluster import SlotOwner, cluster_client
 from lending.redis.embedded import free_port, redis_cli_path, redis_server_path
 from lending.keys import Keys
-from lending.settings import Settings
+from lending.settings import Limits, Settings
 from lending.worker import Worker
 
 from .support import ROOT, event_for, process_env, send, wait_until
@@ -51,7 +51,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, lis
             check=True, capture_output=True, timeout=60,
         )
         for port in ports:
-            _wait(port, lambda c: b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO"), timeout_s=30)
+            _wait(port, lambda _: b"cluster_state:ok" in _run_on(port, "CLUSTER", "INFO"), timeout_s=30)
         yield f"redis+cluster://127.0.0.1:{ports[0]}", ports
     finally:
         for process in processes:
@@ -133,7 +133,9 @@ async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[s
             after = [await send(fresh, keys, "lend", f"user-{n}", [f"c{n}"]) for n in range(5)]
             for entry in before + after:
                 assert (await event_for(fresh, keys, "lend", entry, timeout_s=30)).status == "accepted"
-            report = await checker.check(fresh, namespaces[0], 5, 20, wait_quiescent_s=10)
+            report = await checker.check(
+                fresh, namespaces[0], wait_quiescent_s=10, limits=Limits(max_books_per_user=5, storage_capacity=20)
+            )
             assert report.clean and report.quiescent, report.violations
         finally:
             await fresh.aclose()
