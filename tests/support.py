@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: sending requests, reading events, running processes."""
+"""Helpers shared by the tests: reading replies, sending requests, reading events, running
+processes."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT, KeyT
 
 from lending.client import wait_for_event
 from lending.domain.events import Event
@@ -21,16 +23,103 @@ from lending.redis.consumer import Delivery
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# -- reading replies -----------------------------------------------------------------------
+# The test clients are bytes in, bytes out (``make_client``: decode_responses=False, RESP2),
+# so every key, field, value and entry ID of a reply is bytes, where redis-py's types say
+# ``bytes | str`` (or ``| None``, or ``Any``). These helpers check that once, at run time,
+# and hand the tests plain types.
+
+#: A stream entry as the client receives it: (entry ID, {field: value}).
+RawEntry = tuple[str, dict[bytes, bytes]]
+
+
+def as_bytes(value: object) -> bytes:
+    """A key, field or value of a reply, which the test clients receive as bytes."""
+    assert isinstance(value, bytes), f"not a bytes reply: {value!r}"
+    return value
+
+
+def decoded(value: object) -> str:
+    """A key, field, value or ID of a reply as text (a ``str`` passes as it is)."""
+    if isinstance(value, str):
+        return value
+    return as_bytes(value).decode()
+
+
+def raw_entries(reply: object) -> list[RawEntry]:
+    """The entries of an XRANGE, XREVRANGE or XCLAIM reply, their fields as bytes."""
+    assert isinstance(reply, list), f"not a list of entries: {reply!r}"
+    out: list[RawEntry] = []
+    for entry in reply:
+        assert isinstance(entry, (tuple, list)) and len(entry) == 2, f"not an entry: {entry!r}"
+        entry_id, fields = entry
+        assert isinstance(fields, dict), f"an entry without fields (deleted?): {entry!r}"
+        out.append((decoded(entry_id), {as_bytes(k): as_bytes(v) for k, v in fields.items()}))
+    return out
+
+
+def raw_streams(reply: object) -> list[tuple[str, list[RawEntry]]]:
+    """An XREAD or XREADGROUP reply: (stream, its entries) for each stream with new
+    entries; ``[]`` when there were none."""
+    if reply is None:
+        return []
+    assert isinstance(reply, list), f"not an XREAD reply: {reply!r}"
+    out: list[tuple[str, list[RawEntry]]] = []
+    for item in reply:
+        assert isinstance(item, (tuple, list)) and len(item) == 2, f"not a stream of entries: {item!r}"
+        stream, entries = item
+        out.append((decoded(stream), raw_entries(entries)))
+    return out
+
+
+async def stream_entries(
+    client: Redis, key: KeyT, start: str = "-", end: str = "+", count: int | None = None
+) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE decoded: [(entry ID, {field: value})], fields in their stream order."""
+    return [
+        (entry_id, {k.decode(): v.decode() for k, v in fields.items()})
+        for entry_id, fields in raw_entries(await client.xrange(key, min=start, max=end, count=count))
+    ]
+
+
+async def hash_of(client: Redis, key: KeyT) -> dict[str, str]:
+    """HGETALL decoded."""
+    return {decoded(k): decoded(v) for k, v in (await client.hgetall(key)).items()}
+
+
+async def members(client: Redis, key: KeyT) -> set[str]:
+    """SMEMBERS decoded."""
+    return {decoded(m) for m in await client.smembers(key)}
+
+
+F = TypeVar("F", bound=bytes | str)
+E = TypeVar("E", bound=EncodableT)
+
+
+def xadd_fields(fields: Mapping[F, E]) -> dict[FieldT, EncodableT]:
+    """``fields`` as XADD's parameter. XADD only reads it, so any mapping would do, but
+    redis-py asks for a ``dict[FieldT, EncodableT]``, and a dict is invariant: neither a
+    ``dict[str, str]`` nor a ``Mapping`` matches it."""
+    return dict(fields.items())
+
+
+async def run_command(client: Redis, *args: EncodableT) -> object:
+    """A command redis-py has no fitting typed method for (``ACL SETUSER`` with the raw
+    rules under test): its reply."""
+    # redis-py leaves the asyncio Redis.execute_command unannotated.
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+# -- sending requests, waiting for events --------------------------------------------------
+
 
 async def send(client: Redis, keys: Keys, action: str, user: str, books: Sequence[str]) -> str:
     """Queue a well-formed request; returns its entry id."""
-    entry = await client.xadd(keys.requests(action), {"user_id": user, "book_ids": ",".join(books)})
-    return str(entry.decode())
+    return decoded(await client.xadd(keys.requests(action), {"user_id": user, "book_ids": ",".join(books)}))
 
 
 async def send_raw(client: Redis, keys: Keys, action: str, fields: Mapping[bytes | str, bytes | str]) -> str:
-    entry = await client.xadd(keys.requests(action), dict(fields))  # type: ignore[arg-type]
-    return str(entry.decode())
+    return decoded(await client.xadd(keys.requests(action), xadd_fields(fields)))
 
 
 async def event_for(client: Redis, keys: Keys, action: str, request_id: str, timeout_s: float = 10.0) -> Event:
@@ -40,14 +129,15 @@ async def event_for(client: Redis, keys: Keys, action: str, request_id: str, tim
 
 
 async def all_events(client: Redis, keys: Keys) -> list[Event]:
-    return [Event.from_fields(fields, eid.decode()) for eid, fields in await client.xrange(keys.events)]
+    """``{NS}:events`` as events (equal when their fields are, whatever their IDs)."""
+    return [Event.from_fields(fields, event_id) for event_id, fields in raw_entries(await client.xrange(keys.events))]
 
 
-async def wait_until(predicate: object, timeout_s: float = 10.0, interval_s: float = 0.05) -> None:
+async def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.05) -> None:
     """Await ``predicate()`` (sync or async) until truthy, or fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        result = predicate()  # type: ignore[operator]
+        result = predicate()
         if asyncio.iscoroutine(result):
             result = await result
         if result:
@@ -119,7 +209,15 @@ class AcksAfterXinfo(Redis):
 
     acks: tuple[str, str, list[str]] = ("", "", [])
 
-    async def xinfo_groups(self, name: Any) -> Any:
+    @classmethod
+    def racing(cls, url: str, stream: str, group: str, ids: list[str]) -> AcksAfterXinfo:
+        """A client of ``url`` that acknowledges ``ids`` of ``stream`` for ``group``."""
+        client = cls.from_url(url)
+        assert isinstance(client, cls)  # from_url builds a cls; redis-py annotates it as Redis
+        client.acks = (stream, group, ids)
+        return client
+
+    async def xinfo_groups(self, name: KeyT) -> list[dict[str, Any]]:
         groups = await super().xinfo_groups(name)
         stream, group, ids = self.acks
         if ids:

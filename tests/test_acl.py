@@ -19,6 +19,7 @@ from lending.keys import Keys
 from lending.ops.status import read_status
 
 from .conftest import StartWorker
+from .support import run_command
 
 
 def with_user(url: str, user: str, password: str) -> str:
@@ -30,10 +31,10 @@ def with_user(url: str, user: str, password: str) -> str:
 async def acl_users(redis: Redis, namespace: str) -> AsyncIterator[tuple[str, str, str]]:
     suffix = uuid.uuid4().hex[:8]
     worker, sender, password = f"lending-{suffix}", f"get-books-{suffix}", uuid.uuid4().hex
-    await redis.execute_command("ACL", "SETUSER", worker, "reset", "on", f">{password}", *worker_user_rules(namespace))
-    await redis.execute_command("ACL", "SETUSER", sender, "reset", "on", f">{password}", *sender_user_rules(namespace))
+    await run_command(redis, "ACL", "SETUSER", worker, "reset", "on", f">{password}", *worker_user_rules(namespace))
+    await run_command(redis, "ACL", "SETUSER", sender, "reset", "on", f">{password}", *sender_user_rules(namespace))
     yield worker, sender, password
-    await redis.execute_command("ACL", "DELUSER", worker, sender)
+    await redis.acl_deluser(worker, sender)
 
 
 async def test_service_and_sender_under_least_privilege(
@@ -69,7 +70,8 @@ async def test_service_user_can_trim_read_status_and_dead_letter(
     url = with_user(redis_url, worker_user, password)
     worker = await start_worker(redis_url=url, shelving_fail_rate=1.0, max_deliveries=1)
     entry = await submit(redis, keys, "lend", "ada", ["b1"])
-    assert (await wait_for_event(redis, keys, "lend", entry[0], entry[1], 10)).status == "failed"  # type: ignore[union-attr]
+    event = await wait_for_event(redis, keys, "lend", entry[0], entry[1], 10)
+    assert event is not None and event.status == "failed", event
     client = make_client(url)
     try:
         await retention.trim(client, keys, events_maxlen=10)

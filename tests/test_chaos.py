@@ -5,12 +5,14 @@ invariant checker clean. Loopback only; each run stops by itself."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 from simulator.run import RunOptions, simulate
 
 
-def options(**overrides: object) -> RunOptions:
-    base = RunOptions(
+def base_options() -> RunOptions:
+    """What every chaos run shares; each test ``replace``s what it is about."""
+    return RunOptions(
         redis_url=None,  # the simulator's own redis-server on a free loopback port
         namespace=f"chaos-{uuid.uuid4().hex[:8]}",
         users=100,
@@ -19,7 +21,6 @@ def options(**overrides: object) -> RunOptions:
         claim_idle_ms=1_000,
         quiescence_timeout_s=60,
     )
-    return base.__class__(**{**base.__dict__, **overrides})  # type: ignore[arg-type]
 
 
 def assert_all_answered_once(report: object) -> None:
@@ -35,21 +36,21 @@ def assert_all_answered_once(report: object) -> None:
 
 
 async def test_three_workers_one_killed_every_two_seconds() -> None:
-    report = await simulate(options(workers=3, kill_every_s=2.0, duration_s=30.0))
+    report = await simulate(replace(base_options(), workers=3, kill_every_s=2.0, duration_s=30.0))
     assert_all_answered_once(report)
     assert report.chaos["worker_kills"] >= 10
     assert {"accepted", "denied", "returned"} <= set(report.outcomes)
 
 
 async def test_redis_restarts_under_load_lose_nothing() -> None:
-    report = await simulate(options(workers=2, restart_redis_every_s=4.0, duration_s=14.0))
+    report = await simulate(replace(base_options(), workers=2, restart_redis_every_s=4.0, duration_s=14.0))
     assert_all_answered_once(report)
     assert report.chaos["redis_restarts"] >= 3
 
 
 async def test_flaky_slow_shelving_service() -> None:
     report = await simulate(
-        options(workers=2, shelving_fail_rate=0.3, shelving_latency_ms=5.0, duration_s=8.0, rate=100)
+        replace(base_options(), workers=2, shelving_fail_rate=0.3, shelving_latency_ms=5.0, duration_s=8.0, rate=100)
     )
     assert_all_answered_once(report)
     assert report.outcomes["accepted"] > 0

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -26,7 +25,10 @@ from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.worker import Worker
 
 from .conftest import StartWorker
-from .support import ROOT, event_for, process_env, send, send_raw, start_worker_process, stop_process, wait_until
+from .support import (
+    ROOT, event_for, hash_of, process_env, raw_entries, send, send_raw, start_worker_process, stop_process,
+    stream_entries, wait_until, xadd_fields,
+)
 
 LIMIT = 3  # books per user, assumed by the checker
 CAPACITY = 3  # books in storage, assumed by the checker
@@ -283,9 +285,9 @@ async def _released(redis: Redis, keys: Keys, worker_id: str) -> bool:
 
 async def a_lent_book(redis: Redis, keys: Keys) -> tuple[str, str]:
     """(book, user) of some lent book."""
-    lent: Any = await redis.hgetall(keys.lent_books)
+    lent = await hash_of(redis, keys.lent_books)
     book, user = sorted(lent.items())[0]
-    return book.decode(), user.decode()
+    return book, user
 
 
 async def incr_a_count(redis: Redis, keys: Keys) -> str:
@@ -342,9 +344,9 @@ async def hset_another_context_in_from_shelving(redis: Redis, keys: Keys) -> str
 
 
 async def xadd_a_second_event(redis: Redis, keys: Keys) -> str:
-    events: Any = await redis.xrange(keys.events, count=1)
+    events = raw_entries(await redis.xrange(keys.events, count=1))
     _, fields = events[0]
-    await redis.xadd(keys.events, fields)
+    await redis.xadd(keys.events, xadd_fields(fields))
     return keys.events
 
 
@@ -358,7 +360,7 @@ async def acknowledge_an_entry_without_event(redis: Redis, keys: Keys) -> str:
     # An entry read and acknowledged by someone who published no event.
     await send(redis, keys, "lend", "mallory", ["b9"])
     await redis.xreadgroup(LENDING_GROUP, "intruder", {keys.lend_requests: ">"})
-    pending: Any = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, "-", "+", 10)
+    pending = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, "-", "+", 10)
     await redis.xack(keys.lend_requests, LENDING_GROUP, *[p["message_id"] for p in pending])
     return keys.lend_requests
 
@@ -550,8 +552,8 @@ async def test_check_command_waits_for_a_worker_to_finish_queued_requests(
 
     report = json.loads(run.out)
     assert (run.code, report["clean"], report["quiescent"]) == (0, True, True), run
-    events: Any = await redis.xrange(keys.events)
-    assert sorted(fields[b"request_id"].decode() for _, fields in events) == sorted(queued)
+    events = await stream_entries(redis, keys.events)
+    assert sorted(fields["request_id"] for _, fields in events) == sorted(queued)
 
 
 async def test_check_command_with_redis_unreachable_exits_1_with_a_one_line_error(keys: Keys) -> None:

@@ -51,7 +51,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, lis
             check=True, capture_output=True, timeout=60,
         )
         for port in ports:
-            _wait(port, lambda c: b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO"), timeout_s=30)
+            _wait(port, lambda _: b"cluster_state:ok" in _run_on(port, "CLUSTER", "INFO"), timeout_s=30)
         yield f"redis+cluster://127.0.0.1:{ports[0]}", ports
     finally:
         for process in processes:

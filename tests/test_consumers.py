@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from redis.asyncio import Redis
 
@@ -16,7 +15,7 @@ from lending.service.shelving import Grant
 from lending.worker import Worker
 
 from .conftest import StartWorker
-from .support import event_for, send, wait_until
+from .support import decoded, event_for, raw_streams, send, wait_until
 from .test_service import shelving_caught_up, shelving_state
 
 # -- the shelving consumer's context guard ----------------------------------------------------
@@ -57,8 +56,8 @@ def reclaims(worker: Worker) -> float:
 
 async def pending_by_consumer(redis: Redis, stream: str) -> dict[str, str]:
     """entry id -> the consumer it is pending on."""
-    entries: list[dict[str, Any]] = await redis.xpending_range(stream, LENDING_GROUP, min="-", max="+", count=1000)
-    return {e["message_id"].decode(): e["consumer"].decode() for e in entries}
+    entries = await redis.xpending_range(stream, LENDING_GROUP, min="-", max="+", count=1000)
+    return {decoded(e["message_id"]): decoded(e["consumer"]) for e in entries}
 
 
 async def test_a_busy_consumers_entries_are_taken_over_only_once_idle_for_claim_idle_ms(
@@ -70,8 +69,8 @@ async def test_a_busy_consumers_entries_are_taken_over_only_once_idle_for_claim_
     # Consumer A reads them and is busy with them (it never acknowledges: it may be slow
     # or dead, nobody can tell until claim_idle_ms have passed).
     read_at = time.monotonic()
-    reply: Any = await redis.xreadgroup(LENDING_GROUP, "A", {keys.lend_requests: ">"}, count=len(entries))
-    assert [e.decode() for e, _ in reply[0][1]] == entries
+    reply = raw_streams(await redis.xreadgroup(LENDING_GROUP, "A", {keys.lend_requests: ">"}, count=len(entries)))
+    assert [e for e, _ in reply[0][1]] == entries
 
     worker = await start_worker(worker_id="B", claim_idle_ms=claim_idle_ms)
 

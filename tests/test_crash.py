@@ -12,29 +12,22 @@ import asyncio
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import pytest
 from redis.asyncio import Redis
 
 from lending.faults import FAULT_EXIT_CODE
+from lending.domain.streamids import id_key
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 
-from .support import event_for, send, start_worker_process, stop_process, wait_until
+from .support import (
+    decoded, event_for, hash_of, members, raw_entries, send, start_worker_process, stop_process, stream_entries,
+    wait_until,
+)
 
 CLAIM_IDLE = ("--claim-idle-ms", "500")
 TOOK_OVER = "took over abandoned entries"
-
-
-def text(value: object) -> str:
-    """A reply value as text (the test clients answer bytes)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def entries(redis: Redis, stream: str, start: str = "-", end: str = "+") -> list[tuple[str, dict[str, str]]]:
-    """A stream's entries, decoded: [(entry id, {field: value})]."""
-    raw: Any = await redis.xrange(stream, min=start, max=end)
-    return [(text(entry_id), {text(k): text(v) for k, v in fields.items()}) for entry_id, fields in raw]
 
 
 class Workers(Protocol):
@@ -71,31 +64,18 @@ def wait_for_crash(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> str:
 async def events_of(redis: Redis, keys: Keys, action: str, request_id: str) -> list[dict[str, str]]:
     return [
         fields
-        for _, fields in await entries(redis, keys.events)
+        for _, fields in await stream_entries(redis, keys.events)
         if (fields["request_id"], fields["action"]) == (request_id, action)
     ]
-
-
-async def members(redis: Redis, key: str) -> set[str]:
-    return {text(value) for value in await redis.smembers(key)}
-
-
-async def hash_of(redis: Redis, key: str) -> dict[str, str]:
-    return {text(k): text(v) for k, v in (await redis.hgetall(key)).items()}
 
 
 async def reservation_keys(redis: Redis, keys: Keys) -> list[bytes]:
     return [key async for key in redis.scan_iter(match=keys.pattern("reservations:*"))]
 
 
-def _id(entry_id: object) -> tuple[int, int]:
-    ms, _, seq = text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def shelving_drained(redis: Redis, keys: Keys) -> bool:
     """Every ``shelving:returns`` entry was read by the shelving group and acknowledged."""
-    last = await redis.xrevrange(keys.shelving_returns, count=1)
+    last = raw_entries(await redis.xrevrange(keys.shelving_returns, count=1))
     if not last:
         return True
     groups = await redis.xinfo_groups(keys.shelving_returns)
@@ -103,7 +83,7 @@ async def shelving_drained(redis: Redis, keys: Keys) -> bool:
     return (
         group is not None
         and group["pending"] == 0
-        and _id(group["last-delivered-id"]) >= _id(last[0][0])
+        and id_key(decoded(group["last-delivered-id"])) >= id_key(last[0][0])
     )
 
 
@@ -244,7 +224,7 @@ async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: 
     events = await events_of(redis, keys, "lend", request_id)
     assert len(events) == 1
     assert events[0]["status"] == "failed"
-    letters = await entries(redis, keys.dead_letters)
+    letters = await stream_entries(redis, keys.dead_letters)
     assert [fields["request_id"] for _, fields in letters] == [request_id]
     # The reservation was given back: the book it took from storage is there again.
     # At after_shelving the shelving service handed loop-b out each time, but no attempt

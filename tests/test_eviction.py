@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -28,7 +27,7 @@ from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker
 
-from .support import ROOT, event_for, process_env, send, start_worker_process, stop_process, wait_until
+from .support import ROOT, event_for, process_env, run_command, send, start_worker_process, stop_process, wait_until
 
 StartRedis = Callable[..., EmbeddedRedis]
 
@@ -110,7 +109,7 @@ async def test_info_refused_by_acl_or_disabled_reads_as_unknown(
     start_redis: StartRedis, admin: Callable[[EmbeddedRedis], Redis]
 ) -> None:
     server = start_redis()
-    await admin(server).execute_command("ACL", "SETUSER", "no-info", "on", ">pw", "~*", "+@all", "-info")
+    await run_command(admin(server), "ACL", "SETUSER", "no-info", "on", ">pw", "~*", "+@all", "-info")
     without_info = make_client(server.url.replace("//", "//no-info:pw@"))
     try:
         assert await read_policy(without_info) is None  # NOPERM
@@ -175,7 +174,7 @@ async def running(settings: Settings) -> AsyncIterator[tuple[Worker, asyncio.Tas
 
 async def reconnect_and_serve(admin: Redis, keys: Keys, request: int) -> None:
     """Drop every worker connection, then wait until a request is served again."""
-    await admin.execute_command("CLIENT", "KILL", "TYPE", "normal")  # not this admin connection
+    await admin.client_kill_filter(_type="normal")  # not this admin connection
     entry = await send(admin, keys, "lend", f"user-{request}", [f"book-{request}"])
     assert (await event_for(admin, keys, "lend", entry)).status == "accepted"
     await asyncio.sleep(0.3)  # the shelving consumer has reconnected too by now
@@ -200,7 +199,7 @@ async def test_info_refused_is_said_once_and_the_worker_serves(
 ) -> None:
     server = start_redis()
     client = admin(server)
-    await client.execute_command("ACL", "SETUSER", "svc", "reset", "on", ">pw", *worker_user_rules(keys.namespace), "-info")
+    await run_command(client, "ACL", "SETUSER", "svc", "reset", "on", ">pw", *worker_user_rules(keys.namespace), "-info")
     with capture_logs() as logs:
         async with running(settings.replace(redis_url=server.url.replace("//", "//svc:pw@"))) as (_, task, _c):
             for n in range(2):
@@ -220,7 +219,7 @@ async def test_a_reconnect_onto_an_evicting_redis_stops_the_worker_with_exit_cod
         async with running(settings.replace(redis_url=server.url)) as (_, task, _c):
             # As if a failover or a restart brought the worker to a server that evicts.
             await client.config_set("maxmemory-policy", "allkeys-lru")
-            await client.execute_command("CLIENT", "KILL", "TYPE", "normal")
+            await client.client_kill_filter(_type="normal")
 
             assert await asyncio.wait_for(task, 10) == 1
 
@@ -240,7 +239,7 @@ def test_status_and_check_show_the_policy(start_redis: StartRedis, namespace: st
         return subprocess.run([sys.executable, "-m", "lending", *args, "--redis-url", url, "--namespace", namespace],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
 
-    outputs: dict[str, Any] = {}
+    outputs: dict[str, str] = {}
     for command in ("status", "check"):
         as_json, as_text = lending(command, "--json"), lending(command)
         assert (as_json.returncode, as_text.returncode) == (0, 0), (as_json, as_text)  # an empty namespace is clean

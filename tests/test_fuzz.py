@@ -13,7 +13,6 @@ import contextlib
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import hypothesis
 import pytest
@@ -29,7 +28,7 @@ from lending.keys import ACTIONS, LEND, Keys
 from lending.settings import Limits, Settings
 from lending.worker import Worker
 
-from .support import event_for, send, wait_until
+from .support import decoded, event_for, raw_entries, send, wait_until, xadd_fields
 
 MAX_BOOKS_PER_REQUEST = 50
 MEGABYTE = 1 << 20
@@ -132,17 +131,17 @@ Entry = tuple[str, dict[bytes, bytes]]  # (action, fields)
 
 
 async def last_event_id(redis: Redis, keys: Keys) -> str:
-    last: Any = await redis.xrevrange(keys.events, count=1)
-    return last[0][0].decode() if last else "0-0"
+    last = raw_entries(await redis.xrevrange(keys.events, count=1))
+    return last[0][0] if last else "0-0"
 
 
 async def xadd_all(redis: Redis, keys: Keys, entries: Sequence[Entry]) -> list[str]:
     """XADD every entry in one round trip; their ids, in order."""
     async with redis.pipeline(transaction=False) as pipe:
         for action, fields in entries:
-            pipe.xadd(keys.requests(action), fields)  # type: ignore[arg-type]
-        ids: list[bytes] = await pipe.execute()
-    return [entry_id.decode() for entry_id in ids]
+            pipe.xadd(keys.requests(action), xadd_fields(fields))
+        ids = await pipe.execute()
+    return [decoded(entry_id) for entry_id in ids]
 
 
 async def events_for(
@@ -153,10 +152,10 @@ async def events_for(
     found: dict[tuple[str, str], list[Event]] = {}
 
     async def all_answered() -> bool:
-        raw: Any = await redis.xrange(keys.events, min=f"({after}")
+        raw = raw_entries(await redis.xrange(keys.events, min=f"({after}"))
         found.clear()
         for event_id, fields in raw:
-            event = Event.from_fields(fields, event_id.decode())
+            event = Event.from_fields(fields, event_id)
             found.setdefault((event.action, event.request_id), []).append(event)
         return all(entry in found for entry in sent)
 

@@ -14,7 +14,7 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from redis.asyncio import Redis
 
@@ -29,7 +29,7 @@ from lending.service.shelving_mock import ShelvingService
 from lending.redis.consumer import Delivery, ensure_group
 
 from .conftest import StartWorker
-from .support import event_for, process_one, send, start_worker_process, stop_process, wait_until
+from .support import event_for, process_one, raw_streams, send, start_worker_process, stop_process, wait_until
 from .test_reliability import deliver, drain_shelving_returns
 
 
@@ -37,18 +37,18 @@ class LateShelving(ShelvingService):
     """The real shelving mock; its first call waits at a gate the test opens, and then
     runs ``after`` (the test's way to interfere between the grant and the commit)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, client: Redis, keys: Keys, scripts: Scripts) -> None:
+        super().__init__(client, keys, scripts)
         self.reached = asyncio.Event()
         self.gate = asyncio.Event()
-        self.after: list[object] = []
+        self.after: list[Awaitable[object]] = []
 
     async def get_many(self, asks: Sequence[tuple[str, str]]) -> list[Grant]:
         self.reached.set()
         await self.gate.wait()
         grants = await super().get_many(asks)
         for step in self.after:
-            await step  # type: ignore[misc]
+            await step
         self.after = []
         return grants
 
@@ -61,7 +61,7 @@ async def finish_elsewhere_and_return(redis: Redis, keys: Keys, settings: Settin
     event = await process_one(live, await deliver(redis, keys, "B", entry, claim=True))
     assert event is not None and (event.status, event.books) == ("accepted", ("b1",))
     back = await send(redis, keys, "return", "ada", ["b1"])
-    reply = await redis.xreadgroup(LENDING_GROUP, "B", {keys.return_requests: ">"}, count=1)
+    reply = raw_streams(await redis.xreadgroup(LENDING_GROUP, "B", {keys.return_requests: ">"}, count=1))
     ((_, ((_, fields),)),) = reply
     returned = await process_one(live, Delivery(keys.return_requests, back, fields, 1))
     assert returned is not None and returned.status == "returned"

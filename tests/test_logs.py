@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import NoReturn
 
 import pytest
 import structlog
@@ -50,7 +50,7 @@ def test_once_the_reader_is_gone_output_goes_nowhere(reader_gone: tuple[SafeStre
     assert os.path.samefile(f"/proc/self/fd/{write_fd}", os.devnull)
 
 
-def _pipe_is_gone(*_: Any) -> Any:
+def _pipe_is_gone(*_: object) -> NoReturn:
     raise BrokenPipeError(32, "Broken pipe")
 
 

@@ -33,7 +33,7 @@ from lending.redis.consumer import ensure_group
 from lending.domain.streamids import MAX_ID
 
 from .conftest import StartWorker
-from .support import all_events, event_for, send, start_worker_process, stop_process, wait_until
+from .support import all_events, decoded, event_for, send, start_worker_process, stop_process, wait_until
 
 SERVERS = ["6.2", "7"]
 
@@ -195,7 +195,7 @@ async def test_an_events_stream_out_of_ids_changes_nothing_and_the_request_waits
     await asyncio.sleep(1.5)  # several rounds of retries
     assert await namespace_state(redis, keys) == before, "a refused commit changed the state"
     pending = await redis.xpending_range(keys.return_requests, LENDING_GROUP, min="-", max="+", count=10)
-    assert [(p["message_id"].decode(), p["times_delivered"]) for p in pending] == [(second, 1)]
+    assert [(decoded(p["message_id"]), p["times_delivered"]) for p in pending] == [(second, 1)]
     assert await redis.xlen(keys.dead_letters) == 0
 
     await redis.delete(keys.events)  # the operator's fix

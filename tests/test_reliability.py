@@ -24,14 +24,17 @@ from lending.redis.consumer import Delivery, ensure_group
 from lending.worker import Worker
 
 from .conftest import StartWorker
-from .support import process_one, all_events, event_for, send, start_worker_process, stop_process, wait_until
+from .support import (
+    all_events, decoded, event_for, hash_of, members, process_one, raw_entries, raw_streams, send,
+    start_worker_process, stop_process, wait_until,
+)
 
 
 class PausableShelving(ShelvingService):
     """The real shelving mock, but its calls wait at a gate the test opens."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, client: Redis, keys: Keys, scripts: Scripts) -> None:
+        super().__init__(client, keys, scripts)
         self.reached = asyncio.Event()
         self.gate = asyncio.Event()
 
@@ -45,9 +48,9 @@ async def deliver(redis: Redis, keys: Keys, consumer: str, entry_id: str, *, cla
     """The entry as delivered to ``consumer``: read new, or claimed from another."""
     stream = keys.lend_requests
     if claim:
-        ((_, fields),) = await redis.xclaim(stream, LENDING_GROUP, consumer, 0, [entry_id])
+        ((_, fields),) = raw_entries(await redis.xclaim(stream, LENDING_GROUP, consumer, 0, [entry_id]))
     else:
-        ((_, ((_, fields),)),) = await redis.xreadgroup(LENDING_GROUP, consumer, {stream: ">"}, count=1)
+        ((_, ((_, fields),)),) = raw_streams(await redis.xreadgroup(LENDING_GROUP, consumer, {stream: ">"}, count=1))
     return Delivery(stream, entry_id, fields, 1)
 
 
@@ -66,10 +69,10 @@ async def drain_shelving_returns(redis: Redis, keys: Keys, settings: Settings) -
     scripts = Scripts()
     shelving = ShelvingService(redis, keys, scripts)
     await ensure_group(redis, keys.shelving_returns, SHELVING_GROUP)
-    while reply := await redis.xreadgroup(SHELVING_GROUP, "test", {keys.shelving_returns: ">"}, count=100):
+    while reply := raw_streams(await redis.xreadgroup(SHELVING_GROUP, "test", {keys.shelving_returns: ">"}, count=100)):
         for _, entries in reply:
             for entry_id, fields in entries:
-                await shelving.release(Delivery(keys.shelving_returns, entry_id.decode(), fields, 1))
+                await shelving.release(Delivery(keys.shelving_returns, entry_id, fields, 1))
 
 
 async def stock_storage(redis: Redis, keys: Keys, *books: str) -> None:
@@ -80,9 +83,9 @@ async def stock_storage(redis: Redis, keys: Keys, *books: str) -> None:
 
 
 async def assert_consistent(redis: Redis, keys: Keys, settings: Settings) -> None:
-    lent = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.lent_books)).items()}
-    storage = {b.decode() for b in await redis.smembers(keys.storage)}
-    shelved = {k.decode() for k in await redis.hkeys(keys.shelving_state)}
+    lent = await hash_of(redis, keys.lent_books)
+    storage = await members(redis, keys.storage)
+    shelved = {decoded(k) for k in await redis.hkeys(keys.shelving_state)}
     assert not set(lent) & storage, "a book is both lent and in storage"
     assert len(storage) <= settings.storage_capacity
     assert shelved == set(lent) | storage, "shelving state differs from lent + storage"
@@ -132,7 +135,7 @@ async def test_paused_worker_leaves_alone_a_book_another_request_now_holds(
     # B finishes it: over ada's limit, so both books go back to storage ...
     event = await process_one(live, await deliver(redis, keys, "B", entry, claim=True))
     assert event is not None and event.status == "denied"
-    assert {b.decode() for b in await redis.smembers(keys.storage)} == {"b1", "b2"}
+    assert await members(redis, keys.storage) == {"b1", "b2"}
     # ... and another request takes b2 from there.
     other = await send(redis, keys, "lend", "bob", ["b2"])
     taken = await process_one(live, await deliver(redis, keys, "B", other, claim=False))
@@ -212,7 +215,7 @@ async def test_entry_that_keeps_failing_is_dead_lettered_with_a_failed_event(
     event = await event_for(redis, keys, "lend", entry)
     assert event.status == "failed"
     assert "ShelvingUnavailable" in event.reason
-    ((_, letter),) = await redis.xrange(keys.dead_letters)
+    ((_, letter),) = raw_entries(await redis.xrange(keys.dead_letters))
     assert letter[b"request_id"] == entry.encode()
     assert letter[b"deliveries"] == b"3"
     assert b"ShelvingUnavailable" in letter[b"error"]
@@ -332,5 +335,5 @@ async def test_crash_loop_after_the_shelving_call_ends_in_a_dead_letter_losing_n
 async def _shelving_settled(redis: Redis, keys: Keys) -> bool:
     groups = await redis.xinfo_groups(keys.shelving_returns)
     pending = sum(int(g["pending"]) for g in groups)
-    last = await redis.xrevrange(keys.shelving_returns, count=1)
-    return pending == 0 and bool(last) and all(g["last-delivered-id"] == last[0][0] for g in groups)
+    last = raw_entries(await redis.xrevrange(keys.shelving_returns, count=1))
+    return pending == 0 and bool(last) and all(decoded(g["last-delivered-id"]) == last[0][0] for g in groups)

@@ -14,7 +14,7 @@ from lending.ops.retention import first_needed, next_id, safe_trim_id, trim
 from lending.redis.consumer import ensure_group
 
 from .conftest import StartWorker
-from .support import AcksAfterXinfo, event_for, send, wait_until
+from .support import AcksAfterXinfo, event_for, raw_entries, send, wait_until
 
 
 def test_next_id() -> None:
@@ -44,8 +44,7 @@ async def test_entries_acknowledged_between_xinfo_and_xpending_are_no_error(
     await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
     ids = [await send(redis, keys, "lend", "ada", [f"b{n}"]) for n in range(3)]
     await redis.xreadgroup(LENDING_GROUP, "w1", {keys.lend_requests: ">"}, count=10)
-    racing = AcksAfterXinfo.from_url(redis_url)
-    racing.acks = (keys.lend_requests, LENDING_GROUP, ids)
+    racing = AcksAfterXinfo.racing(redis_url, keys.lend_requests, LENDING_GROUP, ids)
     try:
         assert await safe_trim_id(racing, keys.lend_requests) == next_id(ids[-1])
     finally:
@@ -101,7 +100,7 @@ async def test_entries_a_slow_group_still_needs_are_never_trimmed(redis: Redis, 
 
     await redis.xack(keys.lend_requests, "audit", ids[0])  # audit acks one: it may go
     await trim(redis, keys, events_maxlen=1000)
-    assert [e[0].decode() for e in await redis.xrange(keys.lend_requests)] == ids[1:]
+    assert [entry_id for entry_id, _ in raw_entries(await redis.xrange(keys.lend_requests))] == ids[1:]
 
 
 async def test_pending_entries_of_a_dead_consumer_are_kept(redis: Redis, keys: Keys) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from redis.asyncio import Redis
 
@@ -20,27 +19,24 @@ from lending.service.shelving_mock import ShelvingService
 from lending.redis.consumer import Delivery, ensure_group
 
 from .conftest import StartWorker
-from .support import process_one, all_events, event_for, send, send_raw, wait_until
+from .support import (
+    all_events, decoded, event_for, hash_of, members, process_one, raw_entries, raw_streams, send, send_raw,
+    stream_entries, wait_until, xadd_fields,
+)
 
 # -- reading the state -------------------------------------------------------------------
 
 
-def text(value: bytes | str | None) -> str:
-    """A reply of the bytes-in, bytes-out client as text."""
-    assert value is not None
-    return value.decode() if isinstance(value, bytes) else value
-
-
 async def lent_books(redis: Redis, keys: Keys) -> dict[str, str]:
-    return {text(k): text(v) for k, v in (await redis.hgetall(keys.lent_books)).items()}
+    return await hash_of(redis, keys.lent_books)
 
 
 async def storage(redis: Redis, keys: Keys) -> set[str]:
-    return {text(m) for m in await redis.smembers(keys.storage)}
+    return await members(redis, keys.storage)
 
 
 async def shelving_state(redis: Redis, keys: Keys) -> dict[str, str]:
-    return {text(k): text(v) for k, v in (await redis.hgetall(keys.shelving_state)).items()}
+    return await hash_of(redis, keys.shelving_state)
 
 
 async def count(redis: Redis, keys: Keys, user: str) -> int | None:
@@ -62,20 +58,20 @@ async def shelving_caught_up(redis: Redis, keys: Keys) -> bool:
     """Has the shelving consumer applied every entry of ``shelving:returns``?"""
     if not await redis.exists(keys.shelving_returns):
         return True
-    groups = {text(g["name"]): g for g in await redis.xinfo_groups(keys.shelving_returns)}
+    groups = {decoded(g["name"]): g for g in await redis.xinfo_groups(keys.shelving_returns)}
     if SHELVING_GROUP not in groups:
         return False
-    last: Any = await redis.xrevrange(keys.shelving_returns, count=1)
+    last = raw_entries(await redis.xrevrange(keys.shelving_returns, count=1))
     group = groups[SHELVING_GROUP]
     if not last:  # created empty by the group's MKSTREAM
         return bool(group["pending"] == 0)
-    return bool(group["last-delivered-id"] == last[0][0] and group["pending"] == 0)
+    return bool(decoded(group["last-delivered-id"]) == last[0][0] and group["pending"] == 0)
 
 
 async def returned_to_shelving(redis: Redis, keys: Keys) -> list[str]:
     """Every book handed back on ``shelving:returns``, processed or not."""
-    entries: Any = await redis.xrange(keys.shelving_returns)
-    return [book for _, fields in entries for book in text(fields[b"book_ids"]).split(",")]
+    entries = await stream_entries(redis, keys.shelving_returns)
+    return [book for _, fields in entries for book in fields["book_ids"].split(",")]
 
 
 async def lend(redis: Redis, keys: Keys, user: str, *books: str) -> Event:
@@ -455,9 +451,9 @@ async def test_every_request_gets_exactly_one_event(redis: Redis, keys: Keys, st
         plan.append(("lend", {"user_id": "bad user", "book_ids": "b1"}))
         plan.append(("return", {"book_ids": "b1"}))
         for action, fields in plan:
-            pipe.xadd(keys.requests(action), fields)  # type: ignore[arg-type]
+            pipe.xadd(keys.requests(action), xadd_fields(fields))
         ids = await pipe.execute()
-    sent = [(action, text(entry)) for (action, _), entry in zip(plan, ids)]
+    sent = [(action, decoded(entry)) for (action, _), entry in zip(plan, ids)]
 
     events = [await event_for(redis, keys, action, entry) for action, entry in sent]
     await asyncio.sleep(0.3)  # a duplicate would come right after
@@ -490,7 +486,7 @@ async def test_worker_survives_200_malformed_entries_then_processes_a_valid_one(
     ]
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(200):
-            pipe.xadd(keys.requests("lend" if i % 2 else "return"), dict(kinds[i % len(kinds)]))  # type: ignore[arg-type]
+            pipe.xadd(keys.requests("lend" if i % 2 else "return"), xadd_fields(kinds[i % len(kinds)]))
         await pipe.execute()
 
     entry = await send(redis, keys, "lend", "ada", ["b1"])
@@ -535,7 +531,7 @@ async def test_a_stalled_worker_does_not_give_back_books_the_other_worker_lent(
     the book. When A resumes, it must not hand that lent book back to shelving."""
     await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
     entry = await send(redis, keys, "lend", "ada", ["b1"])
-    reply: Any = await redis.xreadgroup(LENDING_GROUP, "A", {keys.lend_requests: ">"}, count=1)
+    reply = raw_streams(await redis.xreadgroup(LENDING_GROUP, "A", {keys.lend_requests: ">"}, count=1))
     ((_, ((_, fields),)),) = reply
     scripts = Scripts()
     stalled_shelving = PausedAfterShelving(redis, keys, scripts)

@@ -77,8 +77,7 @@ async def test_entries_acknowledged_while_status_reads_a_group_are_no_error(
     await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
     ids = [await send(redis, keys, "lend", "ada", [f"b{n}"]) for n in range(3)]
     await redis.xreadgroup(LENDING_GROUP, "w1", {keys.lend_requests: ">"}, count=10)
-    racing = AcksAfterXinfo.from_url(redis_url)
-    racing.acks = (keys.lend_requests, LENDING_GROUP, ids)
+    racing = AcksAfterXinfo.racing(redis_url, keys.lend_requests, LENDING_GROUP, ids)
     try:
         group = await read_group(racing, keys.lend_requests, LENDING_GROUP, live=set())
     finally:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from pprint import pformat
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from redis.asyncio import Redis
@@ -22,11 +22,12 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
-from lending.domain.events import Event
 from lending.keys import LENDING_GROUP, Keys
 from lending.redis.scripts import Scripts
 from lending.redis.consumer import ensure_group
 from lending.domain.streamids import MAX_ID
+
+from ..support import decoded, hash_of, members, raw_streams, stream_entries, xadd_fields
 
 T = TypeVar("T")
 
@@ -44,37 +45,16 @@ def scripts() -> Scripts:
     return Scripts()
 
 
-# -- replies -------------------------------------------------------------------------------
-
-
-def text(value: bytes | str | None) -> str:
-    """A reply of the bytes-in, bytes-out client as text."""
-    assert value is not None  # narrowing: callers read values they know exist
-    return value.decode() if isinstance(value, bytes) else value
-
-
-async def members(redis: Redis, key: str) -> set[str]:
-    return {text(m) for m in await redis.smembers(key)}
-
-
-async def hash_of(redis: Redis, key: str) -> dict[str, str]:
-    return {text(k): text(v) for k, v in (await redis.hgetall(key)).items()}
+# -- replies (the general readers are in tests/support.py) ---------------------------------
 
 
 async def stream_items(redis: Redis, stream: str) -> list[list[tuple[str, str]]]:
     """Entries as ordered (field, value) lists, to check field order too."""
-    entries: Any = await redis.xrange(stream)
-    return [[(text(k), text(v)) for k, v in fields.items()] for _, fields in entries]
+    return [list(fields.items()) for _, fields in await stream_entries(redis, stream)]
 
 
 async def stream_fields(redis: Redis, stream: str) -> list[dict[str, str]]:
-    return [dict(items) for items in await stream_items(redis, stream)]
-
-
-async def all_events(redis: Redis, keys: Keys) -> list[Event]:
-    """``{NS}:events`` as events (equal when their fields are, whatever their IDs)."""
-    entries: Any = await redis.xrange(keys.events)
-    return [Event.from_fields(fields, text(event_id)) for event_id, fields in entries]
+    return [fields for _, fields in await stream_entries(redis, stream)]
 
 
 def returned_books(entries: list[dict[str, str]]) -> list[str]:
@@ -102,9 +82,9 @@ async def pending_entry(
     """Add an entry to ``stream`` and deliver it to ``consumer``: it is now pending there."""
     await ensure_group(redis, stream, group)
     values: dict[str, str] = fields or {"user_id": "ada", "book_ids": "b1"}
-    entry = text(await redis.xadd(stream, values, id=entry_id))  # type: ignore[arg-type]
-    reply: Any = await redis.xreadgroup(group, consumer, {stream: ">"}, count=1)
-    assert text(reply[0][1][0][0]) == entry
+    entry = decoded(await redis.xadd(stream, xadd_fields(values), id=entry_id))
+    reply = raw_streams(await redis.xreadgroup(group, consumer, {stream: ">"}, count=1))
+    assert reply[0][1][0][0] == entry
     return entry
 
 
@@ -118,7 +98,7 @@ async def finished_entry(redis: Redis, stream: str, group: str = LENDING_GROUP, 
 async def undelivered_entry(redis: Redis, stream: str) -> str:
     """An entry in the stream that no consumer has read yet."""
     await ensure_group(redis, stream, LENDING_GROUP)
-    return text(await redis.xadd(stream, {"user_id": "ada", "book_ids": "b1"}))
+    return decoded(await redis.xadd(stream, {"user_id": "ada", "book_ids": "b1"}))
 
 
 async def is_pending(redis: Redis, stream: str, entry: str, group: str = LENDING_GROUP) -> bool:
@@ -127,8 +107,8 @@ async def is_pending(redis: Redis, stream: str, entry: str, group: str = LENDING
 
 async def pending_on(redis: Redis, stream: str, entry: str, group: str = LENDING_GROUP) -> str | None:
     """The consumer of ``group`` that ``entry`` is pending on, or None."""
-    rows: Any = await redis.xpending_range(stream, group, min=entry, max=entry, count=1)
-    return text(rows[0]["consumer"]) if rows else None
+    rows = await redis.xpending_range(stream, group, min=entry, max=entry, count=1)
+    return decoded(rows[0]["consumer"]) if rows else None
 
 
 # -- failure setups ------------------------------------------------------------------------
@@ -144,14 +124,14 @@ async def fill_stream(redis: Redis, stream: str) -> None:
 @contextlib.asynccontextmanager
 async def out_of_memory(redis: Redis) -> AsyncIterator[None]:
     """Redis at its memory limit with ``noeviction``, restored afterwards."""
-    saved: Any = await redis.config_get("maxmemory*")
+    saved = await redis.config_get("maxmemory*")
     try:
         await redis.config_set("maxmemory-policy", "noeviction")
         await redis.config_set("maxmemory", 1)
         yield
     finally:
-        await redis.config_set("maxmemory", text(saved["maxmemory"]))
-        await redis.config_set("maxmemory-policy", text(saved["maxmemory-policy"]))
+        await redis.config_set("maxmemory", decoded(saved["maxmemory"]))
+        await redis.config_set("maxmemory-policy", decoded(saved["maxmemory-policy"]))
 
 
 def is_oom(error: ResponseError) -> bool:
@@ -172,11 +152,11 @@ async def snapshot(redis: Redis, keys: Keys) -> Snapshot:
     idle times, which change by themselves)."""
     out: Snapshot = {}
     async for raw in redis.scan_iter(match=keys.prefix + ":*", count=1000):
-        key = text(raw)
-        kind = text(await redis.type(key))
+        key = decoded(raw)
+        kind = decoded(await redis.type(key))
         value: object
         if kind == "string":
-            value = text(await redis.get(key))
+            value = decoded(await redis.get(key))
         elif kind == "hash":
             value = await hash_of(redis, key)
         elif kind == "set":
@@ -199,20 +179,20 @@ async def assert_unchanged(redis: Redis, keys: Keys, before: Snapshot) -> None:
 
 
 async def _stream_state(redis: Redis, stream: str) -> dict[str, object]:
-    info: Any = await redis.xinfo_stream(stream)
+    info = await redis.xinfo_stream(stream)
     groups: dict[str, object] = {}
     for group in await redis.xinfo_groups(stream):
-        name = text(group["name"])
-        consumers: Any = await redis.xinfo_consumers(stream, name)
-        pel: Any = await redis.xpending_range(stream, name, min="-", max="+", count=1_000_000)
+        name = decoded(group["name"])
+        consumers = await redis.xinfo_consumers(stream, name)
+        pel = await redis.xpending_range(stream, name, min="-", max="+", count=1_000_000)
         groups[name] = {
-            "last-delivered-id": text(group["last-delivered-id"]),
-            "consumers": {text(c["name"]): c["pending"] for c in consumers},
-            "pending": [(text(p["message_id"]), text(p["consumer"]), p["times_delivered"]) for p in pel],
+            "last-delivered-id": decoded(group["last-delivered-id"]),
+            "consumers": {decoded(c["name"]): c["pending"] for c in consumers},
+            "pending": [(decoded(p["message_id"]), decoded(p["consumer"]), p["times_delivered"]) for p in pel],
         }
     return {
         "entries": await stream_items(redis, stream),
-        "last-generated-id": text(info["last-generated-id"]),
+        "last-generated-id": decoded(info["last-generated-id"]),
         "groups": groups,
     }
 
@@ -341,5 +321,5 @@ async def each_server(request: pytest.FixtureRequest, redis: Redis, keys: Keys) 
 
 
 async def server_major(redis: Redis) -> int:
-    info: Any = await redis.info("server")
+    info = await redis.info("server")
     return int(str(info["redis_version"]).split(".")[0])

@@ -18,17 +18,15 @@ from lending.domain.events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
 from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
 from lending.redis.scripts import Scripts
 
+from ..support import all_events, hash_of, members
 from .conftest import (
     assert_unchanged,
-    all_events,
     assert_reads_then_writes,
     contexts_of,
     fill_stream,
     is_oom,
     finished_entry,
-    hash_of,
     is_pending,
-    members,
     monitored,
     monitored_error,
     out_of_memory,

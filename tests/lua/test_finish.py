@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import pytest
 from redis.asyncio import Redis
@@ -14,17 +14,15 @@ from lending.domain.events import FAILED, Event
 from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
 from lending.redis.scripts import Arg, Scripts
 
+from ..support import all_events, hash_of, members
 from .conftest import (
     assert_unchanged,
-    all_events,
     assert_reads_then_writes,
     contexts_of,
     fill_stream,
     finished_entry,
-    hash_of,
     is_oom,
     is_pending,
-    members,
     monitored,
     monitored_error,
     out_of_memory,
@@ -65,7 +63,18 @@ def finish_call(
     return call_keys, args
 
 
-async def finish(redis: Redis, scripts: Scripts, keys: Keys, entry: str, **options: Any) -> Any:
+class FinishOptions(TypedDict, total=False):
+    """The keyword options of ``finish_call``."""
+
+    stream: str | None
+    capacity: int
+    lend: bool
+    books: Sequence[str]
+    event: Event | None
+    letter: Mapping[str, str]
+
+
+async def finish(redis: Redis, scripts: Scripts, keys: Keys, entry: str, **options: Unpack[FinishOptions]) -> Any:
     """Run finish.lua; ``options`` as for ``finish_call``."""
     return await scripts.finish(redis, *finish_call(keys, entry, **options))
 
@@ -274,7 +283,7 @@ async def busy_entry(redis: Redis, keys: Keys) -> str:
     return entry
 
 
-BUSY: dict[str, Any] = {"capacity": 1, "books": ["g1", "g2"]}
+BUSY: FinishOptions = {"capacity": 1, "books": ["g1", "g2"]}
 
 
 async def test_finish_reads_and_checks_everything_before_its_first_write_an_xadd(

@@ -11,12 +11,12 @@ from redis.asyncio import Redis
 from lending.keys import LENDING_GROUP, Keys
 from lending.redis.scripts import Arg, Scripts
 
+from ..support import hash_of
 from .conftest import (
     assert_reads_then_writes,
     assert_unchanged,
     fill_stream,
     finished_entry,
-    hash_of,
     is_oom,
     monitored,
     monitored_error,

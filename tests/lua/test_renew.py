@@ -11,7 +11,8 @@ from lending.keys import LENDING_GROUP, Keys
 from lending.redis.scripts import Arg, Scripts
 from lending.domain.streamids import id_range
 
-from .conftest import finished_entry, is_pending, out_of_memory, pending_entry, text
+from ..support import decoded
+from .conftest import finished_entry, is_pending, out_of_memory, pending_entry
 
 LONG_IDLE_MS = 600_000
 
@@ -33,9 +34,11 @@ async def held_long(redis: Redis, keys: Keys, consumer: str, deliveries: int = 1
 
 async def pel(redis: Redis, keys: Keys) -> dict[str, tuple[str, int, int]]:
     """entry -> (consumer, idle ms, times delivered), for every pending entry."""
-    rows: Any = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, min="-", max="+", count=1000)
+    rows = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, min="-", max="+", count=1000)
     return {
-        text(row["message_id"]): (text(row["consumer"]), int(row["time_since_delivered"]), int(row["times_delivered"]))
+        decoded(row["message_id"]): (
+            decoded(row["consumer"]), int(row["time_since_delivered"]), int(row["times_delivered"])
+        )
         for row in rows
     }
 

@@ -11,7 +11,8 @@ from lending.keys import LENDING_GROUP, Keys
 from lending.redis.scripts import Arg, Scripts
 from lending.domain.streamids import id_range
 
-from .conftest import finished_entry, hash_of, members, pending_entry, pending_on, text, undelivered_entry
+from ..support import decoded, hash_of, members
+from .conftest import finished_entry, pending_entry, pending_on, undelivered_entry
 
 Request = tuple[str, int, Sequence[str]]
 
@@ -28,7 +29,7 @@ def reserve_call(keys: Keys, requests: Sequence[Request], consumer: str = "c1") 
 async def reserve(redis: Redis, scripts: Scripts, keys: Keys, *requests: Request) -> list[str]:
     codes, counts, holders = await scripts.reserve(redis, *reserve_call(keys, requests))
     assert counts == [] and holders == []
-    return [text(c) for c in codes]
+    return [decoded(c) for c in codes]
 
 
 async def peek(
@@ -41,7 +42,7 @@ async def peek(
         [LENDING_GROUP, "c1", "", "", 0, *books],
     )
     assert reply[0] == []
-    return [[text(v) for v in side] for side in reply[1:]]
+    return [[decoded(v) for v in side] for side in reply[1:]]
 
 
 async def test_reserve_codes_per_book(redis: Redis, keys: Keys, scripts: Scripts) -> None:
@@ -201,7 +202,7 @@ async def test_reserve_reserves_and_reads_in_one_call(redis: Redis, keys: Keys, 
 
     codes, counts, holders = await scripts.reserve(redis, [*call_keys, keys.user_count("ada")], [*args, "r1", "s1"])
 
-    assert [text(c) for c in codes] == ["12"]
-    assert [text(c) for c in counts] == ["2"]
-    assert [text(h) for h in holders] == ["ada", ""]
+    assert [decoded(c) for c in codes] == ["12"]
+    assert [decoded(c) for c in counts] == ["2"]
+    assert [decoded(h) for h in holders] == ["ada", ""]
     assert await members(redis, keys.reservation(entry)) == {"s1"}

@@ -8,7 +8,8 @@ from redis.asyncio import Redis
 from lending.keys import SHELVING_GROUP, Keys
 from lending.redis.scripts import Arg, Scripts
 
-from .conftest import assert_unchanged, hash_of, is_pending, out_of_memory, pending_entry, snapshot
+from ..support import hash_of
+from .conftest import assert_unchanged, is_pending, out_of_memory, pending_entry, snapshot
 
 # -- shelving_get.lua ----------------------------------------------------------------------
 
