@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 from lending.settings import Limits
 from lending.ops import checker
 from lending.keys import LENDING_GROUP, Keys
-from lending.ops.retention import first_needed, next_id, safe_trim_id, trim
+from lending.domain.streamids import next_id
+from lending.ops.retention import first_needed, safe_trim_id, trim
 from lending.redis.consumer import ensure_group
 
 from .conftest import StartWorker

@@ -1,4 +1,4 @@
-"""The package and the simulator type-check under mypy --strict (see pyproject.toml)."""
+"""The package, the simulator and the tests type-check under mypy --strict (see pyproject.toml)."""
 
 from __future__ import annotations
 

@@ -443,8 +443,11 @@ class StreamConsumer:
     async def _fail(self, batch: Sequence[Delivery], error: str, exc: BaseException) -> None:
         """A failure of the entries themselves: each counts a delivery."""
         self.failures += len(batch)
-        # The traceback once per batch: it is the same for every entry of it.
-        self._log.error("processing failed", entries=[d.entry_id for d in batch], error=error, exc_info=exc)
+        # The traceback once per entry (its first failure), and once per batch: the same
+        # for every entry of it, and for every later attempt of a poison entry.
+        first = any((d.stream, d.entry_id) not in self._retries for d in batch)
+        self._log.error("processing failed", entries=[d.entry_id for d in batch], error=error,
+                        exc_info=exc if first else None)
         for delivery in batch:
             with bound_contextvars(stream=delivery.stream, entry_id=delivery.entry_id, deliveries=delivery.deliveries):
                 if delivery.deliveries >= self._config.max_deliveries:
