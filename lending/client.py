@@ -75,8 +75,15 @@ class Progress:
 
 
 async def send_request(
-    url: str, tls: Tls, keys: Keys, action: str, user_id: str, book_ids: Sequence[str], *,
-    timeout_s: float, wait: bool = True,
+    url: str,
+    tls: Tls,
+    keys: Keys,
+    action: str,
+    user_id: str,
+    book_ids: Sequence[str],
+    *,
+    timeout_s: float,
+    wait: bool = True,
 ) -> Outcome:
     """Connect, queue the request and (if ``wait``) wait for its outcome, all within ``timeout_s``.
 
@@ -149,6 +156,9 @@ async def wait_for_event(
         for _stream, entries in cast(StreamsReply, reply or []):
             for event_id, fields in entries:
                 after = text(event_id)
-                if fields and (fields.get(b"request_id"), fields.get(b"action")) == (request_id.encode(), action.encode()):
+                if fields and (fields.get(b"request_id"), fields.get(b"action")) == (
+                    request_id.encode(),
+                    action.encode(),
+                ):
                     return Event.from_fields(fields, after)
     return None

@@ -153,4 +153,3 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:workers:{worker_id}"
-

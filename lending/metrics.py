@@ -14,22 +14,27 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lending_requests", "Requests processed, by action and status",
-                                ["action", "status"], registry=r)
+        self.requests = Counter(
+            "lending_requests", "Requests processed, by action and status", ["action", "status"], registry=r
+        )
         self.batch_seconds = Histogram(
-            "lending_batch_seconds", "Time to process one batch of requests", registry=r,
+            "lending_batch_seconds",
+            "Time to process one batch of requests",
+            registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
         )
-        self.retries = Counter("lending_retries", "Entries whose processing failed and will be retried",
-                               ["consumer"], registry=r)
-        self.reclaims = Counter("lending_reclaims", "Entries taken over from other consumers",
-                                ["consumer"], registry=r)
+        self.retries = Counter(
+            "lending_retries", "Entries whose processing failed and will be retried", ["consumer"], registry=r
+        )
+        self.reclaims = Counter("lending_reclaims", "Entries taken over from other consumers", ["consumer"], registry=r)
         self.dead_letters = Counter("lending_dead_letters", "Entries dead-lettered", ["consumer"], registry=r)
         self.watch_conflicts = Counter("lending_watch_conflicts", "Commits aborted by a WATCH conflict", registry=r)
-        self.reconnects = Counter("lending_redis_reconnects", "Times a consumer got Redis back after losing it",
-                                  ["consumer"], registry=r)
+        self.reconnects = Counter(
+            "lending_redis_reconnects", "Times a consumer got Redis back after losing it", ["consumer"], registry=r
+        )
         self.lag = Gauge("lending_stream_lag", "Entries not yet read by the group", ["stream", "group"], registry=r)
-        self.pending = Gauge("lending_stream_pending", "Entries read but not acknowledged", ["stream", "group"],
-                             registry=r)
+        self.pending = Gauge(
+            "lending_stream_pending", "Entries read but not acknowledged", ["stream", "group"], registry=r
+        )
         self.storage_books = Gauge("lending_storage_books", "Books in automated storage", registry=r)
         self.books_lent = Gauge("lending_books_lent", "Books lent", registry=r)

@@ -145,8 +145,10 @@ class Settings:
         if self.storage_capacity < 0:
             out.append("storage-capacity must not be negative")
         if self.claim_idle_ms < MIN_CLAIM_IDLE_MS:
-            out.append(f"claim-idle-ms must be at least {MIN_CLAIM_IDLE_MS} (a worker renews the entries it "
-                       "holds every third of it)")
+            out.append(
+                f"claim-idle-ms must be at least {MIN_CLAIM_IDLE_MS} (a worker renews the entries it "
+                "holds every third of it)"
+            )
         if not 1 <= self.retry_base_ms <= self.retry_max_ms:
             out.append("retry-base-ms must be at least 1 and at most retry-max-ms")
         if self.reconcile_interval_ms < 1:

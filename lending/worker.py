@@ -81,8 +81,16 @@ class Worker:
                 handler_timeout_s=settings.request_timeout_s,
             )
             return StreamConsumer(
-                client, streams, config, handler, dead_letter, name=group, renew=self._scripts.renew,
-                metrics=self.metrics, on_redis_error=on_redis_error, on_reconnect=self._check_eviction,
+                client,
+                streams,
+                config,
+                handler,
+                dead_letter,
+                name=group,
+                renew=self._scripts.renew,
+                metrics=self.metrics,
+                on_redis_error=on_redis_error,
+                on_reconnect=self._check_eviction,
             )
 
         self.consumers = [
@@ -128,9 +136,7 @@ class Worker:
             for consumer in self.consumers:
                 consumer.stop()
             await asyncio.wait(tasks, timeout=2.0)
-            drained = all(
-                await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers))
-            )
+            drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
             background = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
             for task in background:
                 task.cancel()
@@ -176,8 +182,11 @@ class Worker:
             finally:
                 os._exit(128 + signum)
         self._stop.set()
-        log.info("stopping: finishing in-flight requests", signal=signal.Signals(signum).name,
-                 inflight=sum(c.inflight for c in self.consumers))
+        log.info(
+            "stopping: finishing in-flight requests",
+            signal=signal.Signals(signum).name,
+            inflight=sum(c.inflight for c in self.consumers),
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -210,8 +219,9 @@ class Worker:
                     log.exception("heartbeat failed")
                 continue
             if not held:
-                log.error("another process took over this worker id (--force); stopping",
-                          worker_id=self.settings.worker_id)
+                log.error(
+                    "another process took over this worker id (--force); stopping", worker_id=self.settings.worker_id
+                )
                 self.lost_id = True
                 self._stop.set()
                 return

@@ -57,7 +57,9 @@ async def benchmark(options: BenchOptions) -> dict[str, Any]:
         info = await client.info("server")
         results: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+            "machine": (
+                f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+            ),
             "redis_version": info.get("redis_version"),
             "options": {k: v for k, v in asdict(options).items() if k not in ("redis_url", "tls")},
             "drain": [],
@@ -100,11 +102,13 @@ async def _drain(url: str, options: BenchOptions, workers: int) -> dict[str, Any
 
 async def _drain_on(client: Redis, url: str, namespace: str, options: BenchOptions, workers: int) -> dict[str, Any]:
     keys = Keys(namespace)
-    await queue_requests(client, keys, Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
-                         options.requests)
+    await queue_requests(
+        client, keys, Workload(users=options.users, catalogue=options.catalogue, seed=options.seed), options.requests
+    )
     before = await _redis_counters(client)
-    deployment = Deployment(namespace, redis_url=url, workers=workers, worker_args=("--log-level", "warning"),
-                            worker_env=options.tls.env())
+    deployment = Deployment(
+        namespace, redis_url=url, workers=workers, worker_args=("--log-level", "warning"), worker_env=options.tls.env()
+    )
     await asyncio.to_thread(deployment.start)
     try:
         cpu_start = {pid: process_cpu_s(pid) for pid in deployment.worker_pids()}
@@ -142,7 +146,9 @@ async def queue_requests(client: Redis, keys: Keys, workload: Workload, n: int) 
         async with client.pipeline(transaction=False) as pipe:
             for _ in range(min(1000, n - start)):
                 request = workload.next_request()
-                pipe.xadd(keys.requests(request.action), {"user_id": request.user_id, "book_ids": ",".join(request.book_ids)})
+                pipe.xadd(
+                    keys.requests(request.action), {"user_id": request.user_id, "book_ids": ",".join(request.book_ids)}
+                )
             await pipe.execute()
 
 
@@ -160,7 +166,9 @@ async def _drain_namespaces(url: str, options: BenchOptions) -> dict[str, Any]:
         namespaces.append(f"bench-ns-{uuid.uuid4().hex[:6]}")
     clients = [await _namespace_client(url, ns, options) for ns in namespaces]
     try:
-        runs = await asyncio.gather(*(_drain_on(c, url, ns, options, 1) for c, ns in zip(clients, namespaces, strict=True)))
+        runs = await asyncio.gather(
+            *(_drain_on(c, url, ns, options, 1) for c, ns in zip(clients, namespaces, strict=True))
+        )
         spans = [await _event_span(c, Keys(ns)) for c, ns in zip(clients, namespaces, strict=True)]
     finally:
         for c in clients:
@@ -189,13 +197,17 @@ async def _latency(url: str, options: BenchOptions, rate: float) -> dict[str, An
 
 
 async def _latency_on(client: Redis, url: str, namespace: str, options: BenchOptions, rate: float) -> dict[str, Any]:
-    deployment = Deployment(namespace, redis_url=url, workers=1, worker_args=("--log-level", "warning"),
-                            worker_env=options.tls.env())
+    deployment = Deployment(
+        namespace, redis_url=url, workers=1, worker_args=("--log-level", "warning"), worker_env=options.tls.env()
+    )
     await asyncio.to_thread(deployment.start)
     try:
         driver = Driver(
-            client, Keys(namespace), Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
-            rate=rate, duration_s=options.rate_duration_s,
+            client,
+            Keys(namespace),
+            Workload(users=options.users, catalogue=options.catalogue, seed=options.seed),
+            rate=rate,
+            duration_s=options.rate_duration_s,
         )
         rss = [0.0]
 
@@ -247,7 +259,8 @@ def render(results: dict[str, Any]) -> str:
     ]
     for d in results["drain"]:
         lines.append(
-            f"       {d['workers']:<8} {d['requests']:<9} {d['throughput_rps']:<9} {d['redis_commands_per_request']:<9} "
+            f"       {d['workers']:<8} {d['requests']:<9} {d['throughput_rps']:<9} "
+            f"{d['redis_commands_per_request']:<9} "
             f"{d['redis_cpu_us_per_request']:<13} {d['worker_cpu_ms_per_request']:<14} {d['worker_rss_mb_max']:<14} "
             f"{'clean' if d['check_clean'] else 'VIOLATIONS'}"
         )
@@ -259,12 +272,20 @@ def render(results: dict[str, Any]) -> str:
         )
     if "namespaces" in results:
         many = results["namespaces"]
-        lines += ["", f"namespaces at once: {many['namespaces']} on {many['masters']} master(s), one worker each: "
-                      f"{many['requests']} requests at {many['throughput_rps']} req/s in all"]
-        lines += [f"  {run['throughput_rps']} req/s, {run['redis_commands_per_request']} cmds/req, "
-                  f"{run['redis_cpu_us_per_request']} Redis µs/req, checker {'clean' if run['check_clean'] else 'VIOLATIONS'}"
-                  for run in many["per_namespace"]]
+        lines += [
+            "",
+            f"namespaces at once: {many['namespaces']} on {many['masters']} master(s), one worker each: "
+            f"{many['requests']} requests at {many['throughput_rps']} req/s in all",
+        ]
+        lines += [
+            f"  {run['throughput_rps']} req/s, {run['redis_commands_per_request']} cmds/req, "
+            f"{run['redis_cpu_us_per_request']} Redis µs/req, checker {'clean' if run['check_clean'] else 'VIOLATIONS'}"
+            for run in many["per_namespace"]
+        ]
     if results["drain"]:
-        lines += ["", "commands per request (first drain): " + ", ".join(
-            f"{name} {calls}" for name, calls in list(results["drain"][0]["commands"].items())[:12])]
+        lines += [
+            "",
+            "commands per request (first drain): "
+            + ", ".join(f"{name} {calls}" for name, calls in list(results["drain"][0]["commands"].items())[:12]),
+        ]
     return "\n".join(lines)

@@ -40,33 +40,80 @@ def main() -> None:
 @click.option("--namespace", default=None, help="Namespace [default: lending with --redis-url, else a fresh one].")
 @click.option("--users", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--catalogue", type=click.IntRange(min=1), default=10_000, show_default=True)
-@click.option("--rate", type=click.FloatRange(min=0.1), default=200.0, show_default=True, help="Offered requests per second.")
+@click.option(
+    "--rate", type=click.FloatRange(min=0.1), default=200.0, show_default=True, help="Offered requests per second."
+)
 @click.option("--duration", type=click.FloatRange(min=0), default=None, help="Seconds of traffic.")
-@click.option("--requests", type=click.IntRange(min=1), default=None, help="Number of requests (instead of --duration).")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Worker processes to spawn [default: 2 on a private Redis, 0 with --redis-url].")
-@click.option("--kill-every", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-              help="SIGKILL a random spawned worker every SECONDS and restart it.")
-@click.option("--restart-redis-every", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
-              help="Kill and restart the private redis-server every SECONDS (appendfsync always).")
-@click.option("--pause-every", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-              help="About every SECONDS (±50 %) SIGSTOP a random spawned worker for 1.5-4 s, then SIGCONT it.")
-@click.option("--maxmemory", default=None, metavar="SIZE", callback=_memory_size,
-              help="Run the private redis-server with this maxmemory (e.g. 5mb) and noeviction; "
-                   "the limit is lifted when the traffic ends.")
+@click.option(
+    "--requests", type=click.IntRange(min=1), default=None, help="Number of requests (instead of --duration)."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Worker processes to spawn [default: 2 on a private Redis, 0 with --redis-url].",
+)
+@click.option(
+    "--kill-every",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    metavar="SECONDS",
+    help="SIGKILL a random spawned worker every SECONDS and restart it.",
+)
+@click.option(
+    "--restart-redis-every",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    metavar="SECONDS",
+    help="Kill and restart the private redis-server every SECONDS (appendfsync always).",
+)
+@click.option(
+    "--pause-every",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    metavar="SECONDS",
+    help="About every SECONDS (±50 %) SIGSTOP a random spawned worker for 1.5-4 s, then SIGCONT it.",
+)
+@click.option(
+    "--maxmemory",
+    default=None,
+    metavar="SIZE",
+    callback=_memory_size,
+    help="Run the private redis-server with this maxmemory (e.g. 5mb) and noeviction; "
+    "the limit is lifted when the traffic ends.",
+)
 @click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--shelving-latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--storage-capacity", type=click.IntRange(min=0), default=20, show_default=True)
-@click.option("--claim-idle-ms", type=click.IntRange(min=0), default=3_000, show_default=True,
-              help="The spawned workers' --claim-idle-ms.")
+@click.option(
+    "--claim-idle-ms",
+    type=click.IntRange(min=0),
+    default=3_000,
+    show_default=True,
+    help="The spawned workers' --claim-idle-ms.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-              help="Also write the report as JSON to this file ('-' for stdout).")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default=None,
+    help="Also write the report as JSON to this file ('-' for stdout).",
+)
 @tls_options
-def run(redis_url: str | None, namespace: str | None, duration: float | None, requests: int | None,
-        workers: int | None, kill_every: float | None, restart_redis_every: float | None,
-        pause_every: float | None, json_path: str | None, **options: object) -> None:
+def run(
+    redis_url: str | None,
+    namespace: str | None,
+    duration: float | None,
+    requests: int | None,
+    workers: int | None,
+    kill_every: float | None,
+    restart_redis_every: float | None,
+    pause_every: float | None,
+    json_path: str | None,
+    **options: object,
+) -> None:
     """Simulated users borrow and return books; then the invariants are checked.
 
     Exits non-zero if any request got no event or two events, or an invariant fails.
@@ -108,23 +155,48 @@ def run(redis_url: str | None, namespace: str | None, duration: float | None, re
 
 @main.command()
 @click.option("--redis-url", default=None, help="Benchmark against this Redis; default: a private redis-server.")
-@click.option("--requests", type=click.IntRange(min=1), default=20_000, show_default=True, help="Requests queued per drain.")
+@click.option(
+    "--requests", type=click.IntRange(min=1), default=20_000, show_default=True, help="Requests queued per drain."
+)
 @click.option("--users", type=click.IntRange(min=1), default=2_000, show_default=True)
 @click.option("--catalogue", type=click.IntRange(min=1), default=50_000, show_default=True)
 @click.option("--workers", default="1,2,4", show_default=True, help="Worker counts to drain with.")
 @click.option("--rates", default="200,500,1000,2000", show_default=True, help="Offered loads for the latency runs.")
 @click.option("--rate-duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
-@click.option("--namespaces", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Also drain this many namespaces at once, one worker each (one per master in a cluster).")
-@click.option("--output", type=click.Path(dir_okay=False), default="bench-results.json", show_default=True,
-              help="Where to save the results as JSON.")
+@click.option(
+    "--namespaces",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Also drain this many namespaces at once, one worker each (one per master in a cluster).",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default="bench-results.json",
+    show_default=True,
+    help="Where to save the results as JSON.",
+)
 @tls_options
-def bench(redis_url: str | None, requests: int, users: int, catalogue: int, workers: str, rates: str,
-          rate_duration: float, namespaces: int, output: str, **tls_opts: Any) -> None:
+def bench(
+    redis_url: str | None,
+    requests: int,
+    users: int,
+    catalogue: int,
+    workers: str,
+    rates: str,
+    rate_duration: float,
+    namespaces: int,
+    output: str,
+    **tls_opts: Any,
+) -> None:
     """The standard benchmark: drain throughput, latency, Redis work per request."""
     configure_logging("console", "warning")
     options = BenchOptions(
-        redis_url=redis_url, requests=requests, users=users, catalogue=catalogue,
+        redis_url=redis_url,
+        requests=requests,
+        users=users,
+        catalogue=catalogue,
         workers=tuple(int(w) for w in workers.split(",") if w),
         rates=tuple(float(r) for r in rates.split(",") if r),
         rate_duration_s=rate_duration,

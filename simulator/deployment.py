@@ -98,7 +98,10 @@ class Deployment:
         with out.open("wb") as stdout, err.open("ab") as stderr:
             process = subprocess.Popen(
                 [sys.executable, str(MAIN), worker_id, "--force", *self.worker_args],
-                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
             )
         worker = WorkerProcess(worker_id, process, out, err)
         self.workers[worker_id] = worker
@@ -134,8 +137,9 @@ class Deployment:
         with self._paused_lock:
             if self._stopping:
                 return None
-            candidates = [w for _, w in sorted(self.workers.items())
-                          if w.alive and not any(w is p for p in self._paused)]
+            candidates = [
+                w for _, w in sorted(self.workers.items()) if w.alive and not any(w is p for p in self._paused)
+            ]
             if not candidates:
                 return None
             worker = rng.choice(candidates)

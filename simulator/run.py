@@ -122,10 +122,16 @@ def _deployment(options: RunOptions) -> Deployment:
         redis_url=options.redis_url,
         workers=options.workers,
         worker_args=(
-            "--log-level", "warning", "--log-format", "json",
-            "--max-books-per-user", str(options.max_books_per_user),
-            "--storage-capacity", str(options.storage_capacity),
-            "--claim-idle-ms", str(options.claim_idle_ms),
+            "--log-level",
+            "warning",
+            "--log-format",
+            "json",
+            "--max-books-per-user",
+            str(options.max_books_per_user),
+            "--storage-capacity",
+            str(options.storage_capacity),
+            "--claim-idle-ms",
+            str(options.claim_idle_ms),
         ),
         worker_env={
             "LENDING_SHELVING_FAIL_RATE": str(options.shelving_fail_rate),
@@ -154,8 +160,9 @@ async def simulate(options: RunOptions) -> RunReport:
         try:
             await _in_thread_to_the_end(deployment.start)
             # With a cluster URL, talk to the master owning the namespace, as the workers do.
-            client = make_client(await namespace_url(deployment.redis_url, options.namespace, options.tls),
-                                 tls=options.tls)
+            client = make_client(
+                await namespace_url(deployment.redis_url, options.namespace, options.tls), tls=options.tls
+            )
             return await _run(options, deployment, client)
         except asyncio.CancelledError:
             if terminated:
@@ -271,8 +278,11 @@ async def _in_thread_to_the_end(action: Callable[..., object], *args: object) ->
     except asyncio.CancelledError:
         await asyncio.wait([done])
         if not done.cancelled() and done.exception() is not None:
-            log.warning("interrupted action failed", action=getattr(action, "__name__", str(action)),
-                        error=repr(done.exception()))
+            log.warning(
+                "interrupted action failed",
+                action=getattr(action, "__name__", str(action)),
+                error=repr(done.exception()),
+            )
         raise
 
 

@@ -70,16 +70,22 @@ class RunReport:
             "outcomes      " + ", ".join(f"{k} {v}" for k, v in data["outcomes"].items()),
             f"missing       {self.missing} (no event)   duplicated {self.duplicated} (two or more events)",
             f"throughput    {data['throughput_rps']} req/s over {data['duration_s']} s",
-            f"latency       p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms  p99 {lat['p99_ms']} ms  max {lat['max_ms']} ms",
+            f"latency       p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms  p99 {lat['p99_ms']} ms  "
+            f"max {lat['max_ms']} ms",
         ]
         if self.refused or self.memory:
             lines.append(f"refused       {self.refused} (by Redis: out of memory; never queued, no event due)")
         if self.memory:
             memory = self.memory
-            full = (f"full for about {memory['full_s']} s from {memory['first_full_at_s']} s into the run"
-                    if memory["first_full_at_s"] is not None else "never full")
-            lines.append(f"memory        maxmemory {memory['maxmemory_bytes']} bytes (noeviction): {full}; "
-                         "limit lifted after the traffic")
+            full = (
+                f"full for about {memory['full_s']} s from {memory['first_full_at_s']} s into the run"
+                if memory["first_full_at_s"] is not None
+                else "never full"
+            )
+            lines.append(
+                f"memory        maxmemory {memory['maxmemory_bytes']} bytes (noeviction): {full}; "
+                "limit lifted after the traffic"
+            )
         if self.chaos:
             lines.append("chaos         " + ", ".join(f"{k} {v}" for k, v in self.chaos.items()))
         check = self.check

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
-from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker
 
@@ -58,7 +58,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("REDIS_URL"):
         yield url
     elif _docker_answers():
-        from testcontainers.redis import RedisContainer  # noqa: PLC0415
+        from testcontainers.redis import RedisContainer
 
         with RedisContainer("redis:7") as container:
             yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}"

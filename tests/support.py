@@ -18,8 +18,8 @@ from redis.typing import EncodableT, FieldT, KeyT
 from lending.client import wait_for_event
 from lending.domain.events import Event
 from lending.keys import Keys
-from lending.service.lending import LendingService
 from lending.redis.consumer import Delivery
+from lending.service.lending import LendingService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +174,9 @@ def start_worker_process(
     return proc
 
 
-def run_get_books(redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run_get_books(
+    redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "get_books.py"), *args],
         cwd=ROOT,

@@ -10,13 +10,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from lending.ops import retention
-from lending.ops import monitoring
-from lending.ops.acl import sender_user_rules, worker_user_rules
 from lending.client import submit, wait_for_event
-from lending.redis.connection import make_client
 from lending.keys import Keys
+from lending.ops import monitoring, retention
+from lending.ops.acl import sender_user_rules, worker_user_rules
 from lending.ops.status import read_status
+from lending.redis.connection import make_client
 
 from .conftest import StartWorker
 from .support import run_command
@@ -51,11 +50,11 @@ async def test_service_and_sender_under_least_privilege(
             assert event is not None and event.status == expected, event
 
         # The sender can neither read the library's state nor change it.
-        with pytest.raises((NoPermissionError, ResponseError), match="(?i)no permissions"):
+        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
             await sender.hgetall(keys.lent_books)
-        with pytest.raises((NoPermissionError, ResponseError), match="(?i)no permissions"):
+        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
             await sender.sadd(keys.storage, "stolen")
-        with pytest.raises((NoPermissionError, ResponseError), match="(?i)no permissions"):
+        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
             await sender.xadd(keys.shelving_returns, {"book_ids": "b1"})
     finally:
         await sender.aclose()
@@ -63,7 +62,11 @@ async def test_service_and_sender_under_least_privilege(
 
 
 async def test_service_user_can_trim_read_status_and_dead_letter(
-    redis: Redis, keys: Keys, redis_url: str, namespace: str, start_worker: StartWorker,
+    redis: Redis,
+    keys: Keys,
+    redis_url: str,
+    namespace: str,
+    start_worker: StartWorker,
     acl_users: tuple[str, str, str],
 ) -> None:
     worker_user, _, password = acl_users
@@ -88,9 +91,9 @@ async def test_service_user_cannot_touch_another_namespace(
     worker_user, _, password = acl_users
     client = make_client(with_user(redis_url, worker_user, password))
     try:
-        with pytest.raises((NoPermissionError, ResponseError), match="(?i)no permissions"):
+        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
             await client.get("{other}:storage")
-        with pytest.raises((NoPermissionError, ResponseError), match="(?i)no permissions"):
+        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
             await client.flushall()
     finally:
         await client.aclose()

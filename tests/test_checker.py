@@ -17,17 +17,27 @@ from dataclasses import dataclass
 import pytest
 from redis.asyncio import Redis
 
-from lending.settings import Limits
+from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.ops import checker
 from lending.ops.checker import GroupState, Snapshot, Violation, check_state
 from lending.redis.embedded import free_port
-from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.settings import Limits
 from lending.worker import Worker
 
 from .conftest import StartWorker
 from .support import (
-    ROOT, event_for, hash_of, process_env, raw_entries, send, send_raw, start_worker_process, stop_process,
-    stream_entries, wait_until, xadd_fields,
+    ROOT,
+    event_for,
+    hash_of,
+    process_env,
+    raw_entries,
+    send,
+    send_raw,
+    start_worker_process,
+    stop_process,
+    stream_entries,
+    wait_until,
+    xadd_fields,
 )
 
 LIMIT = 3  # books per user, assumed by the checker
@@ -51,8 +61,13 @@ def consistent_snapshot() -> Snapshot:
         shelving=dict(shelving),
         from_shelving=dict(shelving),
         requests={"lend": ["1-0", "2-0", "5-0"], "return": ["3-0", "4-0"]},
-        events=[("10-0", "lend", "1-0"), ("11-0", "lend", "2-0"), ("12-0", "return", "3-0"),
-                ("13-0", "return", "4-0"), ("14-0", "lend", "5-0")],
+        events=[
+            ("10-0", "lend", "1-0"),
+            ("11-0", "lend", "2-0"),
+            ("12-0", "return", "3-0"),
+            ("13-0", "return", "4-0"),
+            ("14-0", "lend", "5-0"),
+        ],
         groups=[
             GroupState(K.lend_requests, LENDING_GROUP, 0, False),
             GroupState(K.return_requests, LENDING_GROUP, 0, False),
@@ -111,60 +126,76 @@ def forget_in_shelving(book: str) -> Callable[[Snapshot], None]:
 
 ALWAYS: dict[str, Corruption] = {
     "count above the lent books": corruption(
-        lambda s: s.counts.update(bob="2"), K.user_count("bob"), "count-matches-lent-books"),
+        lambda s: s.counts.update(bob="2"), K.user_count("bob"), "count-matches-lent-books"
+    ),
     "count below the lent books": corruption(
-        lambda s: s.counts.update(alice="2"), K.user_count("alice"), "count-matches-lent-books"),
+        lambda s: s.counts.update(alice="2"), K.user_count("alice"), "count-matches-lent-books"
+    ),
     "missing count (0) with books lent": corruption(
-        lambda s: s.counts.pop("bob"), K.user_count("bob"), "count-matches-lent-books"),
+        lambda s: s.counts.pop("bob"), K.user_count("bob"), "count-matches-lent-books"
+    ),
     "count with no books lent": corruption(
-        lambda s: s.counts.update(carol="1"), K.user_count("carol"), "count-matches-lent-books"),
+        lambda s: s.counts.update(carol="1"), K.user_count("carol"), "count-matches-lent-books"
+    ),
     "non-integer count": corruption(
-        lambda s: s.counts.update(bob="one"), K.user_count("bob"), "count-matches-lent-books"),
-    "empty count": corruption(
-        lambda s: s.counts.update(bob=""), K.user_count("bob"), "count-matches-lent-books"),
+        lambda s: s.counts.update(bob="one"), K.user_count("bob"), "count-matches-lent-books"
+    ),
+    "empty count": corruption(lambda s: s.counts.update(bob=""), K.user_count("bob"), "count-matches-lent-books"),
     "negative count": corruption(
-        lambda s: s.counts.update(carol="-1"), K.user_count("carol"), "count-not-negative", "count-matches-lent-books"),
-    "more books than the limit": corruption(
-        lend_over_the_limit, K.user_count("alice"), "count-within-limit"),
+        lambda s: s.counts.update(carol="-1"), K.user_count("carol"), "count-not-negative", "count-matches-lent-books"
+    ),
+    "more books than the limit": corruption(lend_over_the_limit, K.user_count("alice"), "count-within-limit"),
     "count over the limit": corruption(
-        lambda s: s.counts.update(alice="4"), K.user_count("alice"), "count-within-limit", "count-matches-lent-books"),
-    "book both in storage and lent": corruption(
-        store_a_lent_book, K.storage, "storage-not-lent"),
-    "storage over its capacity": corruption(
-        lambda s: add_stored_book(s, "b8"), K.storage, "storage-within-capacity"),
+        lambda s: s.counts.update(alice="4"), K.user_count("alice"), "count-within-limit", "count-matches-lent-books"
+    ),
+    "book both in storage and lent": corruption(store_a_lent_book, K.storage, "storage-not-lent"),
+    "storage over its capacity": corruption(lambda s: add_stored_book(s, "b8"), K.storage, "storage-within-capacity"),
 }
 
 WHEN_QUIESCENT: dict[str, Corruption] = {
     "book handed out by shelving, neither lent nor stored (lost)": corruption(
-        lambda s: s.shelving.update(b9="9-0"), K.shelving_state, "shelving-matches-library"),
-    "lent book unknown to shelving": corruption(
-        forget_in_shelving("b4"), K.shelving_state, "shelving-matches-library"),
+        lambda s: s.shelving.update(b9="9-0"), K.shelving_state, "shelving-matches-library"
+    ),
+    "lent book unknown to shelving": corruption(forget_in_shelving("b4"), K.shelving_state, "shelving-matches-library"),
     "stored book unknown to shelving": corruption(
-        forget_in_shelving("b5"), K.shelving_state, "shelving-matches-library"),
+        forget_in_shelving("b5"), K.shelving_state, "shelving-matches-library"
+    ),
     "from-shelving names another context": corruption(
-        lambda s: s.from_shelving.update(b1="9-0"), K.from_shelving, "library-record-matches-shelving"),
+        lambda s: s.from_shelving.update(b1="9-0"), K.from_shelving, "library-record-matches-shelving"
+    ),
     "from-shelving misses a held book": corruption(
-        lambda s: s.from_shelving.pop("b5"), K.from_shelving, "library-record-matches-shelving"),
+        lambda s: s.from_shelving.pop("b5"), K.from_shelving, "library-record-matches-shelving"
+    ),
     "from-shelving holds a book the library does not": corruption(
-        lambda s: s.from_shelving.update(b9="9-0"), K.from_shelving, "library-record-matches-shelving"),
+        lambda s: s.from_shelving.update(b9="9-0"), K.from_shelving, "library-record-matches-shelving"
+    ),
     "lend entry with no event": corruption(
-        lambda s: s.requests["lend"].append("6-0"), K.lend_requests, "one-event-per-entry"),
+        lambda s: s.requests["lend"].append("6-0"), K.lend_requests, "one-event-per-entry"
+    ),
     "return entry with no event": corruption(
-        lambda s: s.requests["return"].append("7-0"), K.return_requests, "one-event-per-entry"),
+        lambda s: s.requests["return"].append("7-0"), K.return_requests, "one-event-per-entry"
+    ),
     "entry with two events": corruption(
-        lambda s: s.events.append(("15-0", "lend", "2-0")), K.lend_requests, "one-event-per-entry"),
+        lambda s: s.events.append(("15-0", "lend", "2-0")), K.lend_requests, "one-event-per-entry"
+    ),
     "event naming no lend entry": corruption(
-        lambda s: s.events.append(("15-0", "lend", "9-0")), K.events, "event-names-an-entry"),
+        lambda s: s.events.append(("15-0", "lend", "9-0")), K.events, "event-names-an-entry"
+    ),
     "event naming no return entry": corruption(
-        lambda s: s.events.append(("15-0", "return", "9-0")), K.events, "event-names-an-entry"),
+        lambda s: s.events.append(("15-0", "return", "9-0")), K.events, "event-names-an-entry"
+    ),
     "lend event naming an entry of the return stream": corruption(
-        lambda s: s.events.append(("15-0", "lend", "3-0")), K.events, "event-names-an-entry"),
+        lambda s: s.events.append(("15-0", "lend", "3-0")), K.events, "event-names-an-entry"
+    ),
     "event naming something that is no entry id": corruption(
-        lambda s: s.events.append(("15-0", "lend", "not-an-id")), K.events, "event-names-an-entry"),
+        lambda s: s.events.append(("15-0", "lend", "not-an-id")), K.events, "event-names-an-entry"
+    ),
     "event with an unknown action": corruption(
-        lambda s: s.events.append(("15-0", "borrow", "1-0")), K.events, "event-names-an-entry"),
+        lambda s: s.events.append(("15-0", "borrow", "1-0")), K.events, "event-names-an-entry"
+    ),
     "leftover reservation": corruption(
-        lambda s: s.reservations.append(K.reservation("5-0")), K.reservation("5-0"), "no-reservations"),
+        lambda s: s.reservations.append(K.reservation("5-0")), K.reservation("5-0"), "no-reservations"
+    ),
 }
 
 
@@ -240,9 +271,7 @@ def test_an_event_for_an_entry_trimmed_from_its_stream_is_not_a_violation() -> N
     ],
     ids=["all done", "lend pending", "lend unread", "shelving pending", "shelving unread", "reservation"],
 )
-def test_quiescent_means_every_group_done(
-    group: GroupState, reservations: list[str], quiescent: bool
-) -> None:
+def test_quiescent_means_every_group_done(group: GroupState, reservations: list[str], quiescent: bool) -> None:
     snapshot = consistent_snapshot()
     snapshot.groups.append(group)
     snapshot.reservations = reservations
@@ -310,7 +339,7 @@ async def set_a_negative_count(redis: Redis, keys: Keys) -> str:
 async def lend_beyond_the_limit(redis: Redis, keys: Keys) -> str:
     _, user = await a_lent_book(redis, keys)
     extra = [f"extra-{i}" for i in range(LIMIT)]
-    await redis.hset(keys.lent_books, mapping={book: user for book in extra})
+    await redis.hset(keys.lent_books, mapping=dict.fromkeys(extra, user))
     await redis.incrby(keys.user_count(user), len(extra))
     return keys.user_count(user)
 
@@ -351,8 +380,18 @@ async def xadd_a_second_event(redis: Redis, keys: Keys) -> str:
 
 
 async def xadd_an_event_naming_no_entry(redis: Redis, keys: Keys) -> str:
-    await redis.xadd(keys.events, {"request_id": "9999999999999-0", "action": "lend", "user_id": "x",
-                                   "status": "rejected", "books": "", "skipped": "", "reason": "made up"})
+    await redis.xadd(
+        keys.events,
+        {
+            "request_id": "9999999999999-0",
+            "action": "lend",
+            "user_id": "x",
+            "status": "rejected",
+            "books": "",
+            "skipped": "",
+            "reason": "made up",
+        },
+    )
     return keys.events
 
 
@@ -394,7 +433,9 @@ async def test_a_namespace_worked_by_a_real_worker_is_clean(
 ) -> None:
     await lend_and_return_a_few_books(redis, keys, start_worker)
 
-    report = await checker.check(redis, keys.namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))
+    report = await checker.check(
+        redis, keys.namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY)
+    )
 
     assert report.quiescent
     assert report.violations == []
@@ -410,7 +451,9 @@ async def test_trimming_processed_entries_from_a_request_stream_is_no_violation(
 
     # Every entry is acknowledged and has its event: an operator may trim the stream.
     await redis.xtrim(keys.lend_requests, maxlen=keep, approximate=False)
-    report = await checker.check(redis, keys.namespace, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))
+    report = await checker.check(
+        redis, keys.namespace, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY)
+    )
 
     assert report.quiescent
     assert report.violations == []
@@ -421,11 +464,20 @@ async def test_the_checker_catches_a_corrupted_namespace(
     redis: Redis, keys: Keys, start_worker: StartWorker, corrupt: Corrupt, invariant: str
 ) -> None:
     worker = await lend_and_return_a_few_books(redis, keys, start_worker)
-    assert (await checker.check(redis, keys.namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))).clean
+    assert (
+        await checker.check(
+            redis,
+            keys.namespace,
+            wait_quiescent_s=10,
+            limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY),
+        )
+    ).clean
     await stop(worker, redis, keys)
 
     offending_key = await corrupt(redis, keys)
-    report = await checker.check(redis, keys.namespace, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY))
+    report = await checker.check(
+        redis, keys.namespace, limits=Limits(max_books_per_user=LIMIT, storage_capacity=CAPACITY)
+    )
 
     assert not report.clean
     assert any(v.invariant == invariant and offending_key in v.keys for v in report.violations), (
@@ -446,9 +498,19 @@ class Run:
 async def run_check(redis_url: str, namespace: str, *args: str) -> Run:
     """``python -m lending check`` as a child process (without blocking the event loop)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lending", "check", "--redis-url", redis_url, "--namespace", namespace, *args,
-        cwd=ROOT, env=process_env(redis_url, namespace),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "lending",
+        "check",
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        namespace,
+        *args,
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
@@ -506,9 +568,7 @@ async def test_check_command_checks_against_the_limits_the_workers_published(
     assert [v["invariant"] for v in json.loads(run_1.out)["violations"]] == [invariant]
 
 
-async def test_check_command_assumes_the_defaults_when_no_worker_published_limits(
-    redis_url: str, keys: Keys
-) -> None:
+async def test_check_command_assumes_the_defaults_when_no_worker_published_limits(redis_url: str, keys: Keys) -> None:
     run = await run_check(redis_url, keys.namespace)
     assert run.code == 0, run
     assert "defaults: no worker has published its limits" in run.out
@@ -531,7 +591,8 @@ async def test_check_command_json_report(
         assert (run.code, report["clean"]) == (1, False)
         # Storage is full (the workers' capacity is 2), so the extra book also overfills it.
         assert sorted((v["invariant"], offending_key in v["keys"]) for v in report["violations"]) == [
-            ("storage-not-lent", True), ("storage-within-capacity", True)
+            ("storage-not-lent", True),
+            ("storage-within-capacity", True),
         ]
         assert all(isinstance(v["message"], str) and v["message"] for v in report["violations"])
 

@@ -24,8 +24,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lending.redis.connection import make_client
 from lending.keys import LENDING_GROUP, Keys
+from lending.redis.connection import make_client
 
 from .support import ROOT, event_for, process_env, run_get_books, send, stop_process, wait_until
 
@@ -113,7 +113,9 @@ def launch(redis_url: str, namespace: str) -> Iterator[Launch]:
 def spawn(launch: Launch) -> Spawn:
     """Start a ``main.py`` process that must become ready."""
 
-    def start(worker_id: str, *args: str, env: Mapping[str, str] | None = None, **extra_env: str) -> subprocess.Popen[str]:
+    def start(
+        worker_id: str, *args: str, env: Mapping[str, str] | None = None, **extra_env: str
+    ) -> subprocess.Popen[str]:
         proc, ready = launch(worker_id, *args, env=env, **extra_env)
         if not ready:
             code, _, err = reap(proc)
@@ -223,7 +225,9 @@ async def test_rejected_request_exits_2(redis: Redis, keys: Keys, redis_url: str
         pytest.param(("request",), id="no-user"),
     ],
 )
-async def test_usage_errors_exit_2(redis: Redis, keys: Keys, redis_url: str, namespace: str, args: tuple[str, ...]) -> None:
+async def test_usage_errors_exit_2(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, args: tuple[str, ...]
+) -> None:
     result = run_get_books(redis_url, namespace, *args)
     assert result.returncode == 2, result
     assert "Usage" in result.stderr
@@ -302,8 +306,17 @@ async def test_worker_redis_unreachable_exits_1_with_one_line(redis_url: str, na
 # -- --help -----------------------------------------------------------------------
 
 WORKER_OPTIONS = [
-    "--redis-url", "--namespace", "--storage-capacity", "--max-books-per-user", "--max-books-per-request",
-    "--claim-idle-ms", "--max-deliveries", "--force", "--data-dir", "--log-format", "--log-level",
+    "--redis-url",
+    "--namespace",
+    "--storage-capacity",
+    "--max-books-per-user",
+    "--max-books-per-request",
+    "--claim-idle-ms",
+    "--max-deliveries",
+    "--force",
+    "--data-dir",
+    "--log-format",
+    "--log-level",
 ]
 GET_BOOKS_OPTIONS = ["--redis-url", "--namespace", "--timeout", "--no-wait", "--json"]
 FIXED_ENV = {"--redis-url": "REDIS_URL", "--namespace": "LENDING_NAMESPACE"}
@@ -327,7 +340,10 @@ def help_entries(text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("script", "options"),
-    [pytest.param("main.py", WORKER_OPTIONS, id="main"), pytest.param("get_books.py", GET_BOOKS_OPTIONS, id="get_books")],
+    [
+        pytest.param("main.py", WORKER_OPTIONS, id="main"),
+        pytest.param("get_books.py", GET_BOOKS_OPTIONS, id="get_books"),
+    ],
 )
 def test_help_documents_every_option_and_its_env_var(script: str, options: list[str]) -> None:
     result = subprocess.run(
@@ -369,9 +385,7 @@ async def test_same_worker_id_refused_unless_forced(
     assert result.returncode == 0, result
 
 
-async def test_killed_worker_id_free_again_after_ttl(
-    redis: Redis, keys: Keys, launch: Launch, spawn: Spawn
-) -> None:
+async def test_killed_worker_id_free_again_after_ttl(redis: Redis, keys: Keys, launch: Launch, spawn: Spawn) -> None:
     # A TTL well above a Python start-up (~0.3 s) keeps the refusal below deterministic.
     ttl_s = 2.0
     worker = spawn("w1", "--worker-ttl-ms", str(int(ttl_s * 1000)))
@@ -504,8 +518,20 @@ async def test_embedded_redis_default(tmp_path: Path, namespace: str, launch: La
         assert port_open(6379)
 
         result = subprocess.run(
-            [sys.executable, str(ROOT / "get_books.py"), "--namespace", namespace, "request", "Salvatore", "ofmiceandmen"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+            [
+                sys.executable,
+                str(ROOT / "get_books.py"),
+                "--namespace",
+                namespace,
+                "request",
+                "Salvatore",
+                "ofmiceandmen",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert result.returncode == 0 and result.stdout.startswith("ACCEPTED"), result
 

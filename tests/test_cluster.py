@@ -12,14 +12,15 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 import redis
 
+from lending.keys import Keys
 from lending.ops import checker
 from lending.redis.cluster import SlotOwner, cluster_client
 from lending.redis.embedded import free_port, redis_cli_path, redis_server_path
-from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker
 
@@ -37,21 +38,52 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, lis
     for port in ports:
         node = folder / str(port)
         node.mkdir()
-        processes.append(subprocess.Popen(
-            [redis_server_path(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000", "--dir", str(node),
-             "--save", "", "--appendonly", "yes", "--logfile", "redis.log"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+        processes.append(
+            subprocess.Popen(
+                [
+                    redis_server_path(),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--dir",
+                    str(node),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--logfile",
+                    "redis.log",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     try:
         for port in ports:
             _wait(port, lambda c: bool(c.ping()))
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         for port in ports:
-            _wait(port, lambda _: b"cluster_state:ok" in _run_on(port, "CLUSTER", "INFO"), timeout_s=30)
+            _wait(port, partial(_state_ok, port), timeout_s=30)
         yield f"redis+cluster://127.0.0.1:{ports[0]}", ports
     finally:
         for process in processes:
@@ -71,6 +103,10 @@ def _cluster_port() -> int:
                     return port
                 except OSError:
                     pass
+
+
+def _state_ok(port: int, _client: redis.Redis) -> bool:
+    return b"cluster_state:ok" in _run_on(port, "CLUSTER", "INFO")
 
 
 def _wait(port: int, predicate: Callable[[redis.Redis], bool], timeout_s: float = 10.0) -> None:
@@ -111,8 +147,13 @@ async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[s
         for namespace in namespaces:
             for action, expected in (("request", "ACCEPTED"), ("return", "RETURNED"), ("request", "ACCEPTED")):
                 got = await asyncio.to_thread(
-                    subprocess.run, [sys.executable, str(ROOT / "get_books.py"), action, "ada", "book-1"],
-                    cwd=ROOT, env=process_env(url, namespace), capture_output=True, text=True, timeout=30,
+                    subprocess.run,
+                    [sys.executable, str(ROOT / "get_books.py"), action, "ada", "book-1"],
+                    cwd=ROOT,
+                    env=process_env(url, namespace),
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
                 )
                 assert got.returncode == 0 and got.stdout.startswith(expected), got.stdout + got.stderr
 

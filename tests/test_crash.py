@@ -17,12 +17,20 @@ from typing import Protocol
 import pytest
 from redis.asyncio import Redis
 
-from lending.faults import FAULT_EXIT_CODE
 from lending.domain.streamids import id_key
+from lending.faults import FAULT_EXIT_CODE
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 
 from .support import (
-    decoded, event_for, hash_of, members, raw_entries, send, start_worker_process, stop_process, stream_entries,
+    decoded,
+    event_for,
+    hash_of,
+    members,
+    raw_entries,
+    send,
+    start_worker_process,
+    stop_process,
+    stream_entries,
     wait_until,
 )
 
@@ -134,11 +142,8 @@ async def test_crash_at_fault_point(redis: Redis, keys: Keys, workers: Workers, 
     wait_for_crash(crashing)
     await assert_state_at(point, redis, keys, request_id)
 
-    if resume == "same-id":
-        # The heartbeat key survives a crash: --force takes the id back before its TTL.
-        survivor = workers("w1", *CLAIM_IDLE, "--force")
-    else:
-        survivor = workers("w2", *CLAIM_IDLE)
+    # The heartbeat key survives a crash: --force takes the id back before its TTL.
+    survivor = workers("w1", *CLAIM_IDLE, "--force") if resume == "same-id" else workers("w2", *CLAIM_IDLE)
     event = await event_for(redis, keys, "lend", request_id, timeout_s=10)
     assert (event.status, event.books, event.skipped) == ("accepted", ("crash-a", "crash-b"), ())
     await asyncio.sleep(1.0)  # two claim periods: a second outcome would be there by now
@@ -159,7 +164,7 @@ async def test_shelving_consumer_crash_is_taken_over(redis: Redis, keys: Keys, w
     lend_id = await send(redis, keys, "lend", "ursula", books)
     assert (await event_for(redis, keys, "lend", lend_id)).status == "accepted"
     assert stop_process(lender)[0] == 0
-    assert await hash_of(redis, keys.shelving_state) == {book: lend_id for book in books}
+    assert await hash_of(redis, keys.shelving_state) == dict.fromkeys(books, lend_id)
 
     # Storage capacity 0: every returned book goes back to shelving through shelving:returns.
     crashing = workers("w-fault", "--storage-capacity", "0", *CLAIM_IDLE, LENDING_FAULT="before_release")
@@ -167,7 +172,7 @@ async def test_shelving_consumer_crash_is_taken_over(redis: Redis, keys: Keys, w
     wait_for_crash(crashing)
     event = await event_for(redis, keys, "return", return_id, timeout_s=1)
     assert (event.status, event.books) == ("returned", tuple(books))
-    assert await hash_of(redis, keys.shelving_state) == {book: lend_id for book in books}
+    assert await hash_of(redis, keys.shelving_state) == dict.fromkeys(books, lend_id)
     assert (await redis.xpending(keys.shelving_returns, SHELVING_GROUP))["pending"] == 1
 
     taker = workers("w2", "--storage-capacity", "0", *CLAIM_IDLE)
@@ -208,7 +213,7 @@ async def test_crash_loop_ends_dead_lettered(redis: Redis, keys: Keys, workers: 
         if not request_id:
             request_id = await send(redis, keys, "lend", "ursula", ["loop-a", "loop-b"])
 
-        async def settled(proc: subprocess.Popen[str] = proc) -> bool:
+        async def settled(proc: subprocess.Popen[str] = proc, request_id: str = request_id) -> bool:
             return proc.poll() is not None or bool(await events_of(redis, keys, "lend", request_id))
 
         await wait_until(settled, timeout_s=15)

@@ -17,7 +17,10 @@ from .support import ROOT, all_events, event_for, send, wait_until
 def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lending", "dead-letters", *args, "--redis-url", redis_url, "--namespace", namespace],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -34,8 +37,11 @@ async def test_list_retry_and_purge(
     listed = cli(redis_url, namespace, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     # Both failed in one batch: their letters may be written in either order.
-    letters = sorted((json.loads(line) for line in listed.stdout.splitlines()), key=lambda l: l["request_id"])
-    assert [(l["request_id"], l["user_id"], l["book_ids"]) for l in letters] == [(first, "ada", "b1"), (second, "bob", "b2")]
+    letters = sorted((json.loads(line) for line in listed.stdout.splitlines()), key=lambda letter: letter["request_id"])
+    assert [(letter["request_id"], letter["user_id"], letter["book_ids"]) for letter in letters] == [
+        (first, "ada", "b1"),
+        (second, "bob", "b2"),
+    ]
     assert "ShelvingUnavailable" in letters[0]["error"]
 
     # Shelving is back: retrying the first queues it again as a new request, which succeeds.

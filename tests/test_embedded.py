@@ -21,9 +21,9 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from lending.keys import LENDING_GROUP, Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, Found, PidFile, classify, data_dir_lock, free_port, read_pid_file
-from lending.keys import LENDING_GROUP, Keys
 
 from .support import ROOT, event_for, wait_until
 
@@ -108,14 +108,23 @@ class EmbeddedDefault:
         """``main.py WORKER_ID`` with no Redis configured; ``own_group``: in a process group of
         its own, as a shell puts a foreground job."""
         base = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("LENDING_")}
-        base.update(PYTHONUNBUFFERED="1", LENDING_EMBEDDED_PORT=str(self.port), LENDING_NAMESPACE=self.namespace,
-                    LENDING_DATA_DIR=str(self.data_dir), **env)
+        base.update(
+            PYTHONUNBUFFERED="1",
+            LENDING_EMBEDDED_PORT=str(self.port),
+            LENDING_NAMESPACE=self.namespace,
+            LENDING_DATA_DIR=str(self.data_dir),
+            **env,
+        )
         name = f"{worker_id}-{len(self.launched)}"
         out, err = self.logs_dir / f"{name}.out", self.logs_dir / f"{name}.log"
         with out.open("wb") as stdout, err.open("wb") as stderr:
             proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "main.py"), worker_id, *args],
-                cwd=ROOT, env=base, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                cwd=ROOT,
+                env=base,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
                 start_new_session=own_group,
             )
         launched = Launched(proc, out, err)
@@ -167,9 +176,21 @@ async def test_ctrl_c_finishes_the_work_releases_the_id_and_then_stops_the_serve
 ) -> None:
     worker = default.start("w1", own_group=True, LENDING_SHELVING_LATENCY_MS="1500")
     get_books = subprocess.Popen(
-        [sys.executable, str(ROOT / "get_books.py"), "--redis-url", default.url, "--namespace", default.namespace,
-         "request", "Salvatore", "ofmiceandmen"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(ROOT / "get_books.py"),
+            "--redis-url",
+            default.url,
+            "--namespace",
+            default.namespace,
+            "request",
+            "Salvatore",
+            "ofmiceandmen",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     client = default.client()
     try:
@@ -288,7 +309,9 @@ OURS = PidFile(server_pid=100, owner_pid=200, port=6379)
         pytest.param(OURS, True, 100, False, Found.ORPHAN, id="owner-dead"),
     ],
 )
-def test_classify(pid_file: PidFile | None, answering: bool, server_pid: int | None, owner_alive: bool, found: Found) -> None:
+def test_classify(
+    pid_file: PidFile | None, answering: bool, server_pid: int | None, owner_alive: bool, found: Found
+) -> None:
     assert classify(pid_file, answering, server_pid, owner_alive) is found
 
 

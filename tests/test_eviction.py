@@ -19,11 +19,11 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from lending.keys import Keys
 from lending.ops.acl import worker_user_rules
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.redis.eviction import judge, read_policy
-from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker
 
@@ -100,7 +100,9 @@ async def admin() -> AsyncIterator[Callable[[EmbeddedRedis], Redis]]:
         await client.aclose()
 
 
-async def test_the_policy_is_read_from_info_memory(start_redis: StartRedis, admin: Callable[[EmbeddedRedis], Redis]) -> None:
+async def test_the_policy_is_read_from_info_memory(
+    start_redis: StartRedis, admin: Callable[[EmbeddedRedis], Redis]
+) -> None:
     client = admin(start_redis("--maxmemory-policy", "volatile-ttl"))
     assert await read_policy(client) == "volatile-ttl"
 
@@ -126,7 +128,11 @@ def test_a_worker_refuses_to_start_on_allkeys_eviction(start_redis: StartRedis, 
 
     result = subprocess.run(
         [sys.executable, str(ROOT / "main.py"), "w1"],
-        cwd=ROOT, env=process_env(server.url, namespace), capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        env=process_env(server.url, namespace),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
     assert result.returncode == 1, result
@@ -199,7 +205,9 @@ async def test_info_refused_is_said_once_and_the_worker_serves(
 ) -> None:
     server = start_redis()
     client = admin(server)
-    await run_command(client, "ACL", "SETUSER", "svc", "reset", "on", ">pw", *worker_user_rules(keys.namespace), "-info")
+    await run_command(
+        client, "ACL", "SETUSER", "svc", "reset", "on", ">pw", *worker_user_rules(keys.namespace), "-info"
+    )
     with capture_logs() as logs:
         async with running(settings.replace(redis_url=server.url.replace("//", "//svc:pw@"))) as (_, task, _c):
             for n in range(2):
@@ -236,8 +244,13 @@ def test_status_and_check_show_the_policy(start_redis: StartRedis, namespace: st
     url = start_redis("--maxmemory-policy", policy).url
 
     def lending(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "lending", *args, "--redis-url", url, "--namespace", namespace],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "lending", *args, "--redis-url", url, "--namespace", namespace],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     outputs: dict[str, str] = {}
     for command in ("status", "check"):

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 import hypothesis
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from lending.ops import checker
-from lending.redis.connection import make_client
 from lending.domain.events import Event
 from lending.keys import ACTIONS, LEND, Keys
+from lending.ops import checker
+from lending.redis.connection import make_client
 from lending.settings import Limits, Settings
 from lending.worker import Worker
 
@@ -164,7 +165,12 @@ async def events_for(
 
 
 async def assert_consistent(redis: Redis, keys: Keys, settings: Settings) -> None:
-    report = await checker.check(redis, keys.namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=settings.storage_capacity))
+    report = await checker.check(
+        redis,
+        keys.namespace,
+        wait_quiescent_s=10,
+        limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=settings.storage_capacity),
+    )
     assert report.quiescent
     assert report.violations == []
 
@@ -175,9 +181,10 @@ async def assert_each_gets_one_valid_outcome(
     """Send ``entries`` at once and check their outcomes and the namespace; their events."""
     after = await last_event_id(redis, keys)
     ids = await xadd_all(redis, keys, entries)
-    events = await events_for(redis, keys, [(action, entry_id) for (action, _), entry_id in zip(entries, ids)], after)
+    sent = [(action, entry_id) for (action, _), entry_id in zip(entries, ids, strict=True)]
+    events = await events_for(redis, keys, sent, after)
 
-    for (action, fields), entry_id in zip(entries, ids):
+    for (action, fields), entry_id in zip(entries, ids, strict=True):
         answers = events[(action, entry_id)]
         assert len(answers) == 1, answers
         assert_valid_outcome(action, fields, answers[0])
@@ -185,7 +192,7 @@ async def assert_each_gets_one_valid_outcome(
     assert worker.failures == 0
     await assert_consistent(redis, keys, worker.worker.settings)
     assert worker.running
-    return [events[(action, entry_id)][0] for (action, _), entry_id in zip(entries, ids)]
+    return [events[(action, entry_id)][0] for (action, _), entry_id in zip(entries, ids, strict=True)]
 
 
 # -- property-based fuzzing -----------------------------------------------------------------
@@ -242,10 +249,14 @@ fuzzed_fields = st.builds(
 # are accepted and denied, and returns give books back.
 well_formed_fields = st.builds(
     entry_fields,
-    st.fixed_dictionaries({
-        b"user_id": st.sampled_from(USERS).map(str.encode),
-        b"book_ids": st.lists(st.sampled_from(BOOKS), min_size=1, max_size=3).map(lambda ids: ",".join(ids).encode()),
-    }),
+    st.fixed_dictionaries(
+        {
+            b"user_id": st.sampled_from(USERS).map(str.encode),
+            b"book_ids": st.lists(st.sampled_from(BOOKS), min_size=1, max_size=3).map(
+                lambda ids: ",".join(ids).encode()
+            ),
+        }
+    ),
     extra_fields,
 )
 entries = st.lists(
@@ -342,7 +353,8 @@ async def test_a_thousand_malformed_entries_are_all_rejected_by_the_same_worker(
         worker = await run_worker()
         after = await last_event_id(redis, keys)
         ids = await xadd_all(redis, keys, batch)
-        events = await events_for(redis, keys, [(action, entry_id) for (action, _), entry_id in zip(batch, ids)], after)
+        sent = [(action, entry_id) for (action, _), entry_id in zip(batch, ids, strict=True)]
+        events = await events_for(redis, keys, sent, after)
         accepted = await event_for(redis, keys, LEND, await send(redis, keys, LEND, "ada", ["book-1"]))
 
     assert [len(answers) for answers in events.values()] == [1] * 1000
@@ -376,7 +388,7 @@ async def test_a_bulk_of_entries_is_processed_at_most_concurrency_at_a_time(
     batch = malformed_batch(200)  # 100 on each request stream
     after = await last_event_id(redis, keys)
     ids = await xadd_all(redis, keys, batch)
-    await events_for(redis, keys, [(action, entry_id) for (action, _), entry_id in zip(batch, ids)], after)
+    await events_for(redis, keys, [(action, entry_id) for (action, _), entry_id in zip(batch, ids, strict=True)], after)
     done.set()
     await watcher
 

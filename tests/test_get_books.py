@@ -22,12 +22,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lending.domain.streamids import MAX_ID
 from lending.client import NoOutcome, Progress, Refused, Unreachable, failure_outcome
-from lending.redis.connection import make_client
-from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.domain.streamids import MAX_ID
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 
 from .support import ROOT, process_env, raw_entries, run_get_books, wait_until
 
@@ -43,8 +43,9 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     started: list[EmbeddedRedis] = []
 
     def start(*extra_args: str) -> EmbeddedRedis:
-        server = EmbeddedRedis(tmp_path / f"redis-{len(started)}", port=free_port(), persistent=False,
-                               extra_args=extra_args)
+        server = EmbeddedRedis(
+            tmp_path / f"redis-{len(started)}", port=free_port(), persistent=False, extra_args=extra_args
+        )
         server.start()
         started.append(server)
         return server
@@ -72,8 +73,12 @@ def one_line(stderr: str) -> str:
 
 def start_get_books(redis_url: str, namespace: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "get_books.py"), *args], cwd=ROOT, env=process_env(redis_url, namespace),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(ROOT / "get_books.py"), *args],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -203,8 +208,9 @@ async def test_ids_the_service_would_reject_exit_2_and_queue_nothing(
 
 
 def test_help_documents_exit_code_6() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "get_books.py"), "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "get_books.py"), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result
     assert "6 Redis refused the request" in " ".join(result.stdout.split()), result.stdout
 
@@ -220,20 +226,44 @@ QUEUED = Progress(sent=True, request_id="1-0")
 @pytest.mark.parametrize(
     ("exc", "progress", "expired", "expected"),
     [
-        pytest.param(TimeoutError(), NOT_SENT, True,
-                     Unreachable(f"Redis at {URL} did not answer within 2 s; nothing was queued"), id="stall-before"),
-        pytest.param(TimeoutError(), SENT, True,
-                     Unreachable(f"Redis at {URL} did not answer within 2 s; the request may have been queued "
-                                 "(no id came back)"), id="stall-while-queuing"),
+        pytest.param(
+            TimeoutError(),
+            NOT_SENT,
+            True,
+            Unreachable(f"Redis at {URL} did not answer within 2 s; nothing was queued"),
+            id="stall-before",
+        ),
+        pytest.param(
+            TimeoutError(),
+            SENT,
+            True,
+            Unreachable(
+                f"Redis at {URL} did not answer within 2 s; the request may have been queued (no id came back)"
+            ),
+            id="stall-while-queuing",
+        ),
         pytest.param(TimeoutError(), QUEUED, True, NoOutcome("1-0"), id="stall-after"),
-        pytest.param(RedisUnavailable(URL, "Connection refused"), NOT_SENT, False,
-                     Unreachable(f"cannot reach Redis at {URL}: Connection refused"), id="unreachable"),
-        pytest.param(RedisConnectionError("Connection closed by server."), QUEUED, False,
-                     Unreachable(f"lost Redis at {URL}: Connection closed by server; request 1-0 was queued"),
-                     id="lost-after"),
-        pytest.param(RedisTimeoutError("Timeout reading"), SENT, False,
-                     Unreachable(f"lost Redis at {URL}: Timeout reading; the request may have been queued"),
-                     id="socket-timeout-while-queuing"),
+        pytest.param(
+            RedisUnavailable(URL, "Connection refused"),
+            NOT_SENT,
+            False,
+            Unreachable(f"cannot reach Redis at {URL}: Connection refused"),
+            id="unreachable",
+        ),
+        pytest.param(
+            RedisConnectionError("Connection closed by server."),
+            QUEUED,
+            False,
+            Unreachable(f"lost Redis at {URL}: Connection closed by server; request 1-0 was queued"),
+            id="lost-after",
+        ),
+        pytest.param(
+            RedisTimeoutError("Timeout reading"),
+            SENT,
+            False,
+            Unreachable(f"lost Redis at {URL}: Timeout reading; the request may have been queued"),
+            id="socket-timeout-while-queuing",
+        ),
         pytest.param(OutOfMemoryError("command not allowed"), SENT, False, Refused("command not allowed"), id="oom"),
         pytest.param(NoPermissionError("no permissions"), NOT_SENT, False, Refused("no permissions"), id="noperm"),
         pytest.param(ResponseError("WRONGTYPE"), SENT, False, Refused("WRONGTYPE"), id="wrongtype"),

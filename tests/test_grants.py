@@ -18,15 +18,15 @@ from collections.abc import Awaitable, Sequence
 
 from redis.asyncio import Redis
 
-from lending.ops.checker import check
 from lending.faults import FAULT_EXIT_CODE
 from lending.keys import LENDING_GROUP, Keys
+from lending.ops.checker import check
+from lending.redis.consumer import Delivery, ensure_group
 from lending.redis.scripts import Scripts
 from lending.service.lending import LendingService
-from lending.settings import Limits, Settings
 from lending.service.shelving import Grant
 from lending.service.shelving_mock import ShelvingService
-from lending.redis.consumer import Delivery, ensure_group
+from lending.settings import Limits, Settings
 
 from .conftest import StartWorker
 from .support import event_for, process_one, raw_streams, send, start_worker_process, stop_process, wait_until
@@ -93,7 +93,11 @@ async def test_a_late_grant_survives_a_watch_conflict_and_goes_back(
 
     assert await redis.hlen(keys.shelving_state) == 0, "a grant to a finished request was lost"
     assert await redis.hlen(keys.grants) == 0
-    report = await check(redis, keys.namespace, limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=settings.storage_capacity))
+    report = await check(
+        redis,
+        keys.namespace,
+        limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=settings.storage_capacity),
+    )
     assert report.clean, report.violations
 
 
@@ -141,8 +145,9 @@ async def test_a_worker_frozen_in_its_shelving_call_loses_no_book(
     hands it to shelving; A resumes, is handed the book anew, and dies before its
     commit. The book must go back to shelving."""
     common = ("--claim-idle-ms", "1000", "--storage-capacity", "0")
-    a = start_worker_process("A", redis_url, namespace, *common, "--shelving-latency-ms", "3000",
-                             LENDING_FAULT="after_shelving")
+    a = start_worker_process(
+        "A", redis_url, namespace, *common, "--shelving-latency-ms", "3000", LENDING_FAULT="after_shelving"
+    )
     b = None
     try:
         entry = await send(redis, keys, "lend", "ada", ["b1"])
@@ -165,7 +170,12 @@ async def test_a_worker_frozen_in_its_shelving_call_loses_no_book(
             raise AssertionError(f"A did not reach its fault point:\n{stop_process(a)[2][-3000:]}") from None
         await wait_until(lambda: _nothing_handed_out(redis, keys), timeout_s=10)
         assert await redis.hlen(keys.grants) == 0
-        report = await check(redis, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=0))
+        report = await check(
+            redis,
+            namespace,
+            wait_quiescent_s=10,
+            limits=Limits(max_books_per_user=settings.max_books_per_user, storage_capacity=0),
+        )
         assert report.clean, report.violations
     finally:
         if a.poll() is None:

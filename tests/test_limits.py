@@ -15,8 +15,12 @@ from .support import ROOT, process_env, start_worker_process, stop_process
 
 def start(redis_url: str, namespace: str, worker_id: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), worker_id, *args], cwd=ROOT,
-        env=process_env(redis_url, namespace), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(ROOT / "main.py"), worker_id, *args],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -42,8 +46,14 @@ async def test_a_worker_with_other_limits_than_a_live_one_refuses_to_start(
     changed = start_worker_process("w2", redis_url, namespace, "--max-books-per-user", "3")
     try:
         assert await redis.hget(keys.config, "max_books_per_user") == b"3"
-        status = subprocess.run([sys.executable, "-m", "lending", "status", "--json"], cwd=ROOT,
-                                env=process_env(redis_url, namespace), capture_output=True, text=True, timeout=30)
+        status = subprocess.run(
+            [sys.executable, "-m", "lending", "status", "--json"],
+            cwd=ROOT,
+            env=process_env(redis_url, namespace),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert '"max_books_per_user": 3' in status.stdout, status
     finally:
         assert stop_process(changed)[0] == 0

@@ -94,7 +94,11 @@ def test_a_worker_whose_stdout_reader_is_gone_starts_and_stops(redis_url: str, k
     os.close(read_fd)  # nobody will read "Ready to process events..."
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "w1"],
-        cwd=ROOT, env=process_env(redis_url, keys.namespace), stdout=write_fd, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=process_env(redis_url, keys.namespace),
+        stdout=write_fd,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     os.close(write_fd)
     try:

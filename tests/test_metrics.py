@@ -7,9 +7,9 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
-from lending.keys import Keys
 from lending.settings import Settings
 from lending.worker import Worker
 

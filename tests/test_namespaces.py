@@ -80,4 +80,6 @@ async def test_check_and_status_of_lib_question_mark_see_only_their_own_keys(
 
 
 def _lending(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lending", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "lending", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )

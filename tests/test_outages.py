@@ -23,14 +23,14 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from lending.domain.backoff import jittered, retry_backoff_s
-from lending.ops.checker import check
-from lending.redis.connection import make_client
-from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.domain.streamids import MAX_ID
 from lending.errors import ConfigError
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
-from lending.settings import Limits, Settings
+from lending.ops.checker import check
+from lending.redis.connection import make_client
 from lending.redis.consumer import ensure_group
-from lending.domain.streamids import MAX_ID
+from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.settings import Limits, Settings
 
 from .conftest import StartWorker
 from .support import all_events, decoded, event_for, send, start_worker_process, stop_process, wait_until
@@ -64,7 +64,8 @@ def server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         yield f"redis://127.0.0.1:{port}"
@@ -95,8 +96,11 @@ async def test_out_of_memory_requests_wait_and_are_processed_once_memory_is_back
     keys = Keys(namespace)
     client = make_client(server_url)
     await wait_answering(client)
-    for stream, group in ((keys.lend_requests, LENDING_GROUP), (keys.return_requests, LENDING_GROUP),
-                          (keys.shelving_returns, SHELVING_GROUP)):
+    for stream, group in (
+        (keys.lend_requests, LENDING_GROUP),
+        (keys.return_requests, LENDING_GROUP),
+        (keys.shelving_returns, SHELVING_GROUP),
+    ):
         await ensure_group(client, stream, group)
     worker = start_worker_process("w1", server_url, namespace, *FAST_RETRIES, "--storage-capacity", "2")
     try:
@@ -124,7 +128,9 @@ async def test_out_of_memory_requests_wait_and_are_processed_once_memory_is_back
             assert event.status == "accepted", event
         assert await client.xlen(keys.dead_letters) == 0
         assert len(await all_events(client, keys)) == len(lends)
-        report = await check(client, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=5, storage_capacity=2))
+        report = await check(
+            client, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=5, storage_capacity=2)
+        )
         assert report.clean, report.violations
     finally:
         if worker.poll() is None:
@@ -136,9 +142,7 @@ async def test_out_of_memory_requests_wait_and_are_processed_once_memory_is_back
     assert "Traceback" not in log, log
 
 
-async def test_a_worker_started_while_redis_is_out_of_memory_waits_then_serves(
-    server_url: str, namespace: str
-) -> None:
+async def test_a_worker_started_while_redis_is_out_of_memory_waits_then_serves(server_url: str, namespace: str) -> None:
     keys = Keys(namespace)
     client = make_client(server_url)
     await wait_answering(client)

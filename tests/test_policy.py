@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -66,7 +67,7 @@ def test_backoff_before_the_first_attempt_is_the_base(attempt: int) -> None:
 @pytest.mark.parametrize(("base", "cap"), [(0.05, 5.0), (0.1, 5.0), (1.0, 30.0)])
 def test_backoff_doubles_until_capped(base: float, cap: float) -> None:
     delays = [retry_backoff_s(attempt, base_s=base, cap_s=cap) for attempt in range(1, 40)]
-    for before, after in zip(delays, delays[1:]):
+    for before, after in itertools.pairwise(delays):
         assert after == pytest.approx(min(cap, 2 * before))
     assert delays[-1] == cap
     assert all(0 < d <= cap for d in delays)

@@ -12,21 +12,31 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lending.redis.connection import make_client
-from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.redis.connection import make_client
+from lending.redis.consumer import Delivery, ensure_group
+from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.redis.scripts import Scripts
 from lending.service.lending import LendingService
-from lending.settings import Settings
 from lending.service.shelving import Grant
 from lending.service.shelving_mock import ShelvingService
-from lending.redis.consumer import Delivery, ensure_group
+from lending.settings import Settings
 from lending.worker import Worker
 
 from .conftest import StartWorker
 from .support import (
-    all_events, decoded, event_for, hash_of, members, process_one, raw_entries, raw_streams, send,
-    start_worker_process, stop_process, wait_until,
+    all_events,
+    decoded,
+    event_for,
+    hash_of,
+    members,
+    process_one,
+    raw_entries,
+    raw_streams,
+    send,
+    start_worker_process,
+    stop_process,
+    wait_until,
 )
 
 
@@ -77,8 +87,8 @@ async def drain_shelving_returns(redis: Redis, keys: Keys, settings: Settings) -
 
 async def stock_storage(redis: Redis, keys: Keys, *books: str) -> None:
     """Put books in storage the way a return does: fetched from shelving earlier."""
-    await redis.hset(keys.shelving_state, mapping={book: "earlier-request" for book in books})
-    await redis.hset(keys.from_shelving, mapping={book: "earlier-request" for book in books})
+    await redis.hset(keys.shelving_state, mapping=dict.fromkeys(books, "earlier-request"))
+    await redis.hset(keys.from_shelving, mapping=dict.fromkeys(books, "earlier-request"))
     await redis.sadd(keys.storage, *books)
 
 

@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from lending.settings import Limits
-from lending.ops import checker
-from lending.keys import LENDING_GROUP, Keys
 from lending.domain.streamids import next_id
+from lending.keys import LENDING_GROUP, Keys
+from lending.ops import checker
 from lending.ops.retention import first_needed, safe_trim_id, trim
 from lending.redis.consumer import ensure_group
+from lending.settings import Limits
 
 from .conftest import StartWorker
 from .support import AcksAfterXinfo, event_for, raw_entries, send, wait_until
@@ -63,7 +63,9 @@ async def test_a_long_run_stays_bounded_and_the_checker_still_passes(
 
     assert await redis.xlen(keys.events) < 300  # about 100: Redis trims whole nodes
     assert await redis.exists(keys.events_trimmed_to)
-    report = await checker.check(redis, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=5, storage_capacity=20))
+    report = await checker.check(
+        redis, namespace, wait_quiescent_s=10, limits=Limits(max_books_per_user=5, storage_capacity=20)
+    )
     assert report.quiescent and report.clean, report.violations
 
 

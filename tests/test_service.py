@@ -9,19 +9,30 @@ from collections.abc import Mapping, Sequence
 from redis.asyncio import Redis
 
 from lending.domain.events import Event
-from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.domain.policy import NOTHING_AVAILABLE
+from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
+from lending.redis.consumer import Delivery, ensure_group
 from lending.redis.scripts import Scripts
-from lending.settings import Settings
 from lending.service.lending import LendingService
 from lending.service.shelving import Grant
 from lending.service.shelving_mock import ShelvingService
-from lending.redis.consumer import Delivery, ensure_group
+from lending.settings import Settings
 
 from .conftest import StartWorker
 from .support import (
-    all_events, decoded, event_for, hash_of, members, process_one, raw_entries, raw_streams, send, send_raw,
-    stream_entries, wait_until, xadd_fields,
+    all_events,
+    decoded,
+    event_for,
+    hash_of,
+    members,
+    process_one,
+    raw_entries,
+    raw_streams,
+    send,
+    send_raw,
+    stream_entries,
+    wait_until,
+    xadd_fields,
 )
 
 # -- reading the state -------------------------------------------------------------------
@@ -301,9 +312,7 @@ async def test_return_to_a_full_storage_goes_to_shelving(redis: Redis, keys: Key
     assert set(await shelving_state(redis, keys)) == {"a1"}
 
 
-async def test_return_denied_when_none_is_lent_to_the_user(
-    redis: Redis, keys: Keys, start_worker: StartWorker
-) -> None:
+async def test_return_denied_when_none_is_lent_to_the_user(redis: Redis, keys: Keys, start_worker: StartWorker) -> None:
     await start_worker()
     await lend(redis, keys, "bob", "b1")
 
@@ -372,8 +381,15 @@ async def test_malformed_entries_are_rejected_acknowledged_and_touch_nothing(
     assert await pending(redis, keys.return_requests) == 0
     assert len(await all_events(redis, keys)) == len(sent)
     touched = {key.decode() async for key in redis.scan_iter(match=keys.pattern("*"), count=1000)}
-    allowed = {keys.lend_requests, keys.return_requests, keys.events, keys.shelving_returns,
-               keys.worker("w1"), keys.workers, keys.config}  # the worker's own
+    allowed = {
+        keys.lend_requests,
+        keys.return_requests,
+        keys.events,
+        keys.shelving_returns,
+        keys.worker("w1"),
+        keys.workers,
+        keys.config,
+    }  # the worker's own
     assert touched <= allowed, touched - allowed
     assert await redis.xlen(keys.shelving_returns) == 0
 
@@ -453,7 +469,7 @@ async def test_every_request_gets_exactly_one_event(redis: Redis, keys: Keys, st
         for action, fields in plan:
             pipe.xadd(keys.requests(action), xadd_fields(fields))
         ids = await pipe.execute()
-    sent = [(action, decoded(entry)) for (action, _), entry in zip(plan, ids)]
+    sent = [(action, decoded(entry)) for (action, _), entry in zip(plan, ids, strict=True)]
 
     events = [await event_for(redis, keys, action, entry) for action, entry in sent]
     await asyncio.sleep(0.3)  # a duplicate would come right after

@@ -20,15 +20,15 @@ import pytest
 from click.testing import CliRunner
 from redis.asyncio import Redis
 
+from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
-from lending.keys import Keys
 from simulator.cli import main
 from simulator.deployment import Deployment
 from simulator.driver import Driver
 from simulator.run import memory_bytes
 from simulator.stats import RunReport, latency_summary, percentile
-from simulator.workload import Zipf, Workload
+from simulator.workload import Workload, Zipf
 
 from .support import ROOT
 
@@ -85,9 +85,28 @@ def test_report_fails_on_a_missing_or_duplicate_event() -> None:
 def test_run_command_reports_and_exits_zero_when_all_is_well(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "simulator", "run", "--requests", "300", "--rate", "300", "--workers", "1",
-         "--users", "20", "--catalogue", "100", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "simulator",
+            "run",
+            "--requests",
+            "300",
+            "--rate",
+            "300",
+            "--workers",
+            "1",
+            "--users",
+            "20",
+            "--catalogue",
+            "100",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT        OK" in proc.stdout
@@ -187,9 +206,25 @@ async def test_a_paused_worker_is_killed_and_continued_safely_and_stop_continues
 def test_run_with_pauses_reports_them_and_leaves_nothing_stopped(tmp_path: Path) -> None:
     out, mark = tmp_path / "report.json", uuid.uuid4().hex
     proc = subprocess.run(
-        simulator("--duration", "6", "--rate", "50", "--workers", "2", "--pause-every", "1",
-                  "--claim-idle-ms", "1000", "--json", str(out)),
-        cwd=ROOT, env=simulator_env(mark), capture_output=True, text=True, timeout=120,
+        simulator(
+            "--duration",
+            "6",
+            "--rate",
+            "50",
+            "--workers",
+            "2",
+            "--pause-every",
+            "1",
+            "--claim-idle-ms",
+            "1000",
+            "--json",
+            str(out),
+        ),
+        cwd=ROOT,
+        env=simulator_env(mark),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT        OK" in proc.stdout
@@ -207,7 +242,11 @@ def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(in
     mark = uuid.uuid4().hex
     proc = subprocess.Popen(
         simulator("--duration", "60", "--rate", "20", "--workers", "2", "--pause-every", "0.3"),
-        cwd=ROOT, env=simulator_env(mark), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=simulator_env(mark),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -232,8 +271,17 @@ def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(in
 
 @pytest.mark.parametrize(
     ("size", "expected"),
-    [("5mb", 5 * 1024 * 1024), ("5MB", 5 * 1024 * 1024), ("5m", 5_000_000), ("512kb", 512 * 1024),
-     ("100k", 100_000), ("1gb", 1024**3), ("2g", 2_000_000_000), ("12345", 12345), ("7b", 7)],
+    [
+        ("5mb", 5 * 1024 * 1024),
+        ("5MB", 5 * 1024 * 1024),
+        ("5m", 5_000_000),
+        ("512kb", 512 * 1024),
+        ("100k", 100_000),
+        ("1gb", 1024**3),
+        ("2g", 2_000_000_000),
+        ("12345", 12345),
+        ("7b", 7),
+    ],
 )
 def test_memory_sizes_as_redis_reads_them(size: str, expected: int) -> None:
     assert memory_bytes(size) == expected
@@ -247,8 +295,12 @@ def test_not_a_memory_size(size: str) -> None:
 
 async def test_the_driver_counts_requests_redis_refuses_for_lack_of_memory() -> None:
     with tempfile.TemporaryDirectory() as data:
-        server = EmbeddedRedis(Path(data), port=free_port(), persistent=False,
-                               extra_args=("--maxmemory", "1", "--maxmemory-policy", "noeviction"))
+        server = EmbeddedRedis(
+            Path(data),
+            port=free_port(),
+            persistent=False,
+            extra_args=("--maxmemory", "1", "--maxmemory-policy", "noeviction"),
+        )
         server.start()
         client = make_client(server.url)
         try:
@@ -270,9 +322,30 @@ def test_run_with_maxmemory_ends_clean_once_the_limit_is_lifted(tmp_path: Path) 
     was queued is answered, as if Redis had been away for a while: none failed, no book lost."""
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "simulator", "run", "--duration", "8", "--rate", "500", "--workers", "2",
-         "--users", "2000", "--catalogue", "50000", "--maxmemory", "2mb", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "simulator",
+            "run",
+            "--duration",
+            "8",
+            "--rate",
+            "500",
+            "--workers",
+            "2",
+            "--users",
+            "2000",
+            "--catalogue",
+            "50000",
+            "--maxmemory",
+            "2mb",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     report = json.loads(out.read_text()) if out.exists() else {}
     assert report.get("memory", {}).get("maxmemory_bytes") == 2 * 1024 * 1024, proc.stdout + proc.stderr

@@ -54,7 +54,10 @@ async def test_lag_counts_unread_entries(redis: Redis, keys: Keys, namespace: st
 def test_status_command_json(redis_url: str, namespace: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "lending", "status", "--redis-url", redis_url, "--namespace", namespace, "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
@@ -65,7 +68,10 @@ def test_status_command_json(redis_url: str, namespace: str) -> None:
 def test_status_command_with_redis_unreachable() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "lending", "status", "--redis-url", "redis://127.0.0.1:1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: cannot reach Redis") and len(proc.stderr.strip().splitlines()) == 1

@@ -21,12 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lending.settings import Tls
-
+from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import free_port, redis_server_path
-from lending.keys import Keys
-from lending.settings import Settings
+from lending.settings import Settings, Tls
 from lending.worker import Worker
 
 from .support import ROOT, event_for, process_env, send
@@ -38,14 +36,16 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
     key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".crt")
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
 
 
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey,
-                 *, ca: bool) -> x509.Certificate:
+def _certificate(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey, *, ca: bool
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -83,10 +83,29 @@ def start_tls_server(binary: str, folder: Path, files: dict[str, Path], port: in
     """Start ``binary`` TLS-only on ``port``; ``None`` if it was built without TLS."""
     with (folder / "redis.log").open("w") as log:
         proc = subprocess.Popen(
-            [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(folder),
-             "--tls-cert-file", str(files["server_cert"]), "--tls-key-file", str(files["server_key"]),
-             "--tls-ca-cert-file", str(files["ca"]), "--tls-auth-clients", "yes"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                binary,
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(folder),
+                "--tls-cert-file",
+                str(files["server_cert"]),
+                "--tls-key-file",
+                str(files["server_key"]),
+                "--tls-ca-cert-file",
+                str(files["ca"]),
+                "--tls-auth-clients",
+                "yes",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     tls = Tls(str(files["ca"]), str(files["client_cert"]), str(files["client_key"]))
     deadline = time.monotonic() + 10
@@ -132,29 +151,53 @@ async def test_worker_get_books_and_checker_over_tls(tls_server: tuple[str, dict
     keys = Keys(namespace)
     client = make_client(url, tls=tls)
     worker_client = make_client(url, tls=tls)
-    worker = Worker(Settings(worker_id="w1", redis_url=url, namespace=namespace, tls=tls), worker_client,
-                    handle_signals=False)
+    worker = Worker(
+        Settings(worker_id="w1", redis_url=url, namespace=namespace, tls=tls), worker_client, handle_signals=False
+    )
     task = asyncio.create_task(worker.run())
     try:
         entry = await send(client, keys, "lend", "ada", ["b1"])
         assert (await event_for(client, keys, "lend", entry)).status == "accepted"
 
-        env = process_env(url, namespace, LENDING_TLS_CA_CERT=str(files["ca"]), LENDING_TLS_CERT=str(files["client_cert"]),
-                          LENDING_TLS_KEY=str(files["client_key"]))
+        env = process_env(
+            url,
+            namespace,
+            LENDING_TLS_CA_CERT=str(files["ca"]),
+            LENDING_TLS_CERT=str(files["client_cert"]),
+            LENDING_TLS_KEY=str(files["client_key"]),
+        )
         got = await asyncio.to_thread(
-            subprocess.run,[sys.executable, str(ROOT / "get_books.py"), "return", "ada", "b1"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+            subprocess.run,
+            [sys.executable, str(ROOT / "get_books.py"), "return", "ada", "b1"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert got.returncode == 0 and got.stdout.startswith("RETURNED"), got.stdout + got.stderr
         checked = await asyncio.to_thread(
-            subprocess.run,[sys.executable, "-m", "lending", "check", "--wait-quiescent", "5"],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+            subprocess.run,
+            [sys.executable, "-m", "lending", "check", "--wait-quiescent", "5"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert checked.returncode == 0 and checked.stdout.startswith("OK"), checked.stdout + checked.stderr
 
         # Without the client certificate, the server refuses the connection.
         no_cert = {k: v for k, v in env.items() if k not in ("LENDING_TLS_CERT", "LENDING_TLS_KEY")}
         refused = await asyncio.to_thread(
-            subprocess.run,[sys.executable, str(ROOT / "get_books.py"), "request", "ada", "b2"],
-                                 cwd=ROOT, env=no_cert, capture_output=True, text=True, timeout=30)
+            subprocess.run,
+            [sys.executable, str(ROOT / "get_books.py"), "request", "ada", "b2"],
+            cwd=ROOT,
+            env=no_cert,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert refused.returncode == 5, refused.stdout + refused.stderr
     finally:
         worker.stop()

@@ -23,8 +23,9 @@ def dead_letters_group() -> None:
 @connection_options
 @dead_letters_group.command("list")
 @click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
-              help="One JSON object per line.")
+@click.option(
+    "--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="One JSON object per line."
+)
 def list_command(target: Target, count: int, as_json: bool) -> None:
     """List dead letters, oldest first."""
 
@@ -38,9 +39,11 @@ def list_command(target: Target, count: int, as_json: bool) -> None:
 
 
 def format_letter(letter: Mapping[str, Any]) -> str:
-    return (f"{letter['id']}  {letter.get('stream')} {letter.get('request_id') or letter.get('entry_id')}"
-            f"  user={letter.get('user_id', '')} books={letter.get('book_ids', '')}"
-            f"  deliveries={letter.get('deliveries')}  error: {letter.get('error')}")
+    return (
+        f"{letter['id']}  {letter.get('stream')} {letter.get('request_id') or letter.get('entry_id')}"
+        f"  user={letter.get('user_id', '')} books={letter.get('book_ids', '')}"
+        f"  deliveries={letter.get('deliveries')}  error: {letter.get('error')}"
+    )
 
 
 Act = Callable[[Redis, Keys, list[str]], Awaitable[None]]

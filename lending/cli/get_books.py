@@ -41,13 +41,30 @@ def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str,
 @click.argument("action", type=click.Choice(list(BY_VERB)))
 @click.argument("user", callback=_check_user)
 @click.argument("books", nargs=-1, required=True, callback=_check_books)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar="LENDING_TIMEOUT", show_envvar=True,
-              default=10.0, show_default=True,
-              help="Seconds the whole run may take: connecting, queuing and waiting for the outcome.")
-@click.option("--no-wait", is_flag=True, envvar="LENDING_NO_WAIT", show_envvar=True,
-              help="Queue the request and exit without waiting.")
-@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
-              help="Print the event as one JSON object.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="LENDING_TIMEOUT",
+    show_envvar=True,
+    default=10.0,
+    show_default=True,
+    help="Seconds the whole run may take: connecting, queuing and waiting for the outcome.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    envvar="LENDING_NO_WAIT",
+    show_envvar=True,
+    help="Queue the request and exit without waiting.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="LENDING_JSON",
+    show_envvar=True,
+    help="Print the event as one JSON object.",
+)
 def get_books_command(
     action: str, user: str, books: tuple[str, ...], target: Target, timeout: float, no_wait: bool, as_json: bool
 ) -> None:
@@ -64,9 +81,11 @@ def get_books_command(
     (out of memory, no permission, stream out of IDs, ...).
     """
     stream_action = BY_VERB[action].action
-    outcome = asyncio.run(send_request(
-        target.url, target.tls, target.keys, stream_action, user, books, timeout_s=timeout, wait=not no_wait
-    ))
+    outcome = asyncio.run(
+        send_request(
+            target.url, target.tls, target.keys, stream_action, user, books, timeout_s=timeout, wait=not no_wait
+        )
+    )
     sys.exit(report(outcome, stream_action, timeout, as_json))
 
 
@@ -77,8 +96,11 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
             click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
             return EXIT_BY_STATUS.get(event.status, 4)
         case Queued(request_id):
-            click.echo(json.dumps({"status": "queued", "action": action, "request_id": request_id})
-                       if as_json else f"QUEUED {request_id}")
+            click.echo(
+                json.dumps({"status": "queued", "action": action, "request_id": request_id})
+                if as_json
+                else f"QUEUED {request_id}"
+            )
             return 0
         case NoOutcome(request_id):
             click.echo(

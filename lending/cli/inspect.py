@@ -16,11 +16,20 @@ from lending.redis import eviction
 
 @connection_options
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.option("--wait-quiescent", "wait_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              metavar="SECONDS", envvar="LENDING_WAIT_QUIESCENT", show_envvar=True,
-              help="First wait up to SECONDS for the namespace to become quiescent.")
-@click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True,
-              help="Print the report as JSON.")
+@click.option(
+    "--wait-quiescent",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    envvar="LENDING_WAIT_QUIESCENT",
+    show_envvar=True,
+    help="First wait up to SECONDS for the namespace to become quiescent.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="Print the report as JSON."
+)
 def check_command(target: Target, wait_s: float, as_json: bool) -> None:
     """Check the invariants of a namespace; exit 0 when clean, 1 otherwise.
 
@@ -50,8 +59,10 @@ def format_report(report: checker.Report) -> str:
         lines += [f"  [{v.invariant}] {v.message}  keys: {', '.join(v.keys)}" for v in report.violations]
     lines.append(f"maxmemory-policy: {report.maxmemory_policy or 'unknown'}")
     limits = report.limits
-    lines.append(f"limits: {limits.max_books_per_user} books per user, storage capacity {limits.storage_capacity}"
-                 + ("" if report.limits_published else " (defaults: no worker has published its limits)"))
+    lines.append(
+        f"limits: {limits.max_books_per_user} books per user, storage capacity {limits.storage_capacity}"
+        + ("" if report.limits_published else " (defaults: no worker has published its limits)")
+    )
     verdict = eviction.judge(report.maxmemory_policy)
     if verdict.level != "ok":
         lines.append(f"warning: {verdict.message}")

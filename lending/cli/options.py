@@ -49,8 +49,13 @@ def setting_option(*param_decls: str, **attrs: Any) -> Callable[[F], F]:
     """``click.option`` for the ``Settings`` field the option is named after (``--claim-idle-ms``
     is ``claim_idle_ms``): its default, and the environment variable ``LENDING_CLAIM_IDLE_MS``."""
     field = param_decls[0].split("/")[0].removeprefix("--").replace("-", "_")
-    attrs = {"envvar": f"LENDING_{field.upper()}", "show_envvar": True, "default": default(field),
-             "show_default": True, **attrs}
+    attrs = {
+        "envvar": f"LENDING_{field.upper()}",
+        "show_envvar": True,
+        "default": default(field),
+        "show_default": True,
+        **attrs,
+    }
     return click.option(*param_decls, **attrs)
 
 
@@ -79,19 +84,38 @@ class Target:
 
 
 def _redis_url_option() -> click.Option:
-    return click.Option(["--redis-url"], envvar="REDIS_URL", show_envvar=True, default=None,
-                        help=f"Redis URL [default: {DEFAULT_REDIS_URL}]. {PASSWORD_NOTE}")
+    return click.Option(
+        ["--redis-url"],
+        envvar="REDIS_URL",
+        show_envvar=True,
+        default=None,
+        help=f"Redis URL [default: {DEFAULT_REDIS_URL}]. {PASSWORD_NOTE}",
+    )
 
 
 def _namespace_option() -> click.Option:
-    return click.Option(["--namespace"], envvar="LENDING_NAMESPACE", show_envvar=True, default=default("namespace"),
-                        show_default=True, help="Key namespace: every key starts with {NAMESPACE}.")
+    return click.Option(
+        ["--namespace"],
+        envvar="LENDING_NAMESPACE",
+        show_envvar=True,
+        default=default("namespace"),
+        show_default=True,
+        help="Key namespace: every key starts with {NAMESPACE}.",
+    )
 
 
 def _tls_option_specs() -> list[tuple[str, dict[str, Any]]]:
     return [
-        (f"--tls-{name}", {"type": click.Path(exists=True, dir_okay=False), "show_envvar": True, "default": None,
-                           "envvar": f"LENDING_TLS_{name.upper().replace('-', '_')}", "help": text})
+        (
+            f"--tls-{name}",
+            {
+                "type": click.Path(exists=True, dir_okay=False),
+                "show_envvar": True,
+                "default": None,
+                "envvar": f"LENDING_TLS_{name.upper().replace('-', '_')}",
+                "help": text,
+            },
+        )
         for name, text in _TLS_FILES
     ]
 

@@ -20,7 +20,7 @@ COUNTS = {
     "max-books-per-user": "Books one user may hold at once.",
     "max-books-per-request": "Distinct books one request may name.",
     "claim-idle-ms": "Take over entries idle this long on another consumer (a live worker renews the entries it "
-                     "holds every third of it).",
+    "holds every third of it).",
     "max-deliveries": "Deliveries before an entry is dead-lettered.",
     "retry-base-ms": "Wait before a failed entry's first retry; it doubles with each failure.",
     "retry-max-ms": "Longest wait between two attempts of a failed entry.",
@@ -28,7 +28,7 @@ COUNTS = {
     "concurrency": "Requests processed at once by this worker.",
     "worker-ttl-ms": "Lifetime of the worker-id heartbeat key.",
     "events-maxlen": "About how many events {NS}:events keeps (request streams are trimmed only below what every "
-                     "group has read and acknowledged).",
+    "group has read and acknowledged).",
 }
 
 
@@ -44,22 +44,37 @@ def count_options(command: F) -> F:
 @click.argument("worker_id", envvar="LENDING_WORKER_ID")
 @count_options
 @setting_option("--force", is_flag=True, help="Start even if another live worker holds WORKER_ID.")
-@setting_option("--allow-eviction-data-loss", is_flag=True,
-                help="Run even if Redis's maxmemory-policy is allkeys-*: a full Redis then deletes requests "
-                     "and the library's state, losing books.")
-@setting_option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-                help="Data folder of the embedded redis-server (used when no Redis is configured).")
+@setting_option(
+    "--allow-eviction-data-loss",
+    is_flag=True,
+    help="Run even if Redis's maxmemory-policy is allkeys-*: a full Redis then deletes requests "
+    "and the library's state, losing books.",
+)
+@setting_option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data folder of the embedded redis-server (used when no Redis is configured).",
+)
 # Hidden: tests try the embedded default on a free port instead of 6379.
 @setting_option("--embedded-port", type=click.IntRange(1, 65535), hidden=True)
 @setting_option("--log-format", type=click.Choice(["console", "json"]))
 @setting_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@setting_option("--metrics-port", type=click.IntRange(0, 65535),
-                help="Serve Prometheus /metrics and /healthz on this port [default: off].")
+@setting_option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus /metrics and /healthz on this port [default: off].",
+)
 @setting_option("--uvloop/--no-uvloop", help="Run on uvloop's faster event loop (when installed).")
-@setting_option("--shelving-fail-rate", type=click.FloatRange(0, 1),
-                help="Share of shelving calls that fail (simulating the remote service).")
-@setting_option("--shelving-latency-ms", type=click.FloatRange(min=0),
-                help="Mean latency added to each shelving call (simulating the remote service).")
+@setting_option(
+    "--shelving-fail-rate",
+    type=click.FloatRange(0, 1),
+    help="Share of shelving calls that fail (simulating the remote service).",
+)
+@setting_option(
+    "--shelving-latency-ms",
+    type=click.FloatRange(min=0),
+    help="Mean latency added to each shelving call (simulating the remote service).",
+)
 def worker_command(worker_id: str, target: Target, **options: Any) -> None:
     """Run lending worker WORKER_ID: the lending service and the shelving mock.
 
@@ -70,8 +85,9 @@ def worker_command(worker_id: str, target: Target, **options: Any) -> None:
     """
     configure_logging(options["log_format"], options["log_level"])
     try:
-        settings = Settings(worker_id=worker_id, redis_url=target.redis_url, namespace=target.namespace,
-                            tls=target.tls, **options)
+        settings = Settings(
+            worker_id=worker_id, redis_url=target.redis_url, namespace=target.namespace, tls=target.tls, **options
+        )
         code = app.run_sync(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -70,14 +70,21 @@ class Fail:
     books: tuple[str, ...]
     letter: Mapping[str, Arg]
 
+
 # The keys every commit names, in the script's KEYS[1..8] order.
 FIXED_KEYS = 8
 
 
 def fixed_keys(keys: Keys) -> list[str]:
     return [
-        keys.lend_requests, keys.return_requests, keys.events, keys.lent_books,
-        keys.storage, keys.shelving_returns, keys.from_shelving, keys.grants,
+        keys.lend_requests,
+        keys.return_requests,
+        keys.events,
+        keys.lent_books,
+        keys.storage,
+        keys.shelving_returns,
+        keys.from_shelving,
+        keys.grants,
     ]
 
 
@@ -101,9 +108,14 @@ def encode_commit(
             body += ["X", *event.fields().values()]
         elif isinstance(record, Lend):
             body += [
-                "L", *event.fields().values(),
-                key_index(keys.user_count(event.user_id)), key_index(keys.reservation(event.request_id)),
-                len(record.stored), *record.stored, len(record.granted), *record.granted,
+                "L",
+                *event.fields().values(),
+                key_index(keys.user_count(event.user_id)),
+                key_index(keys.reservation(event.request_id)),
+                len(record.stored),
+                *record.stored,
+                len(record.granted),
+                *record.granted,
             ]
         else:
             body += ["T", *event.fields().values(), key_index(keys.user_count(event.user_id))]
@@ -119,12 +131,24 @@ def encode_finish(keys: Keys, group: str, capacity: int, fail: Fail) -> tuple[li
     lend = event.action == LEND
     books = fail.books if lend else ()
     all_keys = [
-        keys.requests(event.action), keys.events, keys.storage, keys.reservation(event.request_id),
-        keys.shelving_returns, keys.dead_letters, keys.from_shelving, keys.grants,
+        keys.requests(event.action),
+        keys.events,
+        keys.storage,
+        keys.reservation(event.request_id),
+        keys.shelving_returns,
+        keys.dead_letters,
+        keys.from_shelving,
+        keys.grants,
     ]
     args: list[Arg] = [
-        group, event.request_id, capacity, 1 if lend else 0, len(books), *books,
-        len(event.fields()), *event.flat_fields(),
+        group,
+        event.request_id,
+        capacity,
+        1 if lend else 0,
+        len(books),
+        *books,
+        len(event.fields()),
+        *event.flat_fields(),
     ]
     for name, value in fail.letter.items():
         args += [name, value]

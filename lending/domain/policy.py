@@ -71,8 +71,9 @@ def decide_batch(
     return out
 
 
-def _decide_lend(r: BookRequest, stored: tuple[str, ...], granted: tuple[str, ...], held: dict[str, int],
-                 limit: int) -> Lend:
+def _decide_lend(
+    r: BookRequest, stored: tuple[str, ...], granted: tuple[str, ...], held: dict[str, int], limit: int
+) -> Lend:
     mine = set(stored) | set(granted)
     books = tuple(book for book in r.book_ids if book in mine)
     decision = decide_loan(held.get(r.user_id, 0), len(books), limit)

@@ -16,15 +16,56 @@ CONNECTION_COMMANDS = ("ping", "hello", "auth", "select")
 WORKER_COMMANDS = (
     *CONNECTION_COMMANDS,
     # streams: consuming, claiming, trimming, events, dead letters
-    "xreadgroup", "xack", "xadd", "xautoclaim", "xclaim", "xpending", "xrange", "xrevrange", "xlen",
-    "xinfo|groups", "xinfo|stream", "xgroup|create", "xtrim", "xdel",
+    "xreadgroup",
+    "xack",
+    "xadd",
+    "xautoclaim",
+    "xclaim",
+    "xpending",
+    "xrange",
+    "xrevrange",
+    "xlen",
+    "xinfo|groups",
+    "xinfo|stream",
+    "xgroup|create",
+    "xtrim",
+    "xdel",
     # scripts and the per-user limit transaction
-    "evalsha", "script|load", "watch", "unwatch", "multi", "exec", "discard",
+    "evalsha",
+    "script|load",
+    "watch",
+    "unwatch",
+    "multi",
+    "exec",
+    "discard",
     # inside the scripts (their checks: exists, type), the ledger's reconciliation
     # (hscan), the heartbeat (pexpire), and status/metrics reads
-    "exists", "type", "get", "set", "mget", "del", "incrby", "pexpire", "pttl", "scan",
-    "hget", "hmget", "hset", "hsetnx", "hdel", "hexists", "hlen", "hgetall", "hkeys", "hscan",
-    "sadd", "smove", "smembers", "sismember", "smismember", "scard",
+    "exists",
+    "type",
+    "get",
+    "set",
+    "mget",
+    "del",
+    "incrby",
+    "pexpire",
+    "pttl",
+    "scan",
+    "hget",
+    "hmget",
+    "hset",
+    "hsetnx",
+    "hdel",
+    "hexists",
+    "hlen",
+    "hgetall",
+    "hkeys",
+    "hscan",
+    "sadd",
+    "smove",
+    "smembers",
+    "sismember",
+    "smismember",
+    "scard",
     # the eviction-policy check (INFO memory; never CONFIG, which reveals passwords)
     "info",
 )
@@ -41,8 +82,12 @@ def sender_user_rules(namespace: str) -> list[str]:
     """Rules for get_books: add requests, read events, nothing else."""
     keys = Keys(namespace)
     return [
-        "resetkeys", "resetchannels", *(f"~{stream}" for stream in keys.request_streams), f"~{keys.events}",
-        "-@all", *(f"+{c}" for c in SENDER_COMMANDS),
+        "resetkeys",
+        "resetchannels",
+        *(f"~{stream}" for stream in keys.request_streams),
+        f"~{keys.events}",
+        "-@all",
+        *(f"+{c}" for c in SENDER_COMMANDS),
     ]
 
 

@@ -112,11 +112,13 @@ def _check_counts(snapshot: Snapshot, keys: Keys, limit: int) -> list[Violation]
         if count < 0:
             out.append(Violation("count-not-negative", f"count of {user!r} is negative: {count}", (key,)))
         if count != held[user]:
-            out.append(Violation(
-                "count-matches-lent-books",
-                f"count of {user!r} is {count} but {held[user]} books in lent-books name them",
-                (key, keys.lent_books),
-            ))
+            out.append(
+                Violation(
+                    "count-matches-lent-books",
+                    f"count of {user!r} is {count} but {held[user]} books in lent-books name them",
+                    (key, keys.lent_books),
+                )
+            )
         if max(count, held[user]) > limit:
             holds = max(count, held[user])
             out.append(Violation("count-within-limit", f"{user!r} holds {holds} books (limit {limit})", (key,)))
@@ -127,14 +129,19 @@ def _check_storage(snapshot: Snapshot, keys: Keys, capacity: int) -> list[Violat
     out = []
     both = sorted(snapshot.storage & set(snapshot.lent))
     if both:
-        out.append(Violation(
-            "storage-not-lent", f"books both in storage and lent: {_few(both)}", (keys.storage, keys.lent_books)
-        ))
+        out.append(
+            Violation(
+                "storage-not-lent", f"books both in storage and lent: {_few(both)}", (keys.storage, keys.lent_books)
+            )
+        )
     if len(snapshot.storage) > capacity:
-        out.append(Violation(
-            "storage-within-capacity", f"storage holds {len(snapshot.storage)} books (capacity {capacity})",
-            (keys.storage,),
-        ))
+        out.append(
+            Violation(
+                "storage-within-capacity",
+                f"storage holds {len(snapshot.storage)} books (capacity {capacity})",
+                (keys.storage,),
+            )
+        )
     return out
 
 
@@ -147,29 +154,36 @@ def _check_shelving(snapshot: Snapshot, keys: Keys) -> list[Violation]:
     lost = sorted(handed_out - expected - owned)
     unknown = sorted(expected - handed_out)
     if lost:
-        out.append(Violation(
-            "shelving-matches-library",
-            f"{len(lost)} books handed out by shelving are neither lent, in storage nor in the grants ledger "
-            f"(lost): {_few(lost)}",
-            (keys.shelving_state, keys.grants),
-        ))
+        out.append(
+            Violation(
+                "shelving-matches-library",
+                f"{len(lost)} books handed out by shelving are neither lent, in storage nor in the grants ledger "
+                f"(lost): {_few(lost)}",
+                (keys.shelving_state, keys.grants),
+            )
+        )
     if unknown:
-        out.append(Violation(
-            "shelving-matches-library",
-            f"{len(unknown)} books lent or in storage are unknown to shelving (duplicated): {_few(unknown)}",
-            (keys.shelving_state, keys.lent_books, keys.storage),
-        ))
+        out.append(
+            Violation(
+                "shelving-matches-library",
+                f"{len(unknown)} books lent or in storage are unknown to shelving (duplicated): {_few(unknown)}",
+                (keys.shelving_state, keys.lent_books, keys.storage),
+            )
+        )
     differ = sorted(
-        book for book in expected | set(snapshot.from_shelving)
+        book
+        for book in expected | set(snapshot.from_shelving)
         if snapshot.from_shelving.get(book) != snapshot.shelving.get(book) or book not in expected
     )
     if differ:
-        out.append(Violation(
-            "library-record-matches-shelving",
-            f"{len(differ)} books differ between the library's record of what it took from shelving "
-            f"and shelving's own: {_few(differ)}",
-            (keys.from_shelving, keys.shelving_state),
-        ))
+        out.append(
+            Violation(
+                "library-record-matches-shelving",
+                f"{len(differ)} books differ between the library's record of what it took from shelving "
+                f"and shelving's own: {_few(differ)}",
+                (keys.from_shelving, keys.shelving_state),
+            )
+        )
     return out
 
 
@@ -183,14 +197,16 @@ def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
         for entry in entries:
             n = per_entry[(action, entry)]
             trimmed_event = (
-                n == 0 and snapshot.events_trimmed_to is not None
-                and id_key(entry) < id_key(snapshot.events_trimmed_to)
+                n == 0 and snapshot.events_trimmed_to is not None and id_key(entry) < id_key(snapshot.events_trimmed_to)
             )
             if n != 1 and not trimmed_event:
-                out.append(Violation(
-                    "one-event-per-entry", f"{action} request {entry} has {n} events",
-                    (keys.requests(action), keys.events),
-                ))
+                out.append(
+                    Violation(
+                        "one-event-per-entry",
+                        f"{action} request {entry} has {n} events",
+                        (keys.requests(action), keys.events),
+                    )
+                )
         for event_action, request in per_entry:
             if event_action != action or request in present:
                 continue
@@ -198,13 +214,14 @@ def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
             # newer than its last generated ID) may have been trimmed away.
             last = snapshot.last_ids.get(action)
             trimmed = is_id(request) and (
-                id_key(request) < first if first is not None
-                else last is not None and id_key(request) <= id_key(last)
+                id_key(request) < first if first is not None else last is not None and id_key(request) <= id_key(last)
             )
             if not trimmed:
-                out.append(Violation(
-                    "event-names-an-entry", f"event for {action} request {request} names no entry", (keys.events,)
-                ))
+                out.append(
+                    Violation(
+                        "event-names-an-entry", f"event for {action} request {request} names no entry", (keys.events,)
+                    )
+                )
     for event_id, action, _request in snapshot.events:
         if action not in ACTIONS:
             message = f"event {event_id} has unknown action {action!r}"
@@ -253,8 +270,9 @@ async def check(
     used = limits or published or Limits()
     snap = await wait_quiescent(client, namespace, wait_quiescent_s)
     violations = check_state(snap, used.max_books_per_user, used.storage_capacity)
-    return Report(namespace, snap.quiescent, violations, await eviction.read_policy(client), used,
-                  published is not None)
+    return Report(
+        namespace, snap.quiescent, violations, await eviction.read_policy(client), used, published is not None
+    )
 
 
 # -- reading -------------------------------------------------------------------------
@@ -275,7 +293,7 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
         key = text(raw)
         value = await client.get(key)
         if value is not None:
-            snap.counts[key[len(count_prefix): -len(count_suffix)]] = text(value)
+            snap.counts[key[len(count_prefix) : -len(count_suffix)]] = text(value)
     reservations = client.scan_iter(match=keys.pattern("reservations:*"), count=1000)
     snap.reservations = sorted([text(raw) async for raw in reservations])
     for action in ACTIONS:

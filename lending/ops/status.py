@@ -55,8 +55,15 @@ async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
 async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> dict[str, Any]:
     """Lag, pending entries (and the oldest one's idle time) of ``group`` on ``stream``;
     consumers holding entries that are not in ``live`` are listed as dead."""
-    out: dict[str, Any] = {"stream": stream, "group": group, "exists": False, "lag": 0, "pending": 0,
-                           "oldest_pending_idle_ms": None, "dead_consumers": []}
+    out: dict[str, Any] = {
+        "stream": stream,
+        "group": group,
+        "exists": False,
+        "lag": 0,
+        "pending": 0,
+        "oldest_pending_idle_ms": None,
+        "dead_consumers": [],
+    }
     try:
         infos = await client.xinfo_groups(stream)
     except ResponseError:  # no such stream yet
@@ -118,6 +125,8 @@ def render(status: dict[str, Any]) -> str:
 
 
 def _limits_line(limits: dict[str, Any]) -> str:
-    line = (f"{limits['max_books_per_user']} books per user, {limits['max_books_per_request']} per request, "
-            f"storage capacity {limits['storage_capacity']}")
+    line = (
+        f"{limits['max_books_per_user']} books per user, {limits['max_books_per_request']} per request, "
+        f"storage capacity {limits['storage_capacity']}"
+    )
     return line if limits["published"] else line + " (defaults: no worker has published its limits)"

@@ -53,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 CLAIM_PAGE = 100
 
+
 @dataclass(frozen=True)
 class Delivery:
     """One delivery of a stream entry to this consumer."""
@@ -291,7 +292,11 @@ class StreamConsumer:
                 return
             held = sum(1 for s, _ in (*self._inflight.items(), *self._retries) if s == stream)
             pending: list[dict[str, Any]] = await self._client.xpending_range(
-                stream, self._config.group, min="-", max="+", count=free + held,
+                stream,
+                self._config.group,
+                min="-",
+                max="+",
+                count=free + held,
                 consumername=self._config.consumer,
             )
             counted: dict[str, int] = {}  # resumed with a delivery counted (XCLAIM)
@@ -387,9 +392,13 @@ class StreamConsumer:
         try:
             for delivery in spent:
                 retry = self._retries.get((delivery.stream, delivery.entry_id))
-                error = retry.error if retry else (
-                    f"delivered {delivery.deliveries - 1} times without finishing "
-                    "(the worker processing it died or timed out)"
+                error = (
+                    retry.error
+                    if retry
+                    else (
+                        f"delivered {delivery.deliveries - 1} times without finishing "
+                        "(the worker processing it died or timed out)"
+                    )
                 )
                 await self._give_up(delivery, error)
             if live:
@@ -404,8 +413,9 @@ class StreamConsumer:
             try:
                 await self._dead_letter(delivery, error)
             except Exception as exc:
-                self._log.error("could not dead-letter the entry; it stays pending",
-                                error=f"{type(exc).__name__}: {exc}")
+                self._log.error(
+                    "could not dead-letter the entry; it stays pending", error=f"{type(exc).__name__}: {exc}"
+                )
                 self._schedule(delivery, error, counts=False)
                 return
             self._retries.pop(key, None)
@@ -424,13 +434,17 @@ class StreamConsumer:
                 await self._fail(batch, f"processing took longer than {self._config.handler_timeout_s:g} s", exc)
             elif is_refusal(exc):
                 # Loud: an operator must act (free memory, fix an ACL, move a full stream).
-                self._log.error("Redis refused the commit; entries wait, uncharged", entries=len(batch),
-                                error=reply_text(exc) if isinstance(exc, ResponseError) else str(exc))
+                self._log.error(
+                    "Redis refused the commit; entries wait, uncharged",
+                    entries=len(batch),
+                    error=reply_text(exc) if isinstance(exc, ResponseError) else str(exc),
+                )
                 for delivery in batch:
                     self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False)
             elif is_outage(exc):
-                self._log.warning("redis unavailable while processing; entries stay pending",
-                                  entries=len(batch), error=str(exc))
+                self._log.warning(
+                    "redis unavailable while processing; entries stay pending", entries=len(batch), error=str(exc)
+                )
                 for delivery in batch:
                     self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False)
             else:
@@ -446,8 +460,9 @@ class StreamConsumer:
         # The traceback once per entry (its first failure), and once per batch: the same
         # for every entry of it, and for every later attempt of a poison entry.
         first = any((d.stream, d.entry_id) not in self._retries for d in batch)
-        self._log.error("processing failed", entries=[d.entry_id for d in batch], error=error,
-                        exc_info=exc if first else None)
+        self._log.error(
+            "processing failed", entries=[d.entry_id for d in batch], error=error, exc_info=exc if first else None
+        )
         for delivery in batch:
             with bound_contextvars(stream=delivery.stream, entry_id=delivery.entry_id, deliveries=delivery.deliveries):
                 if delivery.deliveries >= self._config.max_deliveries:

@@ -156,12 +156,18 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         args = [
             redis_server_path(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir.resolve()),
-            "--logfile", "redis.log",
-            "--save", "",
-            "--daemonize", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--logfile",
+            "redis.log",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
         ]
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
@@ -176,7 +182,10 @@ class EmbeddedRedis:
         """Start the server process; returns its pid (``wait_ready`` waits for it to answer)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         return self._process.pid
@@ -239,8 +248,6 @@ def _terminate(pid: int, url: str, timeout_s: float) -> None:
                 os.kill(pid, signal.SIGKILL)
             return
         time.sleep(0.05)
-
-
 
 
 # -- the default server, shared by the workers of one data dir ---------------------------
@@ -324,8 +331,10 @@ def data_dir_lock(data_dir: Path, timeout_s: float = 30.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if not waiting:
-                    log.info("waiting for the embedded redis-server lock: another worker is starting or "
-                             "stopping the server", lock=str((data_dir / LOCK_FILE).resolve()))
+                    log.info(
+                        "waiting for the embedded redis-server lock: another worker is starting or stopping the server",
+                        lock=str((data_dir / LOCK_FILE).resolve()),
+                    )
                     waiting = True
                 if time.monotonic() > deadline:
                     raise EmbeddedRedisError(
@@ -381,8 +390,11 @@ def find_or_start(default_url: str, data_dir: Path, port: int) -> DefaultServer:
             return DefaultServer(default_url, found, data_dir)
         server = EmbeddedRedis(data_dir, port)
         if found is Found.NOTHING:
-            log.info("no Redis at the default URL: starting the embedded redis-server",
-                     url=server.url, data_dir=str(data_dir.resolve()))
+            log.info(
+                "no Redis at the default URL: starting the embedded redis-server",
+                url=server.url,
+                data_dir=str(data_dir.resolve()),
+            )
             # Recorded before it answers: if this worker dies while it loads, it is an orphan.
             write_pid_file(data_dir, PidFile(server.spawn(), os.getpid(), port))
             try:
@@ -393,14 +405,22 @@ def find_or_start(default_url: str, data_dir: Path, port: int) -> DefaultServer:
             return DefaultServer(server.url, found, data_dir, owned=server)
         assert pid_file is not None  # classify() names a server ours only from its pid file
         if found is Found.ORPHAN:
-            log.warning("adopting an orphaned embedded redis-server: the worker that started it died; "
-                        "this worker stops it when it exits", server_pid=pid_file.server_pid,
-                        dead_owner_pid=pid_file.owner_pid, url=server.url)
+            log.warning(
+                "adopting an orphaned embedded redis-server: the worker that started it died; "
+                "this worker stops it when it exits",
+                server_pid=pid_file.server_pid,
+                dead_owner_pid=pid_file.owner_pid,
+                url=server.url,
+            )
             server.adopt(pid_file.server_pid)
             write_pid_file(data_dir, dataclasses.replace(pid_file, owner_pid=os.getpid()))
         else:
-            log.info("sharing the embedded redis-server of another worker, which stops it when it exits",
-                     server_pid=pid_file.server_pid, owner_pid=pid_file.owner_pid, url=server.url)
+            log.info(
+                "sharing the embedded redis-server of another worker, which stops it when it exits",
+                server_pid=pid_file.server_pid,
+                owner_pid=pid_file.owner_pid,
+                url=server.url,
+            )
         # An orphan may still be reading its data back (its starter died meanwhile).
         wait_answering(server.url, 10.0, lambda: pid_alive(pid_file.server_pid))
         return DefaultServer(server.url, found, data_dir, owned=server if found is Found.ORPHAN else None)

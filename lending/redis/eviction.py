@@ -47,20 +47,31 @@ def judge(policy: str | None, allow_data_loss: bool = False) -> Verdict:
     if policy == "noeviction":
         return Verdict("ok")
     if policy is None:
-        return Verdict("warn", "could not check Redis's maxmemory-policy: INFO is refused (no permission, or "
-                               "the command is renamed or disabled); make sure it is noeviction")
+        return Verdict(
+            "warn",
+            "could not check Redis's maxmemory-policy: INFO is refused (no permission, or "
+            "the command is renamed or disabled); make sure it is noeviction",
+        )
     if policy.startswith("allkeys-"):
-        risk = (f"Redis's maxmemory-policy is {policy}: when memory runs out Redis deletes any key, request "
-                "streams and the library's state included, losing requests and books without a trace")
+        risk = (
+            f"Redis's maxmemory-policy is {policy}: when memory runs out Redis deletes any key, request "
+            "streams and the library's state included, losing requests and books without a trace"
+        )
         if allow_data_loss:
             return Verdict("warn", f"{risk} (accepted by {ALLOW_FLAG})")
         return Verdict("refuse", f"{risk}; set it to noeviction, or accept the loss with {ALLOW_FLAG}")
     if policy.startswith("volatile-"):
-        return Verdict("warn", f"Redis's maxmemory-policy is {policy}: when memory runs out Redis deletes keys "
-                               "with an expiry, i.e. worker heartbeats (a live worker's id may look free); "
-                               "noeviction is safer")
-    return Verdict("warn", f"Redis's maxmemory-policy is {policy}, unknown to this version: "
-                           "it may delete the library's keys; noeviction is safe")
+        return Verdict(
+            "warn",
+            f"Redis's maxmemory-policy is {policy}: when memory runs out Redis deletes keys "
+            "with an expiry, i.e. worker heartbeats (a live worker's id may look free); "
+            "noeviction is safer",
+        )
+    return Verdict(
+        "warn",
+        f"Redis's maxmemory-policy is {policy}, unknown to this version: "
+        "it may delete the library's keys; noeviction is safe",
+    )
 
 
 async def read_policy(client: Redis) -> str | None:

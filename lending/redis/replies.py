@@ -26,9 +26,15 @@ StreamsReply = list[tuple[bytes, Entries]]
 #: Errors that say nothing about the entry itself: Redis is gone, restarting or loading
 #: (LOADING is a ConnectionError), or the node we write to just became a replica.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ReadOnlyError,
     # Cluster: the namespace's slot moved (resharding, failover) or the cluster is down.
-    MovedError, AskError, ClusterDownError, TryAgainError,
+    MovedError,
+    AskError,
+    ClusterDownError,
+    TryAgainError,
 )
 # Replies redis-py has no class for: a busy script; UNBLOCKED when the node we block on
 # became a replica.

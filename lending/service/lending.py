@@ -81,7 +81,11 @@ class LendingService:
     """Processes entries of ``{NS}:lend-requests`` and ``{NS}:return-requests``."""
 
     def __init__(
-        self, client: Redis, settings: Settings, scripts: Scripts, shelving: Shelving,
+        self,
+        client: Redis,
+        settings: Settings,
+        scripts: Scripts,
+        shelving: Shelving,
         metrics: Metrics | None = None,
     ) -> None:
         self._client = client
@@ -105,8 +109,13 @@ class LendingService:
                     log.info("request finished by another worker")
                 else:
                     self._metrics.requests.labels(event.action, event.status).inc()
-                    log.info("processed", user=event.user_id, status=event.status, books=",".join(event.books),
-                             duration_ms=duration_ms)
+                    log.info(
+                        "processed",
+                        user=event.user_id,
+                        status=event.status,
+                        books=",".join(event.books),
+                        duration_ms=duration_ms,
+                    )
         return events
 
     async def process_batch(self, deliveries: Sequence[Delivery]) -> list[Event | None]:
@@ -154,8 +163,14 @@ class LendingService:
             await self._settle([(book, lend.request_id) for lend in lends for book in lend.granted])
 
     async def _attempt(
-        self, parsed: list[BookRequest | Rejection], lends: list[LendInProgress], users: list[str],
-        watched: list[str], return_books: list[str], *, retry: bool,
+        self,
+        parsed: list[BookRequest | Rejection],
+        lends: list[LendInProgress],
+        users: list[str],
+        watched: list[str],
+        return_books: list[str],
+        *,
+        retry: bool,
     ) -> list[Event | None] | None:
         """One WATCH/MULTI round; ``None`` when it must be repeated."""
         try:
@@ -168,8 +183,9 @@ class LendingService:
                     await self._ask_shelving(lends)
                 reserved = {lend.request_id: (lend.stored, lend.granted_only) for lend in lends}
                 records = decide_batch(parsed, reserved, counts, holders, self._settings.max_books_per_user)
-                keys, args = encode_commit(self._keys, LENDING_GROUP, self._settings.worker_id,
-                                           self._settings.storage_capacity, records)
+                keys, args = encode_commit(
+                    self._keys, LENDING_GROUP, self._settings.worker_id, self._settings.storage_capacity, records
+                )
                 if watched:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     self._scripts.commit.queue(pipe, keys, args)
@@ -187,8 +203,11 @@ class LendingService:
         if results == -1:  # another process added to a reservation: decide again
             return None
         committed = [int(ok) == 1 for ok in results]
-        done = {record.event.request_id for record, ok in zip(records, committed, strict=True)
-                if ok and isinstance(record, Lend)}
+        done = {
+            record.event.request_id
+            for record, ok in zip(records, committed, strict=True)
+            if ok and isinstance(record, Lend)
+        }
         for lend in lends:
             if lend.request_id in done:
                 lend.granted = []  # settled by the commit
@@ -197,22 +216,36 @@ class LendingService:
     # -- reserving -------------------------------------------------------------------
 
     async def _reserve(
-        self, pipe: Pipeline, lends: list[LendInProgress], users: list[str], watched: list[str],
-        return_books: list[str], *, retry: bool,
+        self,
+        pipe: Pipeline,
+        lends: list[LendInProgress],
+        users: list[str],
+        watched: list[str],
+        return_books: list[str],
+        *,
+        retry: bool,
     ) -> tuple[dict[str, int], dict[str, str]]:
         """Take from storage what it has of the lends' books, note what shelving must give,
         and read the users' counts and the holders of ``return_books``."""
         keys = self._keys
         args: list[Arg] = [
-            LENDING_GROUP, self._settings.worker_id, *id_range(lend.request_id for lend in lends), len(lends),
+            LENDING_GROUP,
+            self._settings.worker_id,
+            *id_range(lend.request_id for lend in lends),
+            len(lends),
         ]
         for lend in lends:
             books = lend.request.book_ids
             args += [lend.request_id, 1 if retry or lend.redelivered else 0, len(books), *books]
         codes, raw_counts, raw_holders = await self._scripts.reserve(
             pipe,
-            [keys.lend_requests, keys.lent_books, keys.storage,
-             *(keys.reservation(lend.request_id) for lend in lends), *watched],
+            [
+                keys.lend_requests,
+                keys.lent_books,
+                keys.storage,
+                *(keys.reservation(lend.request_id) for lend in lends),
+                *watched,
+            ],
             [*args, *return_books],
         )
         fault_point("after_reserve")
@@ -244,8 +277,11 @@ class LendingService:
         try:
             await self.reconcile(pairs)
         except Exception as exc:
-            log.warning("could not settle shelving grants yet; the periodic reconciliation will",
-                        error=str(exc), grants=len(pairs))
+            log.warning(
+                "could not settle shelving grants yet; the periodic reconciliation will",
+                error=str(exc),
+                grants=len(pairs),
+            )
 
     async def reconcile(self, pairs: Sequence[tuple[str, str]]) -> tuple[int, int]:
         """Settle ledger entries ``(book, context)`` whose request is finished: give back to
@@ -276,8 +312,9 @@ class LendingService:
         action = self._keys.action_of(delivery.stream)
         request = self._parse(delivery)
         books = request.book_ids if isinstance(request, BookRequest) else ()
-        event = Event(delivery.entry_id, action, request.user_id, FAILED, skipped=books,
-                      reason=f"processing failed: {error}")
+        event = Event(
+            delivery.entry_id, action, request.user_id, FAILED, skipped=books, reason=f"processing failed: {error}"
+        )
         letter: dict[str, Arg] = {
             "stream": delivery.stream,
             "request_id": delivery.entry_id,
@@ -288,8 +325,9 @@ class LendingService:
         for name in ("user_id", "book_ids"):
             if name.encode() in delivery.fields:
                 letter[name] = delivery.fields[name.encode()]
-        keys, args = encode_finish(self._keys, LENDING_GROUP, self._settings.storage_capacity,
-                                   Fail(event, books, letter))
+        keys, args = encode_finish(
+            self._keys, LENDING_GROUP, self._settings.storage_capacity, Fail(event, books, letter)
+        )
         await self._scripts.finish(self._client, keys, args)
 
 

@@ -75,8 +75,14 @@ class ShelvingService:
         """A returns entry that keeps failing: park it, acknowledged, with the error."""
         keys = self._keys
         letter: list[str | bytes] = [
-            "stream", keys.shelving_returns, "entry_id", delivery.entry_id,
-            "error", error, "deliveries", str(delivery.deliveries),
+            "stream",
+            keys.shelving_returns,
+            "entry_id",
+            delivery.entry_id,
+            "error",
+            error,
+            "deliveries",
+            str(delivery.deliveries),
         ]
         for name in ("book_ids", "context_ids"):
             if name.encode() in delivery.fields:

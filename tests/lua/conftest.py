@@ -20,21 +20,35 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
-from lending.redis.connection import make_client
-from lending.redis.embedded import EmbeddedRedis, free_port
-from lending.keys import LENDING_GROUP, Keys
-from lending.redis.scripts import Scripts
-from lending.redis.consumer import ensure_group
 from lending.domain.streamids import MAX_ID
+from lending.keys import LENDING_GROUP, Keys
+from lending.redis.connection import make_client
+from lending.redis.consumer import ensure_group
+from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.redis.scripts import Scripts
 
 from ..support import decoded, hash_of, members, raw_streams, stream_entries, xadd_fields
 
 T = TypeVar("T")
 
 # The commands the scripts write with; any other command they run only reads.
-WRITES = frozenset({
-    "XADD", "XACK", "XCLAIM", "XDEL", "HSET", "HDEL", "SADD", "SREM", "SMOVE", "DEL", "INCRBY", "SET", "PEXPIRE",
-})
+WRITES = frozenset(
+    {
+        "XADD",
+        "XACK",
+        "XCLAIM",
+        "XDEL",
+        "HSET",
+        "HDEL",
+        "SADD",
+        "SREM",
+        "SMOVE",
+        "DEL",
+        "INCRBY",
+        "SET",
+        "PEXPIRE",
+    }
+)
 
 SYSTEM_REDIS = Path("/usr/bin/redis-server")
 
@@ -173,8 +187,11 @@ async def assert_unchanged(redis: Redis, keys: Keys, before: Snapshot) -> None:
     """Nothing in the namespace changed since ``before``: else, each changed key as
     (before, after), None for a key missing on that side."""
     after = await snapshot(redis, keys)
-    changed = {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
-               if before.get(key) != after.get(key)}
+    changed = {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    }
     assert not changed, "changed:\n" + pformat(changed, width=110)
 
 
@@ -262,7 +279,7 @@ def assert_reads_then_writes(commands: list[Command], first_write: str) -> None:
     writes = [k for k, c in enumerate(ran) if c.writes]
     assert writes, "the script wrote nothing"
     assert ran[writes[0]].text.startswith(first_write + " "), [c.text for c in ran]
-    assert all(c.writes for c in ran[writes[0]:]), [c.text for c in ran]
+    assert all(c.writes for c in ran[writes[0] :]), [c.text for c in ran]
 
 
 # -- a private Redis 7 ---------------------------------------------------------------------

@@ -20,12 +20,11 @@ from lending.redis.scripts import Scripts
 
 from ..support import all_events, hash_of, members
 from .conftest import (
-    assert_unchanged,
     assert_reads_then_writes,
-    contexts_of,
+    assert_unchanged,
     fill_stream,
-    is_oom,
     finished_entry,
+    is_oom,
     is_pending,
     monitored,
     monitored_error,
@@ -49,7 +48,11 @@ def rejected(action: str, entry: str, user: str = "ada", reason: str = "bad requ
 
 
 def accepted(
-    entry: str, user: str = "ada", *, stored: Sequence[str] = (), granted: Sequence[str] = (),
+    entry: str,
+    user: str = "ada",
+    *,
+    stored: Sequence[str] = (),
+    granted: Sequence[str] = (),
     skipped: Sequence[str] = (),
 ) -> Lend:
     """An accepted lend: it lends ``stored`` then ``granted`` (the event's books)."""
@@ -58,8 +61,13 @@ def accepted(
 
 
 def denied(
-    entry: str, user: str = "ada", *, stored: Sequence[str] = (), granted: Sequence[str] = (),
-    skipped: Sequence[str] = (), reason: str = LIMIT,
+    entry: str,
+    user: str = "ada",
+    *,
+    stored: Sequence[str] = (),
+    granted: Sequence[str] = (),
+    skipped: Sequence[str] = (),
+    reason: str = LIMIT,
 ) -> Lend:
     """A denied lend: it gives back ``stored`` and ``granted``."""
     return Lend(Event(entry, LEND, user, DENIED, (), tuple(skipped), reason), tuple(stored), tuple(granted))
@@ -241,7 +249,9 @@ async def test_commit_checks_only_the_reservations_of_its_own_lends(redis: Redis
     await redis.sadd(keys.reservation(elsewhere), "s1", "n1")
     await redis.sadd(keys.reservation(mine), "s2")
 
-    result = await commit(redis, scripts, keys, accepted(elsewhere, stored=["s1"]), accepted(mine, "bob", stored=["s2"]))
+    result = await commit(
+        redis, scripts, keys, accepted(elsewhere, stored=["s1"]), accepted(mine, "bob", stored=["s2"])
+    )
 
     assert result == [0, 1]
     assert await members(redis, keys.reservation(elsewhere)) == {"s1", "n1"}
@@ -303,7 +313,9 @@ async def test_commit_settles_its_own_lend_and_leaves_the_grants_of_one_not_mine
     mine = await pending_entry(redis, keys.lend_requests)
     await redis.hset(keys.grants, mapping={"g1": elsewhere, "g2": mine})
 
-    result = await commit(redis, scripts, keys, accepted(elsewhere, granted=["g1"]), accepted(mine, "bob", granted=["g2"]))
+    result = await commit(
+        redis, scripts, keys, accepted(elsewhere, granted=["g1"]), accepted(mine, "bob", granted=["g2"])
+    )
 
     assert result == [0, 1]
     assert await hash_of(redis, keys.grants) == {"g1": elsewhere}
@@ -489,7 +501,9 @@ async def test_commit_rejected_records_for_both_actions(redis: Redis, keys: Keys
     ret = await pending_entry(redis, keys.return_requests)
 
     result = await commit(
-        redis, scripts, keys,
+        redis,
+        scripts,
+        keys,
         rejected(LEND, lend, "ada", "book_ids is empty"),
         rejected(RETURN, ret, "", "missing field user_id"),
     )
@@ -499,17 +513,31 @@ async def test_commit_rejected_records_for_both_actions(redis: Redis, keys: Keys
     assert not await is_pending(redis, keys.return_requests, ret)
     assert await stream_items(redis, keys.events) == [
         [
-            ("request_id", lend), ("action", "lend"), ("user_id", "ada"), ("status", "rejected"),
-            ("books", ""), ("skipped", ""), ("reason", "book_ids is empty"),
+            ("request_id", lend),
+            ("action", "lend"),
+            ("user_id", "ada"),
+            ("status", "rejected"),
+            ("books", ""),
+            ("skipped", ""),
+            ("reason", "book_ids is empty"),
         ],
         [
-            ("request_id", ret), ("action", "return"), ("user_id", ""), ("status", "rejected"),
-            ("books", ""), ("skipped", ""), ("reason", "missing field user_id"),
+            ("request_id", ret),
+            ("action", "return"),
+            ("user_id", ""),
+            ("status", "rejected"),
+            ("books", ""),
+            ("skipped", ""),
+            ("reason", "missing field user_id"),
         ],
     ]
     assert not await redis.exists(
-        keys.lent_books, keys.storage, keys.shelving_returns, keys.from_shelving,
-        keys.user_count("ada"), keys.reservation(lend),
+        keys.lent_books,
+        keys.storage,
+        keys.shelving_returns,
+        keys.from_shelving,
+        keys.user_count("ada"),
+        keys.reservation(lend),
     )
 
 
@@ -574,7 +602,9 @@ async def test_commit_acks_only_entries_pending_on_this_consumer(redis: Redis, k
     await redis.set(keys.user_count("bob"), 1)
 
     result = await commit(
-        redis, scripts, keys,
+        redis,
+        scripts,
+        keys,
         accepted(mine_lend, "cy", stored=["b1"]),
         accepted(other_lend, "dan", stored=["b2"]),
         rejected(LEND, done_lend),
@@ -608,7 +638,9 @@ async def test_commit_tells_the_two_streams_apart(redis: Redis, keys: Keys, scri
     await redis.set(keys.user_count("ada"), 2)
 
     result = await commit(
-        redis, scripts, keys,
+        redis,
+        scripts,
+        keys,
         rejected(RETURN, "5-1"),
         rejected(LEND, "6-1"),
         denied("5-1", "bob"),
@@ -626,7 +658,9 @@ async def test_commit_tells_the_two_streams_apart(redis: Redis, keys: Keys, scri
     assert await pending_on(redis, keys.lend_requests, "7-1") == "c2"
     assert await pending_on(redis, keys.return_requests, "7-1") is None
     assert [(e.request_id, e.action) for e in await all_events(redis, keys)] == [
-        ("5-1", "return"), ("6-1", "lend"), ("7-1", "return"),
+        ("5-1", "return"),
+        ("6-1", "lend"),
+        ("7-1", "return"),
     ]
 
 
@@ -676,7 +710,9 @@ async def test_commit_batch_shares_storage_room_and_one_returns_entry(
     await redis.hset(keys.grants, "g1", denied_lend)
 
     result = await commit(
-        redis, scripts, keys,
+        redis,
+        scripts,
+        keys,
         returned(returned_entry, books=["a1", "a2"]),
         denied(denied_lend, "bob", stored=["s1"], granted=["g1"], skipped=["s1", "g1"]),
         capacity=1,
@@ -727,8 +763,14 @@ async def test_commit_of_the_busy_batch_writes_everywhere(redis: Redis, keys: Ke
     assert await commit(redis, scripts, keys, *records, capacity=1) == [1, 1, 1, 1]
 
     after = await snapshot(redis, keys)
-    for key in (keys.lent_books, keys.user_count("ada"), keys.from_shelving, keys.grants, keys.lend_requests,
-                keys.return_requests):
+    for key in (
+        keys.lent_books,
+        keys.user_count("ada"),
+        keys.from_shelving,
+        keys.grants,
+        keys.lend_requests,
+        keys.return_requests,
+    ):
         assert after[key] != before[key], key
     assert not await redis.exists(keys.user_count("cy"), keys.reservation(records[0].event.request_id))
     assert await redis.xlen(keys.events) == 4
@@ -755,9 +797,7 @@ async def test_commit_into_a_full_stream_changes_nothing(
     await fill_stream(redis, getattr(keys, full))
     before = await snapshot(redis, keys)
 
-    error, commands = await monitored_error(
-        redis, keys, lambda: commit(redis, scripts, keys, *records, capacity=1)
-    )
+    error, commands = await monitored_error(redis, keys, lambda: commit(redis, scripts, keys, *records, capacity=1))
 
     await assert_unchanged(redis, keys, before)
     assert not [c.text for c in script_commands(commands) if c.writes]
@@ -793,9 +833,7 @@ async def test_commit_with_a_count_that_is_not_an_integer_changes_nothing(
     assert str(error.value).startswith("NOTINTEGER"), str(error.value)
 
 
-@pytest.mark.parametrize(
-    "name", ["lent_books", "storage", "from_shelving", "grants", "events", "shelving_returns"]
-)
+@pytest.mark.parametrize("name", ["lent_books", "storage", "from_shelving", "grants", "events", "shelving_returns"])
 async def test_commit_with_a_key_of_the_wrong_type_changes_nothing(
     each_server: Redis, keys: Keys, scripts: Scripts, name: str
 ) -> None:
@@ -820,9 +858,7 @@ async def test_commit_out_of_memory_changes_nothing(each_server: Redis, keys: Ke
     before = await snapshot(redis, keys)
 
     async with out_of_memory(redis):
-        error, commands = await monitored_error(
-            redis, keys, lambda: commit(redis, scripts, keys, *records, capacity=1)
-        )
+        error, commands = await monitored_error(redis, keys, lambda: commit(redis, scripts, keys, *records, capacity=1))
 
     await assert_unchanged(redis, keys, before)
     assert is_oom(error), str(error)

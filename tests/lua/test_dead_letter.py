@@ -80,9 +80,7 @@ async def test_dead_letter_reads_and_checks_before_its_first_write_an_xadd(
     assert_reads_then_writes(commands, f"XADD {keys.dead_letters}")
 
 
-async def test_dead_letter_into_a_full_stream_changes_nothing(
-    each_server: Redis, keys: Keys, scripts: Scripts
-) -> None:
+async def test_dead_letter_into_a_full_stream_changes_nothing(each_server: Redis, keys: Keys, scripts: Scripts) -> None:
     redis = each_server
     entry = await returns_entry(redis, keys)
     await fill_stream(redis, keys.dead_letters)

@@ -16,8 +16,8 @@ from lending.redis.scripts import Arg, Scripts
 
 from ..support import all_events, hash_of, members
 from .conftest import (
-    assert_unchanged,
     assert_reads_then_writes,
+    assert_unchanged,
     contexts_of,
     fill_stream,
     finished_entry,
@@ -203,9 +203,7 @@ async def test_finish_gives_back_reservation_and_grants_storage_first(
 # -- event, dead letter, acknowledgement ---------------------------------------------------
 
 
-async def test_finish_writes_the_event_in_order_and_the_dead_letter(
-    redis: Redis, keys: Keys, scripts: Scripts
-) -> None:
+async def test_finish_writes_the_event_in_order_and_the_dead_letter(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     entry = await pending_entry(redis, keys.lend_requests)
 
     await finish(redis, scripts, keys, entry, event=failed(entry, reason="processing failed: no luck"))
@@ -326,9 +324,7 @@ async def test_finish_with_shelving_returns_full_goes_through_when_nothing_goes_
     assert not await is_pending(redis, keys.lend_requests, entry)
 
 
-@pytest.mark.parametrize(
-    "name", ["storage", "from_shelving", "grants", "events", "dead_letters", "shelving_returns"]
-)
+@pytest.mark.parametrize("name", ["storage", "from_shelving", "grants", "events", "dead_letters", "shelving_returns"])
 async def test_finish_with_a_key_of_the_wrong_type_changes_nothing(
     each_server: Redis, keys: Keys, scripts: Scripts, name: str
 ) -> None:

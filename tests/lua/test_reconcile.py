@@ -32,7 +32,9 @@ async def reconcile(redis: Redis, scripts: Scripts, keys: Keys, pairs: Sequence[
     """reconcile.lua over ``pairs`` of (book, context) as read from the ledger; its reply
     [settled, given back]."""
     args: list[Arg] = [LENDING_GROUP, *(item for pair in pairs for item in pair)]
-    return await scripts.reconcile(redis, [keys.lend_requests, keys.grants, keys.from_shelving, keys.shelving_returns], args)
+    return await scripts.reconcile(
+        redis, [keys.lend_requests, keys.grants, keys.from_shelving, keys.shelving_returns], args
+    )
 
 
 async def test_reconcile_gives_back_a_grant_of_a_finished_request_the_library_does_not_hold(

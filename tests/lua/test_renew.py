@@ -7,9 +7,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from lending.domain.streamids import id_range
 from lending.keys import LENDING_GROUP, Keys
 from lending.redis.scripts import Arg, Scripts
-from lending.domain.streamids import id_range
 
 from ..support import decoded
 from .conftest import finished_entry, is_pending, out_of_memory, pending_entry
@@ -26,7 +26,13 @@ async def held_long(redis: Redis, keys: Keys, consumer: str, deliveries: int = 1
     """An entry pending on ``consumer`` for ten minutes, delivered ``deliveries`` times."""
     entry = await pending_entry(redis, keys.lend_requests, consumer=consumer)
     await redis.xclaim(
-        keys.lend_requests, LENDING_GROUP, consumer, 0, [entry], idle=LONG_IDLE_MS, retrycount=deliveries,
+        keys.lend_requests,
+        LENDING_GROUP,
+        consumer,
+        0,
+        [entry],
+        idle=LONG_IDLE_MS,
+        retrycount=deliveries,
         justid=True,
     )
     return entry
@@ -37,7 +43,9 @@ async def pel(redis: Redis, keys: Keys) -> dict[str, tuple[str, int, int]]:
     rows = await redis.xpending_range(keys.lend_requests, LENDING_GROUP, min="-", max="+", count=1000)
     return {
         decoded(row["message_id"]): (
-            decoded(row["consumer"]), int(row["time_since_delivered"]), int(row["times_delivered"])
+            decoded(row["consumer"]),
+            int(row["time_since_delivered"]),
+            int(row["times_delivered"]),
         )
         for row in rows
     }
@@ -89,9 +97,7 @@ async def test_renew_does_not_bring_back_an_acknowledged_entry(redis: Redis, key
     assert not await is_pending(redis, keys.lend_requests, done)
 
 
-async def test_renew_goes_on_while_redis_is_out_of_memory(
-    each_server: Redis, keys: Keys, scripts: Scripts
-) -> None:
+async def test_renew_goes_on_while_redis_is_out_of_memory(each_server: Redis, keys: Keys, scripts: Scripts) -> None:
     # allow-oom on Redis 7; on 6.2 XCLAIM is never refused for memory.
     redis = each_server
     entry = await held_long(redis, keys, "c1")

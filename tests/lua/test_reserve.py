@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import pytest
 from redis.asyncio import Redis
 
+from lending.domain.streamids import id_range
 from lending.keys import LENDING_GROUP, Keys
 from lending.redis.scripts import Arg, Scripts
-from lending.domain.streamids import id_range
 
 from ..support import decoded, hash_of, members
 from .conftest import finished_entry, pending_entry, pending_on, undelivered_entry

@@ -81,9 +81,7 @@ async def test_shelving_get_writes_nothing_for_held_and_refused_books(
     await assert_unchanged(redis, keys, before)
 
 
-async def test_shelving_get_mixed_call_records_only_the_new_grants(
-    redis: Redis, keys: Keys, scripts: Scripts
-) -> None:
+async def test_shelving_get_mixed_call_records_only_the_new_grants(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await redis.hset(keys.shelving_state, mapping={"h1": "r1", "o1": "r9"})
 
     codes = await scripts.shelving_get(redis, get_keys(keys), ["h1", "r1", "n1", "r1", "o1", "r1", "n2", "r1"])

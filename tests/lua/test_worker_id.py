@@ -80,7 +80,11 @@ async def test_a_worker_with_other_limits_is_refused_while_one_lives(
     with pytest.raises(LimitsDiffer) as refused:
         await holder(redis, scripts, keys, "token-b", "w2").claim(Limits(max_books_per_user=3))
     assert (refused.value.worker_id, refused.value.field, refused.value.theirs, refused.value.mine) == (
-        "w1", "max_books_per_user", "5", "3")
+        "w1",
+        "max_books_per_user",
+        "5",
+        "3",
+    )
     assert await read_limits(redis, keys) == Limits(max_books_per_user=5)
     assert not await redis.exists(keys.worker("w2"))
 
