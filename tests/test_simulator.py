@@ -251,7 +251,8 @@ def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(in
     try:
         deadline = time.monotonic() + 60
         while "T" not in processes_of_run(mark).values():  # a worker is paused right now
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"no worker was paused within 60 s: {processes_of_run(mark)}"
             time.sleep(0.05)
         proc.send_signal(interrupt)
         signalled = time.monotonic()
