@@ -148,6 +148,11 @@ class Keys:
     def user_count(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}:count"
 
+    def user_books(self, user_id: str) -> str:
+        """The books the user holds (set): an index of ``lent-books`` by user, written in the
+        same commit, so that "which books do I hold?" reads one key."""
+        return f"{self.prefix}:user:{user_id}:books"
+
     def reservation(self, request_id: str) -> str:
         return f"{self.prefix}:reservations:{request_id}"
 

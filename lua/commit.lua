@@ -8,20 +8,22 @@
 -- KEYS[2]  return request stream        KEYS[6]  shelving returns stream
 -- KEYS[3]  events stream                KEYS[7]  from-shelving hash (book -> context)
 -- KEYS[4]  lent-books hash              KEYS[8]  grants ledger hash (book -> context)
--- KEYS[9..] user count keys and reservation sets, named by index (1 = KEYS[9])
+-- KEYS[9..] user count keys, user books sets and reservation sets, named by index
+--          (1 = KEYS[9])
 -- ARGV[1]  consumer group    ARGV[2]  consumer (this worker)    ARGV[3]  storage capacity
 -- ARGV[4], ARGV[5]  lowest and highest lend entry id of the batch ('' if none)
 -- ARGV[6], ARGV[7]  lowest and highest return entry id of the batch ('' if none)
 -- ARGV[8..] one record per entry: its kind, then its event's seven values (request_id,
 --          action, user_id, status, books, skipped, reason), then by kind:
 --   'X' rejected: nothing more
---   'L' lend:     count key index, reservation key index, S, S books reserved from
---                 storage, G, G books the shelving service handed to this request
---   'T' return:   count key index
+--   'L' lend:     count key index, user books key index, reservation key index, S, S
+--                 books reserved from storage, G, G books shelving handed to this request
+--   'T' return:   count key index, user books key index
 --
 -- An accepted lend lends its stored and granted books; a denied one gives them back
 -- (storage while it has room, the rest to shelving with their context). A returned
--- return takes back the books its event names. Counts change by one INCRBY per user.
+-- return takes back the books its event names. Counts change by one INCRBY per user,
+-- and each user's books set ({NS}:user:<id>:books) with lent-books.
 --
 -- Returns -1 when a lend's reservation is not what the caller decided on: nothing is
 -- written, decide again. Else one code per record: 1 committed here, 0 not (the entry
@@ -88,11 +90,13 @@ while i <= #ARGV do
   r.id, r.action, r.user, r.status, r.books = r.event[2], r.event[4], r.event[6], r.event[8], r.event[10]
   if r.kind == 'L' then
     r.count = KEYS[8 + tonumber(take())]
+    r.loans = KEYS[8 + tonumber(take())]
     r.reservation = KEYS[8 + tonumber(take())]
     r.stored = take_list()
     r.granted = take_list()
   elseif r.kind == 'T' then
     r.count = KEYS[8 + tonumber(take())]
+    r.loans = KEYS[8 + tonumber(take())]
   end
   records[#records + 1] = r
 end
@@ -114,9 +118,19 @@ end
 local events, acks = {}, {lend = {}, ['return'] = {}}
 local lent_pairs, unlent, taken_pairs, reservations = {}, {}, {}, {}
 local deltas, delta_keys = {}, {}
+local loans_added, loans_removed, loans_keys = {}, {}, {}
 local granted, granted_to = {}, {}
 local to_storage, back, back_contexts, back_lookup = {}, {}, {}, {}
 local room = nil
+
+-- Each user's books set changes with lent-books (adds and removes of one batch never
+-- touch the same book: a book lent in this batch was not lent when returns were decided).
+local function loans_of(key)
+  if loans_added[key] == nil then
+    loans_added[key], loans_removed[key] = {}, {}
+    loans_keys[#loans_keys + 1] = key
+  end
+end
 
 local function add_delta(key, n)
   if deltas[key] == nil then
@@ -160,6 +174,8 @@ for n, r in ipairs(records) do
           for _, book in ipairs(list) do
             lent_pairs[#lent_pairs + 1] = book
             lent_pairs[#lent_pairs + 1] = r.user
+            loans_of(r.loans)
+            table.insert(loans_added[r.loans], book)
           end
         end
         for _, book in ipairs(r.granted) do
@@ -175,6 +191,8 @@ for n, r in ipairs(records) do
       local count = 0
       for book in string.gmatch(r.books, '[^,]+') do
         unlent[#unlent + 1] = book
+        loans_of(r.loans)
+        table.insert(loans_removed[r.loans], book)
         give_back(book, nil)
         count = count + 1
       end
@@ -203,6 +221,7 @@ local problem = (#events > 0 and no_room(KEYS[3])) or (#back > 0 and no_room(KEY
   or wrong_type(KEYS[4], 'hash') or wrong_type(KEYS[5], 'set')
   or wrong_type(KEYS[7], 'hash') or wrong_type(KEYS[8], 'hash')
 for _, key in ipairs(delta_keys) do problem = problem or not_a_count(key) end
+for _, key in ipairs(loans_keys) do problem = problem or wrong_type(key, 'set') end
 if problem then return redis.error_reply(problem) end
 
 -- Write: the XADDs first.
@@ -216,6 +235,10 @@ if #unlent > 0 then redis.call('HDEL', KEYS[4], unpack(unlent)) end
 for _, key in ipairs(delta_keys) do
   -- A count that reaches zero is deleted: a missing count means zero.
   if deltas[key] ~= 0 and redis.call('INCRBY', key, deltas[key]) <= 0 then redis.call('DEL', key) end
+end
+for _, key in ipairs(loans_keys) do
+  if #loans_added[key] > 0 then redis.call('SADD', key, unpack(loans_added[key])) end
+  if #loans_removed[key] > 0 then redis.call('SREM', key, unpack(loans_removed[key])) end
 end
 if #to_storage > 0 then redis.call('SADD', KEYS[5], unpack(to_storage)) end
 if #taken_pairs > 0 then redis.call('HSET', KEYS[7], unpack(taken_pairs)) end

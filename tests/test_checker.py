@@ -57,6 +57,7 @@ def consistent_snapshot() -> Snapshot:
         namespace=NS,
         lent={"b1": "alice", "b2": "alice", "b3": "alice", "b4": "bob"},
         counts={"alice": "3", "bob": "1"},
+        loans={"alice": {"b1", "b2", "b3"}, "bob": {"b4"}},
         storage={"b5", "b6", "b7"},
         shelving=dict(shelving),
         from_shelving=dict(shelving),
@@ -106,6 +107,7 @@ def add_stored_book(snapshot: Snapshot, book: str) -> None:
 
 def lend_over_the_limit(snapshot: Snapshot) -> None:
     snapshot.lent["b8"] = "alice"
+    snapshot.loans["alice"].add("b8")
     snapshot.counts["alice"] = "4"
     snapshot.shelving["b8"] = snapshot.from_shelving["b8"] = "6-0"
 
@@ -125,6 +127,15 @@ def forget_in_shelving(book: str) -> Callable[[Snapshot], None]:
 
 
 ALWAYS: dict[str, Corruption] = {
+    "books set misses a lent book": corruption(
+        lambda s: s.loans["alice"].discard("b2"), K.user_books("alice"), "loans-match-lent-books"
+    ),
+    "books set holds a book lent to another user": corruption(
+        lambda s: s.loans["alice"].add("b4"), K.user_books("alice"), "loans-match-lent-books"
+    ),
+    "books set of a user who holds nothing": corruption(
+        lambda s: s.loans.update(carol={"b9"}), K.user_books("carol"), "loans-match-lent-books"
+    ),
     "count above the lent books": corruption(
         lambda s: s.counts.update(bob="2"), K.user_count("bob"), "count-matches-lent-books"
     ),

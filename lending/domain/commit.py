@@ -111,6 +111,7 @@ def encode_commit(
                 "L",
                 *event.fields().values(),
                 key_index(keys.user_count(event.user_id)),
+                key_index(keys.user_books(event.user_id)),
                 key_index(keys.reservation(event.request_id)),
                 len(record.stored),
                 *record.stored,
@@ -118,7 +119,12 @@ def encode_commit(
                 *record.granted,
             ]
         else:
-            body += ["T", *event.fields().values(), key_index(keys.user_count(event.user_id))]
+            body += [
+                "T",
+                *event.fields().values(),
+                key_index(keys.user_count(event.user_id)),
+                key_index(keys.user_books(event.user_id)),
+            ]
     lend_ids = [r.event.request_id for r in records if r.event.action == LEND]
     return_ids = [r.event.request_id for r in records if r.event.action != LEND]
     args: list[Arg] = [group, consumer, capacity, *id_range(lend_ids), *id_range(return_ids), *body]

@@ -58,6 +58,7 @@ class Snapshot:
     namespace: str
     lent: dict[str, str] = field(default_factory=dict)  # book -> user
     counts: dict[str, str] = field(default_factory=dict)  # user -> raw count value
+    loans: dict[str, set[str]] = field(default_factory=dict)  # user -> their books set (the index)
     storage: set[str] = field(default_factory=set)
     shelving: dict[str, str] = field(default_factory=dict)  # book -> context
     from_shelving: dict[str, str] = field(default_factory=dict)  # book -> context, the library's record
@@ -87,6 +88,7 @@ def check_state(
     """
     keys = Keys(snapshot.namespace)
     out = _check_counts(snapshot, keys, max_books_per_user)
+    out += _check_loans(snapshot, keys)
     out += _check_storage(snapshot, keys, storage_capacity)
     if snapshot.quiescent if quiescent is None else quiescent:
         out += _check_shelving(snapshot, keys)
@@ -95,6 +97,26 @@ def check_state(
             Violation("no-reservations", "a reservation is left over although nothing is in progress", (key,))
             for key in snapshot.reservations
         ]
+    return out
+
+
+def _check_loans(snapshot: Snapshot, keys: Keys) -> list[Violation]:
+    """Each user's books set is exactly their books in lent-books (written in one commit)."""
+    held: dict[str, set[str]] = {}
+    for book, user in snapshot.lent.items():
+        held.setdefault(user, set()).add(book)
+    out = []
+    for user in sorted(set(held) | set(snapshot.loans)):
+        indexed, lent = snapshot.loans.get(user, set()), held.get(user, set())
+        if indexed != lent:
+            out.append(
+                Violation(
+                    "loans-match-lent-books",
+                    f"books set of {user!r} holds {_few(sorted(indexed))} but lent-books lends them "
+                    f"{_few(sorted(lent))}",
+                    (keys.user_books(user), keys.lent_books),
+                )
+            )
     return out
 
 
@@ -294,6 +316,10 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
         value = await client.get(key)
         if value is not None:
             snap.counts[key[len(count_prefix) : -len(count_suffix)]] = text(value)
+    books_prefix, books_suffix = f"{keys.prefix}:user:", ":books"
+    async for raw in client.scan_iter(match=keys.pattern("user:*:books"), count=1000):
+        key = text(raw)
+        snap.loans[key[len(books_prefix) : -len(books_suffix)]] = {text(m) for m in await client.smembers(key)}
     reservations = client.scan_iter(match=keys.pattern("reservations:*"), count=1000)
     snap.reservations = sorted([text(raw) async for raw in reservations])
     for action in ACTIONS:

@@ -870,3 +870,48 @@ async def test_commit_out_of_memory_changes_nothing(each_server: Redis, keys: Ke
         # Redis 6.2 refuses the first write that needs memory: the XADD, before any other.
         assert script_commands(commands)
         assert not [c.text for c in script_commands(commands) if c.writes]
+
+
+# -- each user's books set ------------------------------------------------------------
+
+
+async def test_commit_keeps_each_users_books_set_with_lent_books(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    await redis.sadd(keys.storage, "s1")
+    await redis.sadd(keys.user_books("bob"), "b1")
+    await redis.hset(keys.lent_books, "b1", "bob")
+    await redis.set(keys.user_count("bob"), 1)
+    lend = await pending_entry(redis, keys.lend_requests)
+    await redis.sadd(keys.reservation(lend), "s1")
+    await redis.hset(keys.grants, "g1", lend)
+    back = await pending_entry(redis, keys.return_requests)
+
+    result = await commit(
+        redis, scripts, keys, accepted(lend, "ada", stored=["s1"], granted=["g1"]), returned(back, "bob", books=["b1"])
+    )
+
+    assert result == [1, 1]
+    assert await members(redis, keys.user_books("ada")) == {"s1", "g1"}
+    assert not await redis.exists(keys.user_books("bob")), "a user who returned everything has no set"
+
+
+async def test_commit_denied_lend_leaves_the_books_set_alone(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    lend = await pending_entry(redis, keys.lend_requests)
+    await redis.hset(keys.grants, "g1", lend)
+
+    await commit(redis, scripts, keys, denied(lend, "ada", granted=["g1"]))
+
+    assert not await redis.exists(keys.user_books("ada"))
+
+
+async def test_commit_with_a_books_set_of_the_wrong_type_changes_nothing(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    lend = await pending_entry(redis, keys.lend_requests)
+    await redis.hset(keys.grants, "g1", lend)
+    await redis.set(keys.user_books("ada"), "not a set")
+
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await commit(redis, scripts, keys, accepted(lend, "ada", granted=["g1"]))
+
+    assert not await redis.exists(keys.lent_books)
+    assert await is_pending(redis, keys.lend_requests, lend)
