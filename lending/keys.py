@@ -20,11 +20,13 @@ class RequestType:
     :param action: its name in events (``action``) and in the code.
     :param stream: the suffix of its request stream, ``{NS}:<stream>``.
     :param verb: what a sender types (``get_books.py <verb> USER BOOK...``).
+    :param resource: its collection in the HTTP API (``POST /v1/<resource>``).
     """
 
     action: str
     stream: str
     verb: str
+    resource: str
 
 
 LEND = "lend"
@@ -32,12 +34,12 @@ RETURN = "return"
 #: Every request type, in the order the streams are read. The one list that the worker,
 #: the sender, the checker, status, retention and the ACL rules all go through.
 REQUEST_TYPES = (
-    RequestType(LEND, "lend-requests", "request"),
-    RequestType(RETURN, "return-requests", "return"),
+    RequestType(LEND, "lend-requests", "request", "lends"),
+    RequestType(RETURN, "return-requests", "return", "returns"),
 )
 ACTIONS = tuple(t.action for t in REQUEST_TYPES)
 BY_VERB = {t.verb: t for t in REQUEST_TYPES}
-_BY_ACTION = {t.action: t for t in REQUEST_TYPES}
+BY_ACTION = {t.action: t for t in REQUEST_TYPES}
 
 # The characters SCAN MATCH (Redis's stringmatch) gives a meaning: a namespace such as
 # ``lib?`` must match only itself, not ``libX``.
@@ -70,7 +72,7 @@ class Keys:
 
     def requests(self, action: str) -> str:
         """The request stream of ``action``."""
-        return f"{self.prefix}:{_BY_ACTION[action].stream}"
+        return f"{self.prefix}:{BY_ACTION[action].stream}"
 
     @property
     def request_streams(self) -> list[str]:
@@ -158,3 +160,8 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:workers:{worker_id}"
+
+    def idempotency(self, key: str) -> str:
+        """The request an HTTP API client's ``Idempotency-Key`` queued (string
+        ``<request_id> <fingerprint>``, kept 24 h): a retried POST queues nothing new."""
+        return f"{self.prefix}:idempotency:{key}"

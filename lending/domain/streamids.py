@@ -13,6 +13,15 @@ def is_id(value: str) -> bool:
     return ms.isdigit() and (seq.isdigit() or not seq)
 
 
+def is_entry_id(value: str) -> bool:
+    """Is ``value`` a whole entry ID, ``<ms>-<seq>``, each part within 64 bits (what an
+    ``XRANGE`` takes without an error)?"""
+    ms, sep, seq = value.partition("-")
+    return bool(sep) and all(
+        0 < len(part) <= 20 and part.isascii() and part.isdigit() and int(part) < 2**64 for part in (ms, seq)
+    )
+
+
 def id_key(entry_id: str) -> tuple[int, int]:
     """Sort key of an ID (a bare ``<ms>`` means sequence 0)."""
     ms, _, seq = entry_id.partition("-")
