@@ -1,8 +1,9 @@
-"""The command lines: ``python -m lending worker|get-books|check|status|dead-letters|acl``,
-and the console scripts ``lending-worker`` (``main.py``) and ``get-books`` (``get_books.py``).
+"""The command lines: ``python -m lending worker|get-books|api|check|status|dead-letters|acl``,
+and the console scripts ``lending-worker`` (``main.py``), ``get-books`` (``get_books.py``)
+and ``lending-api``.
 
 A thin shell: each command group's module parses options, builds objects, calls into
-``lending.app``, ``lending.client`` or ``lending.ops`` and prints; ``options`` holds what
+``lending.app``, ``lending.api``, ``lending.client`` or ``lending.ops`` and prints; ``options`` holds what
 they share.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import click
 
 from lending.cli.acl import acl_command
+from lending.cli.api import api_command
 from lending.cli.dead_letters import dead_letters_group
 from lending.cli.get_books import get_books_command
 from lending.cli.inspect import check_command, status_command
@@ -18,7 +20,7 @@ from lending.cli.options import tls_from_options, tls_options
 from lending.cli.worker import worker_command
 
 # tls_options and tls_from_options: for the simulator's command line.
-__all__ = ["get_books_main", "main", "tls_from_options", "tls_options", "worker_main"]
+__all__ = ["api_main", "get_books_main", "main", "tls_from_options", "tls_options", "worker_main"]
 
 
 @click.group()
@@ -28,6 +30,7 @@ def main() -> None:
 
 main.add_command(worker_command, "worker")
 main.add_command(get_books_command, "get-books")
+main.add_command(api_command, "api")
 main.add_command(check_command, "check")
 main.add_command(status_command, "status")
 main.add_command(dead_letters_group, "dead-letters")
@@ -40,3 +43,7 @@ def worker_main() -> None:
 
 def get_books_main() -> None:
     get_books_command(prog_name="get_books.py")
+
+
+def api_main() -> None:
+    api_command(prog_name="lending-api")

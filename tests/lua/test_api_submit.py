@@ -74,7 +74,8 @@ async def test_the_request_goes_to_the_stream_of_its_action(redis: Redis, keys: 
 
     assert await stream_items(redis, keys.return_requests) == [[("user_id", "ada"), ("book_ids", "b1")]]
     assert not await redis.exists(keys.lend_requests)
-    assert (await redis.get(keys.idempotency("key-2")) or b"").startswith(done.request_id.encode() + b" ")
+    stored = await redis.get(keys.idempotency("key-2"))
+    assert isinstance(stored, bytes) and stored.startswith(done.request_id.encode() + b" ")
 
 
 async def test_reads_before_its_first_write_an_xadd(redis: Redis, keys: Keys, scripts: Scripts) -> None:

@@ -1,0 +1,339 @@
+"""The public endpoints: submissions, a request's outcome, loans, books, the live events.
+
+The submission path is kept lean for throughput: the body is read with a size limit,
+parsed with orjson and checked with the service's rules, then queued in one round trip
+(``api_submit.lua``); waiting for the outcome costs no Redis call (the events tail).
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations,
+# and some are built at run time (the ?wait= limit comes from the settings).
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.responses import Response, StreamingResponse
+
+from lending.api import problems as p
+from lending.api import reads, schemas, sse
+from lending.api.problems import JsonResponse, Problem
+from lending.api.reads import Pending, RequestState, Unavailable
+from lending.api.state import Api
+from lending.api.submission import InvalidSubmission, idempotency_key_problem, parse_body, submit
+from lending.domain.events import DENIED, FAILED, REJECTED, Event
+from lending.domain.requests import id_problem
+from lending.domain.streamids import is_entry_id
+from lending.keys import ACTIONS, REQUEST_TYPES, RequestType
+
+#: The problem an outcome is, when it is not a success.
+OUTCOME_PROBLEMS = {DENIED: p.DENIED, REJECTED: p.REJECTED, FAILED: p.REQUEST_FAILED}
+
+WAIT_HELP = "Wait up to this many seconds for the outcome (0 < wait <= {max:g})."
+
+
+def location(action: str, request_id: str) -> str:
+    return f"/v1/requests/{action}/{request_id}"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to be over ``limit`` bytes: from its
+    Content-Length, or while it streams in (chunked)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise Problem(p.BODY_TOO_LARGE, f"the body is {length} bytes long (at most {limit})")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(p.BODY_TOO_LARGE, f"the body is over {limit} bytes long")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def queued_response(action: str, request_id: str, *, replayed: bool) -> Response:
+    headers = {"Location": location(action, request_id)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JsonResponse(
+        {"request_id": request_id, "action": action, "status": "queued"}, status_code=202, headers=headers
+    )
+
+
+def outcome_response(action: str, request_id: str, state: RequestState, wait_s: float) -> Response:
+    """The answer to a submission that waited ``wait_s`` for ``state``."""
+    where = location(action, request_id)
+    if isinstance(state, Event):
+        kind = OUTCOME_PROBLEMS.get(state.status)
+        if kind is None:
+            return JsonResponse(state.as_json(), headers={"Content-Location": where})
+        raise Problem(
+            kind,
+            state.reason or kind.title,
+            instance=where,
+            headers={"Content-Location": where},
+            request_id=request_id,
+            action=action,
+            skipped=list(state.skipped),
+            event=state.as_json(),
+        )
+    if isinstance(state, Pending):
+        raise Problem(
+            p.OUTCOME_TIMEOUT,
+            f"no outcome within {wait_s:g} s; the request stays queued and is processed when a worker runs: "
+            f"poll GET {where}",
+            instance=where,
+            headers={"Location": where},
+            request_id=request_id,
+            action=action,
+            location=where,
+        )
+    raise state_problem(action, request_id, state)
+
+
+def state_problem(action: str, request_id: str, state: Unavailable | None) -> Problem:
+    where = location(action, request_id)
+    if isinstance(state, Unavailable):
+        return Problem(
+            p.OUTCOME_UNAVAILABLE,
+            f"{action} request {request_id} was processed, but its outcome event is beyond the lookup or trimmed",
+            instance=where,
+        )
+    return Problem(p.NO_SUCH_REQUEST, f"no {action} request {request_id}", instance=where)
+
+
+def checked_id(value: str, what: str) -> str:
+    if problem := id_problem(value, what):
+        raise Problem(p.INVALID_PARAMETER, problem)
+    return value
+
+
+Endpoint = Callable[..., Awaitable[Response]]
+
+
+def public_routes(api: Api) -> APIRouter:
+    """The public endpoints of ``api``."""
+    router = APIRouter(prefix="/v1")
+    max_wait = api.settings.max_wait_s
+    Wait = Annotated[float | None, Query(gt=0, le=max_wait, description=WAIT_HELP.format(max=max_wait))]
+
+    def submission_endpoint(request_type: RequestType) -> Endpoint:
+        action = request_type.action
+
+        async def post(
+            request: Request,
+            wait: Wait = None,
+            idempotency_key: Annotated[
+                str | None,
+                Header(
+                    alias="Idempotency-Key",
+                    description="A retry with the same key within 24 h queues nothing new and gets the same request.",
+                ),
+            ] = None,
+        ) -> Response:
+            if idempotency_key is not None and (problem := idempotency_key_problem(idempotency_key)):
+                raise Problem(p.INVALID_IDEMPOTENCY_KEY, problem)
+            body = await read_body(request, api.settings.max_body_bytes)
+            try:
+                book_request = parse_body(action, body, api.limits.max_books_per_request)
+            except InvalidSubmission as exc:
+                raise Problem(p.MALFORMED_BODY if exc.malformed else p.INVALID_REQUEST, exc.reason) from None
+            try:
+                done = await submit(api.client, api.scripts, api.keys, book_request, idempotency_key)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                retry = " (retrying with the same Idempotency-Key is safe)" if idempotency_key else ""
+                raise Problem(
+                    p.REDIS_UNAVAILABLE,
+                    f"lost Redis while queuing: the request may have been queued{retry}",
+                    headers={"Retry-After": "1"},
+                ) from exc
+            if done.key_reused:
+                raise Problem(
+                    p.IDEMPOTENCY_KEY_REUSED,
+                    "this Idempotency-Key names a request with another action, user or books; nothing was queued",
+                )
+            if wait is None:
+                return queued_response(action, done.request_id, replayed=done.replayed)
+            state = await api.outcome(action, done.request_id, wait, look_up=done.replayed)
+            return outcome_response(action, done.request_id, state, wait)
+
+        post.__name__ = f"post_{request_type.resource}"
+        post.__doc__ = (
+            f"Queue a {action} request, checked first with the service's own rules (422: nothing queued).\n\n"
+            "202 with its id and Location; with ?wait=, its outcome: 200 (the event), 409 denied, "
+            "422 rejected, 502 failed, 504 none in time (it stays queued)."
+        )
+        return post
+
+    submission_responses: dict[int | str, dict[str, Any]] = {
+        202: schemas.json_body("Queued (or queued earlier under the same Idempotency-Key)", schemas.QUEUED),
+        200: schemas.json_body("With ?wait=: accepted or returned, the outcome event", schemas.EVENT),
+        **schemas.problems(
+            p.MALFORMED_BODY,
+            p.INVALID_IDEMPOTENCY_KEY,
+            p.DENIED,
+            p.BODY_TOO_LARGE,
+            p.INVALID_REQUEST,
+            p.IDEMPOTENCY_KEY_REUSED,
+            p.REJECTED,
+            p.INVALID_PARAMETER,
+            p.REQUEST_FAILED,
+            p.REDIS_UNAVAILABLE,
+            p.OUTCOME_TIMEOUT,
+        ),
+    }
+    for request_type in REQUEST_TYPES:
+        router.add_api_route(
+            f"/{request_type.resource}",
+            submission_endpoint(request_type),
+            methods=["POST"],
+            status_code=202,
+            response_model=None,
+            responses=submission_responses,
+            openapi_extra={
+                "requestBody": {"required": True, "content": {"application/json": {"schema": schemas.SUBMISSION}}}
+            },
+            tags=["requests"],
+        )
+
+    @router.get(
+        "/requests/{action}/{request_id}",
+        response_model=None,
+        responses={
+            200: schemas.json_body(
+                "The outcome event, or {status: pending}", {"oneOf": [schemas.EVENT, schemas.PENDING]}
+            ),
+            **schemas.problems(p.NO_SUCH_REQUEST, p.OUTCOME_UNAVAILABLE, p.INVALID_PARAMETER, p.REDIS_UNAVAILABLE),
+        },
+        tags=["requests"],
+    )
+    async def get_request(action: str, request_id: str, wait: Wait = None) -> Response:
+        """A request's outcome event, or ``{"status": "pending"}`` while it is queued or
+        being processed; with ?wait=, waits up to that long for the outcome first."""
+        if action not in ACTIONS or not is_entry_id(request_id):
+            raise Problem(p.NO_SUCH_REQUEST, f"no {action} request {request_id}")
+        if wait is None:
+            state = await reads.request_state(
+                api.client, api.keys, api.tail, action, request_id, lookup_limit=api.settings.lookup_limit
+            )
+        else:
+            state = await api.outcome(action, request_id, wait, look_up=True)
+        if isinstance(state, Event):
+            return JsonResponse(state.as_json())
+        if isinstance(state, Pending):
+            return JsonResponse({"request_id": request_id, "action": action, "status": "pending"})
+        raise state_problem(action, request_id, state)
+
+    @router.get(
+        "/users/{user_id:path}/loans",
+        response_model=None,
+        responses={
+            200: schemas.json_body(
+                "The books the user holds",
+                {
+                    "type": "object",
+                    "properties": {"user_id": schemas.ID, "books": {"type": "array", "items": schemas.ID}},
+                },
+            ),
+            **schemas.problems(p.INVALID_PARAMETER, p.REDIS_UNAVAILABLE),
+        },
+        tags=["library"],
+    )
+    async def get_loans(user_id: str) -> Response:
+        """The books a user holds: kept by the same commit as the outcome, so a book is
+        listed as soon as its ``accepted`` outcome is out (read-your-writes)."""
+        checked_id(user_id, "user_id")
+        return JsonResponse({"user_id": user_id, "books": await reads.loans(api.client, api.keys, user_id)})
+
+    @router.get(
+        "/books/{book_id:path}",
+        response_model=None,
+        responses={
+            200: schemas.json_body(
+                "Where the book is; user_id (who holds it) only for an operator token",
+                {
+                    "type": "object",
+                    "properties": {
+                        "book_id": schemas.ID,
+                        "where": {"type": "string", "enum": [reads.LENT, reads.IN_STORAGE, reads.ON_THE_SHELVES]},
+                        "user_id": schemas.ID,
+                    },
+                },
+            ),
+            **schemas.problems(p.UNAUTHORIZED, p.INVALID_PARAMETER, p.REDIS_UNAVAILABLE),
+        },
+        tags=["library"],
+    )
+    async def get_book(request: Request, book_id: str) -> Response:
+        """Where a book is: lent, in the automated storage, or on the shelves (neither).
+        To whom it is lent is shown only with the operator token."""
+        checked_id(book_id, "book id")
+        operator = operator_token(api, request, required=False)
+        where, holder = await reads.whereabouts(api.client, api.keys, book_id)
+        body = {"book_id": book_id, "where": where}
+        if operator and holder is not None:
+            body["user_id"] = holder
+        return JsonResponse(body)
+
+    @router.get(
+        "/events",
+        response_model=None,
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "Server-Sent Events: `event: outcome`, `id:` the event's stream id, `data:` the event",
+                "content": {sse.MEDIA_TYPE: {"schema": {"type": "string"}}},
+            },
+            **schemas.problems(p.INVALID_PARAMETER),
+        },
+        tags=["events"],
+    )
+    async def get_events(
+        user_id: Annotated[str | None, Query(description="Only this user's outcomes.")] = None,
+        last_event_id: Annotated[
+            str | None, Header(alias="Last-Event-ID", description="Resume after this event (EventSource sends it).")
+        ] = None,
+        after: Annotated[str | None, Query(description="Resume after this event id (as Last-Event-ID).")] = None,
+    ) -> Response:
+        """The outcomes as they come, as Server-Sent Events (optionally one user's). With
+        Last-Event-ID (or ?after=), the events after that one are sent first."""
+        if user_id is not None:
+            checked_id(user_id, "user_id")
+        resume = last_event_id or after
+        if resume is not None and not is_entry_id(resume):
+            raise Problem(p.INVALID_PARAMETER, f"Last-Event-ID {resume[:60]!r} is not an event id")
+        frames = sse.outcome_stream(
+            api.client,
+            api.keys,
+            api.tail,
+            accept=(lambda event: event.user_id == user_id) if user_id is not None else None,
+            last_event_id=resume,
+            keep_alive_s=api.settings.keep_alive_s,
+            queue_size=api.settings.subscriber_queue,
+        )
+        return StreamingResponse(
+            frames, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    return router
+
+
+def operator_token(api: Api, request: Request, *, required: bool) -> bool:
+    """Does ``request`` carry the operator token? A wrong token is refused (401); so is none
+    when ``required``, and then, with no token configured, the endpoint is off (404)."""
+    if api.settings.token is None:
+        if required:
+            raise Problem(p.OPERATOR_OFF, "operator endpoints are off: the API runs without LENDING_API_TOKEN")
+        return False
+    header = request.headers.get("authorization")
+    if header is None and not required:
+        return False
+    scheme, _, presented = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not api.token_matches(presented.strip()):
+        raise Problem(
+            p.UNAUTHORIZED,
+            "a missing or wrong operator token" if header else "operator endpoints need Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": 'Bearer realm="lending"'},
+        )
+    return True

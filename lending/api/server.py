@@ -1,0 +1,139 @@
+"""Running the API: connect to Redis, then serve the application on uvicorn until a signal.
+
+The first SIGINT or SIGTERM stops accepting connections, answers every waiter at once
+(504: the request stays queued), ends the SSE streams and lets open requests finish (up
+to ``shutdown_grace_s``); the exit code is then 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import structlog
+import uvicorn
+
+from lending.api.app import build_app
+from lending.api.config import ApiSettings
+from lending.api.state import Api
+from lending.app import run_fast
+from lending.logs import announce
+from lending.redis.cluster import namespace_url
+from lending.redis.connection import check_reachable, make_client, redacted
+
+log = structlog.get_logger(__name__)
+
+READY_MESSAGE = "API ready on"
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, with the package's way of stopping (SIGINT/SIGTERM through the
+    event loop, and the waiters released at once) and its ready line.
+
+    :param handle_signals: install the signal handlers (off for tests and embedding; they
+        call ``handle_sig`` or set ``should_exit`` themselves).
+    """
+
+    def __init__(self, config: uvicorn.Config, api: Api, *, handle_signals: bool = True) -> None:
+        super().__init__(config)
+        self.api = api
+        self._handle_signals = handle_signals
+        self._signals = 0
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if not self._handle_signals:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, partial(self.handle_sig, sig))
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def handle_sig(self, signum: int) -> None:
+        """First signal: stop, releasing the waiters and SSE streams. Second: at once."""
+        self._signals += 1
+        if self._signals > 1:
+            self.force_exit = True
+            log.warning("second signal: exiting now", signal=signum)
+            return
+        self.should_exit = True
+        self.api.tail.release_all()
+        log.info("stopping: finishing open requests", signal=signal.Signals(signum).name)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            announce(f"{READY_MESSAGE} {self.url}")
+
+    @property
+    def url(self) -> str:
+        """The address served (the port the system chose, for port 0)."""
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+
+def uvicorn_config(app: object, settings: ApiSettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]  # an ASGI application; uvicorn's own type names a few
+        host=settings.host,
+        port=settings.port,
+        http="httptools",
+        lifespan="on",
+        access_log=settings.access_log,
+        # Our logging: uvicorn's records go to structlog (``forward_uvicorn_logs``).
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        backlog=4096,
+    )
+
+
+def serve(settings: ApiSettings) -> int:
+    """Run the API until stopped; returns the exit code.
+
+    :raises RedisUnavailable: Redis does not answer at start.
+    """
+    return run_fast(_serve(settings), use_uvloop=settings.uvloop)
+
+
+async def _serve(settings: ApiSettings) -> int:
+    forward_uvicorn_logs(settings.log_level)
+    url = await namespace_url(settings.redis_url, settings.namespace, settings.tls)
+    client = make_client(url, max_connections=settings.max_connections, tls=settings.tls)
+    tail_client = make_client(url, max_connections=2, tls=settings.tls)
+    try:
+        await check_reachable(client, redacted(settings.redis_url))
+        api = Api(settings, client, tail_client)
+        server = ApiServer(uvicorn_config(build_app(api), settings), api)
+        await server.serve()
+        return 0 if server.started else 1
+    finally:
+        await tail_client.aclose()
+        await client.aclose()
+
+
+class _ToStructlog(logging.Handler):
+    """uvicorn logs with the standard library: its records, through structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = structlog.get_logger(record.name)
+        method = getattr(logger, record.levelname.lower(), logger.info)
+        method(record.getMessage(), exc_info=record.exc_info or False)
+
+
+def forward_uvicorn_logs(level: str) -> None:
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = [_ToStructlog()]
+        logger.setLevel(level.upper())
+        logger.propagate = False

@@ -1,0 +1,115 @@
+"""``Api``: what one API process shares between its requests, and how it starts and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from lending.api.config import ApiSettings
+from lending.api.reads import Pending, RequestState, request_state
+from lending.api.tail import EventTail
+from lending.keys import Keys
+from lending.redis.scripts import Scripts
+from lending.redis.workers import read_limits
+from lending.settings import Limits
+
+log = structlog.get_logger(__name__)
+
+
+class Api:
+    """The front door's state: the Redis client, the scripts, the events tail, and the
+    limits the workers publish (read at start, then every ``limits_refresh_s``).
+
+    :param settings: the API's settings.
+    :param client: the client of the namespace's Redis, shared by every request.
+    :param tail_client: a client for the events tail alone (its ``XREAD BLOCK`` holds a
+        connection).
+    """
+
+    def __init__(self, settings: ApiSettings, client: Redis, tail_client: Redis) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = Keys(settings.namespace)
+        self.scripts = Scripts()
+        self.tail = EventTail(tail_client, self.keys, recent=settings.recent_outcomes)
+        self.limits = Limits()
+        self.limits_published = False
+        self._refresher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        await self.scripts.api_submit.load(self.client)
+        await self.refresh_limits()
+        await self.tail.start()
+        self._refresher = asyncio.create_task(self._refresh_limits_periodically(), name="limits-refresh")
+        log.info(
+            "API started",
+            namespace=self.settings.namespace,
+            max_books_per_request=self.limits.max_books_per_request,
+            limits_published=self.limits_published,
+            operator_endpoints=self.settings.token is not None,
+        )
+
+    async def close(self) -> None:
+        """Stop the tail and the refresher (idempotent); the clients are the caller's."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.tail.close()
+
+    async def refresh_limits(self) -> None:
+        """Read the limits the workers published (the defaults while none did)."""
+        published = await read_limits(self.client, self.keys)
+        self.limits = published or Limits()
+        self.limits_published = published is not None
+
+    async def _refresh_limits_periodically(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.limits_refresh_s)
+            try:
+                await self.refresh_limits()
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("could not read the published limits; keeping the last ones", error=str(exc))
+                failing = True
+            else:
+                failing = False
+
+    def token_matches(self, presented: str) -> bool:
+        """Is ``presented`` the operator token? (Compared in constant time.)"""
+        token = self.settings.token
+        return token is not None and hmac.compare_digest(presented.encode(), token.encode())
+
+    async def outcome(self, action: str, request_id: str, wait_s: float, *, look_up: bool) -> RequestState:
+        """The outcome of (``action``, ``request_id``), waiting up to ``wait_s`` for it.
+
+        :param look_up: the request may be old (a replayed idempotency key, a GET): read
+            its state before waiting. A request queued just now needs no lookup: its
+            event cannot have gone by before the tail's recent window.
+        :returns: its event; ``Pending()`` when none came in time; for a lookup, also
+            ``Unavailable()`` or ``None`` (no such request).
+        """
+        # Registered before the lookup: an event arriving meanwhile wakes the waiter.
+        with self.tail.waiting(action, request_id) as future:
+            if look_up and not future.done():
+                state = await request_state(
+                    self.client, self.keys, self.tail, action, request_id, lookup_limit=self.settings.lookup_limit
+                )
+                if not isinstance(state, Pending):
+                    return state
+            try:
+                async with asyncio.timeout(wait_s):
+                    event = await future
+            except TimeoutError:
+                return Pending()
+            return Pending() if event is None else event

@@ -1,0 +1,89 @@
+"""Running the API for tests: in this process on uvicorn (a free port), or as a
+``python -m lending api`` process; reading its answers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from lending.api.app import build_app
+from lending.api.config import ApiSettings
+from lending.api.problems import PROBLEM_MEDIA_TYPE
+from lending.api.server import READY_MESSAGE, ApiServer, uvicorn_config
+from lending.api.state import Api
+from lending.redis.connection import make_client
+
+from .support import ROOT, process_env, wait_until
+
+
+@dataclass
+class LiveApi:
+    """An API served by uvicorn in this process, and an HTTP client of it."""
+
+    api: Api
+    server: ApiServer
+    http: httpx.AsyncClient
+
+
+@asynccontextmanager
+async def serving(settings: ApiSettings, *, extra_routes: Mapping[str, Any] | None = None) -> AsyncIterator[LiveApi]:
+    """Serve ``settings`` (on a free port) until leaving; ``extra_routes`` (path → endpoint)
+    are added to the application, for errors no real endpoint makes."""
+    client = make_client(settings.redis_url)
+    tail_client = make_client(settings.redis_url, max_connections=2)
+    api = Api(settings, client, tail_client)
+    app = build_app(api)
+    for path, endpoint in (extra_routes or {}).items():
+        app.add_api_route(path, endpoint, response_model=None)
+    server = ApiServer(uvicorn_config(app, settings.replace(port=0)), api, handle_signals=False)
+    task = asyncio.create_task(server.serve())
+    try:
+        await wait_until(lambda: server.started or task.done())
+        if task.done():
+            task.result()  # raise its error
+            raise AssertionError("the API stopped at start")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            yield LiveApi(api, server, http)
+    finally:
+        server.should_exit = True
+        api.tail.release_all()
+        await asyncio.wait_for(task, 15)
+        await tail_client.aclose()
+        await client.aclose()
+
+
+def problem(response: httpx.Response, status: int, name: str) -> dict[str, Any]:
+    """The problem details of ``response``, checked to be of kind ``name`` with ``status``."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE, response.headers
+    body: dict[str, Any] = response.json()
+    assert body["type"] == f"/problems/{name}", body
+    assert body["status"] == status and body["title"] and body["detail"], body
+    return body
+
+
+def start_api_process(redis_url: str, namespace: str, *args: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """``python -m lending api --port 0`` as a child process: the process, and the URL from
+    its ready line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lending", "api", "--port", "0", *args],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if READY_MESSAGE not in line:
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+        raise AssertionError(f"the API did not start: {line!r} {err[-2000:]}")
+    return proc, line.split()[-1]
