@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from lending.api.outcomes import Invalid
 from lending.cli.options import CONTEXT_SETTINGS, Target, connection_options
 from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
 from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
@@ -65,8 +66,25 @@ def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str,
     show_envvar=True,
     help="Print the event as one JSON object.",
 )
+@click.option(
+    "--api",
+    "api_url",
+    metavar="URL",
+    envvar="LENDING_API_URL",
+    show_envvar=True,
+    default=None,
+    help="Go through the HTTP API at URL (python -m lending api) instead of Redis; "
+    "--redis-url, --namespace and the TLS options are then the API's business.",
+)
 def get_books_command(
-    action: str, user: str, books: tuple[str, ...], target: Target, timeout: float, no_wait: bool, as_json: bool
+    action: str,
+    user: str,
+    books: tuple[str, ...],
+    target: Target,
+    timeout: float,
+    no_wait: bool,
+    as_json: bool,
+    api_url: str | None,
 ) -> None:
     """Ask the library to lend (request) or take back (return) BOOKS for USER.
 
@@ -78,18 +96,27 @@ def get_books_command(
     or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
     --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
     silent for --timeout before the request was queued, 6 Redis refused the request
-    (out of memory, no permission, stream out of IDs, ...).
+    (out of memory, no permission, stream out of IDs, ...). With --api, the same: 2
+    also when the API finds the request invalid (nothing is queued), 5 when the API is
+    unreachable or lost.
     """
     stream_action = BY_VERB[action].action
-    outcome = asyncio.run(
-        send_request(
-            target.url, target.tls, target.keys, stream_action, user, books, timeout_s=timeout, wait=not no_wait
+    outcome: Outcome | Invalid
+    if api_url is not None:
+        # httpx is imported only for --api runs.
+        from lending.api.client import send_via_api
+
+        outcome = send_via_api(api_url, stream_action, user, books, timeout_s=timeout, wait=not no_wait)
+    else:
+        outcome = asyncio.run(
+            send_request(
+                target.url, target.tls, target.keys, stream_action, user, books, timeout_s=timeout, wait=not no_wait
+            )
         )
-    )
     sys.exit(report(outcome, stream_action, timeout, as_json))
 
 
-def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
+def report(outcome: Outcome | Invalid, action: str, timeout: float, as_json: bool) -> int:
     """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
     match outcome:
         case Answered(event):
@@ -115,6 +142,9 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
         case Refused(reason):
             click.echo(f"error: Redis refused the request: {reason}", err=True)
             return EXIT_REFUSED
+        case Invalid(reason):
+            click.echo(f"error: the API refused the request: {reason}; nothing was queued", err=True)
+            return EXIT_BY_STATUS[REJECTED]
 
 
 def format_event(event: Event) -> str:

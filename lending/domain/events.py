@@ -52,6 +52,20 @@ class Event:
         return out
 
     @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Event:
+        """The event ``as_json`` gave (read back by the API's clients)."""
+        return cls(
+            request_id=str(data.get("request_id", "")),
+            action=str(data.get("action", "")),
+            user_id=str(data.get("user_id", "")),
+            status=str(data.get("status", "")),
+            books=tuple(str(book) for book in data.get("books") or ()),
+            skipped=tuple(str(book) for book in data.get("skipped") or ()),
+            reason=str(data.get("reason", "")),
+            event_id=str(data.get("event_id", "")),
+        )
+
+    @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes], event_id: str = "") -> Event:
         def text(name: str) -> str:
             return fields.get(name.encode(), b"").decode("utf-8", "replace")

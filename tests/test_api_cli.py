@@ -1,0 +1,146 @@
+"""The ``api`` command as a process, and ``get_books.py --api URL`` through it: the same
+output and exit codes as through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from lending.domain.streamids import MAX_ID
+from lending.keys import Keys
+from lending.redis.embedded import free_port
+
+from .api_support import start_api_process
+from .conftest import StartWorker
+from .support import ROOT, process_env, run_get_books, stop_process
+
+StartApi = Callable[..., str]
+
+
+@pytest.fixture
+def start_api(redis_url: str, namespace: str) -> Iterator[StartApi]:
+    """Start ``python -m lending api`` processes (``start_api(*args, **env)``: their URL);
+    each is stopped with SIGTERM at the end, and must exit 0."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, **env: str) -> str:
+        proc, url = start_api_process(redis_url, namespace, *args, **env)
+        started.append(proc)
+        return url
+
+    yield start
+    for proc in started:
+        code, _out, err = stop_process(proc)
+        assert code == 0, err[-2000:]
+
+
+async def get_books(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """get_books.py in a thread: this event loop goes on running the in-process worker."""
+    return await asyncio.to_thread(run_get_books, redis_url, namespace, *args)
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    (line,) = stderr.strip().splitlines()
+    return line
+
+
+async def test_outcomes_and_exit_codes_through_the_api(
+    redis_url: str, namespace: str, start_worker: StartWorker, start_api: StartApi
+) -> None:
+    await start_worker(max_books_per_request=3)
+    url = start_api()
+
+    lent = await get_books(redis_url, namespace, "--api", url, "request", "Salvatore", "ofmiceandmen")
+    denied = await get_books(redis_url, namespace, "--api", url, "request", "Antirez", "ofmiceandmen")
+    returned = await get_books(redis_url, namespace, "--api", url, "return", "Salvatore", "ofmiceandmen", "--json")
+    too_many = await get_books(redis_url, namespace, "--api", url, "request", "Antirez", "a", "b", "c", "d")
+    queued = await get_books(redis_url, namespace, "--api", url, "request", "Antirez", "b1", "--no-wait")
+
+    assert lent.returncode == 0 and lent.stdout.startswith("ACCEPTED ") and "books=ofmiceandmen" in lent.stdout
+    assert denied.returncode == 1 and denied.stdout.startswith("DENIED ") and "skipped=ofmiceandmen" in denied.stdout
+    event = json.loads(returned.stdout)
+    assert returned.returncode == 0 and (event["status"], event["books"]) == ("returned", ["ofmiceandmen"])
+    assert set(event) == {"request_id", "action", "user_id", "status", "books", "skipped", "reason", "event_id"}
+    assert too_many.returncode == 2 and "at most 3 per request" in one_line(too_many.stderr), too_many
+    assert "nothing was queued" in too_many.stderr
+    assert queued.returncode == 0 and queued.stdout.startswith("QUEUED "), queued
+
+
+async def test_invalid_ids_exit_2_before_anything_is_sent(redis_url: str, namespace: str) -> None:
+    result = await get_books(redis_url, namespace, "--api", "http://127.0.0.1:1", "request", "a,b", "book")
+    assert result.returncode == 2 and "contains a comma" in result.stderr
+
+
+async def test_a_failed_request_exits_4(
+    redis_url: str, namespace: str, start_worker: StartWorker, start_api: StartApi
+) -> None:
+    await start_worker(shelving_fail_rate=1.0, max_deliveries=1)
+    url = start_api()
+
+    failed = await get_books(redis_url, namespace, "--api", url, "request", "Salvatore", "ofmiceandmen")
+
+    assert failed.returncode == 4 and failed.stdout.startswith("FAILED "), failed
+
+
+async def test_no_outcome_in_time_exits_3(redis_url: str, namespace: str, start_api: StartApi) -> None:
+    url = start_api()  # and no worker
+
+    result = await get_books(redis_url, namespace, "--api", url, "--timeout", "1.5", "request", "Salvatore", "b1")
+
+    assert result.returncode == 3, result
+    assert "stays queued" in one_line(result.stderr)
+
+
+async def test_an_unreachable_api_exits_5(redis_url: str, namespace: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+
+    result = await get_books(redis_url, namespace, "--api", url, "request", "Salvatore", "b1")
+
+    assert result.returncode == 5, result
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: cannot reach the API at {url}") and "nothing was queued" in line
+
+
+async def test_redis_refusing_the_request_exits_6(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, start_api: StartApi
+) -> None:
+    url = start_api()
+    await redis.xadd(keys.lend_requests, {"f": "v"}, id=MAX_ID)
+    await redis.xdel(keys.lend_requests, MAX_ID)
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "get_books.py"), "request", "Salvatore", "b1"],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace, LENDING_API_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 6, result
+    assert one_line(result.stderr).startswith("error: Redis refused the request: ")
+
+
+def test_the_api_refuses_to_start_without_redis(namespace: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lending", "api", "--port", "0"],
+        cwd=ROOT,
+        env=process_env(f"redis://127.0.0.1:{free_port()}", namespace),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1 and one_line(proc.stderr).startswith("error: cannot reach Redis"), proc
+
+
+def test_the_other_commands_do_not_load_the_web_stack() -> None:
+    code = "import sys, lending.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'httpx') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.stdout.strip() == "[]", proc
