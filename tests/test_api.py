@@ -9,14 +9,18 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from lending.api.app import build_app
 from lending.api.config import ApiSettings
 from lending.api.problems import PROBLEMS
+from lending.api.state import Api
 from lending.domain.streamids import MAX_ID, id_key
 from lending.keys import Keys
+from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
 
 from .api_support import LiveApi, problem, serving
@@ -236,6 +240,32 @@ async def test_a_huge_chunked_body_is_413(live: LiveApi, redis: Redis, keys: Key
 
     assert "over 65536 bytes" in problem(response, 413, "body-too-large")["detail"]
     assert await queued_count(redis, keys) == 0
+
+
+async def test_the_fastapi_routes_serve_submissions_as_the_fast_path_does(
+    api_settings: ApiSettings, redis: Redis, keys: Keys
+) -> None:
+    """The routes that document the submissions in OpenAPI answer as ``Submissions`` does
+    (the served application never reaches them)."""
+    client, tail_client = make_client(api_settings.redis_url), make_client(api_settings.redis_url)
+    api = Api(api_settings, client, tail_client)
+    app = build_app(api)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api") as http,
+        ):
+            queued = await http.post("/v1/lends", json={"user_id": "ada", "book_ids": ["b1"]})
+            invalid = await http.post("/v1/returns?wait=1", json={"user_id": "ada", "book_ids": []})
+            timeout = await http.post("/v1/returns?wait=0.2", json={"user_id": "ada", "book_ids": ["b1"]})
+    finally:
+        await tail_client.aclose()
+        await client.aclose()
+
+    assert queued.status_code == 202 and queued.headers["location"].startswith("/v1/requests/lend/")
+    problem(invalid, 422, "invalid-request")
+    problem(timeout, 504, "outcome-timeout")
+    assert await queued_count(redis, keys) == 2
 
 
 # -- idempotency ---------------------------------------------------------------------------

@@ -16,18 +16,18 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lending import __version__
 from lending.api import problems as p
+from lending.api.answers import redis_problem
 from lending.api.operator import operator_routes
 from lending.api.problems import JsonResponse, Problem, ProblemType, problem_response
 from lending.api.routes import public_routes
 from lending.api.state import Api
-from lending.redis.replies import is_refusal, is_transient, reply_text
 
 log = structlog.get_logger(__name__)
 
@@ -108,17 +108,8 @@ async def _invalid_parameter(request: Request, exc: Exception) -> Response:
 
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
-    """Redis lost (503, try again) or refusing the command (503 with its reason)."""
     assert isinstance(exc, RedisError)  # registered for RedisError only
-    path = request.url.path
-    if is_refusal(exc) or not is_transient(exc):
-        reason = reply_text(exc) if isinstance(exc, ResponseError) else str(exc) or type(exc).__name__
-        log.warning("Redis refused a command", path=path, error=reason)
-        return problem_response(p.REDIS_REFUSED, f"Redis refused: {reason}", instance=path)
-    log.warning("Redis unavailable", path=path, error=str(exc) or type(exc).__name__)
-    return problem_response(
-        p.REDIS_UNAVAILABLE, "Redis did not answer; try again", instance=path, headers={"Retry-After": "1"}
-    )
+    return redis_problem(exc, request.url.path)
 
 
 def _phrase(status: int) -> str:

@@ -13,8 +13,9 @@ from starlette.responses import Response
 
 from lending.api import problems as p
 from lending.api import schemas
+from lending.api.answers import location
 from lending.api.problems import JsonResponse, Problem
-from lending.api.routes import location, operator_token
+from lending.api.routes import operator_token
 from lending.api.state import Api
 from lending.domain.streamids import is_entry_id
 from lending.ops import dead_letters

@@ -1,9 +1,5 @@
-"""The public endpoints: submissions, a request's outcome, loans, books, the live events.
-
-The submission path is kept lean for throughput: the body is read with a size limit,
-parsed with orjson and checked with the service's rules, then queued in one round trip
-(``api_submit.lua``); waiting for the outcome costs no Redis call (the events tail).
-"""
+"""The public endpoints: submissions (served by ``fastpath``; described here), a
+request's outcome, loans, books, the live events."""
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations,
 # and some are built at run time (the ?wait= limit comes from the settings).
@@ -11,96 +7,21 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.responses import Response, StreamingResponse
 
 from lending.api import problems as p
 from lending.api import reads, schemas, sse
+from lending.api.answers import state_problem
+from lending.api.fastpath import describe, submission
 from lending.api.problems import JsonResponse, Problem
-from lending.api.reads import Pending, RequestState, Unavailable
+from lending.api.reads import Pending
 from lending.api.state import Api
-from lending.api.submission import InvalidSubmission, idempotency_key_problem, parse_body, submit
-from lending.domain.events import DENIED, FAILED, REJECTED, Event
+from lending.domain.events import Event
 from lending.domain.requests import id_problem
 from lending.domain.streamids import is_entry_id
 from lending.keys import ACTIONS, REQUEST_TYPES, RequestType
 
-#: The problem an outcome is, when it is not a success.
-OUTCOME_PROBLEMS = {DENIED: p.DENIED, REJECTED: p.REJECTED, FAILED: p.REQUEST_FAILED}
-
 WAIT_HELP = "Wait up to this many seconds for the outcome (0 < wait <= {max:g})."
-
-
-def location(action: str, request_id: str) -> str:
-    return f"/v1/requests/{action}/{request_id}"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to be over ``limit`` bytes: from its
-    Content-Length, or while it streams in (chunked)."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise Problem(p.BODY_TOO_LARGE, f"the body is {length} bytes long (at most {limit})")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(p.BODY_TOO_LARGE, f"the body is over {limit} bytes long")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def queued_response(action: str, request_id: str, *, replayed: bool) -> Response:
-    headers = {"Location": location(action, request_id)}
-    if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return JsonResponse(
-        {"request_id": request_id, "action": action, "status": "queued"}, status_code=202, headers=headers
-    )
-
-
-def outcome_response(action: str, request_id: str, state: RequestState, wait_s: float) -> Response:
-    """The answer to a submission that waited ``wait_s`` for ``state``."""
-    where = location(action, request_id)
-    if isinstance(state, Event):
-        kind = OUTCOME_PROBLEMS.get(state.status)
-        if kind is None:
-            return JsonResponse(state.as_json(), headers={"Content-Location": where})
-        raise Problem(
-            kind,
-            state.reason or kind.title,
-            instance=where,
-            headers={"Content-Location": where},
-            request_id=request_id,
-            action=action,
-            skipped=list(state.skipped),
-            event=state.as_json(),
-        )
-    if isinstance(state, Pending):
-        raise Problem(
-            p.OUTCOME_TIMEOUT,
-            f"no outcome within {wait_s:g} s; the request stays queued and is processed when a worker runs: "
-            f"poll GET {where}",
-            instance=where,
-            headers={"Location": where},
-            request_id=request_id,
-            action=action,
-            location=where,
-        )
-    raise state_problem(action, request_id, state)
-
-
-def state_problem(action: str, request_id: str, state: Unavailable | None) -> Problem:
-    where = location(action, request_id)
-    if isinstance(state, Unavailable):
-        return Problem(
-            p.OUTCOME_UNAVAILABLE,
-            f"{action} request {request_id} was processed, but its outcome event is beyond the lookup or trimmed",
-            instance=where,
-        )
-    return Problem(p.NO_SUCH_REQUEST, f"no {action} request {request_id}", instance=where)
 
 
 def checked_id(value: str, what: str) -> str:
@@ -121,42 +42,9 @@ def public_routes(api: Api) -> APIRouter:
     def submission_endpoint(request_type: RequestType) -> Endpoint:
         action = request_type.action
 
-        async def post(
-            request: Request,
-            wait: Wait = None,
-            idempotency_key: Annotated[
-                str | None,
-                Header(
-                    alias="Idempotency-Key",
-                    description="A retry with the same key within 24 h queues nothing new and gets the same request.",
-                ),
-            ] = None,
-        ) -> Response:
-            if idempotency_key is not None and (problem := idempotency_key_problem(idempotency_key)):
-                raise Problem(p.INVALID_IDEMPOTENCY_KEY, problem)
-            body = await read_body(request, api.settings.max_body_bytes)
-            try:
-                book_request = parse_body(action, body, api.limits.max_books_per_request)
-            except InvalidSubmission as exc:
-                raise Problem(p.MALFORMED_BODY if exc.malformed else p.INVALID_REQUEST, exc.reason) from None
-            try:
-                done = await submit(api.client, api.scripts, api.keys, book_request, idempotency_key)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                retry = " (retrying with the same Idempotency-Key is safe)" if idempotency_key else ""
-                raise Problem(
-                    p.REDIS_UNAVAILABLE,
-                    f"lost Redis while queuing: the request may have been queued{retry}",
-                    headers={"Retry-After": "1"},
-                ) from exc
-            if done.key_reused:
-                raise Problem(
-                    p.IDEMPOTENCY_KEY_REUSED,
-                    "this Idempotency-Key names a request with another action, user or books; nothing was queued",
-                )
-            if wait is None:
-                return queued_response(action, done.request_id, replayed=done.replayed)
-            state = await api.outcome(action, done.request_id, wait, look_up=done.replayed)
-            return outcome_response(action, done.request_id, state, wait)
+        async def post(request: Request) -> Response:
+            # Reached only without the ``Submissions`` front (which answers these paths itself).
+            return await submission(api, action, request.scope, request.receive)
 
         post.__name__ = f"post_{request_type.resource}"
         post.__doc__ = (
@@ -191,9 +79,9 @@ def public_routes(api: Api) -> APIRouter:
             status_code=202,
             response_model=None,
             responses=submission_responses,
-            openapi_extra={
-                "requestBody": {"required": True, "content": {"application/json": {"schema": schemas.SUBMISSION}}}
-            },
+            openapi_extra=describe(
+                requestBody={"required": True, "content": {"application/json": {"schema": schemas.SUBMISSION}}}
+            ),
             tags=["requests"],
         )
 

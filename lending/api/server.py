@@ -20,6 +20,7 @@ import uvicorn
 
 from lending.api.app import build_app
 from lending.api.config import ApiSettings
+from lending.api.fastpath import Submissions
 from lending.api.state import Api
 from lending.app import run_fast
 from lending.logs import announce
@@ -114,7 +115,7 @@ async def _serve(settings: ApiSettings) -> int:
     try:
         await check_reachable(client, redacted(settings.redis_url))
         api = Api(settings, client, tail_client)
-        server = ApiServer(uvicorn_config(build_app(api), settings), api)
+        server = ApiServer(uvicorn_config(Submissions(build_app(api), api), settings), api)
         await server.serve()
         return 0 if server.started else 1
     finally:

@@ -14,6 +14,7 @@ from lending.api.config import ApiSettings
 from lending.api.reads import Pending, RequestState, request_state
 from lending.api.tail import EventTail
 from lending.keys import Keys
+from lending.redis.batching import ScriptBatcher
 from lending.redis.scripts import Scripts
 from lending.redis.workers import read_limits
 from lending.settings import Limits
@@ -36,6 +37,8 @@ class Api:
         self.client = client
         self.keys = Keys(settings.namespace)
         self.scripts = Scripts()
+        #: Runs api_submit.lua: the submissions of one turn of the event loop in one pipeline.
+        self.submitter = ScriptBatcher(client, self.scripts.api_submit)
         self.tail = EventTail(tail_client, self.keys, recent=settings.recent_outcomes)
         self.limits = Limits()
         self.limits_published = False

@@ -7,17 +7,17 @@ No web framework here: the routes turn ``InvalidSubmission`` into a problem resp
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from lending.domain.requests import BOOKS_FIELD, USER_FIELD, BookRequest, Rejection, id_problem, parse_request
 from lending.errors import LendingError
 from lending.keys import Keys
 from lending.redis.replies import text
-from lending.redis.scripts import Arg, Scripts
+from lending.redis.scripts import Arg
 
 #: How long an idempotency key keeps naming its request.
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -119,17 +119,17 @@ def submitted(reply: list[Any]) -> Submitted:
     return Submitted(request_id, replayed=code == 0, key_reused=code == -1)
 
 
+#: Runs ``api_submit.lua`` with KEYS and ARGV: a ``ScriptBatcher`` of it, or the script
+#: bound to a client (``functools.partial(scripts.api_submit, client)``).
+Runner = Callable[[Sequence[str], Sequence[Arg]], Awaitable[Any]]
+
+
 async def submit(
-    client: Redis,
-    scripts: Scripts,
-    keys: Keys,
-    request: BookRequest,
-    idempotency_key: str | None = None,
-    ttl_s: int = IDEMPOTENCY_TTL_S,
+    run: Runner, keys: Keys, request: BookRequest, idempotency_key: str | None = None, ttl_s: int = IDEMPOTENCY_TTL_S
 ) -> Submitted:
     """Queue ``request`` (one EVALSHA), unless ``idempotency_key`` already names a request."""
     script_keys, args = submit_call(keys, request, idempotency_key, ttl_s)
-    return submitted(await scripts.api_submit(client, script_keys, args))
+    return submitted(await run(script_keys, args))
 
 
 def _json_type(value: object) -> str:

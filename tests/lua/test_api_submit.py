@@ -5,6 +5,8 @@ The tests lay out KEYS and ARGV with ``submit_call``, the API's own encoder.
 
 from __future__ import annotations
 
+from functools import partial
+
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -70,7 +72,7 @@ async def test_a_key_reused_with_another_body_queues_nothing(redis: Redis, keys:
 
 
 async def test_the_request_goes_to_the_stream_of_its_action(redis: Redis, keys: Keys, scripts: Scripts) -> None:
-    done = await submit(redis, scripts, keys, BookRequest("return", "", "ada", ("b1",)), "key-2")
+    done = await submit(partial(scripts.api_submit, redis), keys, BookRequest("return", "", "ada", ("b1",)), "key-2")
 
     assert await stream_items(redis, keys.return_requests) == [[("user_id", "ada"), ("book_ids", "b1")]]
     assert not await redis.exists(keys.lend_requests)
