@@ -25,7 +25,7 @@ from lending.redis.embedded import EmbeddedRedis, free_port
 
 from .api_support import LiveApi, problem, serving
 from .conftest import StartWorker
-from .support import decoded, event_for, raw_entries, send, stream_entries, wait_until
+from .support import ROOT, decoded, event_for, raw_entries, send, stream_entries, wait_until
 
 TOKEN = "s3cret-operator-token"
 OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
@@ -415,6 +415,12 @@ async def test_openapi_docs_and_problem_types(live: LiveApi) -> None:
     for name, kind in PROBLEMS.items():
         assert (await live.http.get(f"/problems/{name}")).json()["status"] == kind.status
     problem(await live.http.get("/problems/nonsense"), 404, "not-found")
+
+
+def test_the_readme_lists_every_problem_type() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for kind in PROBLEMS.values():
+        assert f"| `{kind.uri}` | {kind.status} | {kind.meaning} |" in readme, kind.name
 
 
 async def test_an_unexpected_error_is_a_500_problem_logged_with_its_traceback(

@@ -134,8 +134,8 @@ UNAUTHORIZED = _kind(
     "unauthorized",
     401,
     "Unauthorized",
-    "Operator endpoints need Authorization: Bearer <the LENDING_API_TOKEN the API runs with>; the token "
-    "given is missing or wrong.",
+    "Operator endpoints need an Authorization header with the bearer token the API runs with "
+    "(LENDING_API_TOKEN); the one given is missing or wrong.",
 )
 OPERATOR_OFF = _kind(
     "operator-endpoints-off",

@@ -36,6 +36,9 @@ class ScriptBatcher:
         self._max_batch = max_batch
         self._queued: list[Call] = []
         self._flushing: set[asyncio.Task[None]] = set()
+        # One reload at a time: ``Script.load`` learns from a failed load whether the
+        # server takes the script's flags, which concurrent loads would confuse.
+        self._loading = asyncio.Lock()
         #: Pipelines sent and calls made, for tests and curious operators.
         self.batches = 0
         self.calls = 0
@@ -63,7 +66,8 @@ class ScriptBatcher:
             replies = await self._pipeline(calls)
             if any(isinstance(reply, NoScriptError) for reply in replies):
                 # Redis forgot the script (a restart, SCRIPT FLUSH): those calls did nothing.
-                await self._script.load(self._client)
+                async with self._loading:
+                    await self._script.load(self._client)
                 again = [call for call, reply in zip(calls, replies, strict=True) if isinstance(reply, NoScriptError)]
                 retried = iter(await self._pipeline(again))
                 replies = [next(retried) if isinstance(reply, NoScriptError) else reply for reply in replies]
