@@ -153,3 +153,10 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:workers:{worker_id}"
+
+    def worker_info(self, worker_id: str) -> str:
+        """What a live worker says about itself (hash: ``host``, ``pid``, ``version``,
+        ``started_ms``, ``processed``, ``failed``), with the TTL of its liveness key.
+
+        Not ``{NS}:workers:<id>:info``: that is the liveness key of worker ``<id>:info``."""
+        return f"{self.prefix}:worker-info:{worker_id}"

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -13,6 +14,7 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
+from lending import __version__
 from lending.domain.backoff import retry_backoff_s
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
@@ -54,8 +56,17 @@ class Worker:
         self._client = client
         self._handle_signals = handle_signals
         self._scripts = Scripts()
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.worker_id = WorkerId(client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms)
+        host, pid = socket.gethostname(), os.getpid()
+        token = f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
+        info: dict[str, str | int] = {
+            "host": host,
+            "pid": pid,
+            "version": __version__,
+            "started_ms": int(time.time() * 1000),
+        }
+        self.worker_id = WorkerId(
+            client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms, info
+        )
         self.shelving = ShelvingService(
             client,
             self.keys,
@@ -145,12 +156,8 @@ class Worker:
                 server.close()
                 await server.wait_closed()
             await self._release_id()
-            log.info(
-                "worker stopped",
-                processed=sum(c.processed for c in self.consumers),
-                failures=sum(c.failures for c in self.consumers),
-                drained=drained,
-            )
+            counters = self.counters()
+            log.info("worker stopped", processed=counters["processed"], failures=counters["failed"], drained=drained)
         return 1 if self.lost_id or self.refused_eviction else 0
 
     async def _start_up(self) -> None:
@@ -213,7 +220,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                held = await self.worker_id.renew()
+                held = await self.worker_id.renew(self.counters())
             except Exception as exc:
                 if not is_outage(exc):
                     log.exception("heartbeat failed")
@@ -225,6 +232,13 @@ class Worker:
                 self.lost_id = True
                 self._stop.set()
                 return
+
+    def counters(self) -> dict[str, int]:
+        """Entries processed, and failed attempts, since start (published with the heartbeat)."""
+        return {
+            "processed": sum(c.processed for c in self.consumers),
+            "failed": sum(c.failures for c in self.consumers),
+        }
 
     def healthy(self) -> bool:
         """Connected and consuming: what ``/healthz`` reports."""

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+from typing import Any
 
 from redis.asyncio import Redis
 
+import lending
 from lending.keys import LENDING_GROUP, Keys
 from lending.ops.status import read_group, read_status, render
 from lending.redis.consumer import ensure_group
 
 from .conftest import StartWorker
-from .support import ROOT, AcksAfterXinfo, event_for, send
+from .support import ROOT, AcksAfterXinfo, event_for, send, wait_until
 
 
 async def test_status_of_a_busy_namespace(redis: Redis, keys: Keys, namespace: str, start_worker: StartWorker) -> None:
@@ -89,3 +93,28 @@ async def test_entries_acknowledged_while_status_reads_a_group_are_no_error(
     finally:
         await racing.aclose()
     assert (group["oldest_pending_idle_ms"], group["dead_consumers"]) == (None, [])
+
+
+async def test_workers_show_host_pid_version_uptime_and_counts(
+    redis: Redis, keys: Keys, namespace: str, start_worker: StartWorker
+) -> None:
+    # Shelving is down: a lend fails twice and is dead-lettered; a return of a book
+    # nobody holds needs no shelving and is processed.
+    await start_worker(shelving_fail_rate=1.0, max_deliveries=2, worker_ttl_ms=1_000)
+    assert (await event_for(redis, keys, "lend", await send(redis, keys, "lend", "ada", ["b1"]))).status == "failed"
+    assert (await event_for(redis, keys, "return", await send(redis, keys, "return", "ada", ["x"]))).status == "denied"
+
+    async def counted() -> dict[str, Any] | None:
+        status = await read_status(redis, namespace)
+        worker: dict[str, Any] = status["workers"][0]
+        return worker if (worker.get("processed"), worker.get("failed")) == (1, 2) else None
+
+    await wait_until(counted)
+    worker = await counted()
+    assert worker is not None
+    assert (worker["worker_id"], worker["host"], worker["pid"]) == ("w1", socket.gethostname(), os.getpid())
+    assert worker["version"] == lending.__version__
+    assert isinstance(worker["uptime_s"], float) and 0 <= worker["uptime_s"] < 60
+    text = render(await read_status(redis, namespace))
+    assert f"w1  {socket.gethostname()} pid {os.getpid()}, version {lending.__version__}, up " in text
+    assert "processed 1, failed 2" in text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
@@ -11,7 +13,7 @@ from redis.exceptions import ResponseError
 from lending.keys import REQUEST_TYPES, Keys
 from lending.redis import eviction
 from lending.redis.replies import text
-from lending.redis.workers import live_workers, read_limits
+from lending.redis.workers import live_workers, read_limits, worker_infos
 from lending.settings import Limits
 
 LAG_SCAN_LIMIT = 10_000  # Redis 6.2 reports no lag: count unread entries up to this
@@ -24,6 +26,8 @@ async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
     published = await read_limits(client, keys)
     limits = published or Limits()
     workers = await live_workers(client, keys)
+    infos = await worker_infos(client, keys, sorted(workers))
+    now_ms = time.time() * 1000
     groups = [await read_group(client, stream, group, set(workers)) for stream, group in keys.consumed()]
     at_limit = 0
     async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
@@ -42,13 +46,35 @@ async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
             )
         },
         "groups": groups,
-        "workers": [{"worker_id": w, "ttl_ms": ttl} for w, ttl in sorted(workers.items())],
+        "workers": [worker_entry(w, ttl, infos.get(w, {}), now_ms) for w, ttl in sorted(workers.items())],
         "storage": {"books": await client.scard(keys.storage), "capacity": limits.storage_capacity},
         "limits": {**dataclasses.asdict(limits), "published": published is not None},
         "books_lent": await client.hlen(keys.lent_books),
         "users_at_limit": at_limit,
         "dead_letters": await client.xlen(keys.dead_letters),
         "maxmemory_policy": await eviction.read_policy(client),  # None: INFO refused
+    }
+
+
+def worker_entry(worker_id: str, ttl_ms: int, info: Mapping[str, str], now_ms: float) -> dict[str, Any]:
+    """A live worker as ``status`` shows it, from what it published (``None`` for what it
+    did not: a worker of an older version); uptime by this host's clock."""
+
+    def number(name: str) -> int | None:
+        value = info.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    started_ms = number("started_ms")
+    return {
+        "worker_id": worker_id,
+        "ttl_ms": ttl_ms,
+        "host": info.get("host"),
+        "pid": number("pid"),
+        "version": info.get("version"),
+        "started_ms": started_ms,
+        "uptime_s": None if started_ms is None else round(max(0.0, now_ms - started_ms) / 1000, 1),
+        "processed": number("processed"),
+        "failed": number("failed"),
     }
 
 
@@ -108,9 +134,9 @@ def render(status: dict[str, Any]) -> str:
         )
         for dead in g["dead_consumers"]:
             lines.append(f"    dead consumer {dead['consumer']} holds {dead['pending']} entries")
-    workers = ", ".join(f"{w['worker_id']} (ttl {w['ttl_ms'] / 1000:.1f} s)" for w in status["workers"]) or "none"
+    lines.append(f"live workers      {len(status['workers']) or 'none'}")
+    lines += [f"  {_worker_line(w)}" for w in status["workers"]]
     lines += [
-        f"live workers      {workers}",
         f"storage           {status['storage']['books']} / {status['storage']['capacity']}",
         f"books lent        {status['books_lent']}",
         f"users at limit    {status['users_at_limit']}",
@@ -122,6 +148,34 @@ def render(status: dict[str, Any]) -> str:
     if verdict.level != "ok":
         lines.append(f"  warning: {verdict.message}")
     return "\n".join(lines)
+
+
+def _worker_line(worker: Mapping[str, Any]) -> str:
+    about = []
+    if worker["host"] is not None:
+        about.append(f"{worker['host']} pid {worker['pid']}")
+    if worker["version"] is not None:
+        about.append(f"version {worker['version']}")
+    if worker["uptime_s"] is not None:
+        about.append(f"up {duration(worker['uptime_s'])}")
+    if worker["processed"] is not None:
+        about.append(f"processed {worker['processed']}, failed {worker['failed'] or 0}")
+    return f"{worker['worker_id']}  " + ", ".join([*about, f"ttl {worker['ttl_ms'] / 1000:.1f} s"])
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a human: ``42.0 s``, ``5 min 03 s``, ``2 h 07 min``, ``3 d 04 h``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours:02d} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s"
 
 
 def _limits_line(limits: dict[str, Any]) -> str:
