@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from lending.domain.streamids import id_ms
 from lending.keys import REQUEST_TYPES, Keys
 from lending.redis import eviction
 from lending.redis.replies import text
@@ -28,7 +30,7 @@ async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
     workers = await live_workers(client, keys)
     infos = await worker_infos(client, keys, sorted(workers))
     now_ms = time.time() * 1000
-    groups = [await read_group(client, stream, group, set(workers)) for stream, group in keys.consumed()]
+    groups = [await read_group(client, stream, group, set(workers), now_ms) for stream, group in keys.consumed()]
     at_limit = 0
     async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
         value = await client.get(raw)
@@ -78,9 +80,15 @@ def worker_entry(worker_id: str, ttl_ms: int, info: Mapping[str, str], now_ms: f
     }
 
 
-async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> dict[str, Any]:
-    """Lag, pending entries (and the oldest one's idle time) of ``group`` on ``stream``;
-    consumers holding entries that are not in ``live`` are listed as dead."""
+async def read_group(
+    client: Redis, stream: str, group: str, live: set[str], now_ms: float | None = None
+) -> dict[str, Any]:
+    """Lag, pending entries (and the oldest one's idle time and age) of ``group`` on
+    ``stream``; consumers holding entries that are not in ``live`` are listed as dead.
+
+    The age is the time since the entry was added, from its ID (by ``now_ms``, this
+    host's clock unless given): the idle time says nothing of it, since the consumer
+    holding an entry renews it."""
     out: dict[str, Any] = {
         "stream": stream,
         "group": group,
@@ -88,6 +96,8 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
         "lag": 0,
         "pending": 0,
         "oldest_pending_idle_ms": None,
+        "oldest_pending_id": None,
+        "oldest_pending_age_ms": None,
         "dead_consumers": [],
     }
     try:
@@ -108,6 +118,8 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
         summary = await client.xpending(stream, group)
         # No minimum: the entries XINFO counted were acknowledged in between (a normal race).
         if summary["min"] is not None:
+            out["oldest_pending_id"] = text(summary["min"])
+            out["oldest_pending_age_ms"] = age_ms(text(summary["min"]), now_ms)
             oldest = await client.xpending_range(stream, group, min=summary["min"], max=summary["min"], count=1)
             if oldest:
                 out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
@@ -119,6 +131,88 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
     return out
 
 
+def age_ms(entry_id: str, now_ms: float | None = None) -> int:
+    """How long ago the entry ``entry_id`` was added (by its ID's timestamp)."""
+    now = time.time() * 1000 if now_ms is None else now_ms
+    return max(0, int(now - id_ms(entry_id)))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What ``status --check`` holds a namespace to; ``None`` leaves a value unchecked.
+
+    :param max_lag: entries a group may have left to read, per group.
+    :param max_pending_age_s: age (from its ID) the oldest pending entry of a group may have.
+    :param max_dead_letters: dead letters that may wait.
+    :param min_workers: live workers there must be.
+    """
+
+    max_lag: int | None = None
+    max_pending_age_s: float | None = None
+    max_dead_letters: int | None = None
+    min_workers: int | None = None
+
+
+@dataclass(frozen=True)
+class Breach:
+    """A threshold that ``status`` breaks: ``check`` names the option (``max-lag``)."""
+
+    check: str
+    value: int | float
+    limit: int | float
+    message: str
+
+
+def breaches(status: Mapping[str, Any], thresholds: Thresholds) -> list[Breach]:
+    """Every threshold ``status`` (from ``read_status``) breaks, one per group for the
+    per-group ones, in a stable order."""
+    out: list[Breach] = []
+    groups = [g for g in status["groups"] if g["exists"]]
+    if thresholds.max_lag is not None:
+        for g in groups:
+            if g["lag"] > thresholds.max_lag:
+                where = f"{g['group']} on {g['stream']}"
+                message = f"FAIL lag: {where} has {g['lag']} entries to read (--max-lag {thresholds.max_lag})"
+                out.append(Breach("max-lag", g["lag"], thresholds.max_lag, message))
+    if thresholds.max_pending_age_s is not None:
+        for g in groups:
+            age_s = (g["oldest_pending_age_ms"] or 0) / 1000
+            if age_s > thresholds.max_pending_age_s:
+                limit = thresholds.max_pending_age_s
+                message = (
+                    f"FAIL pending age: the oldest pending entry of {g['group']} on {g['stream']} "
+                    f"({g['oldest_pending_id']}) is {age_s:.1f} s old (--max-pending-age {limit:g})"
+                )
+                out.append(Breach("max-pending-age", round(age_s, 1), limit, message))
+    letters = status["dead_letters"]
+    if thresholds.max_dead_letters is not None and letters > thresholds.max_dead_letters:
+        message = (
+            f"FAIL dead letters: {letters} dead letter{'' if letters == 1 else 's'} waiting "
+            f"(--max-dead-letters {thresholds.max_dead_letters})"
+        )
+        out.append(Breach("max-dead-letters", letters, thresholds.max_dead_letters, message))
+    workers = len(status["workers"])
+    if thresholds.min_workers is not None and workers < thresholds.min_workers:
+        message = (
+            f"FAIL workers: {workers} live worker{'' if workers == 1 else 's'} (--min-workers {thresholds.min_workers})"
+        )
+        out.append(Breach("min-workers", workers, thresholds.min_workers, message))
+    return out
+
+
+def ok_line(status: Mapping[str, Any]) -> str:
+    """The one line of a ``status --check`` that found nothing wrong."""
+    groups = [g for g in status["groups"] if g["exists"]]
+    ages = [g["oldest_pending_age_ms"] for g in groups if g["oldest_pending_age_ms"] is not None]
+    workers = len(status["workers"])
+    return (
+        f"OK: namespace {status['namespace']!r}: {workers} live worker{'' if workers == 1 else 's'}, "
+        f"lag {max((g['lag'] for g in groups), default=0)}, "
+        + (f"oldest pending {max(ages) / 1000:.1f} s old" if ages else "nothing pending")
+        + f", {status['dead_letters']} dead letter{'' if status['dead_letters'] == 1 else 's'}"
+    )
+
+
 def render(status: dict[str, Any]) -> str:
     lines = [f"namespace {status['namespace']}", "streams"]
     lines += [f"  {name:<17} {length}" for name, length in status["streams"].items()]
@@ -127,10 +221,14 @@ def render(status: dict[str, Any]) -> str:
         if not g["exists"]:
             lines.append(f"  {g['group']} on {g['stream']}: not created yet")
             continue
-        idle = g["oldest_pending_idle_ms"]
+        oldest = []
+        if g["oldest_pending_idle_ms"] is not None:
+            oldest.append(f"oldest idle {g['oldest_pending_idle_ms'] / 1000:.1f} s")
+        if g["oldest_pending_age_ms"] is not None:
+            oldest.append(f"added {g['oldest_pending_age_ms'] / 1000:.1f} s ago")
         lines.append(
             f"  {g['group']} on {g['stream']}: lag {g['lag']}, pending {g['pending']}"
-            + (f" (oldest idle {idle / 1000:.1f} s)" if idle is not None else "")
+            + (f" ({', '.join(oldest)})" if oldest else "")
         )
         for dead in g["dead_consumers"]:
             lines.append(f"    dead consumer {dead['consumer']} holds {dead['pending']} entries")
