@@ -145,6 +145,12 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead-letters"
 
+    @property
+    def dead_letters_trimmed(self) -> str:
+        """How many dead letters the workers dropped, oldest first, to keep
+        ``{NS}:dead-letters`` within ``--dead-letters-maxlen`` (string, a count)."""
+        return f"{self.prefix}:dead-letters:trimmed"
+
     def user_count(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}:count"
 

@@ -73,6 +73,7 @@ class Worker:
             self._scripts,
             fail_rate=settings.shelving_fail_rate,
             latency_ms=settings.shelving_latency_ms,
+            dead_letters_maxlen=settings.dead_letters_maxlen,
         )
         self.metrics = Metrics()
         self.lending = LendingService(client, settings, self._scripts, self.shelving, self.metrics)

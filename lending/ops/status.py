@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from lending.domain.streamids import id_ms
 from lending.keys import REQUEST_TYPES, Keys
+from lending.ops import dead_letters
 from lending.redis import eviction
 from lending.redis.replies import text
 from lending.redis.workers import live_workers, read_limits, worker_infos
@@ -54,6 +55,7 @@ async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
         "books_lent": await client.hlen(keys.lent_books),
         "users_at_limit": at_limit,
         "dead_letters": await client.xlen(keys.dead_letters),
+        "dead_letters_trimmed": await dead_letters.trimmed(client, keys),
         "maxmemory_policy": await eviction.read_policy(client),  # None: INFO refused
     }
 
@@ -239,7 +241,12 @@ def render(status: dict[str, Any]) -> str:
         f"books lent        {status['books_lent']}",
         f"users at limit    {status['users_at_limit']}",
         "limits            " + _limits_line(status["limits"]),
-        f"dead letters      {status['dead_letters']}",
+        f"dead letters      {status['dead_letters']}"
+        + (
+            f" ({status['dead_letters_trimmed']} older ones dropped by the cap)"
+            if status["dead_letters_trimmed"]
+            else ""
+        ),
         f"maxmemory-policy  {status['maxmemory_policy'] or 'unknown'}",
     ]
     verdict = eviction.judge(status["maxmemory_policy"])
