@@ -19,7 +19,7 @@ from lending.ops.status import Thresholds, breaches, read_group, read_status, re
 from lending.redis.consumer import ensure_group
 
 from .conftest import StartWorker
-from .support import ROOT, AcksAfterXinfo, event_for, send, wait_until
+from .support import ROOT, AcksAfterXinfo, decoded, event_for, send, wait_until
 
 
 async def test_status_of_a_busy_namespace(redis: Redis, keys: Keys, namespace: str, start_worker: StartWorker) -> None:
@@ -230,3 +230,39 @@ def test_breaches(snapshot: dict[str, Any], thresholds: Thresholds, broken: list
     found = breaches(snapshot, thresholds)
     assert [(b.check, b.value, b.limit) for b in found] == broken
     assert all(b.message.startswith("FAIL ") for b in found)
+
+
+async def test_pending_lists_the_entries_a_consumer_holds(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    await ensure_group(redis, keys.return_requests, LENDING_GROUP)
+    old = f"{int(time.time() * 1000) - 90_000}-0"
+    lend = decoded(await redis.xadd(keys.lend_requests, {"user_id": "ada", "book_ids": "b1"}, id=old))
+    returned = await send(redis, keys, "return", "bob", ["x"])
+    # Its own id: the two streams number their entries apart, and may give the same one.
+    other = decoded(
+        await redis.xadd(keys.lend_requests, {"user_id": "cy", "book_ids": "b2"}, id=f"{int(old.split('-')[0]) + 1}-0")
+    )
+    await redis.xreadgroup(LENDING_GROUP, "ghost", {keys.lend_requests: ">", keys.return_requests: ">"}, count=1)
+    await redis.xclaim(keys.lend_requests, LENDING_GROUP, "ghost", 0, [lend])  # a second delivery
+    await redis.xreadgroup(LENDING_GROUP, "other", {keys.lend_requests: ">"}, count=1)
+
+    proc = status_cli(redis_url, namespace, "--pending", "ghost", "--json")
+
+    assert proc.returncode == 0, proc
+    report = json.loads(proc.stdout)
+    assert report["consumer"] == "ghost"
+    entries = {e["id"]: e for e in report["entries"]}
+    assert set(entries) == {lend, returned}, "not the other consumer's " + other
+    assert (entries[lend]["stream"], entries[lend]["group"], entries[lend]["deliveries"]) == (
+        keys.lend_requests,
+        LENDING_GROUP,
+        2,
+    )
+    assert entries[returned]["deliveries"] == 1
+    assert 90_000 <= entries[lend]["age_ms"] < 120_000 and 0 <= entries[lend]["idle_ms"] < 30_000
+
+    text = status_cli(redis_url, namespace, "--pending", "ghost").stdout
+    assert lend in text and returned in text and "deliveries 2" in text and other not in text
+    assert "no pending entries" in status_cli(redis_url, namespace, "--pending", "nobody").stdout

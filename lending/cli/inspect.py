@@ -76,6 +76,12 @@ def format_report(report: checker.Report) -> str:
 @click.option("--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="Print as JSON.")
 @click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
 @click.option(
+    "--pending",
+    "consumer",
+    metavar="CONSUMER",
+    help="Instead, list the entries pending on CONSUMER (a worker id): id, stream, deliveries, idle time, age.",
+)
+@click.option(
     "--check",
     is_flag=True,
     help="Health check: print one line per threshold broken and exit 1, or one OK line and exit 0.",
@@ -97,6 +103,7 @@ def status_command(
     target: Target,
     as_json: bool,
     watch: bool,
+    consumer: str | None,
     check: bool,
     max_lag: int | None,
     max_pending_age: float | None,
@@ -111,6 +118,8 @@ def status_command(
     With --check, judge it instead against the thresholds given (--max-lag,
     --max-pending-age, --max-dead-letters, --min-workers, which is 1 unless given):
     one line per breach and exit 1, or one OK line and exit 0.
+
+    With --pending CONSUMER, list the entries pending on that consumer instead.
     """
     given = {
         "--max-lag": max_lag,
@@ -123,6 +132,8 @@ def status_command(
         raise click.UsageError(f"{options}: thresholds are for --check")
     if check and watch:
         raise click.UsageError("--check and --watch do not go together")
+    if check and consumer is not None:
+        raise click.UsageError("--check and --pending do not go together")
     thresholds = status.Thresholds(
         max_lag, max_pending_age, max_dead_letters, 1 if min_workers is None else min_workers
     )
@@ -130,15 +141,21 @@ def status_command(
     async def show() -> int:
         async with connected(target) as client:
             while True:
-                snapshot = await status.read_status(client, target.namespace)
-                if check:
-                    return report_check(snapshot, thresholds, as_json)
+                if consumer is not None:
+                    entries = await status.read_pending(client, target.keys, consumer)
+                    shown = {"consumer": consumer, "entries": entries}
+                    rendered = status.render_pending(consumer, entries)
+                else:
+                    shown = await status.read_status(client, target.namespace)
+                    if check:
+                        return report_check(shown, thresholds, as_json)
+                    rendered = status.render(shown)
                 if as_json:
-                    click.echo(json.dumps(snapshot))
+                    click.echo(json.dumps(shown))
                 else:
                     if watch:
                         click.clear()
-                    click.echo(status.render(snapshot))
+                    click.echo(rendered)
                 if not watch:
                     return 0
                 await asyncio.sleep(1.0)

@@ -20,6 +20,7 @@ from lending.redis.workers import live_workers, read_limits, worker_infos
 from lending.settings import Limits
 
 LAG_SCAN_LIMIT = 10_000  # Redis 6.2 reports no lag: count unread entries up to this
+PENDING_LIST_LIMIT = 1_000  # status --pending: entries shown per stream
 
 
 async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
@@ -131,6 +132,50 @@ async def read_group(
             if text(c["name"]) not in live
         ]
     return out
+
+
+async def read_pending(
+    client: Redis, keys: Keys, consumer: str, now_ms: float | None = None, limit: int = PENDING_LIST_LIMIT
+) -> list[dict[str, Any]]:
+    """The entries pending on ``consumer`` in the namespace's groups, oldest first in
+    each stream (at most ``limit`` per stream): id, stream, group, deliveries, idle time
+    and age (from the ID)."""
+    out: list[dict[str, Any]] = []
+    for stream, group in keys.consumed():
+        try:
+            rows: list[dict[str, Any]] = await client.xpending_range(
+                stream, group, min="-", max="+", count=limit, consumername=consumer
+            )
+        except ResponseError:  # no such stream or group yet
+            continue
+        out += [
+            {
+                "id": text(row["message_id"]),
+                "stream": stream,
+                "group": group,
+                "deliveries": int(row["times_delivered"]),
+                "idle_ms": int(row["time_since_delivered"]),
+                "age_ms": age_ms(text(row["message_id"]), now_ms),
+            }
+            for row in rows
+        ]
+    return out
+
+
+def render_pending(consumer: str, entries: list[dict[str, Any]], limit: int = PENDING_LIST_LIMIT) -> str:
+    if not entries:
+        return f"consumer {consumer}: no pending entries"
+    lines = [f"consumer {consumer}: {len(entries)} pending entr{'y' if len(entries) == 1 else 'ies'}"]
+    lines += [
+        f"  {e['id']}  {e['stream']}  deliveries {e['deliveries']}, idle {duration(e['idle_ms'] / 1000)}, "
+        f"added {duration(e['age_ms'] / 1000)} ago"
+        for e in entries
+    ]
+    streams = {e["stream"] for e in entries}
+    full = sorted(s for s in streams if sum(e["stream"] == s for e in entries) >= limit)
+    if full:
+        lines.append(f"  (the first {limit} of each of {', '.join(full)} shown)")
+    return "\n".join(lines)
 
 
 def age_ms(entry_id: str, now_ms: float | None = None) -> int:
