@@ -255,16 +255,31 @@ class Worker:
             await asyncio.sleep(2.0)
 
     async def _trim_periodically(self) -> None:
+        """Every trim interval: trim the streams, then remove dead consumers that hold nothing."""
         while True:
             await asyncio.sleep(self.settings.trim_interval_s)
-            try:
-                removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
-            except Exception as exc:
-                if not is_outage(exc):
-                    log.exception("trimming streams failed")
-                continue
-            if any(removed.values()):
-                log.debug("trimmed streams", **removed)
+            await self._trim()
+            await self._forget_dead_consumers()
+
+    async def _trim(self) -> None:
+        try:
+            removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("trimming streams failed")
+            return
+        if any(removed.values()):
+            log.debug("trimmed streams", **removed)
+
+    async def _forget_dead_consumers(self) -> None:
+        try:
+            forgotten = await retention.forget_dead_consumers(self._client, self._scripts.forget_consumers, self.keys)
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("removing dead consumers failed")
+            return
+        for stream, consumers in forgotten.items():
+            log.info("removed dead consumers that held nothing", stream=stream, consumers=consumers)
 
     async def _reconcile_periodically(self) -> None:
         """Give back the shelving grants of finished requests that nobody settled (a
