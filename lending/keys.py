@@ -145,6 +145,12 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead-letters"
 
+    @property
+    def dead_letters_trimmed(self) -> str:
+        """How many dead letters the workers dropped, oldest first, to keep
+        ``{NS}:dead-letters`` within ``--dead-letters-maxlen`` (string, a count)."""
+        return f"{self.prefix}:dead-letters:trimmed"
+
     def user_count(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}:count"
 
@@ -158,3 +164,10 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:workers:{worker_id}"
+
+    def worker_info(self, worker_id: str) -> str:
+        """What a live worker says about itself (hash: ``host``, ``pid``, ``version``,
+        ``started_ms``, ``processed``, ``failed``), with the TTL of its liveness key.
+
+        Not ``{NS}:workers:<id>:info``: that is the liveness key of worker ``<id>:info``."""
+        return f"{self.prefix}:worker-info:{worker_id}"

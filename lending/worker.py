@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -13,6 +14,7 @@ from functools import partial
 import structlog
 from redis.asyncio import Redis
 
+from lending import __version__
 from lending.domain.backoff import retry_backoff_s
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
@@ -54,14 +56,24 @@ class Worker:
         self._client = client
         self._handle_signals = handle_signals
         self._scripts = Scripts()
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.worker_id = WorkerId(client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms)
+        host, pid = socket.gethostname(), os.getpid()
+        token = f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
+        info: dict[str, str | int] = {
+            "host": host,
+            "pid": pid,
+            "version": __version__,
+            "started_ms": int(time.time() * 1000),
+        }
+        self.worker_id = WorkerId(
+            client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms, info
+        )
         self.shelving = ShelvingService(
             client,
             self.keys,
             self._scripts,
             fail_rate=settings.shelving_fail_rate,
             latency_ms=settings.shelving_latency_ms,
+            dead_letters_maxlen=settings.dead_letters_maxlen,
         )
         self.metrics = Metrics()
         self.lending = LendingService(client, settings, self._scripts, self.shelving, self.metrics)
@@ -145,12 +157,8 @@ class Worker:
                 server.close()
                 await server.wait_closed()
             await self._release_id()
-            log.info(
-                "worker stopped",
-                processed=sum(c.processed for c in self.consumers),
-                failures=sum(c.failures for c in self.consumers),
-                drained=drained,
-            )
+            counters = self.counters()
+            log.info("worker stopped", processed=counters["processed"], failures=counters["failed"], drained=drained)
         return 1 if self.lost_id or self.refused_eviction else 0
 
     async def _start_up(self) -> None:
@@ -213,7 +221,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                held = await self.worker_id.renew()
+                held = await self.worker_id.renew(self.counters())
             except Exception as exc:
                 if not is_outage(exc):
                     log.exception("heartbeat failed")
@@ -225,6 +233,13 @@ class Worker:
                 self.lost_id = True
                 self._stop.set()
                 return
+
+    def counters(self) -> dict[str, int]:
+        """Entries processed, and failed attempts, since start (published with the heartbeat)."""
+        return {
+            "processed": sum(c.processed for c in self.consumers),
+            "failed": sum(c.failures for c in self.consumers),
+        }
 
     def healthy(self) -> bool:
         """Connected and consuming: what ``/healthz`` reports."""
@@ -240,16 +255,31 @@ class Worker:
             await asyncio.sleep(2.0)
 
     async def _trim_periodically(self) -> None:
+        """Every trim interval: trim the streams, then remove dead consumers that hold nothing."""
         while True:
             await asyncio.sleep(self.settings.trim_interval_s)
-            try:
-                removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
-            except Exception as exc:
-                if not is_outage(exc):
-                    log.exception("trimming streams failed")
-                continue
-            if any(removed.values()):
-                log.debug("trimmed streams", **removed)
+            await self._trim()
+            await self._forget_dead_consumers()
+
+    async def _trim(self) -> None:
+        try:
+            removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("trimming streams failed")
+            return
+        if any(removed.values()):
+            log.debug("trimmed streams", **removed)
+
+    async def _forget_dead_consumers(self) -> None:
+        try:
+            forgotten = await retention.forget_dead_consumers(self._client, self._scripts.forget_consumers, self.keys)
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("removing dead consumers failed")
+            return
+        for stream, consumers in forgotten.items():
+            log.info("removed dead consumers that held nothing", stream=stream, consumers=consumers)
 
     async def _reconcile_periodically(self) -> None:
         """Give back the shelving grants of finished requests that nobody settled (a

@@ -11,11 +11,13 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from lending.client import submit, wait_for_event
-from lending.keys import Keys
+from lending.keys import LENDING_GROUP, Keys
 from lending.ops import monitoring, retention
 from lending.ops.acl import sender_user_rules, worker_user_rules
 from lending.ops.status import read_status
 from lending.redis.connection import make_client
+from lending.redis.consumer import ensure_group
+from lending.redis.scripts import Scripts
 
 from .conftest import StartWorker
 from .support import run_command
@@ -97,3 +99,17 @@ async def test_service_user_cannot_touch_another_namespace(
             await client.flushall()
     finally:
         await client.aclose()
+
+
+async def test_service_user_can_remove_dead_consumers(
+    redis: Redis, keys: Keys, acl_users: tuple[str, str, str], redis_url: str
+) -> None:
+    worker_user, _, password = acl_users
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    await redis.xgroup_createconsumer(keys.lend_requests, LENDING_GROUP, "gone")
+    client = make_client(with_user(redis_url, worker_user, password))
+    try:
+        removed = await retention.forget_dead_consumers(client, Scripts().forget_consumers, keys)
+    finally:
+        await client.aclose()
+    assert removed == {keys.lend_requests: ["gone"]}

@@ -29,6 +29,8 @@ COUNTS = {
     "worker-ttl-ms": "Lifetime of the worker-id heartbeat key.",
     "events-maxlen": "About how many events {NS}:events keeps (request streams are trimmed only below what every "
     "group has read and acknowledged).",
+    "dead-letters-maxlen": "How many dead letters {NS}:dead-letters keeps: the oldest beyond it are dropped (and "
+    "counted in {NS}:dead-letters:trimmed).",
 }
 
 

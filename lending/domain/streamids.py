@@ -6,11 +6,19 @@ from collections.abc import Iterable
 
 # The largest ID a stream can hold: a stream whose last ID is this takes no more entries.
 MAX_ID = "18446744073709551615-18446744073709551615"
+_MAX_PART = 2**64 - 1
 
 
 def is_id(value: str) -> bool:
     ms, _, seq = value.partition("-")
     return ms.isdigit() and (seq.isdigit() or not seq)
+
+
+def is_entry_id(value: str) -> bool:
+    """A whole entry ID, ``<ms>-<seq>`` with each part at most 2**64 - 1 (as ``XADD`` gives
+    them): unlike a bare ``<ms>``, it names one entry, never a range."""
+    ms, dash, seq = value.partition("-")
+    return bool(dash) and all(part.isascii() and part.isdigit() and int(part) <= _MAX_PART for part in (ms, seq))
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

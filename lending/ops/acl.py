@@ -27,7 +27,10 @@ WORKER_COMMANDS = (
     "xlen",
     "xinfo|groups",
     "xinfo|stream",
+    "xinfo|consumers",
     "xgroup|create",
+    # removing dead consumers that hold nothing (forget_consumers.lua)
+    "xgroup|delconsumer",
     "xtrim",
     "xdel",
     # scripts and the per-user limit transaction

@@ -326,7 +326,11 @@ class LendingService:
             if name.encode() in delivery.fields:
                 letter[name] = delivery.fields[name.encode()]
         keys, args = encode_finish(
-            self._keys, LENDING_GROUP, self._settings.storage_capacity, Fail(event, books, letter)
+            self._keys,
+            LENDING_GROUP,
+            self._settings.storage_capacity,
+            self._settings.dead_letters_maxlen,
+            Fail(event, books, letter),
         )
         await self._scripts.finish(self._client, keys, args)
 
