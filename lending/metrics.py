@@ -7,6 +7,8 @@ live in one process.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -38,3 +40,16 @@ class Metrics:
         )
         self.storage_books = Gauge("lending_storage_books", "Books in automated storage", registry=r)
         self.books_lent = Gauge("lending_books_lent", "Books lent", registry=r)
+
+    def add_outcomes(self, actions: Iterable[str], statuses: Iterable[str]) -> None:
+        """Create the outcome series at 0, so that ``increase()`` and ``rate()`` see the
+        first request of each kind (a series born at 1 shows no increase)."""
+        statuses = list(statuses)
+        for action in actions:
+            for status in statuses:
+                self.requests.labels(action, status)
+
+    def add_consumer(self, consumer: str) -> None:
+        """Create a consumer's counters at 0 (see ``add_outcomes``)."""
+        for counter in (self.retries, self.reclaims, self.dead_letters, self.reconnects):
+            counter.labels(consumer)

@@ -7,24 +7,15 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from lending.keys import Keys
+from lending.domain.events import STATUSES
+from lending.keys import ACTIONS, LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.settings import Settings
 from lending.worker import Worker
 
 from .conftest import StartWorker
-from .support import event_for, send, send_raw, wait_until
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
-    await writer.drain()
-    response = (await reader.read()).decode()
-    writer.close()
-    await writer.wait_closed()
-    return int(response.split()[1]), response.partition("\r\n\r\n")[2]
+from .support import event_for, http_get, send, send_raw, wait_until
 
 
 async def test_metrics_count_requests_and_show_the_namespace(
@@ -76,3 +67,33 @@ async def test_healthz_is_503_while_redis_is_away(tmp_path: Path, namespace: str
         await asyncio.wait_for(task, 15)
         await client.aclose()
         server.stop()
+
+
+def sample(worker: Worker, name: str, **labels: str) -> float | None:
+    """The value of one sample of the worker's registry (``None``: no such series)."""
+    return worker.metrics.registry.get_sample_value(name, labels)
+
+
+# -- outcomes, and counters that exist from the start --------------------------------
+
+
+async def test_failed_outcomes_are_counted(redis: Redis, keys: Keys, start_worker: StartWorker) -> None:
+    # Shelving is down and one delivery is all an entry gets: the lend is dead-lettered.
+    worker = await start_worker(shelving_fail_rate=1.0, max_deliveries=1)
+    request = await send(redis, keys, "lend", "ada", ["b1"])
+    assert (await event_for(redis, keys, "lend", request)).status == "failed"
+
+    await wait_until(lambda: sample(worker, "lending_requests_total", action="lend", status="failed") == 1)
+    assert sample(worker, "lending_dead_letters_total", consumer=LENDING_GROUP) == 1
+
+
+async def test_counters_with_known_labels_start_at_zero(start_worker: StartWorker) -> None:
+    port = free_port()
+    await start_worker(metrics_port=port)
+    _, body = await http_get(port, "/metrics")
+    for action in ACTIONS:
+        for status in STATUSES:
+            assert f'lending_requests_total{{action="{action}",status="{status}"}} 0.0' in body
+    for group in (LENDING_GROUP, SHELVING_GROUP):
+        for name in ("retries", "reclaims", "dead_letters", "redis_reconnects"):
+            assert f'lending_{name}_total{{consumer="{group}"}} 0.0' in body

@@ -137,6 +137,7 @@ class StreamConsumer:
         self._log = log.bind(consumer=name)
         self._name = name
         self._metrics = metrics or Metrics()
+        self._metrics.add_consumer(name)
         self._on_redis_error = on_redis_error
         self._rng = rng or random.Random()
         self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again

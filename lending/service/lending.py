@@ -27,13 +27,13 @@ from redis.exceptions import NoScriptError, WatchError
 from structlog.contextvars import bound_contextvars
 
 from lending.domain.commit import Fail, Lend, encode_commit, encode_finish
-from lending.domain.events import FAILED, Event
+from lending.domain.events import FAILED, STATUSES, Event
 from lending.domain.policy import decide_batch
 from lending.domain.requests import BookRequest, Rejection, parse_request
 from lending.domain.streamids import id_key, id_range
 from lending.errors import Contention
 from lending.faults import fault_point
-from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
+from lending.keys import ACTIONS, LEND, LENDING_GROUP, RETURN, Keys
 from lending.metrics import Metrics
 from lending.redis.consumer import Delivery
 from lending.redis.replies import text
@@ -90,6 +90,7 @@ class LendingService:
     ) -> None:
         self._client = client
         self._metrics = metrics or Metrics()
+        self._metrics.add_outcomes(ACTIONS, STATUSES)
         self._settings = settings
         self._scripts = scripts
         self._shelving = shelving
@@ -108,7 +109,7 @@ class LendingService:
                 if event is None:
                     log.info("request finished by another worker")
                 else:
-                    self._metrics.requests.labels(event.action, event.status).inc()
+                    self._count(event)
                     log.info(
                         "processed",
                         user=event.user_id,
@@ -117,6 +118,10 @@ class LendingService:
                         duration_ms=duration_ms,
                     )
         return events
+
+    def _count(self, event: Event) -> None:
+        """Count an outcome committed by this worker."""
+        self._metrics.requests.labels(event.action, event.status).inc()
 
     async def process_batch(self, deliveries: Sequence[Delivery]) -> list[Event | None]:
         out: list[Event | None] = []
@@ -328,7 +333,8 @@ class LendingService:
         keys, args = encode_finish(
             self._keys, LENDING_GROUP, self._settings.storage_capacity, Fail(event, books, letter)
         )
-        await self._scripts.finish(self._client, keys, args)
+        if int(await self._scripts.finish(self._client, keys, args)) == 1:  # 0: finished elsewhere
+            self._count(event)
 
 
 def _chunks(deliveries: Sequence[Delivery]) -> list[Sequence[Delivery]]:
