@@ -88,6 +88,7 @@ class Settings:
         finished requests (``{NS}:grants``).
     :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
     :param metrics_port: serve ``/metrics`` and ``/healthz`` on this port (``None``: off).
+    :param metrics_host: the address to serve them on (``127.0.0.1``: this host only).
     :param events_maxlen: about how many events ``{NS}:events`` keeps.
     :param trim_interval_s: how often the worker trims the namespace's streams.
     :param tls: CA and client certificate files for ``rediss://`` URLs.
@@ -123,6 +124,7 @@ class Settings:
     tls: Tls = Tls()
     events_maxlen: int = 1_000_000
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     trim_interval_s: float = 10.0
     allow_eviction_data_loss: bool = False
 

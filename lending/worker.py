@@ -125,8 +125,11 @@ class Worker:
         reconciling = asyncio.create_task(self._reconcile_periodically())
         server = None
         if self.settings.metrics_port is not None:
-            server = await monitoring.serve(self.metrics, self.settings.metrics_port, self.healthy)
-            log.info("serving /metrics and /healthz", port=self.settings.metrics_port)
+            server = await monitoring.serve(
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port, self.healthy
+            )
+            host, port = server.sockets[0].getsockname()[:2]
+            log.info("serving /metrics and /healthz", host=host, port=port)
         refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
         announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)

@@ -1,4 +1,4 @@
-"""Serving a worker's metrics: ``/metrics`` and ``/healthz`` on ``--metrics-port``.
+"""Serving a worker's metrics: ``/metrics`` and ``/healthz`` on ``--metrics-host``:``--metrics-port``.
 
 ``GET /metrics`` answers in the Prometheus text format; ``GET /healthz`` answers 200
 while the worker is connected and consuming, 503 otherwise. The gauges are read from
@@ -8,12 +8,14 @@ Redis by ``refresh``, every few seconds.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 
+from lending.domain.streamids import id_ms
 from lending.keys import Keys
 from lending.metrics import Metrics
 from lending.ops.status import read_group
@@ -26,11 +28,16 @@ async def refresh(metrics: Metrics, client: Redis, keys: Keys) -> None:
         state = await read_group(client, stream, group, live=set())
         metrics.lag.labels(stream, group).set(state["lag"])
         metrics.pending.labels(stream, group).set(state["pending"])
+        oldest = state["oldest_pending_id"]
+        # From the entry's ID, not its idle time: a worker renews the entries it holds.
+        age_s = max(0.0, time.time() * 1000 - id_ms(oldest)) / 1000 if oldest else 0.0
+        metrics.oldest_pending_age.labels(stream, group).set(age_s)
     metrics.storage_books.set(await client.scard(keys.storage))
     metrics.books_lent.set(await client.hlen(keys.lent_books))
+    metrics.dead_letters_waiting.set(await client.xlen(keys.dead_letters))
 
 
-async def serve(metrics: Metrics, port: int, healthy: Callable[[], bool], host: str = "0.0.0.0") -> asyncio.Server:
+async def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> asyncio.Server:
     """A minimal HTTP/1.0 server for ``/metrics`` and ``/healthz``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

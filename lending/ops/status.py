@@ -53,7 +53,7 @@ async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
 
 
 async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> dict[str, Any]:
-    """Lag, pending entries (and the oldest one's idle time) of ``group`` on ``stream``;
+    """Lag, pending entries (and the oldest one's ID and idle time) of ``group`` on ``stream``;
     consumers holding entries that are not in ``live`` are listed as dead."""
     out: dict[str, Any] = {
         "stream": stream,
@@ -62,6 +62,7 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
         "lag": 0,
         "pending": 0,
         "oldest_pending_idle_ms": None,
+        "oldest_pending_id": None,
         "dead_consumers": [],
     }
     try:
@@ -82,6 +83,7 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
         summary = await client.xpending(stream, group)
         # No minimum: the entries XINFO counted were acknowledged in between (a normal race).
         if summary["min"] is not None:
+            out["oldest_pending_id"] = text(summary["min"])
             oldest = await client.xpending_range(stream, group, min=summary["min"], max=summary["min"], count=1)
             if oldest:
                 out["oldest_pending_idle_ms"] = int(oldest[0]["time_since_delivered"])
