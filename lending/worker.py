@@ -108,9 +108,26 @@ class Worker:
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code.
 
+        :raises MetricsUnavailable: the metrics port is taken (checked first: the worker
+            id is claimed only once the port is ours).
         :raises EvictionRefused: Redis may evict any key (``allkeys-*``) and
             ``allow_eviction_data_loss`` is off.
         """
+        server = None
+        if self.settings.metrics_port is not None:
+            server = await monitoring.serve(
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port, self.healthy
+            )
+            host, port = server.sockets[0].getsockname()[:2]
+            log.info("serving /metrics and /healthz", host=host, port=port)
+        try:
+            return await self._run(metrics=server is not None)
+        finally:
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+
+    async def _run(self, *, metrics: bool) -> int:
         await self._check_eviction(starting=True)
         for warning in self.settings.warnings():
             log.warning(warning)
@@ -123,14 +140,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         trimming = asyncio.create_task(self._trim_periodically())
         reconciling = asyncio.create_task(self._reconcile_periodically())
-        server = None
-        if self.settings.metrics_port is not None:
-            server = await monitoring.serve(
-                self.metrics, self.settings.metrics_host, self.settings.metrics_port, self.healthy
-            )
-            host, port = server.sockets[0].getsockname()[:2]
-            log.info("serving /metrics and /healthz", host=host, port=port)
-        refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
+        refreshing = asyncio.create_task(self._refresh_metrics()) if metrics else None
         announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
@@ -144,9 +154,6 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if server is not None:
-                server.close()
-                await server.wait_closed()
             await self._release_id()
             log.info(
                 "worker stopped",

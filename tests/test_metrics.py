@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from lending.settings import Settings
 from lending.worker import Worker
 
 from .conftest import StartWorker
-from .support import ROOT, decoded, event_for, http_get, send, send_raw, wait_until, xadd_fields
+from .support import ROOT, decoded, event_for, http_get, process_env, send, send_raw, wait_until, xadd_fields
 
 
 async def test_metrics_count_requests_and_show_the_namespace(
@@ -210,3 +211,30 @@ def test_metrics_host_is_an_option_with_its_env_var() -> None:
     assert result.returncode == 0, result.stderr
     entry = " ".join(result.stdout.partition("--metrics-host")[2].split("\n  --")[0].split())
     assert "env var: LENDING_METRICS_HOST" in entry and "127.0.0.1" in entry, result.stdout
+
+
+# -- a taken port --------------------------------------------------------------------
+
+
+async def test_a_taken_metrics_port_is_one_line_and_exit_1_before_the_id_is_claimed(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), "w-port", "--metrics-port", str(port)],
+            cwd=ROOT,
+            env=process_env(redis_url, namespace),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines[0]
+    assert not await redis.exists(keys.worker("w-port"))
+    assert not await redis.sismember(keys.workers, "w-port")

@@ -8,6 +8,7 @@ Redis by ``refresh``, every few seconds.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 
 from lending.domain.streamids import id_ms
+from lending.errors import MetricsUnavailable
 from lending.keys import Keys
 from lending.metrics import Metrics
 from lending.ops.status import read_group
@@ -38,7 +40,10 @@ async def refresh(metrics: Metrics, client: Redis, keys: Keys) -> None:
 
 
 async def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> asyncio.Server:
-    """A minimal HTTP/1.0 server for ``/metrics`` and ``/healthz``."""
+    """A minimal HTTP/1.0 server for ``/metrics`` and ``/healthz``.
+
+    :raises MetricsUnavailable: it cannot listen on ``host:port`` (say, the port is taken).
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -63,4 +68,8 @@ async def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bo
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    try:
+        return await asyncio.start_server(handle, host, port)
+    except OSError as exc:  # asyncio words it "error while attempting to bind on address ..."
+        cause = os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else str(exc)
+        raise MetricsUnavailable(host, port, cause) from exc
