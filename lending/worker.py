@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -104,6 +105,7 @@ class Worker:
         self.lost_id = False
         self.refused_eviction = False
         self._eviction_reported: eviction.Verdict | None = None
+        self._loops: list[asyncio.Task[None]] = []  # the consumers and the periodic tasks
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code.
@@ -116,10 +118,10 @@ class Worker:
         server = None
         if self.settings.metrics_port is not None:
             server = await monitoring.serve(
-                self.metrics, self.settings.metrics_host, self.settings.metrics_port, self.healthy
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port, live=self.live, ready=self.healthy
             )
             host, port = server.sockets[0].getsockname()[:2]
-            log.info("serving /metrics and /healthz", host=host, port=port)
+            log.info("serving /metrics, /livez and /readyz", host=host, port=port)
         try:
             return await self._run(metrics=server is not None)
         finally:
@@ -141,6 +143,7 @@ class Worker:
         trimming = asyncio.create_task(self._trim_periodically())
         reconciling = asyncio.create_task(self._reconcile_periodically())
         refreshing = asyncio.create_task(self._refresh_metrics()) if metrics else None
+        self._loops = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
         announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
@@ -150,10 +153,9 @@ class Worker:
                 consumer.stop()
             await asyncio.wait(tasks, timeout=2.0)
             drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
-            background = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
-            for task in background:
+            for task in self._loops:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*self._loops, return_exceptions=True)
             await self._release_id()
             log.info(
                 "worker stopped",
@@ -236,8 +238,22 @@ class Worker:
                 self._stop.set()
                 return
 
+    def live(self) -> bool:
+        """The process and its loops are alive: what ``/livez`` reports.
+
+        A Redis outage does not fail it (the loops ride it out, and a restart would not
+        bring Redis back); a loop that ended, or a consumer stuck in one round of its read
+        loop for ``liveness_timeout_s``, does. (A blocked event loop cannot answer at all.)
+        """
+        if self._stop.is_set():
+            return True  # stopping on purpose: the loops end as they should
+        if any(task.done() for task in self._loops):
+            return False
+        now = time.monotonic()
+        return all(c.stalled_s(now) < self.settings.liveness_timeout_s for c in self.consumers)
+
     def healthy(self) -> bool:
-        """Connected and consuming: what ``/healthz`` reports."""
+        """Ready: connected and consuming. What ``/readyz`` (and ``/healthz``) report."""
         return not self._stop.is_set() and all(c.connected for c in self.consumers)
 
     async def _refresh_metrics(self) -> None:

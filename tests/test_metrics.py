@@ -1,4 +1,4 @@
-"""Prometheus /metrics and /healthz on --metrics-port."""
+"""Prometheus metrics, liveness and readiness on --metrics-port."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ async def test_metrics_count_requests_and_show_the_namespace(
     assert (await http_get(port, "/nothing"))[0] == 404
 
 
-async def test_healthz_is_503_while_redis_is_away(tmp_path: Path, namespace: str) -> None:
+async def test_during_a_redis_outage_the_worker_is_live_but_not_ready(tmp_path: Path, namespace: str) -> None:
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
     server.start()
     port = free_port()
@@ -60,18 +60,60 @@ async def test_healthz_is_503_while_redis_is_away(tmp_path: Path, namespace: str
     worker = Worker(settings, client, handle_signals=False)
     task = asyncio.create_task(worker.run())
 
-    async def health_is(code: int) -> bool:
+    async def codes() -> list[int]:
+        """The answers of /livez, /readyz and /healthz."""
         try:
-            return (await http_get(port, "/healthz"))[0] == code
+            return [(await http_get(port, path))[0] for path in ("/livez", "/readyz", "/healthz")]
         except OSError:
+            return []
+
+    async def codes_are(*expected: int) -> bool:
+        return await codes() == list(expected)
+
+    try:
+        await wait_until(lambda: codes_are(200, 200, 200))
+        server.kill()
+        # Not ready (nothing to route to it), but alive: restarting it would not bring Redis back.
+        await wait_until(lambda: codes_are(200, 503, 503), timeout_s=15)
+        for _ in range(10):  # and it stays alive while Redis is away
+            await asyncio.sleep(0.3)
+            assert (await codes())[0] == 200
+        server.start()
+        await wait_until(lambda: codes_are(200, 200, 200), timeout_s=15)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await client.aclose()
+        server.stop()
+
+
+async def test_livez_fails_when_a_consumer_is_stuck(tmp_path: Path, namespace: str) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port())
+    server.start()
+    port = free_port()
+    client = make_client(server.url)
+    settings = Settings(
+        worker_id="w1", redis_url=server.url, namespace=namespace, metrics_port=port, liveness_timeout_s=1.0
+    )
+
+    async def hangs() -> None:
+        # A look-up for the Redis to follow that never comes back (say, a lost cluster).
+        await asyncio.Event().wait()
+
+    worker = Worker(settings, client, handle_signals=False, on_redis_error=hangs)
+    task = asyncio.create_task(worker.run())
+
+    async def live_is(code: int) -> bool:
+        try:
+            return (await http_get(port, "/livez"))[0] == code
+        except OSError:  # not listening yet
             return False
 
     try:
-        await wait_until(lambda: health_is(200))
-        server.kill()
-        await wait_until(lambda: health_is(503), timeout_s=15)
-        server.start()
-        await wait_until(lambda: health_is(200), timeout_s=15)
+        await wait_until(lambda: live_is(200))
+        server.kill()  # the consumers' next error sends them into the hook, for good
+        await wait_until(lambda: live_is(503), timeout_s=15)
+        assert (await http_get(port, "/livez"))[1] != "ok\n"
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)

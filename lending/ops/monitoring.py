@@ -1,7 +1,9 @@
-"""Serving a worker's metrics: ``/metrics`` and ``/healthz`` on ``--metrics-host``:``--metrics-port``.
+"""Serving a worker's metrics and probes on ``--metrics-host``:``--metrics-port``.
 
-``GET /metrics`` answers in the Prometheus text format; ``GET /healthz`` answers 200
-while the worker is connected and consuming, 503 otherwise. The gauges are read from
+``GET /metrics`` answers in the Prometheus text format. The probes answer 200 or 503:
+``/livez`` while the process and its loops are alive (a Redis outage does not fail it:
+restarting the worker would not bring Redis back), ``/readyz`` (and ``/healthz``, its
+older name) while the worker is connected and consuming. The gauges are read from
 Redis by ``refresh``, every few seconds.
 """
 
@@ -22,6 +24,8 @@ from lending.keys import Keys
 from lending.metrics import Metrics
 from lending.ops.status import read_group
 
+Probe = Callable[[], bool]
+
 
 async def refresh(metrics: Metrics, client: Redis, keys: Keys) -> None:
     """Update the gauges from Redis: the group reads of ``status``, without its scans
@@ -39,8 +43,8 @@ async def refresh(metrics: Metrics, client: Redis, keys: Keys) -> None:
     metrics.dead_letters_waiting.set(await client.xlen(keys.dead_letters))
 
 
-async def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> asyncio.Server:
-    """A minimal HTTP/1.0 server for ``/metrics`` and ``/healthz``.
+async def serve(metrics: Metrics, host: str, port: int, *, live: Probe, ready: Probe) -> asyncio.Server:
+    """A minimal HTTP/1.0 server for ``/metrics``, ``/livez``, ``/readyz`` and ``/healthz``.
 
     :raises MetricsUnavailable: it cannot listen on ``host:port`` (say, the port is taken).
     """
@@ -53,8 +57,8 @@ async def serve(metrics: Metrics, host: str, port: int, healthy: Callable[[], bo
             path = request.split()[1].decode() if len(request.split()) > 1 else "/"
             if path.startswith("/metrics"):
                 status, body, ctype = "200 OK", generate_latest(metrics.registry), CONTENT_TYPE_LATEST
-            elif path.startswith("/healthz"):
-                ok = healthy()
+            elif path.startswith(("/livez", "/readyz", "/healthz")):
+                ok = live() if path.startswith("/livez") else ready()
                 status = "200 OK" if ok else "503 Service Unavailable"
                 body, ctype = (b"ok\n" if ok else b"unavailable\n"), "text/plain"
             else:
