@@ -53,3 +53,13 @@ class LimitsDiffer(LendingError):
         self.field = field
         self.theirs = theirs
         self.mine = mine
+
+
+class MetricsUnavailable(LendingError):
+    """The metrics server could not listen on ``host:port`` (taken, not ours, not allowed)."""
+
+    def __init__(self, host: str, port: int, cause: str) -> None:
+        super().__init__(f"cannot serve metrics on {host}:{port}: {cause} (--metrics-host, --metrics-port)")
+        self.host = host
+        self.port = port
+        self.cause = cause

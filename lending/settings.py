@@ -87,7 +87,11 @@ class Settings:
     :param reconcile_interval_ms: how often the worker settles the shelving grants of
         finished requests (``{NS}:grants``).
     :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
-    :param metrics_port: serve ``/metrics`` and ``/healthz`` on this port (``None``: off).
+    :param metrics_port: serve ``/metrics``, ``/livez``, ``/readyz`` and ``/healthz`` on this
+        port (``None``: off).
+    :param metrics_host: the address to serve them on (``127.0.0.1``: this host only).
+    :param liveness_timeout_s: ``/livez`` fails when a consumer's read loop has been in one
+        round for longer (it is stuck: a round takes seconds, even while Redis is away).
     :param events_maxlen: about how many events ``{NS}:events`` keeps.
     :param dead_letters_maxlen: how many dead letters ``{NS}:dead-letters`` keeps (the
         writers drop the oldest beyond it, and count them).
@@ -126,6 +130,8 @@ class Settings:
     events_maxlen: int = 1_000_000
     dead_letters_maxlen: int = 100_000
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    liveness_timeout_s: float = 60.0
     trim_interval_s: float = 10.0
     allow_eviction_data_loss: bool = False
 
@@ -150,6 +156,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 out.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.liveness_timeout_s <= 0:
+            out.append("the liveness timeout must be positive")
         if self.events_maxlen < 1 or self.trim_interval_s <= 0:
             out.append("events-maxlen must be at least 1 and the trim interval positive")
         if self.storage_capacity < 0:

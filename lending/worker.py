@@ -116,13 +116,31 @@ class Worker:
         self.lost_id = False
         self.refused_eviction = False
         self._eviction_reported: eviction.Verdict | None = None
+        self._loops: list[asyncio.Task[None]] = []  # the consumers and the periodic tasks
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code.
 
+        :raises MetricsUnavailable: the metrics port is taken (checked first: the worker
+            id is claimed only once the port is ours).
         :raises EvictionRefused: Redis may evict any key (``allkeys-*``) and
             ``allow_eviction_data_loss`` is off.
         """
+        server = None
+        if self.settings.metrics_port is not None:
+            server = await monitoring.serve(
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port, live=self.live, ready=self.healthy
+            )
+            host, port = server.sockets[0].getsockname()[:2]
+            log.info("serving /metrics, /livez and /readyz", host=host, port=port)
+        try:
+            return await self._run(metrics=server is not None)
+        finally:
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+
+    async def _run(self, *, metrics: bool) -> int:
         await self._check_eviction(starting=True)
         for warning in self.settings.warnings():
             log.warning(warning)
@@ -135,11 +153,8 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         trimming = asyncio.create_task(self._trim_periodically())
         reconciling = asyncio.create_task(self._reconcile_periodically())
-        server = None
-        if self.settings.metrics_port is not None:
-            server = await monitoring.serve(self.metrics, self.settings.metrics_port, self.healthy)
-            log.info("serving /metrics and /healthz", port=self.settings.metrics_port)
-        refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
+        refreshing = asyncio.create_task(self._refresh_metrics()) if metrics else None
+        self._loops = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
         announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
@@ -149,13 +164,9 @@ class Worker:
                 consumer.stop()
             await asyncio.wait(tasks, timeout=2.0)
             drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
-            background = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
-            for task in background:
+            for task in self._loops:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if server is not None:
-                server.close()
-                await server.wait_closed()
+            await asyncio.gather(*self._loops, return_exceptions=True)
             await self._release_id()
             counters = self.counters()
             log.info("worker stopped", processed=counters["processed"], failures=counters["failed"], drained=drained)
@@ -241,8 +252,22 @@ class Worker:
             "failed": sum(c.failures for c in self.consumers),
         }
 
+    def live(self) -> bool:
+        """The process and its loops are alive: what ``/livez`` reports.
+
+        A Redis outage does not fail it (the loops ride it out, and a restart would not
+        bring Redis back); a loop that ended, or a consumer stuck in one round of its read
+        loop for ``liveness_timeout_s``, does. (A blocked event loop cannot answer at all.)
+        """
+        if self._stop.is_set():
+            return True  # stopping on purpose: the loops end as they should
+        if any(task.done() for task in self._loops):
+            return False
+        now = time.monotonic()
+        return all(c.stalled_s(now) < self.settings.liveness_timeout_s for c in self.consumers)
+
     def healthy(self) -> bool:
-        """Connected and consuming: what ``/healthz`` reports."""
+        """Ready: connected and consuming. What ``/readyz`` (and ``/healthz``) report."""
         return not self._stop.is_set() and all(c.connected for c in self.consumers)
 
     async def _refresh_metrics(self) -> None:

@@ -64,7 +64,12 @@ def count_options(command: F) -> F:
 @setting_option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
-    help="Serve Prometheus /metrics and /healthz on this port [default: off].",
+    help="Serve Prometheus /metrics and the probes /livez, /readyz (and /healthz, the same as /readyz) on this "
+    "port [default: off].",
+)
+@setting_option(
+    "--metrics-host",
+    help="Address to serve --metrics-port on (0.0.0.0: every address of the host).",
 )
 @setting_option("--uvloop/--no-uvloop", help="Run on uvloop's faster event loop (when installed).")
 @setting_option(

@@ -137,6 +137,7 @@ class StreamConsumer:
         self._log = log.bind(consumer=name)
         self._name = name
         self._metrics = metrics or Metrics()
+        self._metrics.add_consumer(name)
         self._on_redis_error = on_redis_error
         self._rng = rng or random.Random()
         self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again
@@ -149,6 +150,14 @@ class StreamConsumer:
         self.processed = 0
         self.failures = 0
         self.connected = False
+        self._round_started: float | None = None  # time.monotonic() of the read loop's latest round
+
+    def stalled_s(self, now: float) -> float:
+        """How long the read loop has been in its current round (0 before it runs).
+
+        A round takes at most a few seconds, even while Redis is away (a blocking read,
+        a backoff, a command's socket timeout); a round that lasts far longer is stuck."""
+        return 0.0 if self._round_started is None else now - self._round_started
 
     @property
     def inflight(self) -> int:
@@ -171,6 +180,7 @@ class StreamConsumer:
     async def _consume(self) -> None:
         failures = 0
         while not self._stopping.is_set():
+            self._round_started = time.monotonic()
             try:
                 if not self.connected:
                     await self.ensure_groups()
