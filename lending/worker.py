@@ -164,9 +164,7 @@ class Worker:
                 consumer.stop()
             await asyncio.wait(tasks, timeout=2.0)
             drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
-            for task in self._loops:
-                task.cancel()
-            await asyncio.gather(*self._loops, return_exceptions=True)
+            await _cancel_all(self._loops)
             await self._release_id()
             counters = self.counters()
             log.info("worker stopped", processed=counters["processed"], failures=counters["failed"], drained=drained)
@@ -324,3 +322,17 @@ class Worker:
             await self.worker_id.release()
         except Exception as exc:
             log.warning("could not release the worker id; it expires by itself", error=str(exc))
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again while one lingers: a
+    redis-py call can swallow a cancellation that arrives as its write completes, and
+    a shutdown must not wait for ever on that."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    pending = {task for task in tasks if not task.done()}
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=0.5)
+    if pending:
+        log.warning("some background tasks did not end; stopping anyway", tasks=len(pending))
