@@ -18,8 +18,9 @@ from redis.exceptions import RedisError, ResponseError
 from lending.domain.events import Event
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
+from lending.redaction import redact
 from lending.redis.cluster import namespace_url
-from lending.redis.connection import check_reachable, make_client, redacted
+from lending.redis.connection import check_reachable, make_client
 from lending.redis.replies import Entries, StreamsReply, text
 from lending.settings import Tls
 
@@ -96,14 +97,14 @@ async def send_request(
     try:
         async with deadline:
             client = make_client(await namespace_url(url, keys.namespace, tls), tls=tls)
-            await check_reachable(client, redacted(url))
+            await check_reachable(client, url)
             request_id, after = await submit(client, keys, action, user_id, book_ids, progress)
             if not wait:
                 return Queued(request_id)
             event = await wait_for_event(client, keys, action, request_id, after, timeout_s)
             return Answered(event) if event else NoOutcome(request_id)
     except (RedisUnavailable, RedisError, OSError) as exc:  # OSError includes the deadline's TimeoutError
-        return failure_outcome(exc, progress, url=redacted(url), timeout_s=timeout_s, expired=deadline.expired())
+        return failure_outcome(exc, progress, url=redact(url), timeout_s=timeout_s, expired=deadline.expired())
     finally:
         if client is not None:
             await client.aclose()

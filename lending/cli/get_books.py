@@ -14,6 +14,7 @@ from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreac
 from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from lending.domain.requests import id_problem
 from lending.keys import BY_VERB
+from lending.redaction import redact
 
 EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
 EXIT_TIMEOUT = 3
@@ -110,10 +111,10 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
             )
             return EXIT_TIMEOUT
         case Unreachable(message):
-            click.echo(f"error: {message}", err=True)
+            click.echo(redact(f"error: {message}"), err=True)
             return EXIT_UNREACHABLE
         case Refused(reason):
-            click.echo(f"error: Redis refused the request: {reason}", err=True)
+            click.echo(redact(f"error: Redis refused the request: {reason}"), err=True)
             return EXIT_REFUSED
 
 

@@ -18,8 +18,9 @@ from redis.asyncio import Redis
 
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
+from lending.redaction import redact
 from lending.redis.cluster import namespace_url
-from lending.redis.connection import check_reachable, make_client, redacted
+from lending.redis.connection import check_reachable, make_client
 from lending.settings import DEFAULT_REDIS_URL, Settings, Tls
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -166,10 +167,11 @@ def tls_from_options(options: dict[str, Any]) -> Tls:
 
 
 class CommandError(click.ClickException):
-    """Ends a command with one line ``error: <message>`` on stderr and ``exit_code`` (1)."""
+    """Ends a command with one line ``error: <message>`` on stderr and ``exit_code`` (1);
+    a URL in the message shows no password."""
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: {self.format_message()}", file=file, err=True)
+        click.echo(f"error: {redact(self.format_message())}", file=file, err=True)
 
 
 @asynccontextmanager
@@ -182,7 +184,7 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
     client: Redis | None = None
     try:
         client = make_client(await namespace_url(target.url, target.namespace, target.tls), tls=target.tls)
-        await check_reachable(client, redacted(target.url))
+        await check_reachable(client, target.url)
     except RedisUnavailable as exc:
         if client is not None:
             await client.aclose()
