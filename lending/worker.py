@@ -23,6 +23,7 @@ from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Handler, S
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId
+from lending.service.inbox import InboxRelay
 from lending.service.lending import LendingService
 from lending.service.shelving_mock import ShelvingService
 from lending.settings import Settings
@@ -65,6 +66,13 @@ class Worker:
         )
         self.metrics = Metrics()
         self.lending = LendingService(client, settings, self._scripts, self.shelving, self.metrics)
+        self.inbox = InboxRelay(
+            client,
+            self.keys,
+            self._scripts,
+            max_books=settings.max_books_per_request,
+            on_redis_error=on_redis_error,
+        )
 
         def consumer(
             group: str, streams: list[str], handler: Handler, dead_letter: DeadLetterHandler
@@ -123,6 +131,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         trimming = asyncio.create_task(self._trim_periodically())
         reconciling = asyncio.create_task(self._reconcile_periodically())
+        relaying = asyncio.create_task(self.inbox.run())
         server = None
         if self.settings.metrics_port is not None:
             server = await monitoring.serve(self.metrics, self.settings.metrics_port, self.healthy)
@@ -137,7 +146,7 @@ class Worker:
                 consumer.stop()
             await asyncio.wait(tasks, timeout=2.0)
             drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
-            background = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
+            background = [t for t in (*tasks, heartbeat, trimming, reconciling, relaying, refreshing) if t is not None]
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

@@ -68,12 +68,14 @@ class Snapshot:
     events_trimmed_to: str | None = None  # events before this ID may have been trimmed away
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (event id, action, request id)
     groups: list[GroupState] = field(default_factory=list)
+    inbox: int = 0  # requests handed in through the inbox, not queued yet
 
     @property
     def quiescent(self) -> bool:
-        """Every group has read and acknowledged its whole stream: nothing is in progress,
-        so a reservation still present is a leftover, not work under way."""
-        return all(g.done for g in self.groups)
+        """Every group has read and acknowledged its whole stream and the inbox is empty:
+        nothing is in progress, so a reservation still present is a leftover, not work
+        under way."""
+        return all(g.done for g in self.groups) and self.inbox == 0
 
 
 def check_state(
@@ -304,6 +306,7 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
         snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
     for stream, group in keys.consumed():
         snap.groups.append(await _group_state(client, stream, group))
+    snap.inbox = await client.llen(keys.inbox)
     return snap
 
 

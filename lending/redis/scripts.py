@@ -94,6 +94,7 @@ class Scripts:
         self.worker_claim = _read("worker_claim")
         self.worker_renew = _read("worker_renew")
         self.worker_release = _read("worker_release")
+        self.relay = _read("relay")
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]
