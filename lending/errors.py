@@ -26,6 +26,14 @@ class RedisUnavailable(LendingError):
         super().__init__(f"cannot reach Redis at {self.url}: {self.cause}")
 
 
+class RequestRefused(LendingError):
+    """The inbox relay refused a request handed in through the inbox (out of bounds)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the inbox refused the request: {reason}")
+        self.reason = reason
+
+
 class WorkerIdTaken(LendingError):
     """Another live process holds this worker id."""
 

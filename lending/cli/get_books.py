@@ -103,6 +103,13 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
                 else f"QUEUED {request_id}"
             )
             return 0
+        case NoOutcome(None):
+            click.echo(
+                f"no worker took the {action} request from the inbox within {timeout:g} s; "
+                "it waits there and is queued when a worker runs",
+                err=True,
+            )
+            return EXIT_TIMEOUT
         case NoOutcome(request_id):
             click.echo(
                 f"no outcome for {action} request {request_id} within {timeout:g} s; "
