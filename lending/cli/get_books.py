@@ -77,7 +77,8 @@ def get_books_command(
 
     Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
     or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
-    --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
+    --timeout (the request stays queued; for a user without XADD, also: no worker took
+    it from the inbox yet), 4 failed, 5 Redis unreachable, lost, or
     silent for --timeout before the request was queued, 6 Redis refused the request
     (out of memory, no permission, stream out of IDs, ...).
     """
