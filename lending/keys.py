@@ -102,6 +102,21 @@ class Keys:
         return f"{self.prefix}:events"
 
     @property
+    def inbox(self) -> str:
+        """Requests handed in by senders that may not XADD (list of submissions,
+        ``domain.submission``); the workers queue them on their request streams."""
+        return f"{self.prefix}:inbox"
+
+    @property
+    def receipts_prefix(self) -> str:
+        return f"{self.prefix}:receipts:"
+
+    def receipt(self, nonce: str) -> str:
+        """Where a worker answers the inbox submission ``nonce``: a stream of one entry,
+        ``request_id`` (or ``error``), that expires."""
+        return self.receipts_prefix + nonce
+
+    @property
     def events_trimmed_to(self) -> str:
         """The first event ID left after the last trim of ``{NS}:events`` (for the checker:
         older requests may have lost their event to trimming)."""

@@ -25,6 +25,7 @@ from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Handler, S
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId
+from lending.service.inbox import InboxRelay
 from lending.service.lending import LendingService
 from lending.service.shelving_mock import ShelvingService
 from lending.settings import Settings
@@ -77,6 +78,13 @@ class Worker:
         )
         self.metrics = Metrics()
         self.lending = LendingService(client, settings, self._scripts, self.shelving, self.metrics)
+        self.inbox = InboxRelay(
+            client,
+            self.keys,
+            self._scripts,
+            max_books=settings.max_books_per_request,
+            on_redis_error=on_redis_error,
+        )
 
         def consumer(
             group: str, streams: list[str], handler: Handler, dead_letter: DeadLetterHandler
@@ -153,8 +161,9 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         trimming = asyncio.create_task(self._trim_periodically())
         reconciling = asyncio.create_task(self._reconcile_periodically())
+        relaying = asyncio.create_task(self.inbox.run())
         refreshing = asyncio.create_task(self._refresh_metrics()) if metrics else None
-        self._loops = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
+        self._loops = [t for t in (*tasks, heartbeat, trimming, reconciling, relaying, refreshing) if t is not None]
         announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:

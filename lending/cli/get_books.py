@@ -14,6 +14,7 @@ from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreac
 from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from lending.domain.requests import id_problem
 from lending.keys import BY_VERB
+from lending.redaction import redact
 
 EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
 EXIT_TIMEOUT = 3
@@ -76,7 +77,8 @@ def get_books_command(
 
     Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
     or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
-    --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
+    --timeout (the request stays queued; for a user without XADD, also: no worker took
+    it from the inbox yet), 4 failed, 5 Redis unreachable, lost, or
     silent for --timeout before the request was queued, 6 Redis refused the request
     (out of memory, no permission, stream out of IDs, ...).
     """
@@ -102,6 +104,13 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
                 else f"QUEUED {request_id}"
             )
             return 0
+        case NoOutcome(None):
+            click.echo(
+                f"no worker took the {action} request from the inbox within {timeout:g} s; "
+                "it waits there and is queued when a worker runs",
+                err=True,
+            )
+            return EXIT_TIMEOUT
         case NoOutcome(request_id):
             click.echo(
                 f"no outcome for {action} request {request_id} within {timeout:g} s; "
@@ -110,10 +119,10 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
             )
             return EXIT_TIMEOUT
         case Unreachable(message):
-            click.echo(f"error: {message}", err=True)
+            click.echo(redact(f"error: {message}"), err=True)
             return EXIT_UNREACHABLE
         case Refused(reason):
-            click.echo(f"error: Redis refused the request: {reason}", err=True)
+            click.echo(redact(f"error: Redis refused the request: {reason}"), err=True)
             return EXIT_REFUSED
 
 

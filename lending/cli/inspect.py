@@ -37,7 +37,7 @@ def check_command(target: Target, wait_s: float, as_json: bool) -> None:
 
     Always: each user's count equals their books in lent-books and is within the
     limit; no book is both lent and in storage; storage within its capacity. Once
-    quiescent (request streams all read and acknowledged, shelving returns drained):
+    quiescent (inbox empty, request streams all read and acknowledged, shelving returns drained):
     shelving holds exactly the lent and stored books (and the library's record of
     them agrees); every request entry has exactly one event and every event names an
     entry; no reservation is left.

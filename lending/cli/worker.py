@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from redis.exceptions import ResponseError
 
 from lending import app
 from lending.cli.options import CONTEXT_SETTINGS, CommandError, F, Target, connection_options, setting_option
 from lending.errors import ConfigError, LendingError
 from lending.logs import configure_logging
+from lending.redis.replies import no_permission
 from lending.settings import Settings
 
 #: The whole-number settings, in their --help order, with their help.
@@ -100,4 +102,8 @@ def worker_command(worker_id: str, target: Target, **options: Any) -> None:
         raise click.UsageError(str(exc)) from exc
     except LendingError as exc:
         raise CommandError(str(exc)) from exc
+    except ResponseError as exc:
+        if (refusal := no_permission(exc)) is None:
+            raise
+        raise CommandError(f"no permission: {refusal}") from exc
     sys.exit(code)

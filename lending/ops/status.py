@@ -49,6 +49,7 @@ async def read_status(client: Redis, namespace: str) -> dict[str, Any]:
                 ("dead-letters", keys.dead_letters),
             )
         },
+        "inbox": await client.llen(keys.inbox),
         "groups": groups,
         "workers": [worker_entry(w, ttl, infos.get(w, {}), now_ms) for w, ttl in sorted(workers.items())],
         "storage": {"books": await client.scard(keys.storage), "capacity": limits.storage_capacity},
@@ -263,6 +264,7 @@ def ok_line(status: Mapping[str, Any]) -> str:
 def render(status: dict[str, Any]) -> str:
     lines = [f"namespace {status['namespace']}", "streams"]
     lines += [f"  {name:<17} {length}" for name, length in status["streams"].items()]
+    lines.append(f"inbox             {status['inbox']} waiting to be queued")
     lines.append("groups")
     for g in status["groups"]:
         if not g["exists"]:

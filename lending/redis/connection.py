@@ -10,6 +10,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
+from lending.redaction import redact
 from lending.settings import Tls
 
 
@@ -35,13 +36,8 @@ def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None)
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user + ':***' if user else '***'}@{host}"
+    """``url`` without its password, for messages and logs (``lending.redaction.redact``)."""
+    return redact(url)
 
 
 async def check_reachable(client: Redis, url: str) -> None:
@@ -49,4 +45,4 @@ async def check_reachable(client: Redis, url: str) -> None:
     try:
         await client.ping()
     except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
-        raise RedisUnavailable(redacted(url), str(exc) or type(exc).__name__) from exc
+        raise RedisUnavailable(url, str(exc) or type(exc).__name__) from exc

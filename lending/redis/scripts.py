@@ -95,6 +95,7 @@ class Scripts:
         self.worker_renew = _read("worker_renew")
         self.worker_release = _read("worker_release")
         self.forget_consumers = _read("forget_consumers")
+        self.relay = _read("relay")
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]
