@@ -17,14 +17,24 @@ from functools import partial
 import pytest
 import redis
 
+from lending.errors import RedisUnavailable
 from lending.keys import Keys
 from lending.ops import checker
-from lending.redis.cluster import SlotOwner, cluster_client
+from lending.redis.cluster import ClusterUrl, SlotOwner, cluster_client
 from lending.redis.embedded import free_port, redis_cli_path, redis_server_path
 from lending.settings import Settings
 from lending.worker import Worker
 
-from .support import ROOT, event_for, process_env, send, wait_until
+from .support import (
+    ROOT,
+    event_for,
+    process_env,
+    run_get_books,
+    send,
+    start_worker_process,
+    stop_process,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +141,92 @@ async def namespaces_on_two_masters(url: str) -> tuple[str, str]:
         found.setdefault(await SlotOwner(url, namespace).master(), namespace)
     first, second = list(found.values())[:2]
     return first, second
+
+
+@pytest.mark.parametrize(
+    ("url", "seeds", "last_node_url"),
+    [
+        ("redis+cluster://127.0.0.1:7001", [("127.0.0.1", 7001)], "redis://127.0.0.1:7001"),
+        ("redis+cluster://h1:7001,h2:7002", [("h1", 7001), ("h2", 7002)], "redis://h2:7002"),
+        (
+            "rediss+cluster://u:p%40ss@h1:7001,[::1]:7002/0",
+            [("h1", 7001), ("::1", 7002)],
+            "rediss://u:p%40ss@[::1]:7002/0",
+        ),
+        ("redis+cluster://:pw@h1,h2:7002?x=1", [("h1", 6379), ("h2", 7002)], "redis://:pw@h2:7002?x=1"),
+    ],
+)
+def test_a_cluster_url_names_seed_nodes(url: str, seeds: list[tuple[str, int]], last_node_url: str) -> None:
+    """Parsed once: every seed, and credentials, TLS, path and query for every node."""
+    parsed = ClusterUrl.parse(url)
+    assert list(parsed.seeds) == seeds
+    assert parsed.node_url(*seeds[-1]) == last_node_url
+    assert "pw" not in parsed.redacted and "p%40ss" not in parsed.redacted
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+cluster://lending:S3CRET@h1:7001,h2:x", "seed 'h2:x' has no valid port"),
+        ("redis+cluster://lending:S3CRET@h1:7001,", "an empty seed"),
+        ("redis+cluster://lending:S3CRET@h1:70000", "seed 'h1:70000' has no valid port"),
+    ],
+)
+def test_a_malformed_seed_is_one_redacted_error(url: str, reason: str) -> None:
+    with pytest.raises(RedisUnavailable) as raised:
+        ClusterUrl.parse(url)
+    assert reason in str(raised.value)
+    assert "S3CRET" not in str(raised.value) and "lending:***@" in str(raised.value)
+
+
+def test_every_command_takes_several_seeds_and_skips_a_dead_first_one(cluster: tuple[str, list[int]]) -> None:
+    """Seeds ``dead,node,node`` with a password that every node knows: the worker,
+    get_books, check, status and dead-letters all work, and never print the password."""
+    _, ports = cluster
+    for port in ports:
+        _run_on(port, "ACL", "SETUSER", "seeds", "on", ">S3CRET-seeds", "~*", "&*", "+@all")
+    seeds = ",".join(f"127.0.0.1:{port}" for port in (free_port(), ports[1], ports[2]))
+    url = f"redis+cluster://seeds:S3CRET-seeds@{seeds}"
+    namespace = f"lib-{uuid.uuid4().hex[:6]}"
+    worker = start_worker_process("w1", url, namespace)
+    outputs = []
+    try:
+        lent = run_get_books(url, namespace, "request", "ada", "book-1")
+        outputs += [lent.stdout, lent.stderr]
+        assert lent.returncode == 0 and lent.stdout.startswith("ACCEPTED"), lent.stdout + lent.stderr
+        for command in (["status"], ["check"], ["dead-letters", "list"]):
+            ran = subprocess.run(
+                [sys.executable, "-m", "lending", *command],
+                cwd=ROOT,
+                env=process_env(url, namespace),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            outputs += [ran.stdout, ran.stderr]
+            assert ran.returncode == 0, f"{command}: {ran.stdout}{ran.stderr}"
+        assert "books lent        1" in outputs[2], outputs[2]
+    finally:
+        code, out, err = stop_process(worker)
+    outputs += [out, err]
+    assert code == 0, err
+    assert not [o for o in outputs if "S3CRET" in o]
+
+
+def test_a_malformed_seed_list_is_one_line_and_exit_1() -> None:
+    ran = subprocess.run(
+        [sys.executable, "-m", "lending", "status"],
+        cwd=ROOT,
+        env=process_env("redis+cluster://lending:S3CRET@127.0.0.1:1,127.0.0.1:x", "lib"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ran.returncode == 1
+    assert ran.stderr.strip().splitlines() == [
+        "error: cannot reach Redis at redis+cluster://lending:***@127.0.0.1:1,127.0.0.1:x: "
+        "seed '127.0.0.1:x' has no valid port (host:port, separated by commas)"
+    ]
 
 
 async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[str, list[int]]) -> None:

@@ -6,77 +6,143 @@ client cannot run WATCH/MULTI), the service talks to the master that owns that s
 over a direct connection, and finds the owner again after ``MOVED``/``ASK`` (resharding,
 failover) or a lost connection.
 
-URLs: ``redis+cluster://host:port`` (or ``rediss+cluster://``) names any node of the
-cluster; credentials and TLS apply to every node.
+URLs: ``redis+cluster://host:port`` (or ``rediss+cluster://``) names one node of the
+cluster, ``redis+cluster://user:password@h1:p1,h2:p2`` several (seeds, asked in turn);
+credentials, TLS and the rest of the URL apply to every node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
-from lending.redis.connection import make_client
+from lending.redis.connection import make_client, redacted
 from lending.redis.replies import text
 from lending.settings import Tls
 
 log = structlog.get_logger(__name__)
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+DEFAULT_PORT = 6379
+
+Node = tuple[str, int]
 
 
 def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0] in CLUSTER_SCHEMES
 
 
-def _node_url(url: str, host: str, port: int) -> str:
-    """``url`` (a cluster or plain URL) pointed at one node, keeping scheme and credentials."""
-    scheme, _, rest = url.partition("://")
-    scheme = CLUSTER_SCHEMES.get(scheme, scheme)
-    credentials, at, _address = rest.rpartition("@")
-    path = _address.partition("/")[2]
-    return f"{scheme}://{credentials}{at}{host}:{port}" + (f"/{path}" if path else "")
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A cluster URL, parsed once: its seed nodes, and what applies to every node.
+
+    :param scheme: the scheme of a node's URL, ``redis`` or ``rediss``.
+    :param userinfo: ``user:password@`` as given (percent-encoded), or ``""``.
+    :param seeds: the nodes named, in order.
+    :param tail: the path and query, as given (``/0``, ``?...``), or ``""``.
+    :param redacted: the URL without its password, for messages.
+    """
+
+    scheme: str
+    userinfo: str
+    seeds: tuple[Node, ...]
+    tail: str
+    redacted: str
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterUrl:
+        """:raises RedisUnavailable: ``url`` names no usable node (the message hides the password)."""
+        scheme, _, rest = url.partition("://")
+        credentials, at, location = rest.rpartition("@")
+        end = min((i for i in map(location.find, "/?#") if i >= 0), default=len(location))
+        hosts = location[:end].split(",")
+        try:
+            if len(hosts) > 1 and "" in hosts:
+                raise ValueError("an empty seed (host:port, separated by commas)")
+            seeds = tuple(_seed(seed) for seed in hosts)
+        except ValueError as exc:
+            raise RedisUnavailable(redacted(url), str(exc)) from None
+        return cls(CLUSTER_SCHEMES.get(scheme, scheme), credentials + at, seeds, location[end:], redacted(url))
+
+    def node_url(self, host: str, port: int) -> str:
+        """The URL of one node: this URL's scheme, credentials, path and query."""
+        address = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{self.userinfo}{address}:{port}{self.tail}"
+
+
+def _seed(seed: str) -> Node:
+    """``host:port``, ``[IPv6]:port`` or ``host`` (port 6379) as a node; no host is 127.0.0.1."""
+    match = re.fullmatch(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*))(?::(?P<port>.*))?", seed)
+    if match is None:
+        raise ValueError(f"seed {seed!r} is not host:port ([address]:port for IPv6)")
+    host, port = match["v6"] or match["host"], match["port"]
+    if not port:
+        return host or "127.0.0.1", DEFAULT_PORT
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"seed {seed!r} has no valid port (host:port, separated by commas)")
+    return host or "127.0.0.1", int(port)
+
+
+def slot_owner(ranges: Sequence[Sequence[Any]], slot: int, asked: str) -> Node | None:
+    """The master serving ``slot`` in a ``CLUSTER SLOTS`` reply of node ``asked``."""
+    for start, end, primary, *_ in ranges:
+        if int(start) <= slot <= int(end):
+            return text(primary[0]) or asked, int(primary[1])
+    return None
 
 
 class SlotOwner:
-    """Finds the master owning a namespace's slot, starting from a cluster URL."""
+    """Finds the master owning a namespace's slot, starting from a cluster URL's seeds."""
 
-    def __init__(self, url: str, namespace: str, tls: Tls | None = None) -> None:
-        self.url = url
+    def __init__(self, url: str | ClusterUrl, namespace: str, tls: Tls | None = None) -> None:
+        self.url = url if isinstance(url, ClusterUrl) else ClusterUrl.parse(url)
         self.tls = tls
         self.tag = Keys(namespace).prefix
-        host_port = url.partition("://")[2].rpartition("@")[2].partition("/")[0]
-        host, _, port = host_port.rpartition(":")
-        self.known: list[tuple[str, int]] = [(host or "127.0.0.1", int(port or 6379))]
+        self.slot = key_slot(self.tag.encode())
+        self.known: list[Node] = list(self.url.seeds)
 
-    async def master(self) -> tuple[str, int]:
-        """Ask the known nodes, in turn, who owns the slot now."""
-        errors = []
-        for host, port in list(self.known):
-            client = make_client(_node_url(self.url, host, port), tls=self.tls)
-            try:
-                slot = int(await client.execute_command("CLUSTER", "KEYSLOT", self.tag))  # type: ignore[no-untyped-call]
-                ranges = cast(list[list[Any]], await client.execute_command("CLUSTER", "SLOTS"))  # type: ignore[no-untyped-call]
-            except Exception as exc:  # try the next node
-                errors.append(f"{host}:{port}: {exc}")
-                continue
-            finally:
-                await client.aclose()
-            nodes = [(text(n[0]), int(n[1])) for r in ranges for n in r[2:]]
-            self.known = list(dict.fromkeys([*self.known, *nodes]))
-            for start, end, primary, *_ in ranges:
-                if int(start) <= slot <= int(end):
-                    return text(primary[0]), int(primary[1])
-            errors.append(f"{host}:{port}: slot {slot} of {self.tag} is not served")
-        raise RedisUnavailable(self.url, "; ".join(errors) or "no cluster node answered")
+    async def master(self) -> Node:
+        """Ask the known nodes in turn (the seeds first) who owns the slot now.
+
+        :raises RedisUnavailable: no node answered, or none knows a master of the slot.
+        """
+        errors: list[str] = []
+        for node in list(self.known):
+            owner = await self._owner_by(node, errors)
+            if owner is not None:
+                return owner
+        raise RedisUnavailable(self.url.redacted, "; ".join(dict.fromkeys(errors)) or "no cluster node answered")
+
+    async def _owner_by(self, node: Node, errors: list[str]) -> Node | None:
+        """The master of the slot according to ``node`` (``None``: no answer, noted in ``errors``);
+        the nodes it knows become known."""
+        host, port = node
+        client = make_client(self.url.node_url(host, port), max_connections=1, tls=self.tls)
+        try:
+            ranges = cast(list[list[Any]], await client.execute_command("CLUSTER", "SLOTS"))  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            errors.append(f"{host}:{port}: {exc}")
+            return None
+        finally:
+            await client.aclose()
+        nodes = [(text(n[0]) or host, int(n[1])) for r in ranges for n in r[2:]]
+        self.known = list(dict.fromkeys([*self.known, *nodes]))
+        owner = slot_owner(ranges, self.slot, host)
+        if owner is None:
+            errors.append(f"{host}:{port}: slot {self.slot} of {self.tag} is not served")
+        return owner
 
     async def url_of_master(self) -> str:
         host, port = await self.master()
-        return _node_url(self.url, host, port)
+        return self.url.node_url(host, port)
 
     async def follow(self, client: Redis) -> None:
         """Point ``client``'s connections at the slot's current master, if it moved."""
