@@ -32,6 +32,18 @@ log = structlog.get_logger(__name__)
 READY_MESSAGE = "Ready to process events..."
 
 
+async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks``, again and again until they are done: on Python 3.11 a task can lose
+    a cancellation inside a Redis call (redis-py wraps socket writes in ``asyncio.wait_for``,
+    which returns the result when the cancellation comes as the write completes)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    await asyncio.gather(*tasks, return_exceptions=True)  # collect their errors, if any
+
+
 class Worker:
     """Runs the consumers of one worker id until a signal (or ``handle_sig``) stops it.
 
@@ -138,9 +150,7 @@ class Worker:
             await asyncio.wait(tasks, timeout=2.0)
             drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
             background = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await _cancel_until_done(background)
             if server is not None:
                 server.close()
                 await server.wait_closed()
