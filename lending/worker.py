@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 
 import structlog
@@ -19,7 +19,7 @@ from lending.logs import announce
 from lending.metrics import Metrics
 from lending.ops import monitoring, retention
 from lending.redis import eviction
-from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Handler, StreamConsumer
+from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, FindRedis, Handler, StreamConsumer
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId
@@ -50,7 +50,9 @@ class Worker:
     :param settings: the worker's configuration.
     :param client: a connected Redis client; the worker does not close it.
     :param handle_signals: install SIGINT/SIGTERM handlers (off for tests and embedding).
-    :param on_redis_error: called after Redis errors (a cluster namespace follows its slot).
+    :param on_redis_error: called after transient Redis errors to find Redis again (a
+        cluster namespace follows its slot); returns ``True`` when Redis is now somewhere
+        else, and then everything that waits for Redis resumes at once.
     """
 
     def __init__(
@@ -59,12 +61,14 @@ class Worker:
         client: Redis,
         *,
         handle_signals: bool = True,
-        on_redis_error: Callable[[], Awaitable[None]] | None = None,
+        on_redis_error: FindRedis | None = None,
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self._client = client
         self._handle_signals = handle_signals
+        self._find_redis = on_redis_error
+        self._renew_now = asyncio.Event()  # the heartbeat renews at once (Redis moved)
         self._scripts = Scripts()
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.worker_id = WorkerId(client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms)
@@ -101,7 +105,7 @@ class Worker:
                 name=group,
                 renew=self._scripts.renew,
                 metrics=self.metrics,
-                on_redis_error=on_redis_error,
+                on_redis_error=self._follow_redis if on_redis_error else None,
                 on_reconnect=self._check_eviction,
             )
 
@@ -218,10 +222,26 @@ class Worker:
             log.warning(verdict.message, policy=policy)
         self._eviction_reported = verdict
 
+    async def _follow_redis(self) -> bool:
+        """Find Redis again (``on_redis_error``); when it is somewhere new, the consumers and
+        the heartbeat stop waiting for it."""
+        assert self._find_redis is not None  # only handed to the consumers when given
+        moved = await self._find_redis()
+        if moved:
+            for consumer in self.consumers:
+                consumer.redis_moved()
+            self._renew_now.set()
+        return moved
+
     async def _heartbeat(self) -> None:
         interval = self.settings.worker_ttl_ms / 3000.0
         while True:
-            await asyncio.sleep(interval)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # comes as the event is set (a stop while the worker follows a new master).
+            with suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
             try:
                 held = await self.worker_id.renew()
             except Exception as exc:

@@ -21,12 +21,14 @@ from lending.errors import RedisUnavailable
 from lending.keys import Keys
 from lending.ops import checker
 from lending.redis.cluster import ClusterUrl, SlotOwner, cluster_client
+from lending.redis.connection import make_client
 from lending.redis.embedded import free_port, redis_cli_path, redis_server_path
 from lending.settings import Settings
 from lending.worker import Worker
 
 from .support import (
     ROOT,
+    all_events,
     event_for,
     process_env,
     run_get_books,
@@ -279,6 +281,80 @@ async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[s
             worker.stop()
             await asyncio.wait_for(task, 15)
             await client.aclose()
+
+
+async def test_requests_are_answered_within_2_s_of_a_promotion(cluster: tuple[str, list[int]]) -> None:
+    """Requests flow until a failover: each one sent before the replica's promotion has its
+    event within 2 s of it, and the worker's heartbeat is renewed at once. (Entries that
+    fail wait 2.5-5 s here, ``--retry-base-ms 5000``; a failover is no failure of theirs.)"""
+    url, _ = cluster
+    namespace = f"lib-{uuid.uuid4().hex[:6]}"
+    keys = Keys(namespace)
+    client, follow = await cluster_client(url, namespace)
+    settings = Settings(
+        worker_id="w1",
+        redis_url=url,
+        namespace=namespace,
+        retry_base_ms=5_000,
+        worker_ttl_ms=30_000,
+        shelving_latency_ms=100,
+    )
+    worker = Worker(settings, client, handle_signals=False, on_redis_error=follow)
+    running = asyncio.create_task(worker.run())
+    host, port = await SlotOwner(url, namespace).master()
+    replica_port = _replica_of(port)
+    old, new = make_client(f"redis://{host}:{port}"), make_client(f"redis://127.0.0.1:{replica_port}")
+    sent: list[str] = []
+
+    async def traffic() -> None:
+        # One request every 2 ms until the old master takes none (paused, then MOVED).
+        while True:
+            try:
+                sent.append(await send(old, keys, "lend", f"user-{len(sent)}", [f"book-{len(sent)}"]))
+            except redis.RedisError:
+                return
+            await asyncio.sleep(0.002)
+
+    try:
+        await wait_until(worker.healthy)
+        sending = asyncio.create_task(traffic())
+        await asyncio.sleep(0.5)
+        # Its next beat is 10 s away (a third of the TTL): a TTL of 30 s again soon after
+        # the promotion means the heartbeat did not wait for it.
+        await old.pexpire(keys.worker("w1"), 20_000)
+        await asyncio.to_thread(_run_on, replica_port, "CLUSTER", "FAILOVER")
+        promoted = await asyncio.to_thread(_promotion, replica_port)
+        await asyncio.wait_for(sending, 10)
+        await asyncio.sleep(max(0.0, promoted + 1.0 - time.time()))
+        heartbeat_ttl_ms = await new.pttl(keys.worker("w1"))
+
+        async def answered() -> dict[str, float]:
+            events = {e.request_id: int(e.event_id.split("-")[0]) / 1000 for e in await all_events(new, keys)}
+            return events if all(r in events for r in sent) else {}
+
+        await wait_until(answered, timeout_s=15, interval_s=0.2)
+        at = await answered()
+        late = max(at[r] - promoted for r in sent)
+        first_after = min((t for t in at.values() if t > promoted), default=promoted) - promoted
+        print(f"{len(sent)} requests; after the promotion: first event {first_after:.3f} s, last {late:.3f} s")
+        assert late < 2.0, f"a request sent before the promotion was answered {late:.2f} s after it"
+        assert heartbeat_ttl_ms > 28_000, f"heartbeat not renewed after the promotion (TTL {heartbeat_ttl_ms} ms)"
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 15)
+        for c in (client, old, new):
+            await c.aclose()
+
+
+def _promotion(port: int, timeout_s: float = 20.0) -> float:
+    """Wait until the node on ``port`` is a master (``ROLE``); the wall-clock time it was seen so."""
+    deadline = time.monotonic() + timeout_s
+    with redis.Redis(host="127.0.0.1", port=port) as client:
+        while client.execute_command("ROLE")[0] != b"master":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the replica on port {port} was not promoted")
+            time.sleep(0.002)
+    return time.time()
 
 
 async def _moved(owner: SlotOwner, old: tuple[str, int]) -> bool:

@@ -13,13 +13,15 @@ credentials, TLS and the rest of the URL apply to every node.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 from lending.errors import RedisUnavailable
@@ -110,15 +112,26 @@ class SlotOwner:
         self.known: list[Node] = list(self.url.seeds)
 
     async def master(self) -> Node:
-        """Ask the known nodes in turn (the seeds first) who owns the slot now.
+        """Ask the known nodes in turn (the seeds first) who owns the slot now, and check
+        with the owner named: after a failover a node may not have heard of the new master
+        yet, while the new master knows at once. If no owner agrees (it may be down, being
+        failed over), the first answer stands.
 
         :raises RedisUnavailable: no node answered, or none knows a master of the slot.
         """
         errors: list[str] = []
+        first: Node | None = None
         for node in list(self.known):
             owner = await self._owner_by(node, errors)
-            if owner is not None:
+            for _ in range(2):  # the owner named, and the one it names in turn
+                if owner is None or owner == node:
+                    break
+                first = first or owner
+                node, owner = owner, await self._owner_by(owner, errors)
+            if owner is not None and owner == node:
                 return owner
+        if first is not None:
+            return first
         raise RedisUnavailable(self.url.redacted, "; ".join(dict.fromkeys(errors)) or "no cluster node answered")
 
     async def _owner_by(self, node: Node, errors: list[str]) -> Node | None:
@@ -144,31 +157,63 @@ class SlotOwner:
         host, port = await self.master()
         return self.url.node_url(host, port)
 
-    async def follow(self, client: Redis) -> None:
-        """Point ``client``'s connections at the slot's current master, if it moved."""
-        host, port = await self.master()
-        pool = client.connection_pool
-        if (pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")) != (host, port):
-            log.warning("the namespace's slot moved: following it", master=f"{host}:{port}")
-            pool.connection_kwargs.update(host=host, port=port)
-            # Pooled connections keep their own address and reconnect to it: repoint them
-            # too (redis-py offers no public way to), then drop their sockets.
-            existing = [*getattr(pool, "_available_connections", []), *getattr(pool, "_in_use_connections", [])]
-            for connection in existing:
-                connection.host, connection.port = host, port
-            await pool.disconnect(inuse_connections=True)
+
+class FollowingPool(ConnectionPool):
+    """A connection pool that can be pointed at another server: the slot's new master.
+
+    Idle connections move at once. A connection in use is left alone until it comes back
+    to the pool: what runs on it goes on with the old master and fails there (``MOVED``,
+    ``UNBLOCKED``, a connection gone) rather than on the new one unawares; a transaction
+    that WATCHed keys on the old master must not commit on the new one without its WATCH.
+    (Closing it under its user would not do: redis-py reconnects a closed connection
+    silently, and a write under way on it fails with an ``AttributeError``.)
+    """
+
+    def address(self) -> Node:
+        return str(self.connection_kwargs.get("host")), int(self.connection_kwargs.get("port", DEFAULT_PORT))
+
+    async def move_to(self, host: str, port: int) -> bool:
+        """Point the pool at ``host:port``; ``False`` when it already was."""
+        if self.address() == (host, port):
+            return False
+        self.connection_kwargs.update(host=host, port=port)
+        idle = list(self._available_connections)
+        for connection in idle:
+            _point(connection, host, port)
+        await asyncio.gather(*(c.disconnect() for c in idle), return_exceptions=True)
+        return True
+
+    async def release(self, connection: AbstractConnection) -> None:
+        host, port = self.address()
+        if (getattr(connection, "host", host), getattr(connection, "port", port)) != (host, port):
+            await connection.disconnect()
+            _point(connection, host, port)
+        await super().release(connection)
+
+
+def _point(connection: AbstractConnection, host: str, port: int) -> None:
+    # redis-py offers no public way to move a connection: host and port are plain attributes.
+    connection.host, connection.port = host, port  # type: ignore[attr-defined]
 
 
 async def cluster_client(
     url: str, namespace: str, tls: Tls | None = None, *, max_connections: int = 128
-) -> tuple[Redis, Callable[[], Awaitable[None]]]:
-    """A client on the master owning the namespace's slot, and the hook that points it
-    at the slot's new master after a failover or resharding."""
+) -> tuple[Redis, Callable[[], Awaitable[bool]]]:
+    """A client on the master owning the namespace's slot, and the hook that points it at
+    the slot's current master (after a failover or resharding); the hook returns ``True``
+    when the master changed."""
     owner = SlotOwner(url, namespace, tls)
-    client = make_client(await owner.url_of_master(), max_connections=max_connections, tls=tls)
+    client = make_client(
+        await owner.url_of_master(), max_connections=max_connections, tls=tls, pool_class=FollowingPool
+    )
+    pool = cast(FollowingPool, client.connection_pool)
 
-    async def follow() -> None:
-        await owner.follow(client)
+    async def follow() -> bool:
+        host, port = await owner.master()
+        moved = await pool.move_to(host, port)
+        if moved:
+            log.warning("the namespace's slot moved: following it", master=f"{host}:{port}")
+        return moved
 
     return client, follow
 
