@@ -8,6 +8,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from lending.domain.streamids import id_key
 from lending.keys import REQUEST_TYPES, Keys
 from lending.redis import eviction
 from lending.redis.replies import text
@@ -75,6 +76,9 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
     out["pending"] = int(info["pending"])
     if info.get("lag") is not None:  # Redis 7
         out["lag"] = int(info["lag"])
+        if out["lag"]:
+            last_generated = text((await client.xinfo_stream(stream))["last-generated-id"])
+            out["lag"] = group_lag(out["lag"], text(info["last-delivered-id"]), last_generated)
     else:
         unread = await client.xrange(stream, min="(" + text(info["last-delivered-id"]), max="+", count=LAG_SCAN_LIMIT)
         out["lag"] = len(unread or [])
@@ -91,6 +95,13 @@ async def read_group(client: Redis, stream: str, group: str, live: set[str]) -> 
             if text(c["name"]) not in live
         ]
     return out
+
+
+def group_lag(reported: int, last_delivered_id: str, last_generated_id: str) -> int:
+    """The lag ``XINFO GROUPS`` reports, but 0 when the group has read up to the stream's
+    last generated ID: Redis 7.0 reports a stale lag after a failover, its replicas having
+    kept an old ``entries-read`` (redis/redis#12898)."""
+    return 0 if id_key(last_delivered_id) >= id_key(last_generated_id) else reported
 
 
 def render(status: dict[str, Any]) -> str:
