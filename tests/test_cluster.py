@@ -346,6 +346,42 @@ async def test_requests_are_answered_within_2_s_of_a_promotion(cluster: tuple[st
             await c.aclose()
 
 
+async def test_a_simulator_run_rides_out_a_failover(cluster: tuple[str, list[int]]) -> None:
+    """``python -m simulator run`` on a cluster, the namespace's master failing over in the
+    middle of its traffic: its sender, its event reader and its checker follow the slot."""
+    url, _ = cluster
+    namespace = f"sim-{uuid.uuid4().hex[:6]}"
+    keys = Keys(namespace)
+    host, port = await SlotOwner(url, namespace).master()
+    replica_port = _replica_of(port)
+    short_run = ["--duration", "4", "--workers", "1", "--rate", "50", "--users", "20", "--catalogue", "200"]
+    simulation = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "run", "--redis-url", url, "--namespace", namespace, *short_run],
+        cwd=ROOT,
+        env=process_env(url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    master = make_client(f"redis://{host}:{port}")
+    try:
+
+        async def traffic_flows() -> bool:
+            return sum([await master.xlen(stream) for stream in keys.request_streams]) >= 50
+
+        await wait_until(traffic_flows, timeout_s=20)
+        await asyncio.to_thread(_run_on, replica_port, "CLUSTER", "FAILOVER")
+        await asyncio.to_thread(_promotion, replica_port)
+        out, err = await asyncio.to_thread(simulation.communicate, timeout=60)
+    finally:
+        await master.aclose()
+        if simulation.poll() is None:
+            simulation.kill()
+            simulation.communicate()
+    assert simulation.returncode == 0, out + err[-3000:]
+    assert "RESULT        OK" in out and "missing       0 (no event)" in out, out
+
+
 def _promotion(port: int, timeout_s: float = 20.0) -> float:
     """Wait until the node on ``port`` is a master (``ROLE``); the wall-clock time it was seen so."""
     deadline = time.monotonic() + timeout_s
