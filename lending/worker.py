@@ -8,7 +8,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 
 import structlog
@@ -21,7 +21,7 @@ from lending.logs import announce
 from lending.metrics import Metrics
 from lending.ops import monitoring, retention
 from lending.redis import eviction
-from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Handler, StreamConsumer
+from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, FindRedis, Handler, StreamConsumer
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId
@@ -41,7 +41,9 @@ class Worker:
     :param settings: the worker's configuration.
     :param client: a connected Redis client; the worker does not close it.
     :param handle_signals: install SIGINT/SIGTERM handlers (off for tests and embedding).
-    :param on_redis_error: called after Redis errors (a cluster namespace follows its slot).
+    :param on_redis_error: called after transient Redis errors to find Redis again (a
+        cluster namespace follows its slot); returns ``True`` when Redis is now somewhere
+        else, and then everything that waits for Redis resumes at once.
     """
 
     def __init__(
@@ -50,12 +52,14 @@ class Worker:
         client: Redis,
         *,
         handle_signals: bool = True,
-        on_redis_error: Callable[[], Awaitable[None]] | None = None,
+        on_redis_error: FindRedis | None = None,
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self._client = client
         self._handle_signals = handle_signals
+        self._find_redis = on_redis_error
+        self._renew_now = asyncio.Event()  # the heartbeat renews at once (Redis moved)
         self._scripts = Scripts()
         host, pid = socket.gethostname(), os.getpid()
         token = f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
@@ -83,7 +87,7 @@ class Worker:
             self.keys,
             self._scripts,
             max_books=settings.max_books_per_request,
-            on_redis_error=on_redis_error,
+            on_redis_error=self._follow_redis if on_redis_error else None,
         )
 
         def consumer(
@@ -109,7 +113,7 @@ class Worker:
                 name=group,
                 renew=self._scripts.renew,
                 metrics=self.metrics,
-                on_redis_error=on_redis_error,
+                on_redis_error=self._follow_redis if on_redis_error else None,
                 on_reconnect=self._check_eviction,
             )
 
@@ -234,10 +238,26 @@ class Worker:
             log.warning(verdict.message, policy=policy)
         self._eviction_reported = verdict
 
+    async def _follow_redis(self) -> bool:
+        """Find Redis again (``on_redis_error``); when it is somewhere new, the consumers and
+        the heartbeat stop waiting for it."""
+        assert self._find_redis is not None  # only handed to the consumers when given
+        moved = await self._find_redis()
+        if moved:
+            for consumer in self.consumers:
+                consumer.redis_moved()
+            self._renew_now.set()
+        return moved
+
     async def _heartbeat(self) -> None:
         interval = self.settings.worker_ttl_ms / 3000.0
         while True:
-            await asyncio.sleep(interval)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # comes as the event is set (a stop while the worker follows a new master).
+            with suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
             try:
                 held = await self.worker_id.renew(self.counters())
             except Exception as exc:
@@ -334,14 +354,15 @@ class Worker:
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
-    """Cancel ``tasks`` and wait for them to end, cancelling again while one lingers: a
-    redis-py call can swallow a cancellation that arrives as its write completes, and
-    a shutdown must not wait for ever on that."""
+    """Cancel ``tasks`` and wait for them to end, cancelling again while one lingers: on
+    Python 3.11 a task can lose a cancellation inside a Redis call (redis-py wraps socket
+    writes in ``asyncio.wait_for``, which returns the result when the cancellation comes
+    as the write completes), and a shutdown must not wait for ever on that."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     pending = {task for task in tasks if not task.done()}
     while pending and asyncio.get_running_loop().time() < deadline:
         for task in pending:
             task.cancel()
-        _done, pending = await asyncio.wait(pending, timeout=0.5)
+        _done, pending = await asyncio.wait(pending, timeout=0.1)
     if pending:
         log.warning("some background tasks did not end; stopping anyway", tasks=len(pending))

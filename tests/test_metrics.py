@@ -96,9 +96,10 @@ async def test_livez_fails_when_a_consumer_is_stuck(tmp_path: Path, namespace: s
         worker_id="w1", redis_url=server.url, namespace=namespace, metrics_port=port, liveness_timeout_s=1.0
     )
 
-    async def hangs() -> None:
+    async def hangs() -> bool:
         # A look-up for the Redis to follow that never comes back (say, a lost cluster).
         await asyncio.Event().wait()
+        return False
 
     worker = Worker(settings, client, handle_signals=False, on_redis_error=hangs)
     task = asyncio.create_task(worker.run())

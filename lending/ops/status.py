@@ -11,7 +11,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lending.domain.streamids import id_ms
+from lending.domain.streamids import id_key, id_ms
 from lending.keys import REQUEST_TYPES, Keys
 from lending.ops import dead_letters
 from lending.redis import eviction
@@ -115,6 +115,9 @@ async def read_group(
     out["pending"] = int(info["pending"])
     if info.get("lag") is not None:  # Redis 7
         out["lag"] = int(info["lag"])
+        if out["lag"]:
+            last_generated = text((await client.xinfo_stream(stream))["last-generated-id"])
+            out["lag"] = group_lag(out["lag"], text(info["last-delivered-id"]), last_generated)
     else:
         unread = await client.xrange(stream, min="(" + text(info["last-delivered-id"]), max="+", count=LAG_SCAN_LIMIT)
         out["lag"] = len(unread or [])
@@ -259,6 +262,13 @@ def ok_line(status: Mapping[str, Any]) -> str:
         + (f"oldest pending {max(ages) / 1000:.1f} s old" if ages else "nothing pending")
         + f", {status['dead_letters']} dead letter{'' if status['dead_letters'] == 1 else 's'}"
     )
+
+
+def group_lag(reported: int, last_delivered_id: str, last_generated_id: str) -> int:
+    """The lag ``XINFO GROUPS`` reports, but 0 when the group has read up to the stream's
+    last generated ID: Redis 7.0 reports a stale lag after a failover, its replicas having
+    kept an old ``entries-read`` (redis/redis#12898)."""
+    return 0 if id_key(last_delivered_id) >= id_key(last_generated_id) else reported
 
 
 def render(status: dict[str, Any]) -> str:

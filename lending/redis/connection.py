@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -14,11 +14,17 @@ from lending.redaction import redact
 from lending.settings import Tls
 
 
-def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None) -> Redis:
+def make_client(
+    url: str,
+    *,
+    max_connections: int = 128,
+    tls: Tls | None = None,
+    pool_class: type[ConnectionPool] = ConnectionPool,
+) -> Redis:
     """An asyncio client for ``url``; bytes in and out, since entries may hold any bytes.
-    ``tls`` applies to ``rediss://`` URLs."""
+    ``tls`` applies to ``rediss://`` URLs; ``pool_class`` makes its connection pool."""
     extra = tls.options() if tls and url.startswith("rediss://") else {}
-    return Redis.from_url(
+    pool = pool_class.from_url(
         url,
         **extra,
         decode_responses=False,
@@ -33,6 +39,7 @@ def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None)
         # twice. Every caller decides itself what a lost connection means.
         retry=Retry(NoBackoff(), 0),
     )
+    return Redis.from_pool(pool)
 
 
 def redacted(url: str) -> str:

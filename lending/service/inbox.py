@@ -46,7 +46,7 @@ class InboxRelay:
         scripts: Scripts,
         *,
         max_books: int = MAX_BOOKS,
-        on_redis_error: Callable[[], Awaitable[None]] | None = None,
+        on_redis_error: Callable[[], Awaitable[object]] | None = None,
         wait_s: float = 1.0,
     ) -> None:
         self._client = client
