@@ -65,7 +65,7 @@ async def run(settings: Settings) -> int:
 async def _serve(settings: Settings, url: str) -> int:
     """Connect to ``url`` (for a cluster, to the namespace's master) and run the worker."""
     pool_size = settings.concurrency * 2 + 16
-    follow: Callable[[], Awaitable[None]] | None = None
+    follow: Callable[[], Awaitable[bool]] | None = None
     if is_cluster_url(url):
         client, follow = await cluster_client(url, settings.namespace, settings.tls, max_connections=pool_size)
         master = client.connection_pool.connection_kwargs

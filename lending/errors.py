@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lending.redaction import redact
+
 
 class LendingError(Exception):
     """Root of every error this package raises on purpose."""
@@ -12,12 +14,24 @@ class ConfigError(LendingError):
 
 
 class RedisUnavailable(LendingError):
-    """Redis did not answer at ``url``."""
+    """Redis did not answer at ``url``.
+
+    Whatever it is given, it keeps and says only with passwords redacted: callers may
+    pass a raw URL (a cluster's, several seeds) or a cause that quotes one.
+    """
 
     def __init__(self, url: str, cause: str) -> None:
-        super().__init__(f"cannot reach Redis at {url}: {cause}")
-        self.url = url
-        self.cause = cause
+        self.url = redact(url)
+        self.cause = redact(cause)
+        super().__init__(f"cannot reach Redis at {self.url}: {self.cause}")
+
+
+class RequestRefused(LendingError):
+    """The inbox relay refused a request handed in through the inbox (out of bounds)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the inbox refused the request: {reason}")
+        self.reason = reason
 
 
 class WorkerIdTaken(LendingError):
@@ -53,3 +67,13 @@ class LimitsDiffer(LendingError):
         self.field = field
         self.theirs = theirs
         self.mine = mine
+
+
+class MetricsUnavailable(LendingError):
+    """The metrics server could not listen on ``host:port`` (taken, not ours, not allowed)."""
+
+    def __init__(self, host: str, port: int, cause: str) -> None:
+        super().__init__(f"cannot serve metrics on {host}:{port}: {cause} (--metrics-host, --metrics-port)")
+        self.host = host
+        self.port = port
+        self.cause = cause

@@ -104,6 +104,21 @@ class Keys:
         return f"{self.prefix}:events"
 
     @property
+    def inbox(self) -> str:
+        """Requests handed in by senders that may not XADD (list of submissions,
+        ``domain.submission``); the workers queue them on their request streams."""
+        return f"{self.prefix}:inbox"
+
+    @property
+    def receipts_prefix(self) -> str:
+        return f"{self.prefix}:receipts:"
+
+    def receipt(self, nonce: str) -> str:
+        """Where a worker answers the inbox submission ``nonce``: a stream of one entry,
+        ``request_id`` (or ``error``), that expires."""
+        return self.receipts_prefix + nonce
+
+    @property
     def events_trimmed_to(self) -> str:
         """The first event ID left after the last trim of ``{NS}:events`` (for the checker:
         older requests may have lost their event to trimming)."""
@@ -147,6 +162,12 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead-letters"
 
+    @property
+    def dead_letters_trimmed(self) -> str:
+        """How many dead letters the workers dropped, oldest first, to keep
+        ``{NS}:dead-letters`` within ``--dead-letters-maxlen`` (string, a count)."""
+        return f"{self.prefix}:dead-letters:trimmed"
+
     def user_count(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}:count"
 
@@ -160,6 +181,13 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:workers:{worker_id}"
+
+    def worker_info(self, worker_id: str) -> str:
+        """What a live worker says about itself (hash: ``host``, ``pid``, ``version``,
+        ``started_ms``, ``processed``, ``failed``), with the TTL of its liveness key.
+
+        Not ``{NS}:workers:<id>:info``: that is the liveness key of worker ``<id>:info``."""
+        return f"{self.prefix}:worker-info:{worker_id}"
 
     def idempotency(self, key: str) -> str:
         """The request an HTTP API client's ``Idempotency-Key`` queued (string

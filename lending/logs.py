@@ -14,6 +14,8 @@ from typing import TextIO, cast
 
 import structlog
 
+from lending.redaction import redact
+
 
 class SafeStream:
     """A text stream that never raises on ``write`` or ``flush``.
@@ -79,13 +81,24 @@ def configure_logging(log_format: str = "console", level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info if log_format == "json" else structlog.dev.set_exc_info,
-            renderer,
+            _redacting(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         # print() needs only write() and flush(), which SafeStream has.
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, SafeStream(sys.stderr))),
         cache_logger_on_first_use=True,
     )
+
+
+def _redacting(renderer: structlog.types.Processor) -> structlog.types.Processor:
+    """``renderer``, with every password of a URL taken out of the finished line (its
+    traceback included): whatever a log call or an exception says, it is not shown."""
+
+    def render(logger: structlog.types.WrappedLogger, name: str, event: structlog.types.EventDict) -> str:
+        line = renderer(logger, name, event)
+        return redact(line if isinstance(line, str) else str(line))
+
+    return render
 
 
 def announce(line: str) -> None:

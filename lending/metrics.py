@@ -3,11 +3,28 @@
 The hot path counts on them directly; ``ops.monitoring`` fills the gauges from Redis
 and serves them. Each worker has its own registry, so several workers (or tests) can
 live in one process.
+
+The gauges read from Redis describe the whole namespace, not the worker that serves
+them: every worker of a namespace reports the same values, so they are aggregated with
+``max()``, never ``sum()``. The counters and histograms are the worker's own.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+
+NAMESPACE_WIDE = " (namespace-wide: aggregate with max() across workers)"
+
+
+def package_version() -> str:
+    """The installed version of the ``lending`` package (``unknown`` when it is not installed)."""
+    try:
+        return version("lending")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -17,11 +34,25 @@ class Metrics:
         self.requests = Counter(
             "lending_requests", "Requests processed, by action and status", ["action", "status"], registry=r
         )
+        self.request_latency = Histogram(
+            "lending_request_latency_seconds",
+            "Time from a request's entry ID (when it was queued) to the commit of its outcome, every outcome "
+            "(failed ones included), on the worker's clock",
+            ["action"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
         self.batch_seconds = Histogram(
             "lending_batch_seconds",
             "Time to process one batch of requests",
             registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+        )
+        self.batch_size = Histogram(
+            "lending_batch_size",
+            "Requests in one batch",
+            registry=r,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
         )
         self.retries = Counter(
             "lending_retries", "Entries whose processing failed and will be retried", ["consumer"], registry=r
@@ -32,9 +63,41 @@ class Metrics:
         self.reconnects = Counter(
             "lending_redis_reconnects", "Times a consumer got Redis back after losing it", ["consumer"], registry=r
         )
-        self.lag = Gauge("lending_stream_lag", "Entries not yet read by the group", ["stream", "group"], registry=r)
-        self.pending = Gauge(
-            "lending_stream_pending", "Entries read but not acknowledged", ["stream", "group"], registry=r
+        self.lag = Gauge(
+            "lending_stream_lag", "Entries not yet read by the group" + NAMESPACE_WIDE, ["stream", "group"], registry=r
         )
-        self.storage_books = Gauge("lending_storage_books", "Books in automated storage", registry=r)
-        self.books_lent = Gauge("lending_books_lent", "Books lent", registry=r)
+        self.pending = Gauge(
+            "lending_stream_pending",
+            "Entries read but not acknowledged" + NAMESPACE_WIDE,
+            ["stream", "group"],
+            registry=r,
+        )
+        self.oldest_pending_age = Gauge(
+            "lending_oldest_pending_age_seconds",
+            "Age of the group's oldest entry read but not acknowledged, from its entry ID; 0 when none is"
+            + NAMESPACE_WIDE,
+            ["stream", "group"],
+            registry=r,
+        )
+        self.storage_books = Gauge("lending_storage_books", "Books in automated storage" + NAMESPACE_WIDE, registry=r)
+        self.books_lent = Gauge("lending_books_lent", "Books lent" + NAMESPACE_WIDE, registry=r)
+        self.dead_letters_waiting = Gauge(
+            "lending_dead_letters_waiting", "Entries in {NS}:dead-letters" + NAMESPACE_WIDE, registry=r
+        )
+        self.build = Info("lending_build", "The version of the lending package this worker runs", registry=r)
+        self.build.info({"version": package_version()})
+        ProcessCollector(registry=r)
+
+    def add_outcomes(self, actions: Iterable[str], statuses: Iterable[str]) -> None:
+        """Create the outcome series at 0, so that ``increase()`` and ``rate()`` see the
+        first request of each kind (a series born at 1 shows no increase)."""
+        statuses = list(statuses)
+        for action in actions:
+            self.request_latency.labels(action)
+            for status in statuses:
+                self.requests.labels(action, status)
+
+    def add_consumer(self, consumer: str) -> None:
+        """Create a consumer's counters at 0 (see ``add_outcomes``)."""
+        for counter in (self.retries, self.reclaims, self.dead_letters, self.reconnects):
+            counter.labels(consumer)

@@ -87,8 +87,14 @@ class Settings:
     :param reconcile_interval_ms: how often the worker settles the shelving grants of
         finished requests (``{NS}:grants``).
     :param shutdown_grace_s: how long in-flight work may take to finish on SIGTERM.
-    :param metrics_port: serve ``/metrics`` and ``/healthz`` on this port (``None``: off).
+    :param metrics_port: serve ``/metrics``, ``/livez``, ``/readyz`` and ``/healthz`` on this
+        port (``None``: off).
+    :param metrics_host: the address to serve them on (``127.0.0.1``: this host only).
+    :param liveness_timeout_s: ``/livez`` fails when a consumer's read loop has been in one
+        round for longer (it is stuck: a round takes seconds, even while Redis is away).
     :param events_maxlen: about how many events ``{NS}:events`` keeps.
+    :param dead_letters_maxlen: how many dead letters ``{NS}:dead-letters`` keeps (the
+        writers drop the oldest beyond it, and count them).
     :param trim_interval_s: how often the worker trims the namespace's streams.
     :param tls: CA and client certificate files for ``rediss://`` URLs.
     :param uvloop: run on uvloop's event loop when it is installed (less CPU per request).
@@ -122,7 +128,10 @@ class Settings:
     uvloop: bool = True
     tls: Tls = Tls()
     events_maxlen: int = 1_000_000
+    dead_letters_maxlen: int = 100_000
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    liveness_timeout_s: float = 60.0
     trim_interval_s: float = 10.0
     allow_eviction_data_loss: bool = False
 
@@ -137,9 +146,18 @@ class Settings:
             out.append(f"namespace {self.namespace!r} must be non-empty, without braces or outer spaces")
         if not self.worker_id or len(self.worker_id) > 128 or not self.worker_id.isprintable():
             out.append(f"worker id {self.worker_id!r} must be 1-128 printable characters")
-        for name in ("max_books_per_user", "max_books_per_request", "max_deliveries", "read_count", "concurrency"):
+        for name in (
+            "max_books_per_user",
+            "max_books_per_request",
+            "max_deliveries",
+            "read_count",
+            "concurrency",
+            "dead_letters_maxlen",
+        ):
             if getattr(self, name) < 1:
                 out.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.liveness_timeout_s <= 0:
+            out.append("the liveness timeout must be positive")
         if self.events_maxlen < 1 or self.trim_interval_s <= 0:
             out.append("events-maxlen must be at least 1 and the trim interval positive")
         if self.storage_capacity < 0:

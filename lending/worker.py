@@ -6,23 +6,26 @@ import asyncio
 import os
 import signal
 import socket
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 
 import structlog
 from redis.asyncio import Redis
 
+from lending import __version__
 from lending.domain.backoff import retry_backoff_s
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
 from lending.metrics import Metrics
 from lending.ops import monitoring, retention
 from lending.redis import eviction
-from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Handler, StreamConsumer
+from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, FindRedis, Handler, StreamConsumer
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId
+from lending.service.inbox import InboxRelay
 from lending.service.lending import LendingService
 from lending.service.shelving_mock import ShelvingService
 from lending.settings import Settings
@@ -38,7 +41,9 @@ class Worker:
     :param settings: the worker's configuration.
     :param client: a connected Redis client; the worker does not close it.
     :param handle_signals: install SIGINT/SIGTERM handlers (off for tests and embedding).
-    :param on_redis_error: called after Redis errors (a cluster namespace follows its slot).
+    :param on_redis_error: called after transient Redis errors to find Redis again (a
+        cluster namespace follows its slot); returns ``True`` when Redis is now somewhere
+        else, and then everything that waits for Redis resumes at once.
     """
 
     def __init__(
@@ -47,24 +52,43 @@ class Worker:
         client: Redis,
         *,
         handle_signals: bool = True,
-        on_redis_error: Callable[[], Awaitable[None]] | None = None,
+        on_redis_error: FindRedis | None = None,
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self._client = client
         self._handle_signals = handle_signals
+        self._find_redis = on_redis_error
+        self._renew_now = asyncio.Event()  # the heartbeat renews at once (Redis moved)
         self._scripts = Scripts()
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.worker_id = WorkerId(client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms)
+        host, pid = socket.gethostname(), os.getpid()
+        token = f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
+        info: dict[str, str | int] = {
+            "host": host,
+            "pid": pid,
+            "version": __version__,
+            "started_ms": int(time.time() * 1000),
+        }
+        self.worker_id = WorkerId(
+            client, self._scripts, self.keys, settings.worker_id, token, settings.worker_ttl_ms, info
+        )
         self.shelving = ShelvingService(
             client,
             self.keys,
             self._scripts,
             fail_rate=settings.shelving_fail_rate,
             latency_ms=settings.shelving_latency_ms,
+            dead_letters_maxlen=settings.dead_letters_maxlen,
         )
         self.metrics = Metrics()
         self.lending = LendingService(client, settings, self._scripts, self.shelving, self.metrics)
+        self.inbox = InboxRelay(
+            client,
+            self.keys,
+            self._scripts,
+            max_books=settings.max_books_per_request,
+            on_redis_error=self._follow_redis if on_redis_error else None,
+        )
 
         def consumer(
             group: str, streams: list[str], handler: Handler, dead_letter: DeadLetterHandler
@@ -89,7 +113,7 @@ class Worker:
                 name=group,
                 renew=self._scripts.renew,
                 metrics=self.metrics,
-                on_redis_error=on_redis_error,
+                on_redis_error=self._follow_redis if on_redis_error else None,
                 on_reconnect=self._check_eviction,
             )
 
@@ -104,13 +128,31 @@ class Worker:
         self.lost_id = False
         self.refused_eviction = False
         self._eviction_reported: eviction.Verdict | None = None
+        self._loops: list[asyncio.Task[None]] = []  # the consumers and the periodic tasks
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code.
 
+        :raises MetricsUnavailable: the metrics port is taken (checked first: the worker
+            id is claimed only once the port is ours).
         :raises EvictionRefused: Redis may evict any key (``allkeys-*``) and
             ``allow_eviction_data_loss`` is off.
         """
+        server = None
+        if self.settings.metrics_port is not None:
+            server = await monitoring.serve(
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port, live=self.live, ready=self.healthy
+            )
+            host, port = server.sockets[0].getsockname()[:2]
+            log.info("serving /metrics, /livez and /readyz", host=host, port=port)
+        try:
+            return await self._run(metrics=server is not None)
+        finally:
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+
+    async def _run(self, *, metrics: bool) -> int:
         await self._check_eviction(starting=True)
         for warning in self.settings.warnings():
             log.warning(warning)
@@ -123,11 +165,9 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         trimming = asyncio.create_task(self._trim_periodically())
         reconciling = asyncio.create_task(self._reconcile_periodically())
-        server = None
-        if self.settings.metrics_port is not None:
-            server = await monitoring.serve(self.metrics, self.settings.metrics_port, self.healthy)
-            log.info("serving /metrics and /healthz", port=self.settings.metrics_port)
-        refreshing = asyncio.create_task(self._refresh_metrics()) if server else None
+        relaying = asyncio.create_task(self.inbox.run())
+        refreshing = asyncio.create_task(self._refresh_metrics()) if metrics else None
+        self._loops = [t for t in (*tasks, heartbeat, trimming, reconciling, relaying, refreshing) if t is not None]
         announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:
@@ -137,20 +177,10 @@ class Worker:
                 consumer.stop()
             await asyncio.wait(tasks, timeout=2.0)
             drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
-            background = [t for t in (*tasks, heartbeat, trimming, reconciling, refreshing) if t is not None]
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if server is not None:
-                server.close()
-                await server.wait_closed()
+            await _cancel_all(self._loops)
             await self._release_id()
-            log.info(
-                "worker stopped",
-                processed=sum(c.processed for c in self.consumers),
-                failures=sum(c.failures for c in self.consumers),
-                drained=drained,
-            )
+            counters = self.counters()
+            log.info("worker stopped", processed=counters["processed"], failures=counters["failed"], drained=drained)
         return 1 if self.lost_id or self.refused_eviction else 0
 
     async def _start_up(self) -> None:
@@ -208,12 +238,28 @@ class Worker:
             log.warning(verdict.message, policy=policy)
         self._eviction_reported = verdict
 
+    async def _follow_redis(self) -> bool:
+        """Find Redis again (``on_redis_error``); when it is somewhere new, the consumers and
+        the heartbeat stop waiting for it."""
+        assert self._find_redis is not None  # only handed to the consumers when given
+        moved = await self._find_redis()
+        if moved:
+            for consumer in self.consumers:
+                consumer.redis_moved()
+            self._renew_now.set()
+        return moved
+
     async def _heartbeat(self) -> None:
         interval = self.settings.worker_ttl_ms / 3000.0
         while True:
-            await asyncio.sleep(interval)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # comes as the event is set (a stop while the worker follows a new master).
+            with suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
             try:
-                held = await self.worker_id.renew()
+                held = await self.worker_id.renew(self.counters())
             except Exception as exc:
                 if not is_outage(exc):
                     log.exception("heartbeat failed")
@@ -226,8 +272,29 @@ class Worker:
                 self._stop.set()
                 return
 
+    def counters(self) -> dict[str, int]:
+        """Entries processed, and failed attempts, since start (published with the heartbeat)."""
+        return {
+            "processed": sum(c.processed for c in self.consumers),
+            "failed": sum(c.failures for c in self.consumers),
+        }
+
+    def live(self) -> bool:
+        """The process and its loops are alive: what ``/livez`` reports.
+
+        A Redis outage does not fail it (the loops ride it out, and a restart would not
+        bring Redis back); a loop that ended, or a consumer stuck in one round of its read
+        loop for ``liveness_timeout_s``, does. (A blocked event loop cannot answer at all.)
+        """
+        if self._stop.is_set():
+            return True  # stopping on purpose: the loops end as they should
+        if any(task.done() for task in self._loops):
+            return False
+        now = time.monotonic()
+        return all(c.stalled_s(now) < self.settings.liveness_timeout_s for c in self.consumers)
+
     def healthy(self) -> bool:
-        """Connected and consuming: what ``/healthz`` reports."""
+        """Ready: connected and consuming. What ``/readyz`` (and ``/healthz``) report."""
         return not self._stop.is_set() and all(c.connected for c in self.consumers)
 
     async def _refresh_metrics(self) -> None:
@@ -240,16 +307,31 @@ class Worker:
             await asyncio.sleep(2.0)
 
     async def _trim_periodically(self) -> None:
+        """Every trim interval: trim the streams, then remove dead consumers that hold nothing."""
         while True:
             await asyncio.sleep(self.settings.trim_interval_s)
-            try:
-                removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
-            except Exception as exc:
-                if not is_outage(exc):
-                    log.exception("trimming streams failed")
-                continue
-            if any(removed.values()):
-                log.debug("trimmed streams", **removed)
+            await self._trim()
+            await self._forget_dead_consumers()
+
+    async def _trim(self) -> None:
+        try:
+            removed = await retention.trim(self._client, self.keys, self.settings.events_maxlen)
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("trimming streams failed")
+            return
+        if any(removed.values()):
+            log.debug("trimmed streams", **removed)
+
+    async def _forget_dead_consumers(self) -> None:
+        try:
+            forgotten = await retention.forget_dead_consumers(self._client, self._scripts.forget_consumers, self.keys)
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("removing dead consumers failed")
+            return
+        for stream, consumers in forgotten.items():
+            log.info("removed dead consumers that held nothing", stream=stream, consumers=consumers)
 
     async def _reconcile_periodically(self) -> None:
         """Give back the shelving grants of finished requests that nobody settled (a
@@ -269,3 +351,18 @@ class Worker:
             await self.worker_id.release()
         except Exception as exc:
             log.warning("could not release the worker id; it expires by itself", error=str(exc))
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again while one lingers: on
+    Python 3.11 a task can lose a cancellation inside a Redis call (redis-py wraps socket
+    writes in ``asyncio.wait_for``, which returns the result when the cancellation comes
+    as the write completes), and a shutdown must not wait for ever on that."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    pending = {task for task in tasks if not task.done()}
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=0.1)
+    if pending:
+        log.warning("some background tasks did not end; stopping anyway", tasks=len(pending))

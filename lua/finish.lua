@@ -11,12 +11,15 @@
 -- KEYS[6]  dead-letters stream ({NS}:dead-letters)
 -- KEYS[7]  books the library took from shelving ({NS}:from-shelving): book -> context
 -- KEYS[8]  grants ledger ({NS}:grants): book -> context
+-- KEYS[9]  how many dead letters the cap dropped ({NS}:dead-letters:trimmed, a count)
 -- ARGV[1]  consumer group
 -- ARGV[2]  entry id
 -- ARGV[3]  storage capacity
--- ARGV[4]  1 to give back what a lend request holds, 0 for a return entry (its ids are
+-- ARGV[4]  how many dead letters KEYS[6] keeps (--dead-letters-maxlen): the oldest
+--          beyond it are dropped with the XADD (exact MAXLEN), and counted in KEYS[9]
+-- ARGV[5]  1 to give back what a lend request holds, 0 for a return entry (its ids are
 --          numbered apart from lend entries: the same id names another request)
--- ARGV[5]  N; ARGV[6..5+N] the request's books, to look up in the grants ledger
+-- ARGV[6]  N; ARGV[7..6+N] the request's books, to look up in the grants ledger
 -- then P, the number of event fields, the event's P field/value pairs, and the dead
 -- letter's field/value pairs
 --
@@ -35,6 +38,14 @@ local function wrong_type(key, kind)
   if found ~= 'none' and found ~= kind then return 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind end
 end
 
+local function not_a_count(key)
+  local found = redis.call('TYPE', key).ok
+  if found == 'none' then return nil end
+  if found ~= 'string' or not string.match(redis.call('GET', key), '^%d+$') then
+    return 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a count'
+  end
+end
+
 local function no_room(stream)
   if redis.call('EXISTS', stream) == 0 then return nil end
   local info = redis.call('XINFO', 'STREAM', stream)
@@ -47,22 +58,23 @@ end
 
 if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
 
-local n = tonumber(ARGV[5])
-local p_arg = 6 + n
+local maxlen = tonumber(ARGV[4])
+local n = tonumber(ARGV[6])
+local p_arg = 7 + n
 local last_event_arg = p_arg + 2 * tonumber(ARGV[p_arg])
 
 -- Plan the give-back: refill storage up to its capacity, the rest to shelving, each
 -- book with the context it was handed out to (a reserved book's is in from-shelving).
 local to_storage, taken, rest, contexts, settled = {}, {}, {}, {}, {}
-if ARGV[4] == '1' then
+if ARGV[5] == '1' then
   local books = {}
   for _, book in ipairs(redis.call('SMEMBERS', KEYS[4])) do books[#books + 1] = {book, false} end
   if n > 0 then
-    local holders = redis.call('HMGET', KEYS[8], unpack(ARGV, 6, 5 + n))
+    local holders = redis.call('HMGET', KEYS[8], unpack(ARGV, 7, 6 + n))
     for k = 1, n do
       if holders[k] == ARGV[2] then
-        books[#books + 1] = {ARGV[5 + k], ARGV[2]}
-        settled[#settled + 1] = ARGV[5 + k]
+        books[#books + 1] = {ARGV[6 + k], ARGV[2]}
+        settled[#settled + 1] = ARGV[6 + k]
       end
     end
   end
@@ -92,11 +104,14 @@ end
 
 local problem = no_room(KEYS[2]) or no_room(KEYS[6]) or (#rest > 0 and no_room(KEYS[5]))
   or wrong_type(KEYS[3], 'set') or wrong_type(KEYS[4], 'set') or wrong_type(KEYS[7], 'hash')
-  or wrong_type(KEYS[8], 'hash')
+  or wrong_type(KEYS[8], 'hash') or not_a_count(KEYS[9])
 if problem then return redis.error_reply(problem) end
+-- Exact MAXLEN: the letters dropped are those beyond the cap.
+local dropped = math.max(0, redis.call('XLEN', KEYS[6]) + 1 - maxlen)
 
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, p_arg + 1, last_event_arg))
-redis.call('XADD', KEYS[6], '*', unpack(ARGV, last_event_arg + 1))
+redis.call('XADD', KEYS[6], 'MAXLEN', maxlen, '*', unpack(ARGV, last_event_arg + 1))
+if dropped > 0 then redis.call('INCRBY', KEYS[9], dropped) end
 if #rest > 0 then
   redis.call('XADD', KEYS[5], '*', 'book_ids', table.concat(rest, ','), 'context_ids', table.concat(contexts, ','))
   redis.call('HDEL', KEYS[7], unpack(rest))
@@ -104,6 +119,6 @@ end
 if #to_storage > 0 then redis.call('SADD', KEYS[3], unpack(to_storage)) end
 if #taken > 0 then redis.call('HSET', KEYS[7], unpack(taken)) end
 if #settled > 0 then redis.call('HDEL', KEYS[8], unpack(settled)) end
-if ARGV[4] == '1' then redis.call('DEL', KEYS[4]) end
+if ARGV[5] == '1' then redis.call('DEL', KEYS[4]) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1

@@ -1,36 +1,47 @@
 #!lua
--- Claim a worker id at start, and publish the lending limits the worker enforces.
+-- Claim a worker id at start, publish what the worker says about itself, and the
+-- lending limits it enforces.
 --
 -- KEYS[1]  this worker's liveness key ({NS}:workers:<worker_id>)
 -- KEYS[2]  the ids of workers that started in the namespace ({NS}:workers, a set)
 -- KEYS[3]  the limits the workers run with ({NS}:config, a hash)
--- KEYS[4..3+N] the liveness keys of the other workers of the set
+-- KEYS[4]  this worker's info ({NS}:worker-info:<worker_id>, a hash)
+-- KEYS[5..4+N] the liveness keys of the other workers of the set
 -- ARGV[1]  this process's token
 -- ARGV[2]  time to live in milliseconds
 -- ARGV[3]  1 to take the id over even when another token holds it (--force), else 0
 -- ARGV[4]  this worker's id
--- ARGV[5]  N; ARGV[6..5+N] the ids of KEYS[4..3+N]
--- ARGV[6+N..] this worker's limits, field/value pairs
+-- ARGV[5]  N; ARGV[6..5+N] the ids of KEYS[5..4+N]
+-- ARGV[6+N] M; ARGV[7+N..6+N+M] this worker's info, field/value pairs (M values)
+-- ARGV[7+N+M..] this worker's limits, field/value pairs
 --
--- Returns {1} when this token now holds the id (the limits are published); {0} when
--- another live process holds the id; {-1, worker, field, theirs, mine} when a live
+-- Returns {1} when this token now holds the id (info and limits are published); {0}
+-- when another live process holds the id; {-1, worker, field, theirs, mine} when a live
 -- worker runs with other limits: two workers must never enforce different limits.
--- Ids of the set whose key expired (workers that died) leave the set.
+-- Ids of the set whose key expired (workers that died) leave the set. The info hash
+-- is written afresh, with the liveness key's TTL.
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[1] and ARGV[3] ~= '1' then return {0} end
 local n = tonumber(ARGV[5])
+local m = tonumber(ARGV[6 + n])
+local limits = 7 + n + m
 local live, dead = {}, {}
 for k = 1, n do
-  if redis.call('EXISTS', KEYS[3 + k]) == 1 then live[#live + 1] = ARGV[5 + k] else dead[#dead + 1] = ARGV[5 + k] end
+  if redis.call('EXISTS', KEYS[4 + k]) == 1 then live[#live + 1] = ARGV[5 + k] else dead[#dead + 1] = ARGV[5 + k] end
 end
 if #live > 0 then
-  for k = 6 + n, #ARGV, 2 do
+  for k = limits, #ARGV, 2 do
     local theirs = redis.call('HGET', KEYS[3], ARGV[k])
     if theirs and theirs ~= ARGV[k + 1] then return {-1, live[1], ARGV[k], theirs, ARGV[k + 1]} end
   end
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 6 + n))
+redis.call('HSET', KEYS[3], unpack(ARGV, limits))
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[4])
+if m > 0 then
+  redis.call('HSET', KEYS[4], unpack(ARGV, 7 + n, 6 + n + m))
+  redis.call('PEXPIRE', KEYS[4], ARGV[2])
+end
 redis.call('SADD', KEYS[2], ARGV[4])
 if #dead > 0 then redis.call('SREM', KEYS[2], unpack(dead)) end
 return {1}

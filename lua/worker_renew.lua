@@ -1,17 +1,23 @@
 #!lua flags=allow-oom
--- Renew a worker id's liveness key: the heartbeat.
+-- Renew a worker id's liveness key and its info: the heartbeat.
 --
 -- KEYS[1]  worker key ({NS}:workers:<worker_id>)
 -- KEYS[2]  the ids of workers that started in the namespace ({NS}:workers)
+-- KEYS[3]  this worker's info ({NS}:worker-info:<worker_id>, a hash)
 -- ARGV[1]  this process's token
 -- ARGV[2]  time to live in milliseconds
 -- ARGV[3]  this worker's id
+-- ARGV[4..] info fields to refresh (its counters), field/value pairs
 --
 -- Returns 1 when renewed, 0 when another process holds the id now (--force).
--- A renewal is a PEXPIRE, which needs no memory: a live worker stays visible while
--- Redis is out of memory (allow-oom on Redis 7; on 6.2 PEXPIRE is never refused).
+-- A renewal is a PEXPIRE, which needs no memory, and comes first: a live worker stays
+-- visible while Redis is out of memory (allow-oom on Redis 7; on 6.2 PEXPIRE is never
+-- refused, and a script that has written may go on). The counters overwrite fields
+-- of the same few bytes.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if #ARGV > 3 then redis.call('HSET', KEYS[3], unpack(ARGV, 4)) end
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 -- Back in the set after a Redis restart that lost it.
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then redis.call('SADD', KEYS[2], ARGV[3]) end
 return 1

@@ -14,6 +14,7 @@ from redis.exceptions import OutOfMemoryError
 
 from lending.domain.events import Event
 from lending.keys import Keys
+from lending.redis.consumer import FindRedis
 from lending.redis.replies import Entries, StreamsReply, is_transient, text
 
 from .stats import RunReport, latency_summary
@@ -34,7 +35,8 @@ class Driver:
     """Open-loop traffic: ``rate`` requests per second, for ``duration_s`` or ``requests``.
 
     The sender does not wait for outcomes: a slow service shows as growing latency
-    and outstanding requests, not as a lower offered rate.
+    and outstanding requests, not as a lower offered rate. ``on_redis_error`` finds Redis
+    again after a transient error (on a cluster: the slot's new master after a failover).
     """
 
     client: Redis
@@ -46,6 +48,7 @@ class Driver:
     progress: bool = False
     batch_max: int = 500
     report: RunReport = field(default_factory=RunReport)
+    on_redis_error: FindRedis | None = None
 
     def __post_init__(self) -> None:
         self._inflight: dict[tuple[str, str], InFlight] = {}
@@ -126,11 +129,14 @@ class Driver:
                 for request in batch:
                     self.workload.outcome(request, "lost", ())
                 log.warning("send failed; Redis unavailable", error=str(exc))
-                await asyncio.sleep(0.2)
+                if not await self._find_redis():
+                    await asyncio.sleep(0.2)
                 return n
         errors = [r for r in replies if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError)]
         if errors and not is_transient(errors[0]):
             raise errors[0]
+        if errors:
+            await self._find_redis()
         for request, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 # Refused (out of memory, or Redis loading its data): not added, no event due.
@@ -155,13 +161,24 @@ class Driver:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                await asyncio.sleep(0.2)
+                if not await self._find_redis():
+                    await asyncio.sleep(0.2)
                 continue
             now = time.monotonic()
             for _stream, entries in cast(StreamsReply, reply or []):
                 for event_id, fields in entries:
                     self._after = text(event_id)
                     self._record(Event.from_fields(fields or {}, self._after), now)
+
+    async def _find_redis(self) -> bool:
+        """``on_redis_error``: ``True`` when Redis is now somewhere else."""
+        if self.on_redis_error is None:
+            return False
+        try:
+            return await self.on_redis_error()
+        except Exception as exc:
+            log.warning("could not find Redis again yet", error=str(exc))
+            return False
 
     def _record(self, event: Event, now: float) -> None:
         key = (event.action, event.request_id)

@@ -17,8 +17,9 @@ from redis.asyncio import Redis
 
 from lending.keys import Keys
 from lending.ops import checker
-from lending.redis.cluster import namespace_url
+from lending.redis.cluster import cluster_client, is_cluster_url
 from lending.redis.connection import make_client
+from lending.redis.consumer import FindRedis
 from lending.redis.replies import is_transient
 from lending.settings import Tls
 
@@ -156,14 +157,17 @@ async def simulate(options: RunOptions) -> RunReport:
         raise ValueError("maxmemory needs the simulator's own Redis (no redis_url)")
     deployment = _deployment(options)
     client: Redis | None = None
+    follow: FindRedis | None = None
     with _sigterm_cancels_the_run() as terminated:
         try:
             await _in_thread_to_the_end(deployment.start)
-            # With a cluster URL, talk to the master owning the namespace, as the workers do.
-            client = make_client(
-                await namespace_url(deployment.redis_url, options.namespace, options.tls), tls=options.tls
-            )
-            return await _run(options, deployment, client)
+            # With a cluster URL, talk to the master owning the namespace, and follow the
+            # slot to its next master after a failover, as the workers do.
+            if is_cluster_url(deployment.redis_url):
+                client, follow = await cluster_client(deployment.redis_url, options.namespace, options.tls)
+            else:
+                client = make_client(deployment.redis_url, tls=options.tls)
+            return await _run(options, deployment, client, follow)
         except asyncio.CancelledError:
             if terminated:
                 raise KeyboardInterrupt from None  # the way Ctrl-C ends a run (after the clean-up below)
@@ -175,7 +179,7 @@ async def simulate(options: RunOptions) -> RunReport:
             await asyncio.to_thread(deployment.stop)
 
 
-async def _run(options: RunOptions, deployment: Deployment, client: Redis) -> RunReport:
+async def _run(options: RunOptions, deployment: Deployment, client: Redis, follow: FindRedis | None) -> RunReport:
     driver = Driver(
         client,
         Keys(options.namespace),
@@ -184,6 +188,7 @@ async def _run(options: RunOptions, deployment: Deployment, client: Redis) -> Ru
         duration_s=options.duration_s,
         requests=options.requests,
         progress=options.progress,
+        on_redis_error=follow,
     )
     chaos = _start_chaos(options, deployment)
     memory = MemoryWatch() if options.maxmemory else None
@@ -209,9 +214,25 @@ async def _run(options: RunOptions, deployment: Deployment, client: Redis) -> Ru
     }
     if memory is not None:
         report.memory = memory.as_json(options.maxmemory or 0)
-    result = await checker.check(client, options.namespace, wait_quiescent_s=options.quiescence_timeout_s)
+    result = await _check(client, options.namespace, options.quiescence_timeout_s, follow)
     report.check = result.as_json()
     return report
+
+
+async def _check(client: Redis, namespace: str, timeout_s: float, follow: FindRedis | None) -> checker.Report:
+    """The invariant check; with ``follow`` (a cluster) a failover meanwhile is ridden out:
+    the client follows the slot to its new master and the check starts again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await checker.check(client, namespace, wait_quiescent_s=max(0.0, deadline - time.monotonic()))
+        except Exception as exc:
+            if follow is None or not is_transient(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("checking: Redis unavailable, trying again", error=str(exc))
+            with contextlib.suppress(Exception):
+                await follow()
+            await asyncio.sleep(0.2)
 
 
 def _start_chaos(options: RunOptions, deployment: Deployment) -> list[asyncio.Task[None]]:

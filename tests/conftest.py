@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -102,6 +104,47 @@ async def redis(redis_url: str, namespace: str) -> AsyncIterator[Redis]:
     async for key in client.scan_iter(match=Keys(namespace).pattern("*"), count=1000):
         await client.delete(key)
     await client.aclose()
+
+
+# A private Redis 7, for what differs from 6.2 (scripts' flags, ACL key permissions,
+# XINFO's counters): Debian's redis-server, skipped when absent.
+SYSTEM_REDIS = Path("/usr/bin/redis-server")
+
+
+def system_redis_7() -> str | None:
+    """``/usr/bin/redis-server`` if it is a 7.x server, else None."""
+    if not SYSTEM_REDIS.exists():
+        return None
+    try:
+        version = subprocess.run([str(SYSTEM_REDIS), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return str(SYSTEM_REDIS) if re.search(r"\bv=7\.", version) else None
+
+
+class SystemRedis(EmbeddedRedis):
+    """The embedded server's setup, run with another redis-server binary."""
+
+    def __init__(self, binary: str, data_dir: Path) -> None:
+        super().__init__(data_dir, port=free_port(), persistent=False)
+        self.binary = binary
+
+    def command(self) -> list[str]:
+        return [self.binary, *super().command()[1:]]
+
+
+@pytest.fixture(scope="session")
+def redis7_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis 7 started for these tests (skipped when there is none)."""
+    binary = system_redis_7()
+    if binary is None:
+        pytest.skip(f"no Redis 7.x at {SYSTEM_REDIS}")
+    server = SystemRedis(binary, tmp_path_factory.mktemp("redis7"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 StartWorker = Callable[..., Awaitable[Worker]]

@@ -147,6 +147,17 @@ async def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, i
         await asyncio.sleep(interval_s)
 
 
+async def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    """``GET path`` (HTTP/1.0) from ``host:port``: the status code and the body."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+    await writer.drain()
+    response = (await reader.read()).decode()
+    writer.close()
+    await writer.wait_closed()
+    return int(response.split()[1]), response.partition("\r\n\r\n")[2]
+
+
 def process_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LENDING_")}
     env.update(REDIS_URL=redis_url, LENDING_NAMESPACE=namespace, PYTHONUNBUFFERED="1", **extra)

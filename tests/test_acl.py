@@ -1,24 +1,94 @@
-"""Least privilege: the service runs under an ACL user limited to its namespace and
-commands; a get_books user can only add requests and read events."""
+"""Least privilege: the three users that ``python -m lending acl`` prints, applied as
+printed, on a private Redis 7 and on the default test server (Redis 6.2 unless
+``REDIS_URL`` says otherwise, with the rules printed for it).
+
+The service runs the worker without SCAN or SELECT; the sender hands requests in
+through the inbox and reads their outcomes, and can neither forge, trim, delete nor
+block anything, nor read the library's state or others' requests; the operator runs
+``status``, ``check`` and ``dead-letters list`` and writes nothing. A missing permission
+is one line naming the command.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError
 
 from lending.client import submit, wait_for_event
-from lending.keys import Keys
+from lending.domain.streamids import MAX_ID
+from lending.keys import LENDING_GROUP, Keys
 from lending.ops import monitoring, retention
-from lending.ops.acl import sender_user_rules, worker_user_rules
-from lending.ops.status import read_status
 from lending.redis.connection import make_client
+from lending.redis.consumer import ensure_group
+from lending.redis.embedded import free_port
+from lending.redis.scripts import Scripts
+from lending.settings import Settings
+from lending.worker import Worker
 
-from .conftest import StartWorker
-from .support import run_command
+from .support import (
+    ROOT,
+    all_events,
+    decoded,
+    http_get,
+    process_env,
+    run_command,
+    start_worker_process,
+    stop_process,
+    stream_entries,
+    wait_until,
+    xadd_fields,
+)
+
+
+@dataclass(frozen=True)
+class Server:
+    """A Redis to apply the users on: an admin client, its URL, its major version."""
+
+    admin: Redis
+    url: str
+    major: int
+
+
+@dataclass(frozen=True)
+class Users:
+    """The URLs of the three printed users."""
+
+    service: str
+    sender: str
+    operator: str
+    names: tuple[str, ...]
+
+
+@pytest.fixture(params=["redis7", "default"])
+async def server(request: pytest.FixtureRequest, redis_url: str, keys: Keys) -> AsyncIterator[Server]:
+    url = request.getfixturevalue("redis7_url") if request.param == "redis7" else redis_url
+    admin = make_client(url)
+    major = int(str((await admin.info("server"))["redis_version"]).split(".")[0])
+    try:
+        yield Server(admin, url, major)
+    finally:
+        async for key in admin.scan_iter(match=keys.pattern("*"), count=1000):
+            await admin.delete(key)
+        await admin.aclose()
+
+
+@pytest.fixture
+async def users(server: Server, namespace: str) -> AsyncIterator[Users]:
+    """The users ``python -m lending acl`` prints for ``server``, created as printed."""
+    made = await create_printed_users(server, namespace)
+    yield made
+    await server.admin.acl_deluser(*made.names)
 
 
 def with_user(url: str, user: str, password: str) -> str:
@@ -26,74 +96,273 @@ def with_user(url: str, user: str, password: str) -> str:
     return f"{scheme}://{user}:{password}@{rest}"
 
 
-@pytest.fixture
-async def acl_users(redis: Redis, namespace: str) -> AsyncIterator[tuple[str, str, str]]:
-    suffix = uuid.uuid4().hex[:8]
-    worker, sender, password = f"lending-{suffix}", f"get-books-{suffix}", uuid.uuid4().hex
-    await run_command(redis, "ACL", "SETUSER", worker, "reset", "on", f">{password}", *worker_user_rules(namespace))
-    await run_command(redis, "ACL", "SETUSER", sender, "reset", "on", f">{password}", *sender_user_rules(namespace))
-    yield worker, sender, password
-    await redis.acl_deluser(worker, sender)
+async def create_printed_users(server: Server, namespace: str) -> Users:
+    suffix, password = uuid.uuid4().hex[:8], uuid.uuid4().hex
+    names = (f"lending-{suffix}", f"get-books-{suffix}", f"operator-{suffix}")
+    version = "7" if server.major >= 7 else "6.2"
+    named = ["--service-user", names[0], "--sender-user", names[1], "--operator-user", names[2]]
+    printed = subprocess.run(
+        [sys.executable, "-m", "lending", "acl", "--namespace", namespace, "--redis", version, *named],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = printed.stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [["ACL", "SETUSER", name] for name in names], printed.stdout
+    for line in lines:
+        assert await run_command(server.admin, *line.replace("<password>", password).split()) == b"OK", line
+    service, sender, operator = (with_user(server.url, name, password) for name in names)
+    return Users(service, sender, operator, names)
 
 
-async def test_service_and_sender_under_least_privilege(
-    redis: Redis, keys: Keys, redis_url: str, start_worker: StartWorker, acl_users: tuple[str, str, str]
-) -> None:
-    worker_user, sender_user, password = acl_users
-    await start_worker(redis_url=with_user(redis_url, worker_user, password), metrics_port=None)
-    sender = make_client(with_user(redis_url, sender_user, password))
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, url: str, **overrides: Any) -> AsyncIterator[Worker]:
+    """An in-process worker connected as the user of ``url``."""
+    client = make_client(url)
+    worker = Worker(settings.replace(redis_url=url, **overrides), client, handle_signals=False)
+    task = asyncio.create_task(worker.run())
     try:
-        for action, expected in (("lend", "accepted"), ("lend", "denied"), ("return", "returned")):
-            user = "ada" if action == "return" or expected == "accepted" else "bob"
-            request_id, after = await submit(sender, keys, action, user, ["b1"])
-            event = await wait_for_event(sender, keys, action, request_id, after, 10)
-            assert event is not None and event.status == expected, event
+        await asyncio.sleep(0.05)
+        if task.done():
+            task.result()  # raise its error
+        yield worker
+    finally:
+        worker.stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await client.aclose()
 
-        # The sender can neither read the library's state nor change it.
-        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
-            await sender.hgetall(keys.lent_books)
-        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
-            await sender.sadd(keys.storage, "stolen")
-        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
-            await sender.xadd(keys.shelving_returns, {"book_ids": "b1"})
+
+Attempt = Callable[[], Awaitable[object]]
+
+
+async def refused(attempts: list[Attempt]) -> None:
+    """Each attempt is refused for want of a permission."""
+    for attempt in attempts:
+        with pytest.raises(NoPermissionError):
+            await attempt()
+
+
+def lending(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m lending ARGS`` with ``url`` as REDIS_URL."""
+    return subprocess.run(
+        [sys.executable, "-m", "lending", *args],
+        cwd=ROOT,
+        env=process_env(url, namespace),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def one_line_error(run: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    """The command failed with ``code`` and one line on stderr naming ``words``."""
+    assert run.returncode == code and run.stdout == "", run
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: "), run.stderr
+    assert "Traceback" not in run.stderr and all(w in run.stderr for w in words), run.stderr
+
+
+async def test_printed_users_run_the_worker_get_books_and_the_operators_tools(
+    server: Server, users: Users, keys: Keys, namespace: str
+) -> None:
+    # A worker that died without releasing its id: the next one removes it from the set.
+    await server.admin.sadd(keys.workers, "ghost")
+    letter = decoded(await server.admin.xadd(keys.dead_letters, {"stream": keys.lend_requests, "error": "boom"}))
+    port = free_port()
+    worker = start_worker_process("w1", users.service, namespace, "--metrics-port", str(port))
+    try:
+        for action, expected in (("request", "ACCEPTED"), ("return", "RETURNED"), ("request", "ACCEPTED")):
+            got = lending(users.sender, namespace, "get-books", action, "ada", "b1")
+            assert got.returncode == 0 and got.stdout.startswith(expected), got
+        queued = lending(users.sender, namespace, "get-books", "request", "bob", "b2", "--no-wait")
+        assert queued.returncode == 0 and queued.stdout.startswith("QUEUED "), queued
+
+        # The worker's metrics come from reads the service user may do (no SCAN).
+        async def books_lent() -> bool:
+            return "lending_books_lent 2.0" in (await http_get(port, "/metrics"))[1]
+
+        await wait_until(books_lent, timeout_s=15)
+
+        checked = lending(users.operator, namespace, "check", "--wait-quiescent", "10")
+        assert checked.returncode == 0 and checked.stdout.startswith("OK"), checked
+        status = lending(users.operator, namespace, "status", "--json")
+        assert status.returncode == 0, status
+        shown = json.loads(status.stdout)
+        assert [w["worker_id"] for w in shown["workers"]] == ["w1"] and shown["books_lent"] == 2, shown
+        assert shown["maxmemory_policy"] is not None, shown
+        listed = lending(users.operator, namespace, "dead-letters", "list")
+        assert listed.returncode == 0 and listed.stdout.startswith(letter), listed
+    finally:
+        code, _, err = stop_process(worker)
+    assert code == 0 and "Traceback" not in err and "no permission" not in err, err
+    assert await server.admin.smembers(keys.workers) == set()
+
+
+async def test_the_sender_can_only_hand_in_requests_and_read_events(
+    server: Server, users: Users, keys: Keys, settings: Settings
+) -> None:
+    queued = decoded(await server.admin.xadd(keys.lend_requests, {"user_id": "eve", "book_ids": "b9"}))
+    sender = make_client(users.sender)
+    try:
+        async with running_worker(settings, users.service):
+            request_id, after = await submit(sender, keys, "lend", "ada", ["b1"])
+            event = await wait_for_event(sender, keys, "lend", request_id, after, 10)
+            assert event is not None and event.status == "accepted", event
+            lend = {"user_id": "ada", "book_ids": "b2"}
+            forged = {"request_id": request_id, "action": "lend", "status": "denied"}
+            attempts: list[Attempt] = [
+                lambda: sender.xadd(keys.events, xadd_fields(forged)),
+                lambda: sender.xadd(keys.events, {"f": "v"}, maxlen=0),
+                lambda: sender.xadd(keys.lend_requests, xadd_fields(lend), maxlen=0),
+                lambda: sender.xadd(keys.lend_requests, xadd_fields(lend), id=MAX_ID),
+                lambda: sender.xdel(keys.lend_requests, queued),
+                lambda: sender.xdel(keys.events, event.event_id),
+                lambda: sender.xtrim(keys.lend_requests, maxlen=0),
+                lambda: sender.xtrim(keys.events, maxlen=0),
+                lambda: sender.xrange(keys.lend_requests),
+                lambda: sender.xread({keys.lend_requests: "0-0"}),
+                lambda: sender.xreadgroup(LENDING_GROUP, "mallory", {keys.lend_requests: ">"}),
+                lambda: sender.hgetall(keys.lent_books),
+                lambda: sender.lrange(keys.inbox, 0, -1),
+                lambda: sender.lpop(keys.inbox),
+                lambda: sender.delete(keys.inbox),
+                lambda: sender.delete(keys.events),
+                lambda: sender.sadd(keys.storage, "stolen"),
+                lambda: sender.scan(),
+            ]
+            if server.major >= 7:
+                # Functions run with the caller's permissions: none is a way around them.
+                attempts.append(lambda: run_command(sender, "FCALL", "any", 1, keys.lend_requests))
+                # Redis 6.2 has no write-only keys: there RPUSH reaches any key of the sender.
+                attempts.append(lambda: sender.rpush(keys.events, "x"))
+                attempts.append(lambda: sender.rpush(keys.receipt("0" * 32), "x"))
+            await refused(attempts)
+
+            # Nothing was forged, wiped, trimmed, deleted or blocked: the queued request
+            # is there and answered, and requests are still taken.
+            assert [e for e, _ in await stream_entries(server.admin, keys.lend_requests, queued, queued)] == [queued]
+            again, after = await submit(sender, keys, "return", "ada", ["b1"])
+            returned = await wait_for_event(sender, keys, "return", again, after, 10)
+            assert returned is not None and returned.status == "returned", returned
+            eve = await wait_for_event(sender, keys, "lend", queued, "0-0", 10)
+            assert eve is not None and eve.status == "accepted", eve
+        assert await server.admin.xlen(keys.events) == 3
+        assert not await server.admin.sismember(keys.storage, "stolen")
     finally:
         await sender.aclose()
-    assert not await redis.sismember(keys.storage, "stolen")
 
 
-async def test_service_user_can_trim_read_status_and_dead_letter(
-    redis: Redis,
-    keys: Keys,
-    redis_url: str,
-    namespace: str,
-    start_worker: StartWorker,
-    acl_users: tuple[str, str, str],
+async def test_a_request_handed_in_while_no_worker_runs_waits_in_the_inbox(
+    server: Server, users: Users, keys: Keys, namespace: str, settings: Settings
 ) -> None:
-    worker_user, _, password = acl_users
-    url = with_user(redis_url, worker_user, password)
-    worker = await start_worker(redis_url=url, shelving_fail_rate=1.0, max_deliveries=1)
-    entry = await submit(redis, keys, "lend", "ada", ["b1"])
-    event = await wait_for_event(redis, keys, "lend", entry[0], entry[1], 10)
-    assert event is not None and event.status == "failed", event
-    client = make_client(url)
+    waiting = lending(users.sender, namespace, "get-books", "request", "ada", "b1", "--timeout", "1")
+    assert waiting.returncode == 3 and waiting.stdout == "", waiting
+    assert waiting.stderr.startswith("no worker took the lend request from the inbox within 1 s;"), waiting.stderr
+    assert await server.admin.llen(keys.inbox) == 1
+    async with running_worker(settings, users.service):
+        await wait_until(lambda: server.admin.xlen(keys.events), timeout_s=10)
+    assert await server.admin.llen(keys.inbox) == 0
+    [event] = await all_events(server.admin, keys)
+    assert (event.user_id, event.status) == ("ada", "accepted"), event
+
+
+async def test_the_operator_reads_and_writes_nothing(server: Server, users: Users, keys: Keys, namespace: str) -> None:
+    letter = decoded(await server.admin.xadd(keys.dead_letters, {"stream": keys.lend_requests, "user_id": "ada"}))
+    for action in ("retry", "purge"):
+        denied = lending(users.operator, namespace, "dead-letters", action, "--all")
+        one_line_error(denied, 1, "no permission", "'multi'" if action == "retry" else "'xdel'")
+    operator = make_client(users.operator)
     try:
-        await retention.trim(client, keys, events_maxlen=10)
-        await monitoring.refresh(worker.metrics, client, keys)
-        await read_status(client, namespace)
-        assert await redis.xlen(keys.dead_letters) == 1
+        await refused(
+            [
+                lambda: operator.xadd(keys.lend_requests, {"user_id": "ada", "book_ids": "b1"}),
+                lambda: operator.delete(keys.dead_letters),
+                lambda: operator.set(keys.events_trimmed_to, "0-0"),
+                lambda: operator.hset(keys.lent_books, "b1", "mallory"),
+                lambda: operator.rpush(keys.inbox, "x"),
+                lambda: operator.config_get("requirepass"),
+                lambda: operator.get("{other}:storage"),
+            ]
+        )
+    finally:
+        await operator.aclose()
+    assert await server.admin.xlen(keys.dead_letters) == 1
+    assert letter
+
+
+async def test_a_missing_permission_is_one_line_naming_the_command(
+    server: Server, users: Users, namespace: str
+) -> None:
+    # The service user may not SCAN: status (which counts users at their limit) says so.
+    one_line_error(lending(users.service, namespace, "status"), 1, "no permission", "'scan'")
+    one_line_error(lending(users.sender, namespace, "check"), 1, "no permission", "'hgetall'")
+    one_line_error(lending(users.sender, namespace, "dead-letters", "list"), 1, "no permission", "'xrange'")
+    # get_books keeps its exit code for a refusal (6).
+    one_line_error(lending(users.operator, namespace, "get-books", "request", "ada", "b1"), 6, "'xrevrange'")
+
+
+async def test_service_user_trims_refreshes_metrics_dead_letters_and_never_scans(
+    server: Server, users: Users, keys: Keys, settings: Settings
+) -> None:
+    async with running_worker(settings, users.service, shelving_fail_rate=1.0, max_deliveries=1) as worker:
+        entry, after = await submit(server.admin, keys, "lend", "ada", ["b1"])
+        event = await wait_for_event(server.admin, keys, "lend", entry, after, 10)
+        assert event is not None and event.status == "failed", event
+        client = make_client(users.service)
+        try:
+            await retention.trim(client, keys, events_maxlen=10)
+            await monitoring.refresh(worker.metrics, client, keys)
+            assert await server.admin.xlen(keys.dead_letters) == 1
+            await refused(
+                [
+                    lambda: client.scan(),
+                    lambda: run_command(client, "SELECT", 1),
+                    lambda: client.config_get("*"),
+                    lambda: client.get("{other}:storage"),
+                    lambda: client.flushall(),
+                ]
+            )
+        finally:
+            await client.aclose()
+
+
+async def test_service_user_can_remove_dead_consumers(server: Server, users: Users, keys: Keys) -> None:
+    await ensure_group(server.admin, keys.lend_requests, LENDING_GROUP)
+    await server.admin.xgroup_createconsumer(keys.lend_requests, LENDING_GROUP, "gone")
+    client = make_client(users.service)
+    try:
+        removed = await retention.forget_dead_consumers(client, Scripts().forget_consumers, keys)
     finally:
         await client.aclose()
+    assert removed == {keys.lend_requests: ["gone"]}
 
 
-async def test_service_user_cannot_touch_another_namespace(
-    redis: Redis, redis_url: str, acl_users: tuple[str, str, str]
-) -> None:
-    worker_user, _, password = acl_users
-    client = make_client(with_user(redis_url, worker_user, password))
+async def test_glob_characters_of_a_namespace_give_no_access_to_others(server: Server) -> None:
+    namespace = f"lib-{uuid.uuid4().hex[:6]}?"
+    made = await create_printed_users(server, namespace)
     try:
-        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
-            await client.get("{other}:storage")
-        with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)no permissions"):
-            await client.flushall()
+        for url in (made.service, made.operator):
+            client = make_client(url)
+            try:
+                assert await client.get(Keys(namespace).storage) is None  # its own keys: fine
+                with pytest.raises(NoPermissionError):
+                    await client.get(Keys(namespace[:-1] + "X").storage)
+            finally:
+                await client.aclose()
     finally:
-        await client.aclose()
+        await server.admin.acl_deluser(*made.names)
+
+
+async def test_acl_for_redis_6_2_says_what_it_cannot_prevent() -> None:
+    printed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "lending", "acl", "--redis", "6.2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert printed.returncode == 0 and "%R~" not in printed.stdout and "%W~" not in printed.stdout, printed
+    assert printed.stderr.startswith("# Redis 6.2") and "{lending}:events" in printed.stderr, printed.stderr
+    assert all(line.startswith("ACL SETUSER ") for line in printed.stdout.splitlines())

@@ -8,20 +8,22 @@ name that invariant and the offending key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
-from lending.ops import checker
+from lending.ops import checker, retention
 from lending.ops.checker import GroupState, Snapshot, Violation, check_state
+from lending.redis.connection import make_client
 from lending.redis.embedded import free_port
-from lending.settings import Limits
+from lending.settings import Limits, Settings
 from lending.worker import Worker
 
 from .conftest import StartWorker
@@ -288,6 +290,118 @@ def test_quiescent_means_every_group_done(group: GroupState, reservations: list[
     snapshot.reservations = reservations
 
     assert snapshot.quiescent is quiescent
+
+
+def counted(snapshot: Snapshot) -> Snapshot:
+    """``snapshot`` with Redis 7's counters: every entry ever added was answered once."""
+    snapshot.entries_added = {action: len(ids) for action, ids in snapshot.requests.items()}
+    snapshot.events_added = len(snapshot.events)
+    return snapshot
+
+
+def test_counted_entries_that_all_got_their_event_are_consistent() -> None:
+    assert check_state(counted(consistent_snapshot()), LIMIT, CAPACITY) == []
+
+
+def test_entries_deleted_before_they_were_answered_are_a_violation() -> None:
+    """A sender's ``XADD ... MAXLEN 0`` deleted 19 queued lend requests: the stream and the
+    events look consistent, only the counters show that entries vanished."""
+    snapshot = counted(consistent_snapshot())
+    snapshot.entries_added["lend"] += 19
+
+    violations = check_state(snapshot, LIMIT, CAPACITY)
+
+    assert reported(violations) == {"every-entry-answered"}
+    assert "19 request entries" in violations[0].message and K.lend_requests in violations[0].keys
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda s: s.events.pop(1), id="an entry without its event"),
+        pytest.param(lambda s: s.events.append(("15-0", "lend", "1-0")), id="a second event"),
+        pytest.param(lambda s: s.events.append(("15-0", "lend", "99-0")), id="an event naming no entry"),
+    ],
+)
+def test_what_other_invariants_report_is_not_counted_again(change: Callable[[Snapshot], object]) -> None:
+    snapshot = counted(consistent_snapshot())
+    change(snapshot)
+    snapshot.events_added = len(snapshot.events)
+
+    assert "every-entry-answered" not in reported(check_state(snapshot, LIMIT, CAPACITY))
+
+
+def test_trimmed_entries_and_trimmed_events_are_answered() -> None:
+    """Retention trimmed two answered lend entries (0-5, 0-7) and the events up to the
+    first entry's: the counters still add up."""
+    snapshot = counted(consistent_snapshot())
+    snapshot.entries_added["lend"] += 2
+    snapshot.events_added = len(snapshot.events) + 2
+    snapshot.events = snapshot.events[1:]  # 1-0's event trimmed away too
+    snapshot.events_trimmed_to = "11-0"
+
+    assert check_state(snapshot, LIMIT, CAPACITY) == []
+
+
+def test_without_counters_or_while_in_flight_vanished_entries_are_not_judged() -> None:
+    no_counters = consistent_snapshot()  # Redis 6.2
+    no_counters.entries_added = {"lend": 30}
+    assert check_state(no_counters, LIMIT, CAPACITY) == []
+    busy = counted(in_flight(consistent_snapshot()))
+    busy.entries_added["lend"] += 5
+    assert "every-entry-answered" not in reported(check_state(busy, LIMIT, CAPACITY))
+
+
+@pytest.fixture
+async def redis7(redis7_url: str, keys: Keys) -> AsyncIterator[Redis]:
+    client = make_client(redis7_url)
+    yield client
+    async for key in client.scan_iter(match=keys.pattern("*"), count=1000):
+        await client.delete(key)
+    await client.aclose()
+
+
+async def test_requests_deleted_from_the_queue_by_a_client_are_reported_on_redis_7(
+    redis7: Redis, redis7_url: str, keys: Keys, settings: Settings
+) -> None:
+    """Issue 10: 20 queued requests, then one more with ``MAXLEN 1`` (what a sender with
+    XADD could do): 20 vanished without an event, and ``check`` said OK."""
+    for n in range(20):
+        await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"])
+    await redis7.xadd(keys.lend_requests, {"user_id": "mallory", "book_ids": "b99"}, maxlen=1, approximate=False)
+    async with in_process_worker(settings.replace(redis_url=redis7_url)):
+        report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
+
+    assert report.quiescent
+    assert reported(report.violations) == {"every-entry-answered"}, report.violations
+    assert "20 request entries" in report.violations[0].message
+
+
+async def test_trimming_on_redis_7_leaves_every_entry_accounted_for(
+    redis7: Redis, redis7_url: str, keys: Keys, settings: Settings
+) -> None:
+    async with in_process_worker(settings.replace(redis_url=redis7_url)):
+        for n in range(30):
+            action = "lend" if n % 3 else "return"
+            await event_for(redis7, keys, action, await send(redis7, keys, action, f"user-{n % 4}", [f"b{n}"]))
+        assert sum((await retention.trim(redis7, keys, events_maxlen=5)).values()) > 0
+        report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
+
+    assert report.quiescent and report.violations == [], report.violations
+
+
+@contextlib.asynccontextmanager
+async def in_process_worker(settings: Settings) -> AsyncIterator[Worker]:
+    assert settings.redis_url is not None
+    client = make_client(settings.redis_url)
+    worker = Worker(settings, client, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await client.aclose()
 
 
 # -- check: a real namespace, corrupted on purpose ---------------------------------------

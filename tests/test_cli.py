@@ -313,6 +313,7 @@ WORKER_OPTIONS = [
     "--max-books-per-request",
     "--claim-idle-ms",
     "--max-deliveries",
+    "--dead-letters-maxlen",
     "--force",
     "--data-dir",
     "--log-format",

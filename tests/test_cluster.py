@@ -17,14 +17,26 @@ from functools import partial
 import pytest
 import redis
 
+from lending.errors import RedisUnavailable
 from lending.keys import Keys
 from lending.ops import checker
-from lending.redis.cluster import SlotOwner, cluster_client
+from lending.redis.cluster import ClusterUrl, SlotOwner, cluster_client
+from lending.redis.connection import make_client
 from lending.redis.embedded import free_port, redis_cli_path, redis_server_path
 from lending.settings import Settings
 from lending.worker import Worker
 
-from .support import ROOT, event_for, process_env, send, wait_until
+from .support import (
+    ROOT,
+    all_events,
+    event_for,
+    process_env,
+    run_get_books,
+    send,
+    start_worker_process,
+    stop_process,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +145,92 @@ async def namespaces_on_two_masters(url: str) -> tuple[str, str]:
     return first, second
 
 
+@pytest.mark.parametrize(
+    ("url", "seeds", "last_node_url"),
+    [
+        ("redis+cluster://127.0.0.1:7001", [("127.0.0.1", 7001)], "redis://127.0.0.1:7001"),
+        ("redis+cluster://h1:7001,h2:7002", [("h1", 7001), ("h2", 7002)], "redis://h2:7002"),
+        (
+            "rediss+cluster://u:p%40ss@h1:7001,[::1]:7002/0",
+            [("h1", 7001), ("::1", 7002)],
+            "rediss://u:p%40ss@[::1]:7002/0",
+        ),
+        ("redis+cluster://:pw@h1,h2:7002?x=1", [("h1", 6379), ("h2", 7002)], "redis://:pw@h2:7002?x=1"),
+    ],
+)
+def test_a_cluster_url_names_seed_nodes(url: str, seeds: list[tuple[str, int]], last_node_url: str) -> None:
+    """Parsed once: every seed, and credentials, TLS, path and query for every node."""
+    parsed = ClusterUrl.parse(url)
+    assert list(parsed.seeds) == seeds
+    assert parsed.node_url(*seeds[-1]) == last_node_url
+    assert "pw" not in parsed.redacted and "p%40ss" not in parsed.redacted
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+cluster://lending:S3CRET@h1:7001,h2:x", "seed 'h2:x' has no valid port"),
+        ("redis+cluster://lending:S3CRET@h1:7001,", "an empty seed"),
+        ("redis+cluster://lending:S3CRET@h1:70000", "seed 'h1:70000' has no valid port"),
+    ],
+)
+def test_a_malformed_seed_is_one_redacted_error(url: str, reason: str) -> None:
+    with pytest.raises(RedisUnavailable) as raised:
+        ClusterUrl.parse(url)
+    assert reason in str(raised.value)
+    assert "S3CRET" not in str(raised.value) and "lending:***@" in str(raised.value)
+
+
+def test_every_command_takes_several_seeds_and_skips_a_dead_first_one(cluster: tuple[str, list[int]]) -> None:
+    """Seeds ``dead,node,node`` with a password that every node knows: the worker,
+    get_books, check, status and dead-letters all work, and never print the password."""
+    _, ports = cluster
+    for port in ports:
+        _run_on(port, "ACL", "SETUSER", "seeds", "on", ">S3CRET-seeds", "~*", "&*", "+@all")
+    seeds = ",".join(f"127.0.0.1:{port}" for port in (free_port(), ports[1], ports[2]))
+    url = f"redis+cluster://seeds:S3CRET-seeds@{seeds}"
+    namespace = f"lib-{uuid.uuid4().hex[:6]}"
+    worker = start_worker_process("w1", url, namespace)
+    outputs = []
+    try:
+        lent = run_get_books(url, namespace, "request", "ada", "book-1")
+        outputs += [lent.stdout, lent.stderr]
+        assert lent.returncode == 0 and lent.stdout.startswith("ACCEPTED"), lent.stdout + lent.stderr
+        for command in (["status"], ["check"], ["dead-letters", "list"]):
+            ran = subprocess.run(
+                [sys.executable, "-m", "lending", *command],
+                cwd=ROOT,
+                env=process_env(url, namespace),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            outputs += [ran.stdout, ran.stderr]
+            assert ran.returncode == 0, f"{command}: {ran.stdout}{ran.stderr}"
+        assert "books lent        1" in outputs[2], outputs[2]
+    finally:
+        code, out, err = stop_process(worker)
+    outputs += [out, err]
+    assert code == 0, err
+    assert not [o for o in outputs if "S3CRET" in o]
+
+
+def test_a_malformed_seed_list_is_one_line_and_exit_1() -> None:
+    ran = subprocess.run(
+        [sys.executable, "-m", "lending", "status"],
+        cwd=ROOT,
+        env=process_env("redis+cluster://lending:S3CRET@127.0.0.1:1,127.0.0.1:x", "lib"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ran.returncode == 1
+    assert ran.stderr.strip().splitlines() == [
+        "error: cannot reach Redis at redis+cluster://lending:***@127.0.0.1:1,127.0.0.1:x: "
+        "seed '127.0.0.1:x' has no valid port (host:port, separated by commas)"
+    ]
+
+
 async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[str, list[int]]) -> None:
     url, _ = cluster
     namespaces = await namespaces_on_two_masters(url)
@@ -183,6 +281,116 @@ async def test_two_namespaces_on_two_masters_survive_a_failover(cluster: tuple[s
             worker.stop()
             await asyncio.wait_for(task, 15)
             await client.aclose()
+
+
+async def test_requests_are_answered_within_2_s_of_a_promotion(cluster: tuple[str, list[int]]) -> None:
+    """Requests flow until a failover: each one sent before the replica's promotion has its
+    event within 2 s of it, and the worker's heartbeat is renewed at once. (Entries that
+    fail wait 2.5-5 s here, ``--retry-base-ms 5000``; a failover is no failure of theirs.)"""
+    url, _ = cluster
+    namespace = f"lib-{uuid.uuid4().hex[:6]}"
+    keys = Keys(namespace)
+    client, follow = await cluster_client(url, namespace)
+    settings = Settings(
+        worker_id="w1",
+        redis_url=url,
+        namespace=namespace,
+        retry_base_ms=5_000,
+        worker_ttl_ms=30_000,
+        shelving_latency_ms=100,
+    )
+    worker = Worker(settings, client, handle_signals=False, on_redis_error=follow)
+    running = asyncio.create_task(worker.run())
+    host, port = await SlotOwner(url, namespace).master()
+    replica_port = _replica_of(port)
+    old, new = make_client(f"redis://{host}:{port}"), make_client(f"redis://127.0.0.1:{replica_port}")
+    sent: list[str] = []
+
+    async def traffic() -> None:
+        # One request every 2 ms until the old master takes none (paused, then MOVED).
+        while True:
+            try:
+                sent.append(await send(old, keys, "lend", f"user-{len(sent)}", [f"book-{len(sent)}"]))
+            except redis.RedisError:
+                return
+            await asyncio.sleep(0.002)
+
+    try:
+        await wait_until(worker.healthy)
+        sending = asyncio.create_task(traffic())
+        await asyncio.sleep(0.5)
+        # Its next beat is 10 s away (a third of the TTL): a TTL of 30 s again soon after
+        # the promotion means the heartbeat did not wait for it.
+        await old.pexpire(keys.worker("w1"), 20_000)
+        await asyncio.to_thread(_run_on, replica_port, "CLUSTER", "FAILOVER")
+        promoted = await asyncio.to_thread(_promotion, replica_port)
+        await asyncio.wait_for(sending, 10)
+        await asyncio.sleep(max(0.0, promoted + 1.0 - time.time()))
+        heartbeat_ttl_ms = await new.pttl(keys.worker("w1"))
+
+        async def answered() -> dict[str, float]:
+            events = {e.request_id: int(e.event_id.split("-")[0]) / 1000 for e in await all_events(new, keys)}
+            return events if all(r in events for r in sent) else {}
+
+        await wait_until(answered, timeout_s=15, interval_s=0.2)
+        at = await answered()
+        late = max(at[r] - promoted for r in sent)
+        first_after = min((t for t in at.values() if t > promoted), default=promoted) - promoted
+        print(f"{len(sent)} requests; after the promotion: first event {first_after:.3f} s, last {late:.3f} s")
+        assert late < 2.0, f"a request sent before the promotion was answered {late:.2f} s after it"
+        assert heartbeat_ttl_ms > 28_000, f"heartbeat not renewed after the promotion (TTL {heartbeat_ttl_ms} ms)"
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 15)
+        for c in (client, old, new):
+            await c.aclose()
+
+
+async def test_a_simulator_run_rides_out_a_failover(cluster: tuple[str, list[int]]) -> None:
+    """``python -m simulator run`` on a cluster, the namespace's master failing over in the
+    middle of its traffic: its sender, its event reader and its checker follow the slot."""
+    url, _ = cluster
+    namespace = f"sim-{uuid.uuid4().hex[:6]}"
+    keys = Keys(namespace)
+    host, port = await SlotOwner(url, namespace).master()
+    replica_port = _replica_of(port)
+    short_run = ["--duration", "4", "--workers", "1", "--rate", "50", "--users", "20", "--catalogue", "200"]
+    simulation = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "run", "--redis-url", url, "--namespace", namespace, *short_run],
+        cwd=ROOT,
+        env=process_env(url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    master = make_client(f"redis://{host}:{port}")
+    try:
+
+        async def traffic_flows() -> bool:
+            return sum([await master.xlen(stream) for stream in keys.request_streams]) >= 50
+
+        await wait_until(traffic_flows, timeout_s=20)
+        await asyncio.to_thread(_run_on, replica_port, "CLUSTER", "FAILOVER")
+        await asyncio.to_thread(_promotion, replica_port)
+        out, err = await asyncio.to_thread(simulation.communicate, timeout=60)
+    finally:
+        await master.aclose()
+        if simulation.poll() is None:
+            simulation.kill()
+            simulation.communicate()
+    assert simulation.returncode == 0, out + err[-3000:]
+    assert "RESULT        OK" in out and "missing       0 (no event)" in out, out
+
+
+def _promotion(port: int, timeout_s: float = 20.0) -> float:
+    """Wait until the node on ``port`` is a master (``ROLE``); the wall-clock time it was seen so."""
+    deadline = time.monotonic() + timeout_s
+    with redis.Redis(host="127.0.0.1", port=port) as client:
+        while client.execute_command("ROLE")[0] != b"master":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the replica on port {port} was not promoted")
+            time.sleep(0.002)
+    return time.time()
 
 
 async def _moved(owner: SlotOwner, old: tuple[str, int]) -> bool:

@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from redis.asyncio import Redis
 
 from lending.keys import Keys
+from lending.ops.status import read_status
 
 from .conftest import StartWorker
-from .support import ROOT, all_events, event_for, send, wait_until
+from .support import ROOT, all_events, decoded, event_for, raw_entries, send, wait_until, xadd_fields
 
 
 def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,3 +70,126 @@ async def _no_worker(redis: Redis, keys: Keys) -> bool:
 def test_unreachable_redis(namespace: str) -> None:
     proc = cli("redis://127.0.0.1:1", namespace, "list")
     assert proc.returncode == 1 and proc.stderr.startswith("error: cannot reach Redis")
+
+
+# -- one letter, unknown and malformed ids, usage ------------------------------------------
+
+
+async def letter(
+    redis: Redis, keys: Keys, user: str = "ada", error: str = "ShelvingUnavailable: down", books: str = "b1"
+) -> str:
+    """A dead letter as finish.lua writes it, for a lend that was never processed."""
+    request = await send(redis, keys, "lend", user, books.split(","))
+    fields = {
+        "stream": keys.lend_requests,
+        "request_id": request,
+        "action": "lend",
+        "error": error,
+        "deliveries": "10",
+        "user_id": user,
+        "book_ids": books,
+    }
+    return decoded(await redis.xadd(keys.dead_letters, xadd_fields(fields)))
+
+
+async def test_show_prints_one_letter(redis: Redis, keys: Keys, redis_url: str, namespace: str) -> None:
+    letter_id = await letter(redis, keys, error="ValueError: bad book")
+
+    shown = cli(redis_url, namespace, "show", letter_id)
+    assert shown.returncode == 0, shown.stderr
+    assert letter_id in shown.stdout and "ValueError: bad book" in shown.stdout and "ada" in shown.stdout
+
+    as_json = json.loads(cli(redis_url, namespace, "show", letter_id, "--json").stdout)
+    assert as_json["id"] == letter_id and as_json["user_id"] == "ada" and as_json["error"] == "ValueError: bad book"
+    assert as_json["deliveries"] == 10
+
+
+@pytest.mark.parametrize("command", ["show", "retry", "purge"])
+@pytest.mark.parametrize("bad", ["1-1", "not-an-id", "1", "99999999999999999999-0"])
+async def test_an_unknown_or_malformed_id_is_one_line_and_exit_1(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, command: str, bad: str
+) -> None:
+    known = await letter(redis, keys)
+    ids = [bad] if command == "show" else [known, bad]
+
+    proc = cli(redis_url, namespace, command, *ids)
+
+    assert proc.returncode == 1, proc
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert bad in proc.stderr
+    assert await redis.xlen(keys.dead_letters) == 1, "nothing done when one id is bad"
+    assert await redis.xlen(keys.lend_requests) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("retry",), ("purge",), ("retry", "1-1", "--all"), ("purge", "--user", "ada"), ("retry", "1-1", "--error", "x")],
+)
+def test_no_ids_without_all_and_filters_without_all_are_usage_errors(
+    redis_url: str, namespace: str, args: tuple[str, ...]
+) -> None:
+    proc = cli(redis_url, namespace, *args)
+    assert proc.returncode == 2, proc
+
+
+# -- --json, filters -----------------------------------------------------------------------
+
+
+async def test_json_on_every_subcommand_with_numbers_as_numbers(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    first, second = await letter(redis, keys, "ada"), await letter(redis, keys, "bob")
+
+    listed = [json.loads(line) for line in cli(redis_url, namespace, "list", "--json").stdout.splitlines()]
+    assert [(x["id"], x["deliveries"]) for x in listed] == [(first, 10), (second, 10)]
+
+    retried = cli(redis_url, namespace, "retry", first, "--json")
+    assert retried.returncode == 0, retried.stderr
+    (queued,) = json.loads(retried.stdout)["retried"]
+    assert queued["id"] == first and queued["stream"] == keys.lend_requests
+    assert raw_entries(await redis.xrevrange(keys.lend_requests, count=1))[0][0] == queued["queued_as"]
+
+    purged = cli(redis_url, namespace, "purge", second, "--json")
+    assert json.loads(purged.stdout) == {"purged": 1, "ids": [second]}
+
+
+async def test_filters_by_user_and_error(redis: Redis, keys: Keys, redis_url: str, namespace: str) -> None:
+    ada_down = await letter(redis, keys, "ada", "ShelvingUnavailable: down")
+    bob_down = await letter(redis, keys, "bob", "ShelvingUnavailable: down")
+    ada_slow = await letter(redis, keys, "ada", "processing took longer than 10 s")
+
+    def listed(*filters: str) -> list[str]:
+        proc = cli(redis_url, namespace, "list", "--json", *filters)
+        assert proc.returncode == 0, proc.stderr
+        return [json.loads(line)["id"] for line in proc.stdout.splitlines()]
+
+    assert listed("--user", "ada") == [ada_down, ada_slow]
+    assert listed("--error", "Shelving") == [ada_down, bob_down]
+    assert listed("--user", "ada", "--error", "longer than") == [ada_slow]
+    assert listed("--user", "ada", "--count", "1") == [ada_down]
+
+    assert cli(redis_url, namespace, "purge", "--all", "--user", "bob").stdout.strip() == "purged 1"
+    retried = cli(redis_url, namespace, "retry", "--all", "--error", "longer than")
+    assert retried.returncode == 0 and retried.stdout.startswith(f"{ada_slow} -> queued again as "), retried
+    assert listed() == [ada_down]
+
+
+async def test_the_workers_cap_the_stream_and_list_says_so(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, start_worker: StartWorker
+) -> None:
+    await start_worker(shelving_fail_rate=1.0, max_deliveries=1, dead_letters_maxlen=2)
+    for n in range(3):  # one at a time: letters in this order
+        request = await send(redis, keys, "lend", f"u{n}", [f"b{n}"])
+        assert (await event_for(redis, keys, "lend", request)).status == "failed"
+
+    assert await redis.xlen(keys.dead_letters) == 2
+    listed = cli(redis_url, namespace, "list")
+    assert listed.returncode == 0, listed.stderr
+    note, *letters = listed.stdout.splitlines()
+    assert note.startswith("note: the stream was capped: 1 older dead letter dropped"), note
+    assert len(letters) == 2
+    as_json = cli(redis_url, namespace, "list", "--json")
+    assert [json.loads(line)["user_id"] for line in as_json.stdout.splitlines()] == ["u1", "u2"]
+    assert as_json.stderr.startswith("note: the stream was capped"), as_json.stderr
+    status = await read_status(redis, namespace)
+    assert (status["dead_letters"], status["dead_letters_trimmed"]) == (2, 1)

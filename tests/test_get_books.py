@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.client import NoOutcome, Progress, Refused, Unreachable, failure_outcome
 from lending.domain.streamids import MAX_ID
-from lending.errors import RedisUnavailable
+from lending.errors import RedisUnavailable, RequestRefused
 from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
@@ -221,6 +221,7 @@ URL = "redis://127.0.0.1:6379"
 NOT_SENT = Progress()
 SENT = Progress(sent=True)
 QUEUED = Progress(sent=True, request_id="1-0")
+HANDED_IN = Progress(sent=True, handed_in=True)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +244,14 @@ QUEUED = Progress(sent=True, request_id="1-0")
             id="stall-while-queuing",
         ),
         pytest.param(TimeoutError(), QUEUED, True, NoOutcome("1-0"), id="stall-after"),
+        pytest.param(TimeoutError(), HANDED_IN, True, NoOutcome(None), id="in-the-inbox"),
+        pytest.param(
+            RequestRefused("more than 1000 book ids"),
+            HANDED_IN,
+            False,
+            Refused("the inbox refused the request: more than 1000 book ids"),
+            id="refused-by-the-relay",
+        ),
         pytest.param(
             RedisUnavailable(URL, "Connection refused"),
             NOT_SENT,

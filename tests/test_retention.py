@@ -15,7 +15,7 @@ from lending.redis.consumer import ensure_group
 from lending.settings import Limits
 
 from .conftest import StartWorker
-from .support import AcksAfterXinfo, event_for, raw_entries, send, wait_until
+from .support import AcksAfterXinfo, decoded, event_for, raw_entries, send, wait_until
 
 
 def test_next_id() -> None:
@@ -131,3 +131,35 @@ async def test_a_worker_trims_processed_requests(redis: Redis, keys: Keys, start
     assert (await event_for(redis, keys, "lend", entry)).status == "accepted"
     await wait_until(lambda: _trimmed(redis, keys), timeout_s=5)
     assert await redis.xlen(keys.events) == 1
+
+
+async def consumers(redis: Redis, stream: str, group: str) -> dict[str, int]:
+    """Consumer name -> its pending entries."""
+    return {decoded(c["name"]): int(c["pending"]) for c in await redis.xinfo_consumers(stream, group)}
+
+
+async def test_a_worker_removes_dead_consumers_that_hold_nothing(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    # In every group: "gone", whose worker died, holds nothing; w2 is live and holds
+    # nothing. "holder" died holding an entry (not taken over for a minute).
+    for stream, group in keys.consumed():
+        await ensure_group(redis, stream, group)
+        await redis.xgroup_createconsumer(stream, group, "gone")
+        await redis.xgroup_createconsumer(stream, group, "w2")
+    await send(redis, keys, "return", "bob", ["x"])
+    await redis.xreadgroup(LENDING_GROUP, "holder", {keys.return_requests: ">"}, count=1)
+    await start_worker(worker_id="w2", claim_idle_ms=60_000)
+
+    await start_worker(claim_idle_ms=60_000, trim_interval_s=0.2)
+
+    async def gone_everywhere() -> bool:
+        for stream, group in keys.consumed():
+            if "gone" in await consumers(redis, stream, group):
+                return False
+        return True
+
+    await wait_until(gone_everywhere)
+    for stream, group in keys.consumed():
+        assert "w2" in await consumers(redis, stream, group), stream
+    assert (await consumers(redis, keys.return_requests, LENDING_GROUP))["holder"] == 1

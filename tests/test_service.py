@@ -387,6 +387,7 @@ async def test_malformed_entries_are_rejected_acknowledged_and_touch_nothing(
         keys.events,
         keys.shelving_returns,
         keys.worker("w1"),
+        keys.worker_info("w1"),
         keys.workers,
         keys.config,
     }  # the worker's own

@@ -6,7 +6,7 @@ are off (404).
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations.
 
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
@@ -17,10 +17,8 @@ from lending.api.answers import location
 from lending.api.problems import JsonResponse, Problem
 from lending.api.routes import operator_token
 from lending.api.state import Api
-from lending.domain.streamids import is_entry_id
 from lending.ops import dead_letters
 from lending.ops.status import read_status
-from lending.redis.replies import Entries
 
 AUTH_PROBLEMS = schemas.problems(p.UNAUTHORIZED, p.OPERATOR_OFF, p.REDIS_UNAVAILABLE)
 
@@ -56,11 +54,21 @@ def operator_routes(api: Api) -> APIRouter:
         responses={200: schemas.json_body("Dead letters, oldest first", {}), **AUTH_PROBLEMS},
     )
     async def get_dead_letters(
-        request: Request, count: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 100
+        request: Request,
+        count: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 100,
+        user: Annotated[str | None, Query(description="Only the letters of this user's requests.")] = None,
+        error: Annotated[str | None, Query(description="Only the letters whose error contains this.")] = None,
     ) -> Response:
-        """Dead letters, oldest first (``python -m lending dead-letters list --json``)."""
+        """Dead letters, oldest first (``python -m lending dead-letters list --json``), and
+        how many older ones the workers dropped to keep the stream capped."""
         operator_token(api, request, required=True)
-        return JsonResponse({"dead_letters": await dead_letters.list_letters(api.client, api.keys, count)})
+        where = dead_letters.Filter(user, error)
+        return JsonResponse(
+            {
+                "dead_letters": await dead_letters.list_letters(api.client, api.keys, count, where),
+                "trimmed": await dead_letters.trimmed(api.client, api.keys),
+            }
+        )
 
     @router.post(
         "/dead-letters/{letter_id}/retry",
@@ -74,24 +82,24 @@ def operator_routes(api: Api) -> APIRouter:
     )
     async def retry_dead_letter(request: Request, letter_id: str) -> Response:
         """Queue a dead letter's original entry again, as a new entry (a new request id),
-        and delete the letter, in one transaction."""
+        and delete the letter, in one transaction (``dead-letters retry ID``)."""
         operator_token(api, request, required=True)
-        found: Entries = []
-        if is_entry_id(letter_id):
-            found = cast(Entries, await api.client.xrange(api.keys.dead_letters, letter_id, letter_id))
-        if not found:
-            raise Problem(p.NO_SUCH_LETTER, f"no dead letter {letter_id}")
-        queued = await dead_letters.retry(api.client, api.keys, [letter_id])
-        if letter_id not in queued:
-            raise Problem(p.LETTER_NOT_RETRYABLE, f"dead letter {letter_id} cannot be queued again")
-        new_id = queued[letter_id]
-        stream = (found[0][1] or {}).get(b"stream", b"").decode("utf-8", "replace")
-        body: dict[str, Any] = {"letter_id": letter_id, "stream": stream, "request_id": new_id}
+        try:
+            (letter,) = await dead_letters.find(api.client, api.keys, [letter_id])
+        except dead_letters.LetterError as exc:
+            raise Problem(p.NO_SUCH_LETTER, str(exc)) from None
+        if isinstance(why := dead_letters.replay(api.keys, letter), str):
+            raise Problem(p.LETTER_NOT_RETRYABLE, f"dead letter {letter_id} cannot be queued again: {why}")
+        try:
+            (done,) = await dead_letters.retry(api.client, api.keys, [letter_id])
+        except dead_letters.LetterError as exc:  # gone meanwhile (another operator)
+            raise Problem(p.NO_SUCH_LETTER, str(exc)) from None
+        body: dict[str, Any] = {"letter_id": letter_id, "stream": done["stream"], "request_id": done["queued_as"]}
         headers = {}
-        if stream in api.keys.request_streams:
-            action = api.keys.action_of(stream)
+        if done["stream"] in api.keys.request_streams:
+            action = api.keys.action_of(done["stream"])
             body["action"] = action
-            headers["Location"] = location(action, new_id)
+            headers["Location"] = location(action, done["queued_as"])
         return JsonResponse(body, status_code=202, headers=headers)
 
     return router

@@ -15,6 +15,7 @@ from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreac
 from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from lending.domain.requests import id_problem
 from lending.keys import BY_VERB
+from lending.redaction import redact
 
 EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
 EXIT_TIMEOUT = 3
@@ -94,7 +95,8 @@ def get_books_command(
 
     Exit codes: 0 accepted/returned (or queued with --no-wait), 1 denied, 2 rejected
     or usage error (an invalid USER or BOOK: nothing is queued), 3 no outcome within
-    --timeout (the request stays queued), 4 failed, 5 Redis unreachable, lost, or
+    --timeout (the request stays queued; for a user without XADD, also: no worker took
+    it from the inbox yet), 4 failed, 5 Redis unreachable, lost, or
     silent for --timeout before the request was queued, 6 Redis refused the request
     (out of memory, no permission, stream out of IDs, ...). With --api, the same: 2
     also when the API finds the request invalid (nothing is queued), 5 when the API is
@@ -129,6 +131,13 @@ def report(outcome: Outcome | Invalid, action: str, timeout: float, as_json: boo
                 else f"QUEUED {request_id}"
             )
             return 0
+        case NoOutcome(None):
+            click.echo(
+                f"no worker took the {action} request from the inbox within {timeout:g} s; "
+                "it waits there and is queued when a worker runs",
+                err=True,
+            )
+            return EXIT_TIMEOUT
         case NoOutcome(request_id):
             click.echo(
                 f"no outcome for {action} request {request_id} within {timeout:g} s; "
@@ -137,10 +146,10 @@ def report(outcome: Outcome | Invalid, action: str, timeout: float, as_json: boo
             )
             return EXIT_TIMEOUT
         case Unreachable(message):
-            click.echo(f"error: {message}", err=True)
+            click.echo(redact(f"error: {message}"), err=True)
             return EXIT_UNREACHABLE
         case Refused(reason):
-            click.echo(f"error: Redis refused the request: {reason}", err=True)
+            click.echo(redact(f"error: Redis refused the request: {reason}"), err=True)
             return EXIT_REFUSED
         case Invalid(reason):
             click.echo(f"error: the API refused the request: {reason}; nothing was queued", err=True)

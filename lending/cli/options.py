@@ -15,11 +15,14 @@ from typing import IO, Any, TypeVar
 
 import click
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from lending.errors import RedisUnavailable
 from lending.keys import Keys
+from lending.redaction import redact
 from lending.redis.cluster import namespace_url
-from lending.redis.connection import check_reachable, make_client, redacted
+from lending.redis.connection import check_reachable, make_client
+from lending.redis.replies import no_permission
 from lending.settings import DEFAULT_REDIS_URL, Settings, Tls
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -166,10 +169,11 @@ def tls_from_options(options: dict[str, Any]) -> Tls:
 
 
 class CommandError(click.ClickException):
-    """Ends a command with one line ``error: <message>`` on stderr and ``exit_code`` (1)."""
+    """Ends a command with one line ``error: <message>`` on stderr and ``exit_code`` (1);
+    a URL in the message shows no password."""
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: {self.format_message()}", file=file, err=True)
+        click.echo(f"error: {redact(self.format_message())}", file=file, err=True)
 
 
 @asynccontextmanager
@@ -177,17 +181,23 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
     """A client of ``target`` (for a cluster, of the master owning its namespace), checked
     to answer, and closed on leaving.
 
-    :raises CommandError: Redis cannot be reached; the command says why and exits 1.
+    :raises CommandError: Redis cannot be reached, or refused a command for want of a
+        permission (the command's ACL user lacks it); the command says why in one line
+        and exits 1.
     """
     client: Redis | None = None
     try:
         client = make_client(await namespace_url(target.url, target.namespace, target.tls), tls=target.tls)
-        await check_reachable(client, redacted(target.url))
+        await check_reachable(client, target.url)
     except RedisUnavailable as exc:
         if client is not None:
             await client.aclose()
         raise CommandError(str(exc)) from exc
     try:
         yield client
+    except ResponseError as exc:
+        if (refusal := no_permission(exc)) is None:
+            raise
+        raise CommandError(f"no permission: {refusal}") from exc
     finally:
         await client.aclose()

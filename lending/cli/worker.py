@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from redis.exceptions import ResponseError
 
 from lending import app
 from lending.cli.options import CONTEXT_SETTINGS, CommandError, F, Target, connection_options, setting_option
 from lending.errors import ConfigError, LendingError
 from lending.logs import configure_logging
+from lending.redis.replies import no_permission
 from lending.settings import Settings
 
 #: The whole-number settings, in their --help order, with their help.
@@ -29,6 +31,8 @@ COUNTS = {
     "worker-ttl-ms": "Lifetime of the worker-id heartbeat key.",
     "events-maxlen": "About how many events {NS}:events keeps (request streams are trimmed only below what every "
     "group has read and acknowledged).",
+    "dead-letters-maxlen": "How many dead letters {NS}:dead-letters keeps: the oldest beyond it are dropped (and "
+    "counted in {NS}:dead-letters:trimmed).",
 }
 
 
@@ -62,7 +66,12 @@ def count_options(command: F) -> F:
 @setting_option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
-    help="Serve Prometheus /metrics and /healthz on this port [default: off].",
+    help="Serve Prometheus /metrics and the probes /livez, /readyz (and /healthz, the same as /readyz) on this "
+    "port [default: off].",
+)
+@setting_option(
+    "--metrics-host",
+    help="Address to serve --metrics-port on (0.0.0.0: every address of the host).",
 )
 @setting_option("--uvloop/--no-uvloop", help="Run on uvloop's faster event loop (when installed).")
 @setting_option(
@@ -93,4 +102,8 @@ def worker_command(worker_id: str, target: Target, **options: Any) -> None:
         raise click.UsageError(str(exc)) from exc
     except LendingError as exc:
         raise CommandError(str(exc)) from exc
+    except ResponseError as exc:
+        if (refusal := no_permission(exc)) is None:
+            raise
+        raise CommandError(f"no permission: {refusal}") from exc
     sys.exit(code)

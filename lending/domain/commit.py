@@ -131,8 +131,11 @@ def encode_commit(
     return all_keys, args
 
 
-def encode_finish(keys: Keys, group: str, capacity: int, fail: Fail) -> tuple[list[str], list[Arg]]:
-    """``finish.lua``'s KEYS and ARGV for ``fail``."""
+def encode_finish(
+    keys: Keys, group: str, capacity: int, dead_letters_maxlen: int, fail: Fail
+) -> tuple[list[str], list[Arg]]:
+    """``finish.lua``'s KEYS and ARGV for ``fail``; the dead-letters stream keeps at most
+    ``dead_letters_maxlen`` letters."""
     event = fail.event
     lend = event.action == LEND
     books = fail.books if lend else ()
@@ -145,11 +148,13 @@ def encode_finish(keys: Keys, group: str, capacity: int, fail: Fail) -> tuple[li
         keys.dead_letters,
         keys.from_shelving,
         keys.grants,
+        keys.dead_letters_trimmed,
     ]
     args: list[Arg] = [
         group,
         event.request_id,
         capacity,
+        dead_letters_maxlen,
         1 if lend else 0,
         len(books),
         *books,

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 # The largest ID a stream can hold: a stream whose last ID is this takes no more entries.
 MAX_ID = "18446744073709551615-18446744073709551615"
+_MAX_PART = 2**64 - 1
 
 
 def is_id(value: str) -> bool:
@@ -14,11 +15,11 @@ def is_id(value: str) -> bool:
 
 
 def is_entry_id(value: str) -> bool:
-    """Is ``value`` a whole entry ID, ``<ms>-<seq>``, each part within 64 bits (what an
-    ``XRANGE`` takes without an error)?"""
-    ms, sep, seq = value.partition("-")
-    return bool(sep) and all(
-        0 < len(part) <= 20 and part.isascii() and part.isdigit() and int(part) < 2**64 for part in (ms, seq)
+    """A whole entry ID, ``<ms>-<seq>`` with each part at most 2**64 - 1 (as ``XADD`` gives
+    them): unlike a bare ``<ms>``, it names one entry, never a range."""
+    ms, dash, seq = value.partition("-")
+    return bool(dash) and all(
+        0 < len(part) <= 20 and part.isascii() and part.isdigit() and int(part) <= _MAX_PART for part in (ms, seq)
     )
 
 

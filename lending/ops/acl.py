@@ -1,8 +1,20 @@
-"""Least-privilege Redis ACL users for a namespace (Redis 6.2+).
+"""Least-privilege Redis ACL users for a namespace: the service, the sender, the operator.
 
-``python -m lending acl`` prints the ``ACL SETUSER`` commands; the README explains them.
-The service user may touch only ``{NS}:*`` keys with only the commands the worker (and
-its scripts) use; the sender user may only add requests and read events.
+``python -m lending acl`` prints their ``ACL SETUSER`` commands; the README explains
+them. Each may touch only keys of its namespace (the namespace's glob characters
+escaped, as in ``Keys.pattern``) and run only the commands it uses, and each may ask a
+cluster which node owns the namespace's slot.
+
+- The service runs the worker: no SCAN (it never lists keys: the workers are in the
+  ``{NS}:workers`` set) and no SELECT (database 0 only), no CONFIG (it reveals
+  passwords).
+- The sender (get_books) gets no XADD: Redis ACLs cannot restrict XADD's arguments, and
+  a script runs with its caller's permissions. It hands requests in through the inbox
+  (RPUSH, which cannot remove or reorder anything) and reads events and its receipts.
+- The operator reads (``status``, ``check``, ``dead-letters list``), SCAN included.
+
+Redis 7 can also make a key pattern read-only (``%R~``) or write-only (``%W~``);
+``key_permissions=False`` gives the rules for Redis 6.2, which cannot.
 """
 
 from __future__ import annotations
@@ -11,10 +23,13 @@ from lending.keys import Keys
 
 # Connection housekeeping redis-py does on its own. (Its CLIENT SETINFO is optional:
 # redis-py ignores a refusal, and Redis 7.0 does not know the subcommand in ACL rules.)
-CONNECTION_COMMANDS = ("ping", "hello", "auth", "select")
+CONNECTION_COMMANDS = ("ping", "hello", "auth")
+# How the client finds the node that owns a namespace's slot (``redis.cluster.SlotOwner``).
+CLUSTER_COMMANDS = ("cluster|keyslot", "cluster|slots")
 
 WORKER_COMMANDS = (
     *CONNECTION_COMMANDS,
+    *CLUSTER_COMMANDS,
     # streams: consuming, claiming, trimming, events, dead letters
     "xreadgroup",
     "xack",
@@ -27,7 +42,10 @@ WORKER_COMMANDS = (
     "xlen",
     "xinfo|groups",
     "xinfo|stream",
+    "xinfo|consumers",
     "xgroup|create",
+    # removing dead consumers that hold nothing (forget_consumers.lua)
+    "xgroup|delconsumer",
     "xtrim",
     "xdel",
     # scripts and the per-user limit transaction
@@ -39,7 +57,7 @@ WORKER_COMMANDS = (
     "exec",
     "discard",
     # inside the scripts (their checks: exists, type), the ledger's reconciliation
-    # (hscan), the heartbeat (pexpire), and status/metrics reads
+    # (hscan), the heartbeat and the worker set (pexpire, srem), the metrics' reads
     "exists",
     "type",
     "get",
@@ -49,7 +67,6 @@ WORKER_COMMANDS = (
     "incrby",
     "pexpire",
     "pttl",
-    "scan",
     "hget",
     "hmget",
     "hset",
@@ -61,33 +78,79 @@ WORKER_COMMANDS = (
     "hkeys",
     "hscan",
     "sadd",
+    "srem",
     "smove",
     "smembers",
     "sismember",
     "smismember",
     "scard",
+    # the inbox relay: waiting for submissions, taking them off (relay.lua)
+    "blmove",
+    "lrange",
+    "ltrim",
+    "llen",
     # the eviction-policy check (INFO memory; never CONFIG, which reveals passwords)
     "info",
 )
 
-SENDER_COMMANDS = (*CONNECTION_COMMANDS, "xadd", "xread", "xrevrange")
+SENDER_COMMANDS = (*CONNECTION_COMMANDS, *CLUSTER_COMMANDS, "rpush", "xread", "xrevrange")
+
+OPERATOR_COMMANDS = (
+    *CONNECTION_COMMANDS,
+    *CLUSTER_COMMANDS,
+    "scan",
+    "xlen",
+    "xrange",
+    "xinfo|stream",
+    "xinfo|groups",
+    "xpending",
+    "get",
+    "pttl",
+    "hgetall",
+    "hlen",
+    "smembers",
+    "scard",
+    "llen",
+    "info",
+)
+
+
+def _commands(commands: tuple[str, ...]) -> list[str]:
+    return ["-@all", *(f"+{c}" for c in commands)]
 
 
 def worker_user_rules(namespace: str) -> list[str]:
     """``ACL SETUSER <name> ...`` rules for the service (add ``on`` and ``>password``)."""
-    return ["resetkeys", "resetchannels", f"~{Keys(namespace).prefix}:*", "-@all", *(f"+{c}" for c in WORKER_COMMANDS)]
+    keys = Keys(namespace)
+    return ["resetkeys", "resetchannels", f"~{keys.pattern('*')}", *_commands(WORKER_COMMANDS)]
 
 
-def sender_user_rules(namespace: str) -> list[str]:
-    """Rules for get_books: add requests, read events, nothing else."""
+def sender_user_rules(namespace: str, *, key_permissions: bool = True) -> list[str]:
+    """Rules for get_books: hand requests in through the inbox, read events and receipts.
+
+    :param key_permissions: Redis 7's write-only and read-only key patterns; without
+        them (Redis 6.2) the commands alone keep the sender from writing events.
+    """
+    keys = Keys(namespace)
+    write, read = ("%W~", "%R~") if key_permissions else ("~", "~")
+    return [
+        "resetkeys",
+        "resetchannels",
+        f"{write}{keys.pattern('inbox')}",
+        f"{read}{keys.pattern('events')}",
+        f"{read}{keys.pattern('receipts:*')}",
+        *_commands(SENDER_COMMANDS),
+    ]
+
+
+def operator_user_rules(namespace: str, *, key_permissions: bool = True) -> list[str]:
+    """Rules for an operator's reads: ``status``, ``check``, ``dead-letters list``."""
     keys = Keys(namespace)
     return [
         "resetkeys",
         "resetchannels",
-        *(f"~{stream}" for stream in keys.request_streams),
-        f"~{keys.events}",
-        "-@all",
-        *(f"+{c}" for c in SENDER_COMMANDS),
+        f"{'%R~' if key_permissions else '~'}{keys.pattern('*')}",
+        *_commands(OPERATOR_COMMANDS),
     ]
 
 

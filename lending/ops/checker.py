@@ -67,14 +67,20 @@ class Snapshot:
     requests: dict[str, list[str]] = field(default_factory=dict)  # action -> entry ids in the stream
     last_ids: dict[str, str] = field(default_factory=dict)  # action -> the stream's last generated id
     events_trimmed_to: str | None = None  # events before this ID may have been trimmed away
+    # Entries ever added to each request stream (action -> count), and events ever added:
+    # Redis 7's XINFO STREAM entries-added (empty / None on 6.2, which does not count).
+    entries_added: dict[str, int] = field(default_factory=dict)
+    events_added: int | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (event id, action, request id)
     groups: list[GroupState] = field(default_factory=list)
+    inbox: int = 0  # requests handed in through the inbox, not queued yet
 
     @property
     def quiescent(self) -> bool:
-        """Every group has read and acknowledged its whole stream: nothing is in progress,
-        so a reservation still present is a leftover, not work under way."""
-        return all(g.done for g in self.groups)
+        """Every group has read and acknowledged its whole stream and the inbox is empty:
+        nothing is in progress, so a reservation still present is a leftover, not work
+        under way."""
+        return all(g.done for g in self.groups) and self.inbox == 0
 
 
 def check_state(
@@ -214,7 +220,6 @@ def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
     per_entry = Counter((action, request) for _, action, request in snapshot.events)
     for action in ACTIONS:
         entries = snapshot.requests.get(action, [])
-        first = id_key(entries[0]) if entries else None
         present = set(entries)
         for entry in entries:
             n = per_entry[(action, entry)]
@@ -232,13 +237,7 @@ def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
         for event_action, request in per_entry:
             if event_action != action or request in present:
                 continue
-            # An entry older than the stream's first (or, in a stream trimmed empty, not
-            # newer than its last generated ID) may have been trimmed away.
-            last = snapshot.last_ids.get(action)
-            trimmed = is_id(request) and (
-                id_key(request) < first if first is not None else last is not None and id_key(request) <= id_key(last)
-            )
-            if not trimmed:
+            if not _maybe_trimmed(snapshot, action, request):
                 out.append(
                     Violation(
                         "event-names-an-entry", f"event for {action} request {request} names no entry", (keys.events,)
@@ -248,7 +247,53 @@ def _check_events(snapshot: Snapshot, keys: Keys) -> list[Violation]:
         if action not in ACTIONS:
             message = f"event {event_id} has unknown action {action!r}"
             out.append(Violation("event-names-an-entry", message, (keys.events,)))
+    out += _check_vanished(snapshot, keys, per_entry)
     return out
+
+
+def _check_vanished(snapshot: Snapshot, keys: Keys, per_entry: Counter[tuple[str, str]]) -> list[Violation]:
+    """Request entries deleted before they were answered (``XADD ... MAXLEN 0`` or an
+    XTRIM/XDEL by a client) leave no trace but in Redis 7's counters: every entry ever
+    added gets exactly one event, so once quiescent the events ever added must account
+    for the entries ever added. Trimming changes neither count (retention trims only
+    answered entries, and a trimmed event was added all the same). What the other checks
+    already report is taken out: entries present without their event, extra events."""
+    if snapshot.events_added is None or set(snapshot.entries_added) != set(ACTIONS):
+        return []  # Redis 6.2: no counters
+    present = {(action, entry) for action in ACTIONS for entry in snapshot.requests.get(action, [])}
+    unanswered = sum(
+        1
+        for action, entry in present
+        if per_entry[(action, entry)] == 0
+        and not (snapshot.events_trimmed_to is not None and id_key(entry) < id_key(snapshot.events_trimmed_to))
+    )
+    extra = sum(n - 1 for n in per_entry.values() if n > 1)
+    strays = sum(1 for pair in per_entry if pair not in present and not _maybe_trimmed(snapshot, *pair))
+    answered = snapshot.events_added - extra - strays
+    vanished = sum(snapshot.entries_added.values()) - unanswered - answered
+    if vanished <= 0:
+        return []
+    return [
+        Violation(
+            "every-entry-answered",
+            f"{vanished} request entries were added but are neither in their stream nor answered by an event "
+            "(deleted before a worker answered them: XADD with MAXLEN or MINID, XTRIM or XDEL by a client)",
+            (*keys.request_streams, keys.events),
+        )
+    ]
+
+
+def _maybe_trimmed(snapshot: Snapshot, action: str, request: str) -> bool:
+    """Is (``action``, ``request``) an entry that retention may have trimmed away: older
+    than its stream's first entry (or, in a stream trimmed empty, not newer than its last
+    generated ID)?"""
+    if action not in ACTIONS or not is_id(request):
+        return False
+    entries = snapshot.requests.get(action, [])
+    if entries:
+        return id_key(request) < id_key(entries[0])
+    last = snapshot.last_ids.get(action)
+    return last is not None and id_key(request) <= id_key(last)
 
 
 def _few(items: list[str], n: int = 10) -> str:
@@ -324,12 +369,17 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     snap.reservations = sorted([text(raw) async for raw in reservations])
     for action in ACTIONS:
         snap.requests[action] = [entry_id for entry_id, _ in await _read_all(client, keys.requests(action))]
-        if (last := await _last_generated_id(client, keys.requests(action))) is not None:
-            snap.last_ids[action] = last
+        info = await _stream_info(client, keys.requests(action))
+        snap.last_ids[action] = text(info.get("last-generated-id") or b"0-0")
+        if info.get("entries-added") is not None:
+            snap.entries_added[action] = int(info["entries-added"])
     for event_id, fields in await _read_all(client, keys.events):
         snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
+    if (events_added := (await _stream_info(client, keys.events)).get("entries-added")) is not None:
+        snap.events_added = int(events_added)
     for stream, group in keys.consumed():
         snap.groups.append(await _group_state(client, stream, group))
+    snap.inbox = await client.llen(keys.inbox)
     return snap
 
 
@@ -354,12 +404,12 @@ async def _read_all(client: Redis, stream: str) -> list[tuple[str, dict[bytes, b
         start = "(" + page[-1][0].decode()
 
 
-async def _last_generated_id(client: Redis, stream: str) -> str | None:
+async def _stream_info(client: Redis, stream: str) -> dict[str, Any]:
+    """XINFO STREAM of ``stream``; a stream that does not exist never had an entry."""
     try:
-        info = await client.xinfo_stream(stream)
+        return dict(await client.xinfo_stream(stream))
     except ResponseError:  # no such stream
-        return None
-    return text(info.get("last-generated-id") or b"0-0")
+        return {"last-generated-id": b"0-0", "entries-added": 0}
 
 
 async def _group_state(client: Redis, stream: str, group: str) -> GroupState:

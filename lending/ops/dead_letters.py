@@ -1,58 +1,165 @@
-"""``python -m lending dead-letters list|retry|purge``: inspect and replay dead letters."""
+"""``python -m lending dead-letters list|show|retry|purge``: inspect and replay dead letters.
+
+Commands on letter ids check them all first (``find``): an id that is not an entry ID,
+names no letter, or a letter that cannot be replayed stops the command before it does
+anything.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from lending.domain.streamids import is_entry_id, next_id
+from lending.errors import LendingError
 from lending.keys import Keys
 from lending.redis.replies import Entries, text
 
 # The fields of the original entry that a dead letter keeps, by the stream it came from.
 REPLAYED_FIELDS = {"request": ("user_id", "book_ids"), "returns": ("book_ids", "context_ids")}
+# Letter fields that hold numbers: shown as numbers (in --json too).
+NUMBER_FIELDS = ("deliveries",)
+PAGE = 1_000
 
 
-async def list_letters(client: Redis, keys: Keys, count: int) -> list[dict[str, Any]]:
-    entries = cast(Entries, await client.xrange(keys.dead_letters, count=count))
-    return [_letter(entry_id, fields or {}) for entry_id, fields in entries]
+class LetterError(LendingError):
+    """Some of the letter ids given cannot be acted on; nothing was done.
+
+    :param letter_ids: the ids at fault.
+    """
+
+    def __init__(self, message: str, letter_ids: Sequence[str]) -> None:
+        super().__init__(message)
+        self.letter_ids = list(letter_ids)
 
 
-async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> dict[str, str]:
+@dataclass(frozen=True)
+class Filter:
+    """Which letters a command takes: all of them, or those of ``user`` (its ``user_id``)
+    whose ``error`` contains ``error``."""
+
+    user: str | None = None
+    error: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.user is not None or self.error is not None
+
+    def matches(self, letter: dict[str, Any]) -> bool:
+        if self.user is not None and letter.get("user_id") != self.user:
+            return False
+        return self.error is None or self.error in str(letter.get("error", ""))
+
+
+async def letters(client: Redis, keys: Keys, where: Filter = Filter()) -> AsyncIterator[dict[str, Any]]:
+    """Every letter that ``where`` takes, oldest first (read a page at a time)."""
+    start = "-"
+    while True:
+        page = cast(Entries, await client.xrange(keys.dead_letters, min=start, count=PAGE))
+        for entry_id, fields in page:
+            letter = _letter(entry_id, fields or {})
+            if where.matches(letter):
+                yield letter
+        if len(page) < PAGE:
+            return
+        start = next_id(text(page[-1][0]))
+
+
+async def list_letters(client: Redis, keys: Keys, count: int, where: Filter = Filter()) -> list[dict[str, Any]]:
+    """The first ``count`` letters that ``where`` takes, oldest first."""
+    out: list[dict[str, Any]] = []
+    async for letter in letters(client, keys, where):
+        out.append(letter)
+        if len(out) >= count:
+            break
+    return out
+
+
+async def trimmed(client: Redis, keys: Keys) -> int:
+    """How many letters the workers dropped, oldest first, to keep the stream within
+    ``--dead-letters-maxlen``."""
+    value = await client.get(keys.dead_letters_trimmed)
+    return int(value) if value is not None and value.isdigit() else 0
+
+
+async def find(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The letters ``letter_ids`` name, in that order.
+
+    :raises LetterError: an id is not an entry ID (``<ms>-<seq>``), or names no letter.
+    """
+    malformed = [letter_id for letter_id in letter_ids if not is_entry_id(letter_id)]
+    if malformed:
+        raise LetterError(f"not a dead-letter id (<ms>-<seq>): {', '.join(map(repr, malformed))}", malformed)
+    async with client.pipeline(transaction=False) as pipe:
+        for letter_id in letter_ids:
+            pipe.xrange(keys.dead_letters, min=letter_id, max=letter_id, count=1)
+        replies = cast(list[Entries], await pipe.execute())
+    missing = [letter_id for letter_id, found in zip(letter_ids, replies, strict=True) if not found]
+    if missing:
+        raise LetterError(f"no such dead letter in {keys.dead_letters}: {', '.join(missing)}", missing)
+    return [_letter(found[0][0], found[0][1] or {}) for found in replies]
+
+
+def replay(keys: Keys, letter: dict[str, Any]) -> tuple[str, dict[str, str]] | str:
+    """The stream and fields that retrying ``letter`` queues; else why it cannot be retried."""
+    stream = letter.get("stream")
+    if stream not in {consumed for consumed, _group in keys.consumed()}:
+        return f"its stream {stream!r} is not one of namespace {keys.namespace!r}"
+    kind = "returns" if stream == keys.shelving_returns else "request"
+    fields = {name: letter[name] for name in REPLAYED_FIELDS[kind] if letter.get(name) is not None}
+    if not fields:
+        return f"it keeps none of the fields of the original entry ({', '.join(REPLAYED_FIELDS[kind])})"
+    return stream, fields
+
+
+async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[dict[str, str]]:
     """Queue each letter's original entry again (a new entry, so a new request id) and
-    delete the letter, both in one transaction; letter id -> new entry id."""
-    out: dict[str, str] = {}
-    for letter_id in letter_ids:
-        found = cast(Entries, await client.xrange(keys.dead_letters, min=letter_id, max=letter_id))
-        if not found:
-            continue
-        letter = _letter(letter_id, found[0][1] or {})
-        stream = letter["stream"]
-        kind = "returns" if stream == keys.shelving_returns else "request"
-        if stream not in {consumed for consumed, _group in keys.consumed()}:
-            continue  # not a stream of this namespace: leave it for a human
-        fields = {name: letter[name] for name in REPLAYED_FIELDS[kind] if letter.get(name) is not None}
-        if not fields:
-            continue
+    delete the letter, both in one transaction; ``{id, stream, queued_as}`` for each.
+
+    :raises LetterError: an id is malformed or unknown, or its letter cannot be replayed
+        (nothing is queued then); or a letter went (another operator's purge or retry)
+        while this one ran: the ones before it were retried.
+    """
+    plans = []
+    for letter in await find(client, keys, letter_ids):
+        plan = replay(keys, letter)
+        if isinstance(plan, str):
+            raise LetterError(f"cannot retry dead letter {letter['id']}: {plan}", [letter["id"]])
+        plans.append((letter["id"], *plan))
+    out: list[dict[str, str]] = []
+    for letter_id, stream, fields in plans:
         async with client.pipeline(transaction=True) as pipe:
             pipe.xadd(stream, fields)  # type: ignore[arg-type]
             pipe.xdel(keys.dead_letters, letter_id)
-            new_id, _ = await pipe.execute()
-        out[letter_id] = text(new_id)
+            new_id, deleted = await pipe.execute()
+        out.append({"id": letter_id, "stream": stream, "queued_as": text(new_id)})
+        if not deleted:
+            queued = ", ".join(f"{x['id']} as {x['queued_as']}" for x in out)
+            raise LetterError(f"dead letter {letter_id} went while it was retried; queued: {queued}", [letter_id])
     return out
 
 
 async def purge(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> int:
-    return int(await client.xdel(keys.dead_letters, *letter_ids)) if letter_ids else 0
+    """Delete the letters ``letter_ids``; how many were deleted.
+
+    :raises LetterError: an id is malformed or unknown (nothing is deleted then).
+    """
+    if not letter_ids:
+        return 0
+    await find(client, keys, letter_ids)
+    return int(await client.xdel(keys.dead_letters, *letter_ids))
 
 
-async def all_ids(client: Redis, keys: Keys) -> list[str]:
-    return [text(entry_id) for entry_id, _ in cast(Entries, await client.xrange(keys.dead_letters))]
+async def all_ids(client: Redis, keys: Keys, where: Filter = Filter()) -> list[str]:
+    return [letter["id"] async for letter in letters(client, keys, where)]
 
 
 def _letter(entry_id: bytes | str | None, fields: dict[bytes, bytes]) -> dict[str, Any]:
     out: dict[str, Any] = {"id": text(entry_id)}
     for name, value in fields.items():
-        out[text(name)] = value.decode("utf-8", "replace")
+        field = text(name)
+        decoded = value.decode("utf-8", "replace")
+        out[field] = int(decoded) if field in NUMBER_FIELDS and decoded.isascii() and decoded.isdigit() else decoded
     return out

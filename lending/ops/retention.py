@@ -4,6 +4,10 @@ Request streams and ``{NS}:shelving:returns`` are trimmed (``XTRIM MINID``) only
 the oldest entry that some consumer group still has to read or acknowledge: trimming
 never loses an entry that is waiting to be processed. ``{NS}:events`` keeps a window of
 about ``events_maxlen`` entries (approximate ``MAXLEN``: Redis trims whole nodes).
+
+Consumers of workers that are gone, and that hold nothing, are removed from the groups
+(``forget_dead_consumers``), so that the groups do not collect a consumer per worker id
+that ever ran.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from redis.exceptions import ResponseError
 from lending.domain.streamids import id_key, next_id
 from lending.keys import Keys
 from lending.redis.replies import Entries, text
+from lending.redis.scripts import Script
+
+# Consumers checked per call of forget_consumers.lua.
+CONSUMER_PAGE = 100
 
 
 async def safe_trim_id(client: Redis, stream: str) -> str | None:
@@ -61,3 +69,21 @@ async def trim(client: Redis, keys: Keys, events_maxlen: int) -> dict[str, int]:
         if first:
             await client.set(keys.events_trimmed_to, text(first[0][0]))
     return removed
+
+
+async def forget_dead_consumers(client: Redis, forget: Script, keys: Keys) -> dict[str, list[str]]:
+    """Remove from the namespace's groups every consumer that holds no pending entry and
+    has no live worker (``forget``: ``forget_consumers.lua``, which checks both in the
+    step that removes); stream -> the consumers removed from its group."""
+    removed: dict[str, list[str]] = {}
+    for stream, group in keys.consumed():
+        try:
+            consumers = await client.xinfo_consumers(stream, group)
+        except ResponseError:  # no such stream or group yet
+            continue
+        idle = [text(c["name"]) for c in consumers if int(c["pending"]) == 0]
+        for start in range(0, len(idle), CONSUMER_PAGE):
+            names = idle[start : start + CONSUMER_PAGE]
+            gone = await forget(client, [stream, *(keys.worker(name) for name in names)], [group, *names])
+            removed.setdefault(stream, []).extend(text(name) for name in gone)
+    return {stream: names for stream, names in removed.items() if names}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -10,14 +10,21 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
+from lending.redaction import redact
 from lending.settings import Tls
 
 
-def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None) -> Redis:
+def make_client(
+    url: str,
+    *,
+    max_connections: int = 128,
+    tls: Tls | None = None,
+    pool_class: type[ConnectionPool] = ConnectionPool,
+) -> Redis:
     """An asyncio client for ``url``; bytes in and out, since entries may hold any bytes.
-    ``tls`` applies to ``rediss://`` URLs."""
+    ``tls`` applies to ``rediss://`` URLs; ``pool_class`` makes its connection pool."""
     extra = tls.options() if tls and url.startswith("rediss://") else {}
-    return Redis.from_url(
+    pool = pool_class.from_url(
         url,
         **extra,
         decode_responses=False,
@@ -32,16 +39,12 @@ def make_client(url: str, *, max_connections: int = 128, tls: Tls | None = None)
         # twice. Every caller decides itself what a lost connection means.
         retry=Retry(NoBackoff(), 0),
     )
+    return Redis.from_pool(pool)
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user + ':***' if user else '***'}@{host}"
+    """``url`` without its password, for messages and logs (``lending.redaction.redact``)."""
+    return redact(url)
 
 
 async def check_reachable(client: Redis, url: str) -> None:
@@ -49,4 +52,4 @@ async def check_reachable(client: Redis, url: str) -> None:
     try:
         await client.ping()
     except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
-        raise RedisUnavailable(redacted(url), str(exc) or type(exc).__name__) from exc
+        raise RedisUnavailable(url, str(exc) or type(exc).__name__) from exc

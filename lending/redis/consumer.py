@@ -17,6 +17,10 @@ not finished stay pending and come back:
   from an earlier run are resumed; both count a delivery;
 - an entry delivered more than ``max_deliveries`` times goes to the dead-letter
   handler instead of the handler.
+
+When Redis is found somewhere new (a cluster slot's new master, see ``redis_moved``),
+whatever waits for Redis resumes at once: the read loop, and the entries that failed
+for Redis's sake.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class Delivery:
 # Processes a batch of deliveries; raising fails every delivery of the batch.
 Handler = Callable[[Sequence[Delivery]], Awaitable[Any]]
 DeadLetterHandler = Callable[[Delivery, str], Awaitable[Any]]
+# Finds Redis again after a transient error (a cluster slot's current master); True
+# when it is now somewhere else.
+FindRedis = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ class StreamConsumer:
         name: str,
         renew: Script,
         metrics: Metrics | None = None,
-        on_redis_error: Callable[[], Awaitable[None]] | None = None,
+        on_redis_error: FindRedis | None = None,
         rng: random.Random | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -137,18 +144,29 @@ class StreamConsumer:
         self._log = log.bind(consumer=name)
         self._name = name
         self._metrics = metrics or Metrics()
+        self._metrics.add_consumer(name)
         self._on_redis_error = on_redis_error
         self._rng = rng or random.Random()
         self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again
         self._inflight: InFlight[tuple[str, str]] = InFlight(config.concurrency)
         self._retries: dict[tuple[str, str], Retry] = {}
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # stopping, or Redis found somewhere new: stop waiting
+        self._moved_at = float("-inf")
         self._next_claim = 0.0
         self._next_resume = 0.0
         self._resume_all = True  # at start and after a reconnect: every own entry at once
         self.processed = 0
         self.failures = 0
         self.connected = False
+        self._round_started: float | None = None  # time.monotonic() of the read loop's latest round
+
+    def stalled_s(self, now: float) -> float:
+        """How long the read loop has been in its current round (0 before it runs).
+
+        A round takes at most a few seconds, even while Redis is away (a blocking read,
+        a backoff, a command's socket timeout); a round that lasts far longer is stuck."""
+        return 0.0 if self._round_started is None else now - self._round_started
 
     @property
     def inflight(self) -> int:
@@ -157,6 +175,17 @@ class StreamConsumer:
     def stop(self) -> None:
         """Stop reading new entries; in-flight ones finish (see ``drain``)."""
         self._stopping.set()
+        self._wake.set()
+
+    def redis_moved(self) -> None:
+        """Redis is now somewhere else (a cluster slot's new master): retry at once what
+        waits for it. The read loop stops backing off; entries that failed for Redis's
+        sake are due now, and so are those of batches under way that fail later on."""
+        self._moved_at = time.monotonic()
+        for retry in self._retries.values():
+            if not retry.counts:
+                retry.due = min(retry.due, self._moved_at)
+        self._wake.set()
 
     async def run(self) -> None:
         """Read and dispatch until stopped, riding out lost connections."""
@@ -171,6 +200,7 @@ class StreamConsumer:
     async def _consume(self) -> None:
         failures = 0
         while not self._stopping.is_set():
+            self._round_started = time.monotonic()
             try:
                 if not self.connected:
                     await self.ensure_groups()
@@ -194,12 +224,15 @@ class StreamConsumer:
                 self.connected = False
                 if self._on_redis_error is not None and is_transient(exc):
                     try:
-                        await self._on_redis_error()
+                        moved = await self._on_redis_error()
                     except Exception as hook_exc:
                         self._log.warning("could not find Redis again yet", error=str(hook_exc))
                     else:
-                        # Found the (new) master: carry on at once rather than sleep.
-                        delay = min(delay, 0.05)
+                        # Redis answered: try again soon rather than back off; at once
+                        # if it is somewhere new.
+                        delay = 0.0 if moved else min(delay, 0.05)
+                        if moved:
+                            self.redis_moved()
                 await self._sleep(delay)
 
     async def ensure_groups(self) -> None:
@@ -423,6 +456,7 @@ class StreamConsumer:
             self._log.error("dead-lettered", error=error)
 
     async def _process(self, batch: Sequence[Delivery]) -> None:
+        started = time.monotonic()
         deadline = asyncio.timeout(self._config.handler_timeout_s)
         try:
             async with deadline:
@@ -440,13 +474,13 @@ class StreamConsumer:
                     error=reply_text(exc) if isinstance(exc, ResponseError) else str(exc),
                 )
                 for delivery in batch:
-                    self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False)
+                    self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False, started=started)
             elif is_outage(exc):
                 self._log.warning(
                     "redis unavailable while processing; entries stay pending", entries=len(batch), error=str(exc)
                 )
                 for delivery in batch:
-                    self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False)
+                    self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False, started=started)
             else:
                 await self._fail(batch, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, exc)
             return
@@ -473,14 +507,24 @@ class StreamConsumer:
                     self._metrics.retries.labels(self._name).inc()
                     self._log.warning("will retry", retry_in_s=round(retry.due - time.monotonic(), 2))
 
-    def _schedule(self, delivery: Delivery, error: str, *, counts: bool) -> Retry:
+    def _schedule(self, delivery: Delivery, error: str, *, counts: bool, started: float | None = None) -> Retry:
+        """Retry ``delivery`` after the backoff of its failures; at once if the attempt failed
+        for Redis's sake (not ``counts``) and ``started`` before Redis moved."""
         key = (delivery.stream, delivery.entry_id)
         failures = self._retries[key].failures + 1 if key in self._retries else 1
         delay_s = retry_backoff_s(failures, self._config.retry_base_ms / 1000.0, self._config.retry_max_ms / 1000.0)
-        retry = Retry(failures, time.monotonic() + jittered(delay_s, self._rng), counts, error)
+        due = time.monotonic() + jittered(delay_s, self._rng)
+        if not counts and started is not None and started <= self._moved_at:
+            due = self._moved_at
+        retry = Retry(failures, due, counts, error)
         self._retries[key] = retry
         return retry
 
     async def _sleep(self, seconds: float) -> None:
+        """Sleep until stopped, Redis moved (``redis_moved``), or ``seconds`` passed."""
         with suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+            # Not wait_for: on 3.11 it loses a cancellation that comes as the event is set.
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        if not self._stopping.is_set():
+            self._wake.clear()

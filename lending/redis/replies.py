@@ -81,6 +81,20 @@ def is_refusal(exc: BaseException) -> bool:
     return reply.startswith(REFUSED_CODES) or any(f"-{code} " in reply for code in REFUSED_CODES)
 
 
+def no_permission(exc: BaseException) -> str | None:
+    """Redis's reply when ``exc`` says the ACL user may not run a command or touch a key
+    (``this user has no permissions to run the 'scan' command``; inside a script, ``The
+    user executing the script can't run this command ...``), else ``None``."""
+    if isinstance(exc, NoPermissionError):
+        return reply_text(exc)
+    if not isinstance(exc, ResponseError):
+        return None
+    reply = reply_text(exc)
+    if reply.startswith("NOPERM"):
+        return reply.removeprefix("NOPERM").strip()
+    return reply if "can't run this command" in reply or "no permissions to" in reply else None
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, OutOfMemoryError) or (
         isinstance(exc, ResponseError) and (reply_text(exc).startswith("OOM") or "-OOM " in reply_text(exc))

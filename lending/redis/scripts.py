@@ -94,6 +94,8 @@ class Scripts:
         self.worker_claim = _read("worker_claim")
         self.worker_renew = _read("worker_renew")
         self.worker_release = _read("worker_release")
+        self.forget_consumers = _read("forget_consumers")
+        self.relay = _read("relay")
         self.api_submit = _read("api_submit")
 
     def all(self) -> list[Script]:

@@ -2,12 +2,15 @@
 
 A worker claims its id at start (``worker_claim.lua``): one liveness key with a TTL,
 renewed by its heartbeat, its id in the ``{NS}:workers`` set, and its lending limits
-published in ``{NS}:config``, refused when a live worker enforces other ones. Tools
+published in ``{NS}:config``, refused when a live worker enforces other ones. Beside
+the liveness key, with the same TTL, a hash says who the worker is (host, pid,
+version, start time) and how it does (counters refreshed by each heartbeat). Tools
 list live workers from the set (no SCAN) and read the limits to check against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import cast
 
 from redis.asyncio import Redis
@@ -15,7 +18,7 @@ from redis.asyncio import Redis
 from lending.errors import LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
 from lending.redis.replies import text
-from lending.redis.scripts import Scripts
+from lending.redis.scripts import Arg, Scripts
 from lending.settings import Limits
 
 
@@ -23,15 +26,27 @@ class WorkerId:
     """One process's hold on a worker id.
 
     :param token: tells this process from another one with the same id.
+    :param info: what the worker says about itself at claim (``host``, ``pid``,
+        ``version``, ``started_ms``), published in ``{NS}:worker-info:<id>``.
     """
 
-    def __init__(self, client: Redis, scripts: Scripts, keys: Keys, worker_id: str, token: str, ttl_ms: int) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        scripts: Scripts,
+        keys: Keys,
+        worker_id: str,
+        token: str,
+        ttl_ms: int,
+        info: Mapping[str, str | int] | None = None,
+    ) -> None:
         self._client = client
         self._scripts = scripts
         self._keys = keys
         self.worker_id = worker_id
         self._token = token
         self._ttl_ms = ttl_ms
+        self._info = dict(info or {})
 
     @property
     def key(self) -> str:
@@ -41,10 +56,18 @@ class WorkerId:
         """Take the id and publish ``limits``; raises ``WorkerIdTaken`` or ``LimitsDiffer``."""
         others = [w for w in await registered(self._client, self._keys) if w != self.worker_id]
         fields = [item for pair in limits.fields().items() for item in pair]
+        info = _flat(self._info)
+        others_args: list[Arg] = [len(others), *others]
         reply = await self._scripts.worker_claim(
             self._client,
-            [self.key, self._keys.workers, self._keys.config, *(self._keys.worker(w) for w in others)],
-            [self._token, self._ttl_ms, 1 if force else 0, self.worker_id, len(others), *others, *fields],
+            [
+                self.key,
+                self._keys.workers,
+                self._keys.config,
+                self._keys.worker_info(self.worker_id),
+                *(self._keys.worker(w) for w in others),
+            ],
+            [self._token, self._ttl_ms, 1 if force else 0, self.worker_id, *others_args, len(info), *info, *fields],
         )
         code = int(reply[0])
         if code == 0:
@@ -52,15 +75,26 @@ class WorkerId:
         if code == -1:
             raise LimitsDiffer(*(text(value) for value in reply[1:5]))
 
-    async def renew(self) -> bool:
-        """The heartbeat; ``False`` when another process took the id over (``--force``)."""
+    async def renew(self, counters: Mapping[str, int] | None = None) -> bool:
+        """The heartbeat, which also publishes ``counters`` (``processed``, ``failed``) in the
+        worker's info; ``False`` when another process took the id over (``--force``)."""
         renewed = await self._scripts.worker_renew(
-            self._client, [self.key, self._keys.workers], [self._token, self._ttl_ms, self.worker_id]
+            self._client,
+            [self.key, self._keys.workers, self._keys.worker_info(self.worker_id)],
+            [self._token, self._ttl_ms, self.worker_id, *_flat(counters or {})],
         )
         return bool(renewed)
 
     async def release(self) -> None:
-        await self._scripts.worker_release(self._client, [self.key, self._keys.workers], [self._token, self.worker_id])
+        await self._scripts.worker_release(
+            self._client,
+            [self.key, self._keys.workers, self._keys.worker_info(self.worker_id)],
+            [self._token, self.worker_id],
+        )
+
+
+def _flat(fields: Mapping[str, str | int]) -> list[str | int]:
+    return [item for pair in fields.items() for item in pair]
 
 
 async def registered(client: Redis, keys: Keys) -> list[str]:
@@ -78,6 +112,21 @@ async def live_workers(client: Redis, keys: Keys) -> dict[str, int]:
             pipe.pttl(keys.worker(worker_id))
         ttls = cast(list[int], await pipe.execute())
     return {worker_id: ttl for worker_id, ttl in zip(ids, ttls, strict=True) if ttl > 0}
+
+
+async def worker_infos(client: Redis, keys: Keys, worker_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Worker id -> what it published about itself (empty for a worker that published
+    nothing: one of an older version)."""
+    if not worker_ids:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for worker_id in worker_ids:
+            pipe.hgetall(keys.worker_info(worker_id))
+        replies = cast(list[dict[bytes, bytes]], await pipe.execute())
+    return {
+        worker_id: {text(name): text(value) for name, value in reply.items()}
+        for worker_id, reply in zip(worker_ids, replies, strict=True)
+    }
 
 
 async def read_limits(client: Redis, keys: Keys) -> Limits | None:

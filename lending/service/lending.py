@@ -27,13 +27,13 @@ from redis.exceptions import NoScriptError, WatchError
 from structlog.contextvars import bound_contextvars
 
 from lending.domain.commit import Fail, Lend, encode_commit, encode_finish
-from lending.domain.events import FAILED, Event
+from lending.domain.events import FAILED, STATUSES, Event
 from lending.domain.policy import decide_batch
 from lending.domain.requests import BookRequest, Rejection, parse_request
-from lending.domain.streamids import id_key, id_range
+from lending.domain.streamids import id_key, id_ms, id_range
 from lending.errors import Contention
 from lending.faults import fault_point
-from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
+from lending.keys import ACTIONS, LEND, LENDING_GROUP, RETURN, Keys
 from lending.metrics import Metrics
 from lending.redis.consumer import Delivery
 from lending.redis.replies import text
@@ -90,6 +90,7 @@ class LendingService:
     ) -> None:
         self._client = client
         self._metrics = metrics or Metrics()
+        self._metrics.add_outcomes(ACTIONS, STATUSES)
         self._settings = settings
         self._scripts = scripts
         self._shelving = shelving
@@ -101,14 +102,16 @@ class LendingService:
         events = await self.process_batch(deliveries)
         fault_point("after_exec")
         duration = time.perf_counter() - started
+        committed_ms = time.time() * 1000
         self._metrics.batch_seconds.observe(duration)
+        self._metrics.batch_size.observe(len(deliveries))
         duration_ms = round(duration * 1000, 2)
         for delivery, event in zip(deliveries, events, strict=True):
             with bound_contextvars(request_id=delivery.entry_id, action=self._keys.action_of(delivery.stream)):
                 if event is None:
                     log.info("request finished by another worker")
                 else:
-                    self._metrics.requests.labels(event.action, event.status).inc()
+                    self._count(event, committed_ms)
                     log.info(
                         "processed",
                         user=event.user_id,
@@ -117,6 +120,13 @@ class LendingService:
                         duration_ms=duration_ms,
                     )
         return events
+
+    def _count(self, event: Event, committed_ms: float) -> None:
+        """Count an outcome committed by this worker, and how long its sender waited for it
+        (since the request's entry ID; clamped at 0 should Redis's clock be ahead)."""
+        self._metrics.requests.labels(event.action, event.status).inc()
+        waited_s = max(0.0, committed_ms - id_ms(event.request_id)) / 1000
+        self._metrics.request_latency.labels(event.action).observe(waited_s)
 
     async def process_batch(self, deliveries: Sequence[Delivery]) -> list[Event | None]:
         out: list[Event | None] = []
@@ -326,9 +336,14 @@ class LendingService:
             if name.encode() in delivery.fields:
                 letter[name] = delivery.fields[name.encode()]
         keys, args = encode_finish(
-            self._keys, LENDING_GROUP, self._settings.storage_capacity, Fail(event, books, letter)
+            self._keys,
+            LENDING_GROUP,
+            self._settings.storage_capacity,
+            self._settings.dead_letters_maxlen,
+            Fail(event, books, letter),
         )
-        await self._scripts.finish(self._client, keys, args)
+        if int(await self._scripts.finish(self._client, keys, args)) == 1:  # 0: finished elsewhere
+            self._count(event, time.time() * 1000)
 
 
 def _chunks(deliveries: Sequence[Delivery]) -> list[Sequence[Delivery]]:

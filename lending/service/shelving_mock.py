@@ -18,10 +18,12 @@ from lending.keys import SHELVING_GROUP, Keys
 from lending.redis.consumer import Delivery
 from lending.redis.scripts import Scripts
 from lending.service.shelving import Grant, ShelvingUnavailable
+from lending.settings import Settings
 
 
 class ShelvingService:
-    """The shelving mock. ``fail_rate`` and ``latency_ms`` simulate a remote service."""
+    """The shelving mock. ``fail_rate`` and ``latency_ms`` simulate a remote service;
+    ``dead_letters_maxlen`` caps ``{NS}:dead-letters`` when it parks a returns entry."""
 
     def __init__(
         self,
@@ -32,6 +34,7 @@ class ShelvingService:
         fail_rate: float = 0.0,
         latency_ms: float = 0.0,
         rng: random.Random | None = None,
+        dead_letters_maxlen: int = Settings.dead_letters_maxlen,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -39,6 +42,7 @@ class ShelvingService:
         self._fail_rate = fail_rate
         self._latency_s = latency_ms / 1000.0
         self._rng = rng or random.Random()
+        self._dead_letters_maxlen = dead_letters_maxlen
 
     async def get_many(self, asks: Sequence[tuple[str, str]]) -> list[Grant]:
         """Answer many ``get_book(book_id, context_id)`` questions in one call."""
@@ -88,7 +92,9 @@ class ShelvingService:
             if name.encode() in delivery.fields:
                 letter += [name, delivery.fields[name.encode()]]
         await self._scripts.dead_letter(
-            self._client, [keys.shelving_returns, keys.dead_letters], [SHELVING_GROUP, delivery.entry_id, *letter]
+            self._client,
+            [keys.shelving_returns, keys.dead_letters, keys.dead_letters_trimmed],
+            [SHELVING_GROUP, delivery.entry_id, self._dead_letters_maxlen, *letter],
         )
 
 

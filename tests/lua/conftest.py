@@ -8,11 +8,8 @@ ownership checks see what a worker would.
 from __future__ import annotations
 
 import contextlib
-import re
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from pprint import pformat
 from typing import TypeVar
 
@@ -24,7 +21,6 @@ from lending.domain.streamids import MAX_ID
 from lending.keys import LENDING_GROUP, Keys
 from lending.redis.connection import make_client
 from lending.redis.consumer import ensure_group
-from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.redis.scripts import Scripts
 
 from ..support import decoded, hash_of, members, raw_streams, stream_entries, xadd_fields
@@ -47,10 +43,9 @@ WRITES = frozenset(
         "INCRBY",
         "SET",
         "PEXPIRE",
+        "LTRIM",
     }
 )
-
-SYSTEM_REDIS = Path("/usr/bin/redis-server")
 
 
 @pytest.fixture
@@ -280,45 +275,6 @@ def assert_reads_then_writes(commands: list[Command], first_write: str) -> None:
     assert writes, "the script wrote nothing"
     assert ran[writes[0]].text.startswith(first_write + " "), [c.text for c in ran]
     assert all(c.writes for c in ran[writes[0] :]), [c.text for c in ran]
-
-
-# -- a private Redis 7 ---------------------------------------------------------------------
-
-
-def system_redis_7() -> str | None:
-    """``/usr/bin/redis-server`` if it is a 7.x server, else None."""
-    if not SYSTEM_REDIS.exists():
-        return None
-    try:
-        version = subprocess.run([str(SYSTEM_REDIS), "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return str(SYSTEM_REDIS) if re.search(r"\bv=7\.", version) else None
-
-
-class SystemRedis(EmbeddedRedis):
-    """The embedded server's setup, run with another redis-server binary."""
-
-    def __init__(self, binary: str, data_dir: Path) -> None:
-        super().__init__(data_dir, port=free_port(), persistent=False)
-        self.binary = binary
-
-    def command(self) -> list[str]:
-        return [self.binary, *super().command()[1:]]
-
-
-@pytest.fixture(scope="session")
-def redis7_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private Redis 7 started for these tests (skipped when there is none)."""
-    binary = system_redis_7()
-    if binary is None:
-        pytest.skip(f"no Redis 7.x at {SYSTEM_REDIS}")
-    server = SystemRedis(binary, tmp_path_factory.mktemp("redis7"))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["default", "redis7"])

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from lending.keys import SHELVING_GROUP, Keys
 from lending.redis.scripts import Arg, Scripts
@@ -31,9 +32,11 @@ from .conftest import (
 LETTER = ["stream", "returns", "error", "bad entry", "deliveries", "5", "book_ids", "b1,b2"]
 
 
-async def dead_letter(redis: Redis, scripts: Scripts, keys: Keys, entry: str, letter: Sequence[str] = LETTER) -> Any:
-    args: list[Arg] = [SHELVING_GROUP, entry, *letter]
-    return await scripts.dead_letter(redis, [keys.shelving_returns, keys.dead_letters], args)
+async def dead_letter(
+    redis: Redis, scripts: Scripts, keys: Keys, entry: str, letter: Sequence[str] = LETTER, maxlen: int = 100
+) -> Any:
+    args: list[Arg] = [SHELVING_GROUP, entry, maxlen, *letter]
+    return await scripts.dead_letter(redis, [keys.shelving_returns, keys.dead_letters, keys.dead_letters_trimmed], args)
 
 
 async def returns_entry(redis: Redis, keys: Keys) -> str:
@@ -50,6 +53,36 @@ async def test_dead_letter_parks_and_acks(redis: Redis, keys: Keys, scripts: Scr
     ]
     assert not await is_pending(redis, keys.shelving_returns, entry, SHELVING_GROUP)
     assert not await redis.exists(keys.events, keys.storage, keys.shelving_state)
+
+
+async def test_dead_letter_caps_the_stream_and_counts_what_it_drops(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    for n in range(3):
+        await redis.xadd(keys.dead_letters, {"earlier": str(n)})
+    entry = await returns_entry(redis, keys)
+
+    assert await dead_letter(redis, scripts, keys, entry, maxlen=1) == 1
+
+    assert await stream_items(redis, keys.dead_letters) == [
+        [("stream", "returns"), ("error", "bad entry"), ("deliveries", "5"), ("book_ids", "b1,b2")]
+    ]
+    assert await redis.get(keys.dead_letters_trimmed) == b"3"
+
+
+@pytest.mark.parametrize("value", [["a", "list"], "many"])
+async def test_dead_letter_with_a_count_that_is_no_number_changes_nothing(
+    redis: Redis, keys: Keys, scripts: Scripts, value: list[str] | str
+) -> None:
+    entry = await returns_entry(redis, keys)
+    if isinstance(value, list):
+        await redis.rpush(keys.dead_letters_trimmed, *value)
+    else:
+        await redis.set(keys.dead_letters_trimmed, value)
+    before = await snapshot(redis, keys)
+
+    with pytest.raises(ResponseError, match="not a count"):
+        await dead_letter(redis, scripts, keys, entry)
+
+    await assert_unchanged(redis, keys, before)
 
 
 @pytest.mark.parametrize("how", ["acknowledged", "never_delivered"])

@@ -53,11 +53,12 @@ def finish_call(
     books: Sequence[str] = (),
     event: Event | None = None,
     letter: Mapping[str, str] = LETTER,
+    maxlen: int = 100,
 ) -> tuple[list[str], list[Arg]]:
     """finish.lua's KEYS and ARGV, from the package's one encoder (``stream`` overrides
     the entry's stream, to call it on another one)."""
     event = event or failed(entry, LEND if lend else RETURN)
-    call_keys, args = encode_finish(keys, LENDING_GROUP, capacity, Fail(event, tuple(books), letter))
+    call_keys, args = encode_finish(keys, LENDING_GROUP, capacity, maxlen, Fail(event, tuple(books), letter))
     if stream is not None:
         call_keys[0] = stream
     return call_keys, args
@@ -72,6 +73,7 @@ class FinishOptions(TypedDict, total=False):
     books: Sequence[str]
     event: Event | None
     letter: Mapping[str, str]
+    maxlen: int
 
 
 async def finish(redis: Redis, scripts: Scripts, keys: Keys, entry: str, **options: Unpack[FinishOptions]) -> Any:
@@ -223,6 +225,37 @@ async def test_finish_writes_the_event_in_order_and_the_dead_letter(redis: Redis
     assert await redis.xlen(keys.shelving_returns) == 0
 
 
+async def test_finish_caps_the_dead_letters_and_counts_what_it_drops(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    for n in range(3):
+        await redis.xadd(keys.dead_letters, {"earlier": str(n)})
+    await redis.set(keys.dead_letters_trimmed, 5)
+    first = await pending_entry(redis, keys.lend_requests)
+    second = await pending_entry(redis, keys.lend_requests)
+
+    assert await finish(redis, scripts, keys, first, maxlen=2) == 1
+    assert [fields.get("error") for fields in await stream_fields(redis, keys.dead_letters)] == [None, "boom"]
+    assert await redis.get(keys.dead_letters_trimmed) == b"7"
+
+    assert await finish(redis, scripts, keys, second, maxlen=5) == 1  # room: nothing dropped
+    assert await redis.xlen(keys.dead_letters) == 3
+    assert await redis.get(keys.dead_letters_trimmed) == b"7"
+
+
+async def test_finish_with_a_count_that_is_no_number_changes_nothing(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    entry = await pending_entry(redis, keys.lend_requests)
+    await redis.set(keys.dead_letters_trimmed, "many")
+    before = await snapshot(redis, keys)
+
+    with pytest.raises(ResponseError, match="not a count"):
+        await finish(redis, scripts, keys, entry)
+
+    await assert_unchanged(redis, keys, before)
+
+
 async def test_finish_writes_a_dead_letter_after_the_event(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     entry = await pending_entry(redis, keys.lend_requests)
 
@@ -324,7 +357,9 @@ async def test_finish_with_shelving_returns_full_goes_through_when_nothing_goes_
     assert not await is_pending(redis, keys.lend_requests, entry)
 
 
-@pytest.mark.parametrize("name", ["storage", "from_shelving", "grants", "events", "dead_letters", "shelving_returns"])
+@pytest.mark.parametrize(
+    "name", ["storage", "from_shelving", "grants", "events", "dead_letters", "shelving_returns", "dead_letters_trimmed"]
+)
 async def test_finish_with_a_key_of_the_wrong_type_changes_nothing(
     each_server: Redis, keys: Keys, scripts: Scripts, name: str
 ) -> None:

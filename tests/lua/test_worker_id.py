@@ -1,5 +1,6 @@
 """worker_claim.lua, worker_renew.lua and worker_release.lua: one live process per
-worker id, a registry of the namespace's workers, and one set of lending limits.
+worker id, a registry of the namespace's workers, what each says about itself, and one
+set of lending limits.
 
 ``WorkerId`` is the one caller of these scripts (it lays out their arguments); the
 tests go through it and assert on the keys the scripts write.
@@ -13,14 +14,17 @@ from redis.asyncio import Redis
 from lending.errors import LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
 from lending.redis.scripts import Scripts
-from lending.redis.workers import WorkerId, live_workers, read_limits
+from lending.redis.workers import WorkerId, live_workers, read_limits, worker_infos
 from lending.settings import Limits
 
+from ..support import hash_of
 from .conftest import out_of_memory
+
+INFO: dict[str, str | int] = {"host": "h1", "pid": 42, "version": "0.1.0", "started_ms": 1_700_000_000_000}
 
 
 def holder(redis: Redis, scripts: Scripts, keys: Keys, token: str, worker_id: str = "w1") -> WorkerId:
-    return WorkerId(redis, scripts, keys, worker_id, token, 10_000)
+    return WorkerId(redis, scripts, keys, worker_id, token, 10_000, INFO)
 
 
 async def test_claim_holds_the_id_registers_it_and_publishes_the_limits(
@@ -32,6 +36,32 @@ async def test_claim_holds_the_id_registers_it_and_publishes_the_limits(
     assert await redis.smembers(keys.workers) == {b"w1"}
     assert await read_limits(redis, keys) == Limits(storage_capacity=7)
     assert set(await live_workers(redis, keys)) == {"w1"}
+
+
+async def test_claim_publishes_the_info_afresh_with_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    await redis.hset(keys.worker_info("w1"), mapping={"processed": "99", "stale": "x"})  # an earlier run's
+    await holder(redis, scripts, keys, "token-a").claim(Limits())
+    assert await hash_of(redis, keys.worker_info("w1")) == {name: str(value) for name, value in INFO.items()}
+    assert 0 < await redis.pttl(keys.worker_info("w1")) <= 10_000
+    assert await worker_infos(redis, keys, ["w1", "w2"]) == {
+        "w1": {name: str(value) for name, value in INFO.items()},
+        "w2": {},
+    }
+
+
+async def test_renew_publishes_the_counters_and_extends_the_info_ttl(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits())
+    await redis.pexpire(keys.worker_info("w1"), 500)
+    assert await a.renew({"processed": 7, "failed": 1})
+    assert await hash_of(redis, keys.worker_info("w1")) == {
+        **{name: str(value) for name, value in INFO.items()},
+        "processed": "7",
+        "failed": "1",
+    }
+    assert await redis.pttl(keys.worker_info("w1")) > 5_000
 
 
 async def test_renew_extends_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
@@ -69,7 +99,7 @@ async def test_release_only_by_the_holder(redis: Redis, keys: Keys, scripts: Scr
     assert await redis.get(keys.worker("w1")) == b"token-a"
 
     await a.release()
-    assert not await redis.exists(keys.worker("w1"))
+    assert not await redis.exists(keys.worker("w1"), keys.worker_info("w1"))
     assert await redis.smembers(keys.workers) == set()
 
 
@@ -108,6 +138,8 @@ async def test_renew_works_while_redis_is_out_of_memory(each_server: Redis, keys
     await redis.pexpire(keys.worker("w1"), 500)
 
     async with out_of_memory(redis):
-        assert await a.renew()
+        assert await a.renew({"processed": 12345, "failed": 0})
 
     assert await redis.pttl(keys.worker("w1")) > 5_000
+    assert await redis.pttl(keys.worker_info("w1")) > 5_000
+    assert await redis.hget(keys.worker_info("w1"), "processed") == b"12345"
