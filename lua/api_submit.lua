@@ -21,6 +21,7 @@ if KEYS[2] then
   local stored = redis.call('GET', KEYS[2])
   if stored then
     local space = string.find(stored, ' ', 1, true)
+    if not space then return {-1, stored} end  -- not ours to read: never the same request
     local request_id = string.sub(stored, 1, space - 1)
     if string.sub(stored, space + 1) == ARGV[3] then return {0, request_id} end
     return {-1, request_id}

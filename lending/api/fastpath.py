@@ -144,7 +144,9 @@ class Submissions:
             response = redis_problem(exc, scope["path"])
         except Exception:
             log.exception("unexpected error", method="POST", path=scope["path"])
-            response = problem_response(p.INTERNAL_ERROR, "an unexpected error; it is logged on the server")
+            response = problem_response(
+                p.INTERNAL_ERROR, "an unexpected error; it is logged on the server", instance=scope["path"]
+            )
         await response(scope, receive, send)
 
 

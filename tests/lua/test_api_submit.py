@@ -71,6 +71,17 @@ async def test_a_key_reused_with_another_body_queues_nothing(redis: Redis, keys:
     await assert_unchanged(redis, keys, before)
 
 
+async def test_a_key_holding_something_else_is_never_the_same_request(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    await redis.set(keys.idempotency("key-1"), "garbage")
+    before = await snapshot(redis, keys)
+
+    assert await run(redis, scripts, keys, ADA, "key-1") == Submitted("garbage", key_reused=True)
+
+    await assert_unchanged(redis, keys, before)
+
+
 async def test_the_request_goes_to_the_stream_of_its_action(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     done = await submit(partial(scripts.api_submit, redis), keys, BookRequest("return", "", "ada", ("b1",)), "key-2")
 
