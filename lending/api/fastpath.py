@@ -150,7 +150,7 @@ class Submissions:
         await response(scope, receive, send)
 
 
-def describe(**extra: Any) -> dict[str, Any]:
+def describe(max_wait_s: float, **extra: Any) -> dict[str, Any]:
     """``openapi_extra`` of the submission routes: their parameters, which FastAPI does not
     parse (``submission`` does)."""
     return {
@@ -159,8 +159,8 @@ def describe(**extra: Any) -> dict[str, Any]:
                 "name": "wait",
                 "in": "query",
                 "required": False,
-                "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 30},
-                "description": "Wait up to this many seconds for the outcome (0 < wait <= 30).",
+                "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_wait_s},
+                "description": f"Wait up to this many seconds for the outcome (0 < wait <= {max_wait_s:g}).",
             },
             {
                 "name": "Idempotency-Key",

@@ -80,7 +80,8 @@ def public_routes(api: Api) -> APIRouter:
             response_model=None,
             responses=submission_responses,
             openapi_extra=describe(
-                requestBody={"required": True, "content": {"application/json": {"schema": schemas.SUBMISSION}}}
+                max_wait,
+                requestBody={"required": True, "content": {"application/json": {"schema": schemas.SUBMISSION}}},
             ),
             tags=["requests"],
         )
@@ -100,7 +101,7 @@ def public_routes(api: Api) -> APIRouter:
         """A request's outcome event, or ``{"status": "pending"}`` while it is queued or
         being processed; with ?wait=, waits up to that long for the outcome first."""
         if action not in ACTIONS or not is_entry_id(request_id):
-            raise Problem(p.NO_SUCH_REQUEST, f"no {action} request {request_id}")
+            raise Problem(p.NO_SUCH_REQUEST, f"no {action[:20]!r} request {request_id[:60]!r}")
         if wait is None:
             state = await reads.request_state(
                 api.client, api.keys, api.tail, action, request_id, lookup_limit=api.settings.lookup_limit
