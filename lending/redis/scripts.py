@@ -48,10 +48,12 @@ class Script:
         """SCRIPT LOAD it; a server that fails to compile the shebang (Redis 6.2) gets it
         without. (Finding out this way needs no ``INFO``, which a least-privilege user
         may not have.)"""
+        # What is loaded is decided once here: another task may switch the flags meanwhile.
+        source, flagged = self.source, self.flagged
         try:
-            await client.script_load(self.source)
+            await client.script_load(source)
         except ResponseError as exc:
-            if not self.flagged or "compil" not in str(exc).lower():
+            if not flagged or "compil" not in str(exc).lower():
                 raise
             self.use_flags(False)
             await client.script_load(self.source)
