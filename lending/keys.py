@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 LENDING_GROUP = "lending-service"
 SHELVING_GROUP = "shelving-service"
@@ -70,18 +71,27 @@ class Keys:
     def return_requests(self) -> str:
         return self.requests(RETURN)
 
+    @cached_property
+    def _streams(self) -> dict[str, str]:
+        # action -> stream, built once: the hot path asks for these per request.
+        return {t.action: f"{self.prefix}:{t.stream}" for t in REQUEST_TYPES}
+
+    @cached_property
+    def _actions(self) -> dict[str, str]:
+        return {stream: action for action, stream in self._streams.items()}
+
     def requests(self, action: str) -> str:
         """The request stream of ``action``."""
-        return f"{self.prefix}:{BY_ACTION[action].stream}"
+        return self._streams[action]
 
     @property
     def request_streams(self) -> list[str]:
         """Every request stream, in the registry's order."""
-        return [self.requests(t.action) for t in REQUEST_TYPES]
+        return list(self._streams.values())
 
     def action_of(self, stream: str) -> str:
         """The action whose request stream ``stream`` is (``KeyError`` for another key)."""
-        return {self.requests(t.action): t.action for t in REQUEST_TYPES}[stream]
+        return self._actions[stream]
 
     def consumed(self) -> list[tuple[str, str]]:
         """Each stream the workers consume, with the consumer group that reads it."""

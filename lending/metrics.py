@@ -29,6 +29,8 @@ def package_version() -> str:
 
 class Metrics:
     def __init__(self) -> None:
+        self._outcomes: dict[tuple[str, str], Counter] = {}
+        self._latencies: dict[str, Histogram] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -96,6 +98,22 @@ class Metrics:
             self.request_latency.labels(action)
             for status in statuses:
                 self.requests.labels(action, status)
+
+    def outcome(self, action: str, status: str) -> Counter:
+        """The outcome counter of (``action``, ``status``), looked up once (``labels()``
+        takes a lock and builds a key each call: this runs once per request)."""
+        key = (action, status)
+        child = self._outcomes.get(key)
+        if child is None:
+            child = self._outcomes[key] = self.requests.labels(action, status)
+        return child
+
+    def latency(self, action: str) -> Histogram:
+        """The latency histogram of ``action``, looked up once (see ``outcome``)."""
+        child = self._latencies.get(action)
+        if child is None:
+            child = self._latencies[action] = self.request_latency.labels(action)
+        return child
 
     def add_consumer(self, consumer: str) -> None:
         """Create a consumer's counters at 0 (see ``add_outcomes``)."""
