@@ -25,6 +25,7 @@ function svgEl(tag, attrs) {
 }
 
 const integer = new Intl.NumberFormat("en", { maximumFractionDigits: 0 });
+const decimal = new Intl.NumberFormat("en", { maximumFractionDigits: 1 });
 function num(value) { return value === null || value === undefined ? "—" : integer.format(value); }
 function ms(value) {
   // Stream IDs are stamped in whole milliseconds: so are the latencies.
@@ -156,7 +157,7 @@ function drawChart(svg, title, seriesList, nowS, unit) {
     const v = max * fraction;
     nodes.push(svgEl("line", { class: "grid", x1: left, x2: width - right, y1: y(v), y2: y(v) }));
     const label = svgEl("text", { class: "axis", x: left - 4, y: y(v) + 4, "text-anchor": "end" });
-    label.textContent = `${integer.format(v)}${unit}`;
+    label.textContent = `${decimal.format(v)}${unit}`;
     nodes.push(label);
   }
   const minutes = Math.round(state.windowS / 60);
@@ -192,7 +193,7 @@ function renderCharts(snapshot) {
   $("latency-now").textContent = last && last.p50_ms !== null ? `${num(last.p50_ms)} / ${ms(last.p99_ms)}` : "—";
   drawChart(
     $("rate-chart"),
-    `Outcomes per second over the last ${Math.round(state.windowS / 60)} minutes: ` +
+    `Outcomes per second over the ${windowText()}: ` +
       `${last ? num(last.count) : "none"} in the last second, peak ${num(peak)}`,
     [{ points: rate, className: "rate", area: true }],
     nowS,
@@ -206,6 +207,11 @@ function renderCharts(snapshot) {
     nowS,
     " ms",
   );
+}
+
+function windowText() {
+  const minutes = Math.round(state.windowS / 60);
+  return minutes <= 1 ? "last minute" : `last ${minutes} minutes`;
 }
 
 // -- outcomes -------------------------------------------------------------------------
@@ -258,7 +264,7 @@ function compareIds(a, b) {
 function render(snapshot) {
   const fresh = merge(snapshot);
   $("namespace").textContent = `namespace ${snapshot.namespace}`;
-  $("window").textContent = `last ${Math.round(state.windowS / 60)} minutes`;
+  $("window").textContent = windowText();
   const connection = $("connection");
   connection.className = "connection live";
   connection.textContent =
