@@ -54,7 +54,7 @@ async def serving(settings: ApiSettings, *, extra_routes: Mapping[str, Any] | No
             yield LiveApi(api, server, http)
     finally:
         server.should_exit = True
-        api.tail.release_all()
+        api.release_all()
         await asyncio.wait_for(task, 15)
         await tail_client.aclose()
         await client.aclose()

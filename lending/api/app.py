@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lending import __version__
 from lending.api import problems as p
 from lending.api.answers import redis_problem
+from lending.api.dashboard import dashboard_routes
 from lending.api.operator import operator_routes
 from lending.api.problems import JsonResponse, Problem, ProblemType, problem_response
 from lending.api.routes import public_routes
@@ -64,6 +65,7 @@ def build_app(api: Api) -> FastAPI:
     app.add_middleware(UnexpectedErrors)
     app.include_router(public_routes(api))
     app.include_router(operator_routes(api))
+    app.include_router(dashboard_routes(api.dashboard))
 
     @app.get("/problems/{name}", response_model=None, tags=["problems"])
     async def get_problem_type(name: str) -> Response:

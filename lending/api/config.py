@@ -28,6 +28,10 @@ class ApiSettings:
     :param lookup_limit: events a request's lookup reads at most after the request.
     :param subscriber_queue: events an SSE client may fall behind before it is dropped.
     :param keep_alive_s: an SSE comment after this many seconds without an event.
+    :param dashboard_window_s: seconds of outcome rates and latencies the dashboard keeps.
+    :param dashboard_outcomes: latest outcomes the dashboard keeps.
+    :param dashboard_refresh_s: the dashboard reads the status at most this often, and
+        sends a snapshot as often.
     :param max_connections: Redis connections at most (the events tail has its own).
     :param shutdown_grace_s: how long open requests may take to finish on SIGTERM.
     :param uvloop: run on uvloop's event loop when it is installed.
@@ -49,6 +53,9 @@ class ApiSettings:
     lookup_limit: int = 10_000
     subscriber_queue: int = 1_000
     keep_alive_s: float = 15.0
+    dashboard_window_s: int = 300
+    dashboard_outcomes: int = 50
+    dashboard_refresh_s: float = 1.0
     max_connections: int = 512
     shutdown_grace_s: int = 5
     uvloop: bool = True
@@ -62,9 +69,17 @@ class ApiSettings:
             problems.append(f"namespace {self.namespace!r} must be non-empty, without braces or outer spaces")
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} must be between 0 and 65535")
-        if self.max_wait_s <= 0 or self.limits_refresh_s <= 0 or self.keep_alive_s <= 0:
-            problems.append("max wait, limits refresh and keep-alive times must be positive")
-        for name in ("max_body_bytes", "recent_outcomes", "lookup_limit", "subscriber_queue", "max_connections"):
+        if min(self.max_wait_s, self.limits_refresh_s, self.keep_alive_s, self.dashboard_refresh_s) <= 0:
+            problems.append("max wait, limits refresh, keep-alive and dashboard refresh times must be positive")
+        for name in (
+            "max_body_bytes",
+            "recent_outcomes",
+            "lookup_limit",
+            "subscriber_queue",
+            "max_connections",
+            "dashboard_window_s",
+            "dashboard_outcomes",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if problems:

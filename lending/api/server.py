@@ -68,7 +68,7 @@ class ApiServer(uvicorn.Server):
             log.warning("second signal: exiting now", signal=signum)
             return
         self.should_exit = True
-        self.api.tail.release_all()
+        self.api.release_all()
         log.info("stopping: finishing open requests", signal=signal.Signals(signum).name)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:

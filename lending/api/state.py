@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from lending.api.config import ApiSettings
+from lending.api.dashboard import Dashboard
 from lending.api.reads import Pending, RequestState, request_state
 from lending.api.tail import EventTail
 from lending.keys import Keys
@@ -40,6 +41,14 @@ class Api:
         #: Runs api_submit.lua: the submissions of one turn of the event loop in one pipeline.
         self.submitter = ScriptBatcher(client, self.scripts.api_submit)
         self.tail = EventTail(tail_client, self.keys, recent=settings.recent_outcomes)
+        self.dashboard = Dashboard(
+            client,
+            self.keys,
+            self.tail,
+            window_s=settings.dashboard_window_s,
+            outcomes=settings.dashboard_outcomes,
+            refresh_s=settings.dashboard_refresh_s,
+        )
         self.limits = Limits()
         self.limits_published = False
         self._refresher: asyncio.Task[None] | None = None
@@ -48,6 +57,7 @@ class Api:
     async def start(self) -> None:
         await self.scripts.api_submit.load(self.client)
         await self.refresh_limits()
+        self.dashboard.start()
         await self.tail.start()
         self._refresher = asyncio.create_task(self._refresh_limits_periodically(), name="limits-refresh")
         log.info(
@@ -59,7 +69,7 @@ class Api:
         )
 
     async def close(self) -> None:
-        """Stop the tail and the refresher (idempotent); the clients are the caller's."""
+        """Stop the tail, the dashboard and the refresher (idempotent); the clients are the caller's."""
         if self._closed:
             return
         self._closed = True
@@ -67,7 +77,14 @@ class Api:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self.dashboard.close()
         await self.tail.close()
+
+    def release_all(self) -> None:
+        """Answer every waiter and end every stream (events and dashboard) at once, e.g. on
+        shutdown, so that no open request holds the server up."""
+        self.tail.release_all()
+        self.dashboard.release()
 
     async def refresh_limits(self) -> None:
         """Read the limits the workers published (the defaults while none did)."""
