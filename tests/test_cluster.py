@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 
+import httpx
 import pytest
 import redis
 
@@ -26,6 +27,7 @@ from lending.redis.embedded import free_port, redis_cli_path, redis_server_path
 from lending.settings import Settings
 from lending.worker import Worker
 
+from .api_support import start_api_process
 from .support import (
     ROOT,
     all_events,
@@ -421,3 +423,38 @@ def _replica_of(master_port: int, timeout_s: float = 40.0) -> int:
         if time.monotonic() > deadline:
             raise AssertionError(f"no replica in sync with the master on port {master_port}")
         time.sleep(0.2)
+
+
+async def test_the_api_follows_the_namespace_to_its_new_master(cluster: tuple[str, list[int]]) -> None:
+    """The HTTP API on a cluster URL: after a failover its submissions, reads and events
+    tail go to the promoted replica (the old master answers MOVED), within seconds."""
+    url, _ = cluster
+    namespace = f"lib-{uuid.uuid4().hex[:6]}"
+    _host, port = await SlotOwner(url, namespace).master()
+    replica_port = _replica_of(port)
+    worker = start_worker_process("w1", url, namespace)
+    api, base = start_api_process(url, namespace)
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+
+            async def lend(n: int) -> httpx.Response:
+                return await http.post("/v1/lends?wait=5", json={"user_id": f"u{n}", "book_ids": [f"b{n}"]})
+
+            before = await lend(0)
+            assert before.status_code == 200 and before.json()["status"] == "accepted", before.text
+            await asyncio.to_thread(_run_on, replica_port, "CLUSTER", "FAILOVER")
+            promoted = await asyncio.to_thread(_promotion, replica_port)
+            n = 1
+            while (after := await lend(n)).status_code != 200:
+                assert after.status_code == 503 and time.time() - promoted < 10, after.text
+                n += 1
+                await asyncio.sleep(0.1)
+            assert after.json()["status"] == "accepted", after.text
+            loans = await http.get(f"/v1/users/u{n}/loans")
+            assert loans.json()["books"] == [f"b{n}"], loans.text
+        print(f"the API queued and answered on the new master {time.time() - promoted:.2f} s after the promotion")
+    finally:
+        api_code, _, api_err = stop_process(api)
+        worker_code, _, worker_err = stop_process(worker)
+    assert api_code == 0 and "Traceback" not in api_err, api_err
+    assert worker_code == 0, worker_err

@@ -61,7 +61,13 @@ def build_app(api: Api) -> FastAPI:
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_parameter)
-    app.add_exception_handler(RedisError, _redis_error)
+
+    async def redis_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RedisError)  # registered for RedisError only
+        api.redis_failed(exc)
+        return redis_problem(exc, request.url.path)
+
+    app.add_exception_handler(RedisError, redis_error)
     app.add_middleware(UnexpectedErrors)
     app.include_router(public_routes(api))
     app.include_router(operator_routes(api))
@@ -107,11 +113,6 @@ async def _invalid_parameter(request: Request, exc: Exception) -> Response:
     ]
     detail = "; ".join(f"{e['in']} parameter {e['name']}: {e['message']}" for e in errors)
     return problem_response(p.INVALID_PARAMETER, detail, instance=request.url.path, errors=errors)
-
-
-async def _redis_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RedisError)  # registered for RedisError only
-    return redis_problem(exc, request.url.path)
 
 
 def _phrase(status: int) -> str:

@@ -100,6 +100,7 @@ async def submission(api: Api, action: str, scope: Scope, receive: Receive) -> R
     try:
         done = await submit(api.submitter, api.keys, request, key)
     except (RedisConnectionError, RedisTimeoutError) as exc:
+        api.redis_failed(exc)
         retry = " (retrying with the same Idempotency-Key is safe)" if key else ""
         raise Problem(
             p.REDIS_UNAVAILABLE,
@@ -141,6 +142,7 @@ class Submissions:
         except Problem as exc:
             response = exc.response(scope["path"])
         except RedisError as exc:
+            self.api.redis_failed(exc)
             response = redis_problem(exc, scope["path"])
         except Exception:
             log.exception("unexpected error", method="POST", path=scope["path"])

@@ -21,10 +21,10 @@ import uvicorn
 from lending.api.app import build_app
 from lending.api.config import ApiSettings
 from lending.api.fastpath import Submissions
-from lending.api.state import Api
+from lending.api.state import Api, FindRedis
 from lending.app import run_fast
 from lending.logs import announce
-from lending.redis.cluster import namespace_url
+from lending.redis.cluster import cluster_client, is_cluster_url
 from lending.redis.connection import check_reachable, make_client, redacted
 
 log = structlog.get_logger(__name__)
@@ -109,12 +109,27 @@ def serve(settings: ApiSettings) -> int:
 
 async def _serve(settings: ApiSettings) -> int:
     forward_uvicorn_logs(settings.log_level)
-    url = await namespace_url(settings.redis_url, settings.namespace, settings.tls)
-    client = make_client(url, max_connections=settings.max_connections, tls=settings.tls)
-    tail_client = make_client(url, max_connections=2, tls=settings.tls)
+    find_redis: FindRedis | None = None
+    if is_cluster_url(settings.redis_url):
+        # Both clients follow the namespace's slot to its new master after a failover.
+        client, follow = await cluster_client(
+            settings.redis_url, settings.namespace, settings.tls, max_connections=settings.max_connections
+        )
+        tail_client, follow_tail = await cluster_client(
+            settings.redis_url, settings.namespace, settings.tls, max_connections=2
+        )
+
+        async def follow_both() -> bool:
+            moved = await follow()
+            return await follow_tail() or moved
+
+        find_redis = follow_both
+    else:
+        client = make_client(settings.redis_url, max_connections=settings.max_connections, tls=settings.tls)
+        tail_client = make_client(settings.redis_url, max_connections=2, tls=settings.tls)
     try:
         await check_reachable(client, redacted(settings.redis_url))
-        api = Api(settings, client, tail_client)
+        api = Api(settings, client, tail_client, find_redis)
         server = ApiServer(uvicorn_config(Submissions(build_app(api), api), settings), api)
         await server.serve()
         return 0 if server.started else 1

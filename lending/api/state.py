@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+from collections.abc import Awaitable, Callable
 
 import structlog
 from redis.asyncio import Redis
@@ -16,11 +17,16 @@ from lending.api.reads import Pending, RequestState, request_state
 from lending.api.tail import EventTail
 from lending.keys import Keys
 from lending.redis.batching import ScriptBatcher
+from lending.redis.replies import is_transient
 from lending.redis.scripts import Scripts
 from lending.redis.workers import read_limits
 from lending.settings import Limits
 
 log = structlog.get_logger(__name__)
+
+#: Points the clients at the namespace's current master (a cluster's failover); ``True``
+#: when it moved.
+FindRedis = Callable[[], Awaitable[bool]]
 
 
 class Api:
@@ -31,16 +37,20 @@ class Api:
     :param client: the client of the namespace's Redis, shared by every request.
     :param tail_client: a client for the events tail alone (its ``XREAD BLOCK`` holds a
         connection).
+    :param find_redis: for a cluster, points both clients at the namespace's current
+        master; run when a command fails for Redis's sake (``redis_failed``).
     """
 
-    def __init__(self, settings: ApiSettings, client: Redis, tail_client: Redis) -> None:
+    def __init__(
+        self, settings: ApiSettings, client: Redis, tail_client: Redis, find_redis: FindRedis | None = None
+    ) -> None:
         self.settings = settings
         self.client = client
         self.keys = Keys(settings.namespace)
         self.scripts = Scripts()
         #: Runs api_submit.lua: the submissions of one turn of the event loop in one pipeline.
         self.submitter = ScriptBatcher(client, self.scripts.api_submit)
-        self.tail = EventTail(tail_client, self.keys, recent=settings.recent_outcomes)
+        self.tail = EventTail(tail_client, self.keys, recent=settings.recent_outcomes, on_error=self.redis_failed)
         self.dashboard = Dashboard(
             client,
             self.keys,
@@ -53,6 +63,8 @@ class Api:
         self.limits_published = False
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
+        self._find_redis = find_redis
+        self._finding: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.scripts.api_submit.load(self.client)
@@ -79,12 +91,31 @@ class Api:
                 await self._refresher
         await self.dashboard.close()
         await self.tail.close()
+        if self._finding is not None:
+            self._finding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._finding
 
     def release_all(self) -> None:
         """Answer every waiter and end every stream (events and dashboard) at once, e.g. on
         shutdown, so that no open request holds the server up."""
         self.tail.release_all()
         self.dashboard.release()
+
+    def redis_failed(self, exc: BaseException) -> None:
+        """A command failed: when Redis itself is at fault (a connection lost, ``MOVED``,
+        ``READONLY``, ...) on a cluster, look for the namespace's master again, one search at
+        a time, while the failed request gets its 503 at once."""
+        if self._find_redis is None or self._closed or not is_transient(exc):
+            return
+        if self._finding is None or self._finding.done():
+            self._finding = asyncio.create_task(self._find(self._find_redis), name="find-redis")
+
+    async def _find(self, find_redis: FindRedis) -> None:
+        try:
+            await find_redis()  # it logs a move
+        except Exception as exc:  # the next failure searches again
+            log.warning("could not find the namespace's master yet", error=str(exc) or type(exc).__name__)
 
     async def refresh_limits(self) -> None:
         """Read the limits the workers published (the defaults while none did)."""
@@ -99,6 +130,7 @@ class Api:
             try:
                 await self.refresh_limits()
             except (RedisError, OSError) as exc:
+                self.redis_failed(exc)
                 if not failing:
                     log.warning("could not read the published limits; keeping the last ones", error=str(exc))
                 failing = True

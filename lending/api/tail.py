@@ -92,14 +92,25 @@ class EventTail:
     :param recent: how many recent outcomes are kept for late waiters.
     :param block_ms: how long one ``XREAD`` blocks.
     :param count: events read per ``XREAD`` at most.
+    :param on_error: told of each failed read (e.g. to find a cluster's new master).
     """
 
-    def __init__(self, client: Redis, keys: Keys, *, recent: int = 10_000, block_ms: int = 1_000, count: int = 1_000):
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        *,
+        recent: int = 10_000,
+        block_ms: int = 1_000,
+        count: int = 1_000,
+        on_error: Callable[[BaseException], None] | None = None,
+    ):
         self._client = client
         self._keys = keys
         self._recent_max = recent
         self._block_ms = block_ms
         self._count = count
+        self._on_error = on_error
         self._recent: OrderedDict[RequestKey, Event] = OrderedDict()
         self._waiters: dict[RequestKey, list[asyncio.Future[Event | None]]] = {}
         self._subscribers: set[Subscription] = set()
@@ -228,6 +239,8 @@ class EventTail:
             except (RedisError, OSError) as exc:
                 if self._closing:
                     return
+                if self._on_error is not None:
+                    self._on_error(exc)
                 failures += 1
                 if failures == 1:
                     self.connected = False

@@ -1,4 +1,5 @@
-"""Least-privilege Redis ACL users for a namespace: the service, the sender, the operator.
+"""Least-privilege Redis ACL users for a namespace: the service, the sender, the operator,
+the HTTP API.
 
 ``python -m lending acl`` prints their ``ACL SETUSER`` commands; the README explains
 them. Each may touch only keys of its namespace (the namespace's glob characters
@@ -12,6 +13,12 @@ cluster which node owns the namespace's slot.
   a script runs with its caller's permissions. It hands requests in through the inbox
   (RPUSH, which cannot remove or reorder anything) and reads events and its receipts.
 - The operator reads (``status``, ``check``, ``dead-letters list``), SCAN included.
+- The HTTP API (``python -m lending api``) is the trusted front door: it checks a
+  request with the service's rules and queues it itself (``api_submit.lua``: XADD to
+  the request streams, SET of idempotency keys), reads what its endpoints show, and
+  for its operator endpoints runs ``status`` (SCAN included) and retries dead letters
+  (XADD + XDEL in MULTI). It writes no lending state: on Redis 7 it may write only the
+  request streams, its idempotency keys and the dead letters.
 
 Redis 7 can also make a key pattern read-only (``%R~``) or write-only (``%W~``);
 ``key_permissions=False`` gives the rules for Redis 6.2, which cannot.
@@ -19,7 +26,7 @@ Redis 7 can also make a key pattern read-only (``%R~``) or write-only (``%W~``);
 
 from __future__ import annotations
 
-from lending.keys import Keys
+from lending.keys import REQUEST_TYPES, Keys
 
 # Connection housekeeping redis-py does on its own. (Its CLIENT SETINFO is optional:
 # redis-py ignores a refusal, and Redis 7.0 does not know the subcommand in ACL rules.)
@@ -115,6 +122,42 @@ OPERATOR_COMMANDS = (
 )
 
 
+API_COMMANDS = (
+    *CONNECTION_COMMANDS,
+    *CLUSTER_COMMANDS,
+    # queuing (api_submit.lua: GET and SET of the idempotency key, XADD), retrying a
+    # dead letter (XADD + XDEL in one transaction)
+    "evalsha",
+    "script|load",
+    "get",
+    "set",
+    "xadd",
+    "xdel",
+    "multi",
+    "exec",
+    "discard",
+    # the events tail, SSE resumption, request lookups
+    "xread",
+    "xrange",
+    "xrevrange",
+    # loans, books, limits, the dashboard and /v1/status
+    "smembers",
+    "sismember",
+    "scard",
+    "hget",
+    "hgetall",
+    "hlen",
+    "pttl",
+    "xlen",
+    "xpending",
+    "xinfo|stream",
+    "xinfo|groups",
+    "llen",
+    "scan",
+    "info",
+)
+
+
 def _commands(commands: tuple[str, ...]) -> list[str]:
     return ["-@all", *(f"+{c}" for c in commands)]
 
@@ -151,6 +194,28 @@ def operator_user_rules(namespace: str, *, key_permissions: bool = True) -> list
         "resetchannels",
         f"{'%R~' if key_permissions else '~'}{keys.pattern('*')}",
         *_commands(OPERATOR_COMMANDS),
+    ]
+
+
+def api_user_rules(namespace: str, *, key_permissions: bool = True) -> list[str]:
+    """Rules for the HTTP API: reads all of the namespace; writes (Redis 7) only the
+    request streams, its idempotency keys and the dead letters.
+
+    :param key_permissions: Redis 7's read-only key patterns; without them (Redis 6.2)
+        the commands alone keep it from changing lending state: it has no HSET, SADD,
+        DEL, XACK or XGROUP, and EVALSHA runs only the scripts whose commands it may run.
+    """
+    keys = Keys(namespace)
+    if not key_permissions:
+        return ["resetkeys", "resetchannels", f"~{keys.pattern('*')}", *_commands(API_COMMANDS)]
+    writable = [*(t.stream for t in REQUEST_TYPES), "dead-letters", "idempotency:*"]
+    return [
+        "resetkeys",
+        "resetchannels",
+        f"%R~{keys.pattern('*')}",
+        # Redis wants one pattern granting all a command needs: RW, not %R~ and %W~.
+        *(f"~{keys.pattern(suffix)}" for suffix in writable),
+        *_commands(API_COMMANDS),
     ]
 
 
