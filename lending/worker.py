@@ -24,6 +24,7 @@ from lending.redis import eviction
 from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, FindRedis, Handler, StreamConsumer
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
+from lending.redis.tasks import cancel_and_wait
 from lending.redis.workers import WorkerId
 from lending.service.inbox import InboxRelay
 from lending.service.lending import LendingService
@@ -177,7 +178,7 @@ class Worker:
                 consumer.stop()
             await asyncio.wait(tasks, timeout=2.0)
             drained = all(await asyncio.gather(*(c.drain(self.settings.shutdown_grace_s) for c in self.consumers)))
-            await _cancel_all(self._loops)
+            await cancel_and_wait(self._loops)
             await self._release_id()
             counters = self.counters()
             log.info("worker stopped", processed=counters["processed"], failures=counters["failed"], drained=drained)
@@ -351,18 +352,3 @@ class Worker:
             await self.worker_id.release()
         except Exception as exc:
             log.warning("could not release the worker id; it expires by itself", error=str(exc))
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
-    """Cancel ``tasks`` and wait for them to end, cancelling again while one lingers: on
-    Python 3.11 a task can lose a cancellation inside a Redis call (redis-py wraps socket
-    writes in ``asyncio.wait_for``, which returns the result when the cancellation comes
-    as the write completes), and a shutdown must not wait for ever on that."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    pending = {task for task in tasks if not task.done()}
-    while pending and asyncio.get_running_loop().time() < deadline:
-        for task in pending:
-            task.cancel()
-        _done, pending = await asyncio.wait(pending, timeout=0.1)
-    if pending:
-        log.warning("some background tasks did not end; stopping anyway", tasks=len(pending))

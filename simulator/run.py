@@ -21,6 +21,7 @@ from lending.redis.cluster import cluster_client, is_cluster_url
 from lending.redis.connection import make_client
 from lending.redis.consumer import FindRedis
 from lending.redis.replies import is_transient
+from lending.redis.tasks import cancel_and_wait
 from lending.settings import Tls
 
 from .deployment import Deployment
@@ -158,7 +159,7 @@ async def simulate(options: RunOptions) -> RunReport:
     deployment = _deployment(options)
     client: Redis | None = None
     follow: FindRedis | None = None
-    with _sigterm_cancels_the_run() as terminated:
+    with _sigterm_cancels_the_run() as termination:
         try:
             await _in_thread_to_the_end(deployment.start)
             # With a cluster URL, talk to the master owning the namespace, and follow the
@@ -169,10 +170,12 @@ async def simulate(options: RunOptions) -> RunReport:
                 client = make_client(deployment.redis_url, tls=options.tls)
             return await _run(options, deployment, client, follow)
         except asyncio.CancelledError:
-            if terminated:
+            termination.unwinding = True
+            if termination.requested:
                 raise KeyboardInterrupt from None  # the way Ctrl-C ends a run (after the clean-up below)
             raise
         finally:
+            termination.unwinding = True  # the clean-up is not to be cancelled
             deployment.resume_all()
             if client is not None:
                 await client.aclose()
@@ -250,32 +253,50 @@ def _start_chaos(options: RunOptions, deployment: Deployment) -> list[asyncio.Ta
 
 
 async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` (again while one lingers) and wait for them; their errors are
+    not raised here (where one matters it was awaited already)."""
+    await cancel_and_wait(tasks, timeout_s=10.0)
     for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        if task.done() and not task.cancelled():
+            task.exception()
+
+
+class _Termination:
+    """SIGTERM's handler: cancels ``task``, and again every second until the task starts
+    its clean-up (``unwinding``): a cancellation lost inside a Redis call (see
+    ``lending.redis.tasks``) must not leave the run going."""
+
+    def __init__(self, task: asyncio.Task[Any] | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.requested = False
+        self.unwinding = False
+        self._task = task
+        self._loop = loop
+
+    def __call__(self) -> None:
+        self.requested = True
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._task is None or self.unwinding or self._task.done():
+            return
+        self._task.cancel()
+        self._loop.call_later(1.0, self._cancel)
 
 
 @contextlib.contextmanager
-def _sigterm_cancels_the_run() -> Iterator[list[bool]]:
-    """While inside, SIGTERM cancels the current task; the list yielded says whether it did.
+def _sigterm_cancels_the_run() -> Iterator[_Termination]:
+    """While inside, SIGTERM cancels the current task (``requested`` says whether it did).
     (Without a handler SIGTERM would end the process at once, leaving paused workers
     stopped and every process the run started running.)"""
-    task = asyncio.current_task()
     loop = asyncio.get_running_loop()
-    terminated: list[bool] = []
-
-    def cancel() -> None:
-        terminated.append(True)
-        if task is not None:
-            task.cancel()
-
+    termination = _Termination(asyncio.current_task(), loop)
     try:
-        loop.add_signal_handler(signal.SIGTERM, cancel)
+        loop.add_signal_handler(signal.SIGTERM, termination)
     except (NotImplementedError, RuntimeError, ValueError):  # no signals here (not the main thread)
-        yield terminated
+        yield termination
         return
     try:
-        yield terminated
+        yield termination
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 
