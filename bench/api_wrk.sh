@@ -13,7 +13,8 @@
 # py-spy; writes $OUT/api-wait5-N.txt and
 # $OUT/worker-wait5-N.txt), OUT (a directory for wrk's reports; default a
 # temporary one, removed at the end), WATCHERS=N to keep N dashboard streams open
-# (curl -N on /v1/dashboard/stream) during the runs.
+# (curl -N on /v1/dashboard/stream) during the runs, PHASES (default "nowait wait5":
+# the phases of each round, in order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -122,8 +123,13 @@ phase() { # NAME PATH SECONDS ROUND
 
 phase warmup /v1/lends 3 0 >/dev/null
 for round in $(seq 1 "$rounds"); do
-  phase nowait /v1/lends "$secs" "$round"
-  phase wait5 "/v1/lends?wait=5" "$secs" "$round"
+  for name in ${PHASES:-nowait wait5}; do
+    case $name in
+      nowait) phase nowait /v1/lends "$secs" "$round" ;;
+      wait5) phase wait5 "/v1/lends?wait=5" "$secs" "$round" ;;
+      *) echo "api_wrk: unknown phase $name (nowait, wait5)" >&2; exit 2 ;;
+    esac
+  done
 done
 drain
 echo
