@@ -1,5 +1,5 @@
-"""Least privilege: the four users that ``python -m lending acl`` prints, applied as
-printed, on a private Redis 7 and on the default test server (Redis 6.2 unless
+"""Least privilege: the users that ``python -m lending acl`` prints (the API's with
+``--api-user``), applied as printed, on a private Redis 7 and on the default test server (Redis 6.2 unless
 ``REDIS_URL`` says otherwise, with the rules printed for it).
 
 The service runs the worker without SCAN or SELECT; the sender hands requests in
@@ -65,7 +65,7 @@ class Server:
 
 @dataclass(frozen=True)
 class Users:
-    """The URLs of the four printed users."""
+    """The URLs of the printed users (the API's included)."""
 
     service: str
     sender: str
@@ -436,3 +436,22 @@ async def test_acl_for_redis_6_2_says_what_it_cannot_prevent() -> None:
     assert printed.returncode == 0 and "%R~" not in printed.stdout and "%W~" not in printed.stdout, printed
     assert printed.stderr.startswith("# Redis 6.2") and "{lending}:events" in printed.stderr, printed.stderr
     assert all(line.startswith("ACL SETUSER ") for line in printed.stdout.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("extra", "users"),
+    [
+        ([], ["lending", "get-books", "lending-operator"]),
+        (["--api-user", "front"], ["lending", "get-books", "lending-operator", "front"]),
+    ],
+)
+def test_acl_prints_three_users_and_the_apis_on_request(extra: list[str], users: list[str]) -> None:
+    printed = subprocess.run(
+        [sys.executable, "-m", "lending", "acl", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert [line.split()[2] for line in printed.stdout.splitlines()] == users, printed.stdout

@@ -13,7 +13,7 @@ cluster which node owns the namespace's slot.
   a script runs with its caller's permissions. It hands requests in through the inbox
   (RPUSH, which cannot remove or reorder anything) and reads events and its receipts.
 - The operator reads (``status``, ``check``, ``dead-letters list``), SCAN included.
-- The HTTP API (``python -m lending api``) is the trusted front door: it checks a
+- The HTTP API (``python -m lending api``; printed on request) is the trusted front door: it checks a
   request with the service's rules and queues it itself (``api_submit.lua``: XADD to
   the request streams, SET of idempotency keys), reads what its endpoints show, and
   for its operator endpoints runs ``status`` (SCAN included) and retries dead letters
