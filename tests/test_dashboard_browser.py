@@ -96,12 +96,20 @@ async def test_the_dashboard_shows_the_storage_and_the_outcomes_changing(
             async def figures() -> Figures:
                 """Bins filled (as the page says, and as drawn), the newest outcome shown,
                 updates received."""
-                filled = await page.get_attribute("#bins", "data-filled") or "-1"
-                drawn = await page.locator("#bins .bin.filled").count()
+                # Read in one go in the page: a snapshot arriving between two reads
+                # would make them disagree.
+                filled, drawn, newest, updates = await page.evaluate(
+                    """() => [
+                        document.querySelector("#bins").dataset.filled ?? null,
+                        document.querySelectorAll("#bins .bin.filled").length,
+                        document.querySelector("#outcomes").dataset.newest ?? "",
+                        document.body.dataset.updates ?? "0",
+                    ]"""
+                )
+                if filled is None:  # no snapshot drawn yet
+                    return -1, "", 0
                 assert drawn == int(filled), (drawn, filled)  # one square per bin: 30 bins
-                newest = await page.get_attribute("#outcomes", "data-newest") or ""
-                updates = await page.get_attribute("body", "data-updates") or "0"
-                return int(filled), newest, int(updates)
+                return int(filled), str(newest), int(updates)
 
             async def until_figures(changed: Callable[[Figures], bool], timeout_s: float = 15.0) -> Figures:
                 deadline = time.monotonic() + timeout_s
