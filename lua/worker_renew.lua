@@ -9,15 +9,24 @@
 -- ARGV[3]  this worker's id
 -- ARGV[4..] info fields to refresh (its counters), field/value pairs
 --
--- Returns 1 when renewed, 0 when another process holds the id now (--force).
+-- Returns 1 when renewed, 2 when the liveness key was gone and is taken again (a Redis
+-- restart or a failover lost it, or it expired while this process stalled: nobody else
+-- holds the id), 0 when another process holds the id now (--force).
 -- A renewal is a PEXPIRE, which needs no memory, and comes first: a live worker stays
 -- visible while Redis is out of memory (allow-oom on Redis 7; on 6.2 PEXPIRE is never
 -- refused, and a script that has written may go on). The counters overwrite fields
--- of the same few bytes.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+-- of the same few bytes. Taking the key again is a SET, the first write (on 6.2 refused
+-- as a whole while Redis is out of memory: the next heartbeat tries again).
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+if holder then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
 if #ARGV > 3 then redis.call('HSET', KEYS[3], unpack(ARGV, 4)) end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 -- Back in the set after a Redis restart that lost it.
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then redis.call('SADD', KEYS[2], ARGV[3]) end
-return 1
+if holder then return 1 end
+return 2

@@ -311,3 +311,19 @@ async def test_a_shelving_outage_costs_latency_not_failures(
     event = await event_for(redis, keys, "lend", entry, timeout_s=10)
     assert event.status == "accepted", event
     assert await redis.xlen(keys.dead_letters) == 0
+
+
+async def test_a_worker_whose_liveness_key_redis_lost_holds_its_id_again_and_serves(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    # A failover or restart without the key (kill -9 of a master before it replicated):
+    # nobody else holds the id, so the worker takes it again rather than stop.
+    worker = await start_worker(worker_id="w1", worker_ttl_ms=1_500)
+    await redis.delete(keys.worker("w1"), keys.worker_info("w1"))
+
+    await wait_until(lambda: redis.exists(keys.worker("w1")), timeout_s=5)
+    request_id = await send(redis, keys, "lend", "ada", ["b1"])
+
+    assert (await event_for(redis, keys, "lend", request_id)).status == "accepted"
+    assert not worker.lost_id
+    assert (await redis.hgetall(keys.worker_info("w1")))[b"host"]

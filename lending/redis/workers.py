@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import cast
 
+import structlog
 from redis.asyncio import Redis
 
 from lending.errors import LimitsDiffer, WorkerIdTaken
@@ -20,6 +21,8 @@ from lending.keys import Keys
 from lending.redis.replies import text
 from lending.redis.scripts import Arg, Scripts
 from lending.settings import Limits
+
+log = structlog.get_logger(__name__)
 
 
 class WorkerId:
@@ -77,13 +80,19 @@ class WorkerId:
 
     async def renew(self, counters: Mapping[str, int] | None = None) -> bool:
         """The heartbeat, which also publishes ``counters`` (``processed``, ``failed``) in the
-        worker's info; ``False`` when another process took the id over (``--force``)."""
-        renewed = await self._scripts.worker_renew(
-            self._client,
-            [self.key, self._keys.workers, self._keys.worker_info(self.worker_id)],
-            [self._token, self._ttl_ms, self.worker_id, *_flat(counters or {})],
+        worker's info (with the rest of the info, should the info be gone); ``False`` when
+        another process took the id over (``--force``). A liveness key that is gone (a
+        Redis restart or failover lost it) is taken again: nobody else holds the id."""
+        renewed = int(
+            await self._scripts.worker_renew(
+                self._client,
+                [self.key, self._keys.workers, self._keys.worker_info(self.worker_id)],
+                [self._token, self._ttl_ms, self.worker_id, *_flat({**self._info, **(counters or {})})],
+            )
         )
-        return bool(renewed)
+        if renewed == 2:
+            log.warning("the worker id's liveness key was gone (lost by Redis); held again", worker_id=self.worker_id)
+        return renewed != 0
 
     async def release(self) -> None:
         await self._scripts.worker_release(

@@ -85,6 +85,25 @@ async def test_claim_refuses_another_token_unless_forced(redis: Redis, keys: Key
     assert not await a.renew()  # the old holder has lost the id
 
 
+async def test_renew_takes_a_lost_liveness_key_again(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    # A Redis restart or failover that lost the keys, while nobody else took the id.
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits())
+    await redis.delete(keys.worker("w1"), keys.worker_info("w1"), keys.workers)
+
+    assert await a.renew({"processed": 3, "failed": 0})
+
+    assert await redis.get(keys.worker("w1")) == b"token-a"
+    assert 0 < await redis.pttl(keys.worker("w1")) <= 10_000
+    assert await redis.smembers(keys.workers) == {b"w1"}
+    assert await hash_of(redis, keys.worker_info("w1")) == {
+        **{name: str(value) for name, value in INFO.items()},
+        "processed": "3",
+        "failed": "0",
+    }
+    assert 0 < await redis.pttl(keys.worker_info("w1")) <= 10_000
+
+
 async def test_worker_id_is_free_again_after_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await holder(redis, scripts, keys, "token-a").claim(Limits())
     await redis.delete(keys.worker("w1"))  # as if the TTL had passed
