@@ -11,6 +11,8 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from lending.api.config import ApiSettings
+from lending.api.state import Api
 from lending.api.tail import EventTail
 from lending.domain.events import ACCEPTED, DENIED, Event
 from lending.keys import Keys
@@ -143,3 +145,31 @@ async def test_a_lost_connection_loses_no_event(tail: EventTail, redis: Redis, k
 
     assert tail.connected
     assert "events tail: lost Redis, retrying" in [log["event"] for log in logs]
+
+
+async def test_the_api_closes_even_when_a_background_task_loses_its_cancellation(
+    redis_url: str, namespace: str
+) -> None:
+    # On Python 3.11 a cancellation can be lost inside a Redis call (the call returns):
+    # here the limits refresher's read loses it, and the API must close all the same.
+    client, tail_client = make_client(redis_url), make_client(redis_url)
+    api = Api(ApiSettings(redis_url=redis_url, namespace=namespace, limits_refresh_s=0.01), client, tail_client)
+    await api.start()
+    inside = asyncio.Event()
+    lost: list[bool] = []
+
+    async def refresh_losing_a_cancellation() -> None:
+        inside.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            lost.append(True)  # the read returns as if nothing happened
+
+    api.refresh_limits = refresh_losing_a_cancellation  # type: ignore[method-assign]
+    try:
+        await inside.wait()
+        await asyncio.wait_for(api.close(), 5)
+        assert lost == [True]
+    finally:
+        await client.aclose()
+        await tail_client.aclose()

@@ -14,7 +14,6 @@ while one does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +36,7 @@ from lending.api.tail import EventTail
 from lending.domain.events import Event
 from lending.keys import Keys
 from lending.ops.status import read_overview
+from lending.redis.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -128,9 +128,7 @@ class Dashboard:
             self._remove_listener()
             self._remove_listener = None
         if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            await cancel_and_wait([self._ticker])  # again while it lingers (a lost cancellation)
             self._ticker = None
 
     # -- the snapshot --------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +18,7 @@ from lending.keys import Keys
 from lending.redis.batching import ScriptBatcher
 from lending.redis.replies import is_transient
 from lending.redis.scripts import Scripts
+from lending.redis.tasks import cancel_and_wait
 from lending.redis.workers import read_limits
 from lending.settings import Limits
 
@@ -85,16 +85,10 @@ class Api:
         if self._closed:
             return
         self._closed = True
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        # Cancelled again while one lingers: a cancellation can be lost inside a Redis call.
+        await cancel_and_wait([task for task in (self._refresher, self._finding) if task is not None])
         await self.dashboard.close()
         await self.tail.close()
-        if self._finding is not None:
-            self._finding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._finding
 
     def release_all(self) -> None:
         """Answer every waiter and end every stream (events and dashboard) at once, e.g. on
@@ -125,7 +119,7 @@ class Api:
 
     async def _refresh_limits_periodically(self) -> None:
         failing = False
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.settings.limits_refresh_s)
             try:
                 await self.refresh_limits()

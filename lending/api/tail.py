@@ -26,6 +26,7 @@ from lending.domain.backoff import retry_backoff_s
 from lending.domain.events import Event
 from lending.keys import Keys
 from lending.redis.replies import Entries, StreamsReply, text
+from lending.redis.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -135,11 +136,9 @@ class EventTail:
         self._closing = True
         self.release_all()
         if self._task is not None:
-            self._task.cancel()
-            # redis-py may turn the cancellation of a blocked read into a ConnectionError:
-            # the loop then sees ``_closing`` and returns.
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # redis-py may turn the cancellation of a blocked read into a ConnectionError,
+            # or lose it: the loop then sees ``_closing`` and returns, or is cancelled again.
+            await cancel_and_wait([self._task])
             self._task = None
 
     def release_all(self) -> None:
