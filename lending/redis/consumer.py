@@ -52,6 +52,7 @@ from lending.redis.replies import (
     text,
 )
 from lending.redis.scripts import Script
+from lending.redis.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -193,9 +194,7 @@ class StreamConsumer:
         try:
             await self._consume()
         finally:
-            renewing.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewing
+            await cancel_and_wait([renewing])  # again while it lingers: a lost cancellation
 
     async def _consume(self) -> None:
         failures = 0
