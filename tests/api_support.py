@@ -21,7 +21,7 @@ from lending.api.server import READY_MESSAGE, ApiServer, uvicorn_config
 from lending.api.state import Api
 from lending.redis.connection import make_client
 
-from .support import ROOT, process_env, wait_until
+from .support import start_ready_process, wait_until
 
 
 @dataclass
@@ -73,18 +73,6 @@ def problem(response: httpx.Response, status: int, name: str) -> dict[str, Any]:
 def start_api_process(redis_url: str, namespace: str, *args: str, **env: str) -> tuple[subprocess.Popen[str], str]:
     """``python -m lending api --port 0`` as a child process: the process, and the URL from
     its ready line."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lending", "api", "--port", "0", *args],
-        cwd=ROOT,
-        env=process_env(redis_url, namespace, **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if READY_MESSAGE not in line:
-        proc.kill()
-        _, err = proc.communicate(timeout=5)
-        raise AssertionError(f"the API did not start: {line!r} {err[-2000:]}")
+    command = [sys.executable, "-m", "lending", "api", "--port", "0", *args]
+    proc, line = start_ready_process(command, redis_url, namespace, READY_MESSAGE, **env)
     return proc, line.split()[-1]

@@ -164,12 +164,13 @@ def process_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_worker_process(
-    worker_id: str, redis_url: str, namespace: str, *args: str, **env: str
-) -> subprocess.Popen[str]:
-    """``python main.py WORKER_ID`` as a child process; waits until it is ready."""
+def start_ready_process(
+    command: list[str], redis_url: str, namespace: str, ready: str, **env: str
+) -> tuple[subprocess.Popen[str], str]:
+    """``command`` as a child process of the repository, once its first line of output
+    says ``ready``: the process, and that line."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), worker_id, *args],
+        command,
         cwd=ROOT,
         env=process_env(redis_url, namespace, **env),
         stdout=subprocess.PIPE,
@@ -178,11 +179,19 @@ def start_worker_process(
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if "Ready to process events" not in line:
+    if ready not in line:
         proc.kill()
         _, err = proc.communicate(timeout=5)
-        raise AssertionError(f"worker did not start: {line!r} {err[-2000:]}")
-    return proc
+        raise AssertionError(f"{' '.join(command[1:3])} did not start: {line!r} {err[-2000:]}")
+    return proc, line
+
+
+def start_worker_process(
+    worker_id: str, redis_url: str, namespace: str, *args: str, **env: str
+) -> subprocess.Popen[str]:
+    """``python main.py WORKER_ID`` as a child process; waits until it is ready."""
+    command = [sys.executable, str(ROOT / "main.py"), worker_id, *args]
+    return start_ready_process(command, redis_url, namespace, "Ready to process events", **env)[0]
 
 
 def run_get_books(
