@@ -14,12 +14,14 @@
 # $OUT/worker-wait5-N.txt), OUT (a directory for wrk's reports; default a
 # temporary one, removed at the end), WATCHERS=N to keep N dashboard streams open
 # (curl -N on /v1/dashboard/stream) during the runs, PHASES (default "nowait wait5":
-# the phases of each round, in order).
+# the phases of each round, in order), WORKER_ARGS (extra options of the worker, e.g.
+# --concurrency=16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 secs=${1:-15}
 rounds=${2:-3}
+WORKER_ARGS=${WORKER_ARGS:-}
 conns=${CONNECTIONS:-16}
 threads=${THREADS:-2}
 server=${REDIS_SERVER:-$($PY -c 'from lending.redis.embedded import redis_server_path; print(redis_server_path())')}
@@ -71,7 +73,7 @@ drain() { # until the worker has processed everything queued so far
 rpid=$!
 pids+=("$rpid")
 until $PY -c "import redis; redis.Redis(port=$rport).ping()" 2>/dev/null; do sleep 0.1; done
-$PY main.py bench-w1 --log-level warning >"$dir/worker.log" 2>&1 &
+$PY main.py bench-w1 --log-level warning $WORKER_ARGS >"$dir/worker.log" 2>&1 &
 wpid=$!
 pids+=("$wpid")
 until_file_says "$dir/worker.log" "Ready to process events" "$wpid"

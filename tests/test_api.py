@@ -5,6 +5,7 @@ model, bad input, Redis failing, and the operator endpoints."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -240,6 +241,39 @@ async def test_a_huge_chunked_body_is_413(live: LiveApi, redis: Redis, keys: Key
 
     assert "over 65536 bytes" in problem(response, 413, "body-too-large")["detail"]
     assert await queued_count(redis, keys) == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nContent-Length: many\r\n\r\n",
+        b"POST /v1/lends HTTP/1.1\r\nHost api\r\n\r\n",
+    ],
+    ids=["not-a-request-line", "bad-content-length", "header-without-colon"],
+)
+async def test_a_request_that_is_not_http_is_a_400_problem_and_the_connection_closes(
+    live: LiveApi, redis: Redis, keys: Keys, raw: bytes
+) -> None:
+    host, port = live.server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    # The server closes the connection after its answer: read to the end.
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert lines[0] == "HTTP/1.1 400 Bad Request"
+    assert headers["content-type"] == "application/problem+json" and headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    problem_body = json.loads(body)
+    assert problem_body["type"] == "/problems/malformed-http" and problem_body["status"] == 400
+    assert "not valid HTTP/1.1" in problem_body["detail"]
+    assert await queued_count(redis, keys) == 0
+    # The server goes on serving.
+    assert (await live.http.get("/v1/books/b1")).status_code == 200
 
 
 async def test_the_fastapi_routes_serve_submissions_as_the_fast_path_does(

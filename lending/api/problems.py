@@ -57,6 +57,13 @@ def _kind(name: str, status: int, title: str, meaning: str) -> ProblemType:
 
 
 MALFORMED_BODY = _kind("malformed-body", 400, "Malformed body", "The body is not JSON. Nothing was queued.")
+MALFORMED_HTTP = _kind(
+    "malformed-http",
+    400,
+    "Malformed HTTP request",
+    "The request line or headers are not valid HTTP/1.1 (detail gives the parser's reason). Nothing was "
+    "queued, and the server closes the connection.",
+)
 INVALID_REQUEST = _kind(
     "invalid-request",
     422,
@@ -176,6 +183,7 @@ PROBLEMS: dict[str, ProblemType] = {
     kind.name: kind
     for kind in (
         MALFORMED_BODY,
+        MALFORMED_HTTP,
         INVALID_REQUEST,
         INVALID_PARAMETER,
         INVALID_IDEMPOTENCY_KEY,
@@ -241,8 +249,14 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     **extensions: Any,
 ) -> Response:
+    body = problem_body(kind, detail, instance=instance, **extensions)
+    return Response(body, status_code=kind.status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def problem_body(kind: ProblemType, detail: str, *, instance: str | None = None, **extensions: Any) -> bytes:
+    """The JSON body of a problem response."""
     body: dict[str, Any] = {"type": kind.uri, "title": kind.title, "status": kind.status, "detail": detail}
     if instance:
         body["instance"] = instance
     body.update(extensions)
-    return Response(orjson.dumps(body), status_code=kind.status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+    return orjson.dumps(body)

@@ -21,6 +21,7 @@ import uvicorn
 from lending.api.app import build_app
 from lending.api.config import ApiSettings
 from lending.api.fastpath import Submissions
+from lending.api.protocol import ApiHttpProtocol
 from lending.api.state import Api, FindRedis
 from lending.app import run_fast
 from lending.logs import announce
@@ -88,7 +89,7 @@ def uvicorn_config(app: object, settings: ApiSettings) -> uvicorn.Config:
         app,  # type: ignore[arg-type]  # an ASGI application; uvicorn's own type names a few
         host=settings.host,
         port=settings.port,
-        http="httptools",
+        http=ApiHttpProtocol,
         lifespan="on",
         access_log=settings.access_log,
         # Our logging: uvicorn's records go to structlog (``forward_uvicorn_logs``).
