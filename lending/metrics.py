@@ -86,6 +86,17 @@ class Metrics:
         self.dead_letters_waiting = Gauge(
             "lending_dead_letters_waiting", "Entries in {NS}:dead-letters" + NAMESPACE_WIDE, registry=r
         )
+        self.redis_up = Gauge(
+            "lending_redis_up",
+            "1 while this worker reads the namespace's state from Redis (every 2 s), 0 while Redis does not "
+            "answer or refuses it: the namespace-wide gauges then keep their last values",
+            registry=r,
+        )
+        self.gauges_read = Gauge(
+            "lending_gauges_read_timestamp_seconds",
+            "Unix time the namespace-wide gauges were last read from Redis (0: not yet)",
+            registry=r,
+        )
         self.build = Info("lending_build", "The version of the lending package this worker runs", registry=r)
         self.build.info({"version": package_version()})
         ProcessCollector(registry=r)

@@ -303,8 +303,13 @@ class Worker:
             try:
                 await monitoring.refresh(self.metrics, self._client, self.keys)
             except Exception as exc:
-                if not is_outage(exc):
+                if is_outage(exc):
+                    self.metrics.redis_up.set(0)
+                else:
                     log.exception("refreshing metrics failed")
+            else:
+                self.metrics.redis_up.set(1)
+                self.metrics.gauges_read.set_to_current_time()
             await asyncio.sleep(2.0)
 
     async def _trim_periodically(self) -> None:

@@ -87,6 +87,49 @@ async def test_during_a_redis_outage_the_worker_is_live_but_not_ready(tmp_path: 
         server.stop()
 
 
+async def test_during_a_redis_outage_the_metrics_say_redis_is_down_and_the_gauges_stale(
+    tmp_path: Path, namespace: str
+) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    server.start()
+    port = free_port()
+    client = make_client(server.url)
+    settings = Settings(worker_id="w1", redis_url=server.url, namespace=namespace, metrics_port=port, retry_base_ms=100)
+    worker = Worker(settings, client, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+
+    async def sample(name: str) -> float | None:
+        try:
+            _, body = await http_get(port, "/metrics")
+        except OSError:
+            return None
+        found = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
+        return float(found.group(1)) if found else None
+
+    async def is_(name: str, expected: float) -> bool:
+        return await sample(name) == expected
+
+    try:
+        await wait_until(lambda: is_("lending_redis_up", 1.0), timeout_s=10)
+        read_before = await sample("lending_gauges_read_timestamp_seconds")
+        assert read_before is not None and abs(read_before - time.time()) < 5
+        server.kill()
+        await wait_until(lambda: is_("lending_redis_up", 0.0), timeout_s=15)
+        # The gauges keep their last values; the time they were read says how old they are.
+        stale = await sample("lending_gauges_read_timestamp_seconds")
+        await asyncio.sleep(2.5)
+        assert await sample("lending_gauges_read_timestamp_seconds") == stale
+        server.start()
+        await wait_until(lambda: is_("lending_redis_up", 1.0), timeout_s=15)
+        read_after = await sample("lending_gauges_read_timestamp_seconds")
+        assert read_after is not None and stale is not None and read_after > stale
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await client.aclose()
+        server.stop()
+
+
 async def test_livez_fails_when_a_consumer_is_stuck(tmp_path: Path, namespace: str) -> None:
     server = EmbeddedRedis(tmp_path / "redis", port=free_port())
     server.start()
