@@ -243,6 +243,30 @@ async def test_a_huge_chunked_body_is_413(live: LiveApi, redis: Redis, keys: Key
     assert await queued_count(redis, keys) == 0
 
 
+async def raw_exchange(live: LiveApi, raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send ``raw`` bytes on a connection of its own; the status line, headers and body of
+    the answer, read until the server closes the connection."""
+    host, port = live.server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    return lines[0], dict(line.lower().split(": ", 1) for line in lines[1:]), body
+
+
+def closing_problem(headers: dict[str, str], body: bytes, status: int, name: str) -> dict[str, object]:
+    """The problem of a raw answer that closes its connection, checked to be ``name``."""
+    assert headers["content-type"] == "application/problem+json" and headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    found: dict[str, object] = json.loads(body)
+    assert found["type"] == f"/problems/{name}" and found["status"] == status, found
+    return found
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -255,25 +279,52 @@ async def test_a_huge_chunked_body_is_413(live: LiveApi, redis: Redis, keys: Key
 async def test_a_request_that_is_not_http_is_a_400_problem_and_the_connection_closes(
     live: LiveApi, redis: Redis, keys: Keys, raw: bytes
 ) -> None:
-    host, port = live.server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(raw)
-    # The server closes the connection after its answer: read to the end.
-    answer = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
+    status, headers, body = await raw_exchange(live, raw)
 
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-    assert lines[0] == "HTTP/1.1 400 Bad Request"
-    assert headers["content-type"] == "application/problem+json" and headers["connection"] == "close"
-    assert int(headers["content-length"]) == len(body)
-    problem_body = json.loads(body)
-    assert problem_body["type"] == "/problems/malformed-http" and problem_body["status"] == 400
-    assert "not valid HTTP/1.1" in problem_body["detail"]
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert "not valid HTTP/1.1" in str(closing_problem(headers, body, 400, "malformed-http")["detail"])
     assert await queued_count(redis, keys) == 0
     # The server goes on serving.
     assert (await live.http.get("/v1/books/b1")).status_code == 200
+
+
+@pytest.mark.parametrize("where", ["headers", "url", "whole-url"])
+async def test_a_request_head_over_64_kib_is_a_431_problem_and_the_connection_closes(
+    live: LiveApi, redis: Redis, keys: Keys, where: str
+) -> None:
+    """uvicorn alone reads a head without end: one connection grew the API by 160 MB."""
+    if where == "headers":  # and no end to them in sight
+        raw = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\n" + b"X-Filler: " + b"a" * 70_000 + b"\r\n"
+    elif where == "url":  # without end
+        raw = b"GET /v1/books/" + b"b" * 70_000
+    else:  # a whole request, with a URL too long for the URL parser
+        raw = b"GET /v1/books/" + b"b" * 70_000 + b" HTTP/1.1\r\nHost: api\r\n\r\n"
+
+    status, headers, body = await raw_exchange(live, raw)
+
+    assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert "over 65536 bytes" in str(closing_problem(headers, body, 431, "head-too-large")["detail"])
+    assert await queued_count(redis, keys) == 0
+    assert (await live.http.get("/v1/books/b1")).status_code == 200
+
+
+async def test_a_head_and_a_body_of_64_kib_read_together_are_not_a_head_too_large(
+    live: LiveApi, redis: Redis, keys: Keys
+) -> None:
+    body = b'{"user_id": "ada", "book_ids": ["b1"]}'.ljust(65_000)
+    raw = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    raw += b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+    status, _, _ = await raw_exchange(live, raw)
+
+    assert status == "HTTP/1.1 202 Accepted"
+    assert await queued_count(redis, keys) == 1
+
+
+async def test_the_head_limit_is_per_request_on_a_kept_alive_connection(live: LiveApi) -> None:
+    pad = {"X-Pad": "p" * 1_000}
+    for _ in range(100):  # 100 KiB of heads on one connection
+        assert (await live.http.get("/v1/books/b1", headers=pad)).status_code == 200
 
 
 async def test_the_fastapi_routes_serve_submissions_as_the_fast_path_does(

@@ -64,6 +64,12 @@ MALFORMED_HTTP = _kind(
     "The request line or headers are not valid HTTP/1.1 (detail gives the parser's reason). Nothing was "
     "queued, and the server closes the connection.",
 )
+HEAD_TOO_LARGE = _kind(
+    "head-too-large",
+    431,
+    "Request head too large",
+    "The request line and headers are over 64 KiB. Nothing was queued, and the server closes the connection.",
+)
 INVALID_REQUEST = _kind(
     "invalid-request",
     422,
@@ -184,6 +190,7 @@ PROBLEMS: dict[str, ProblemType] = {
     for kind in (
         MALFORMED_BODY,
         MALFORMED_HTTP,
+        HEAD_TOO_LARGE,
         INVALID_REQUEST,
         INVALID_PARAMETER,
         INVALID_IDEMPOTENCY_KEY,

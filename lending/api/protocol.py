@@ -8,6 +8,10 @@ writes to a connection into one write, at the end of that turn.
 
 uvicorn answers a request line or headers it cannot parse with its own plain-text 400;
 ``ApiHttpProtocol`` answers a problem (RFC 9457) like every other error of the API.
+
+uvicorn sets no limit on a request's head: one connection sending headers without end
+grew the API by 160 MB. ``ApiHttpProtocol`` answers a head (request line and headers)
+over ``MAX_HEAD_BYTES`` with a 431 problem and closes the connection.
 """
 
 from __future__ import annotations
@@ -68,17 +72,60 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+#: The longest request head (request line and headers) the API reads, in bytes.
+MAX_HEAD_BYTES = 64 * 1024
+
+
 class ApiHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a ``CoalescingTransport``, answering an
-    unparsable request with a problem."""
+    unparsable request or an overlong head with a problem."""
+
+    #: Bytes received since the current request head began; ``None`` while a body is read.
+    _head_bytes: int | None = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
 
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is None:
+            super().data_received(data)
+            return
+        self._head_bytes += len(data)
+        # Fed first: the chunk may end the head and carry body bytes (a read is at most
+        # a few hundred KiB, so the parser's buffer stays bounded meanwhile).
+        super().data_received(data)
+        if self._head_too_large() and not self.transport.is_closing():
+            self._refuse_head()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()  # may fail (a URL over 64 KiB): the head is then still open
+        self._head_bytes = None
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0  # what comes next is the next request's head
+        super().on_message_complete()
+
     def send_400_response(self, msg: str) -> None:
-        body = problem_body(p.MALFORMED_HTTP, f"the request is not valid HTTP/1.1: {msg}")
+        if self._head_too_large():  # the parser gave up on it
+            self._refuse_head()
+        else:
+            self._refuse(p.MALFORMED_HTTP, b"400 Bad Request", f"the request is not valid HTTP/1.1: {msg}")
+
+    def _head_too_large(self) -> bool:
+        return self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES
+
+    def _refuse_head(self) -> None:
+        self._refuse(
+            p.HEAD_TOO_LARGE,
+            b"431 Request Header Fields Too Large",
+            f"the request line and headers are over {MAX_HEAD_BYTES} bytes long",
+        )
+
+    def _refuse(self, kind: p.ProblemType, status_line: bytes, detail: str) -> None:
+        """Answer ``kind`` and close the connection (the parser cannot go on with it)."""
+        body = problem_body(kind, detail)
         head = (
-            b"HTTP/1.1 400 Bad Request\r\n"
+            b"HTTP/1.1 " + status_line + b"\r\n"
             b"content-type: application/problem+json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n"
             b"connection: close\r\n\r\n"
