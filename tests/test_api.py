@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from structlog.testing import capture_logs
 from lending.api.app import build_app
 from lending.api.config import ApiSettings
 from lending.api.problems import PROBLEMS
+from lending.api.protocol import ApiHttpProtocol
 from lending.api.state import Api
 from lending.domain.streamids import MAX_ID, id_key
 from lending.keys import Keys
@@ -305,6 +307,44 @@ async def test_a_request_head_over_64_kib_is_a_431_problem_and_the_connection_cl
     assert status == "HTTP/1.1 431 Request Header Fields Too Large"
     assert "over 65536 bytes" in str(closing_problem(headers, body, 431, "head-too-large")["detail"])
     assert await queued_count(redis, keys) == 0
+    assert (await live.http.get("/v1/books/b1")).status_code == 200
+
+
+async def test_a_request_head_that_does_not_come_in_time_is_a_408_problem(
+    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ApiHttpProtocol, "head_timeout_s", 0.5)
+    started = time.monotonic()
+
+    # Half a head, then nothing ("slowloris"): without the timeout, open for ever.
+    status, headers, body = await raw_exchange(live, b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nX-Slow: 1")
+
+    assert status == "HTTP/1.1 408 Request Timeout"
+    assert "within 0.5 s" in str(closing_problem(headers, body, 408, "request-timeout")["detail"])
+    assert 0.4 < time.monotonic() - started < 4
+    assert await queued_count(redis, keys) == 0
+
+
+async def test_a_connection_that_sends_nothing_is_closed_without_a_word(
+    live: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ApiHttpProtocol, "head_timeout_s", 0.5)
+    host, port = live.server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        assert await asyncio.wait_for(reader.read(), 4) == b""
+    finally:
+        writer.close()
+
+
+async def test_the_head_timeout_spares_a_request_being_answered_and_the_next_one(
+    live: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ApiHttpProtocol, "head_timeout_s", 0.5)
+    # No worker: the request waits its whole 1.5 s, three times the head timeout.
+    waited = await live.http.post("/v1/lends?wait=1.5", json={"user_id": "ada", "book_ids": ["b1"]})
+    assert problem(waited, 504, "outcome-timeout")
+    # The same kept-alive connection serves the next request.
     assert (await live.http.get("/v1/books/b1")).status_code == 200
 
 

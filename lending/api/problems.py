@@ -70,6 +70,13 @@ HEAD_TOO_LARGE = _kind(
     "Request head too large",
     "The request line and headers are over 64 KiB. Nothing was queued, and the server closes the connection.",
 )
+REQUEST_TIMEOUT = _kind(
+    "request-timeout",
+    408,
+    "Request timeout",
+    "The request line and headers did not arrive within 10 s. Nothing was queued, and the server closes the "
+    "connection.",
+)
 INVALID_REQUEST = _kind(
     "invalid-request",
     422,
@@ -191,6 +198,7 @@ PROBLEMS: dict[str, ProblemType] = {
         MALFORMED_BODY,
         MALFORMED_HTTP,
         HEAD_TOO_LARGE,
+        REQUEST_TIMEOUT,
         INVALID_REQUEST,
         INVALID_PARAMETER,
         INVALID_IDEMPOTENCY_KEY,

@@ -12,6 +12,12 @@ uvicorn answers a request line or headers it cannot parse with its own plain-tex
 uvicorn sets no limit on a request's head: one connection sending headers without end
 grew the API by 160 MB. ``ApiHttpProtocol`` answers a head (request line and headers)
 over ``MAX_HEAD_BYTES`` with a 431 problem and closes the connection.
+
+Nor does uvicorn limit the time a head takes: a connection that sends nothing, or a byte
+now and then ("slowloris"), stayed open for ever, and enough of them exhaust the
+process's file descriptors. A head must arrive within ``HEAD_TIMEOUT_S`` of the
+connection (or of the previous response): else a started one gets a 408 problem, and an
+idle connection is closed.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class CoalescingTransport:
 
 #: The longest request head (request line and headers) the API reads, in bytes.
 MAX_HEAD_BYTES = 64 * 1024
+#: How long a request head may take to arrive, in seconds.
+HEAD_TIMEOUT_S = 10.0
 
 
 class ApiHttpProtocol(HttpToolsProtocol):
@@ -82,9 +90,16 @@ class ApiHttpProtocol(HttpToolsProtocol):
 
     #: Bytes received since the current request head began; ``None`` while a body is read.
     _head_bytes: int | None = 0
+    _head_timer: asyncio.TimerHandle | None = None
+    head_timeout_s = HEAD_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._head_bytes is None:
@@ -100,6 +115,32 @@ class ApiHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()  # may fail (a URL over 64 KiB): the head is then still open
         self._head_bytes = None
+        self._cancel_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next head's time starts now, unless a pipelined request is still answered.
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # closed meanwhile, or a request is being answered
+        if self._head_bytes:
+            detail = f"the request line and headers did not arrive within {self.head_timeout_s:g} s"
+            self._refuse(p.REQUEST_TIMEOUT, b"408 Request Timeout", detail)
+        else:  # nothing of a request came: an idle connection, closed without a word
+            self.transport.close()
 
     def on_message_complete(self) -> None:
         self._head_bytes = 0  # what comes next is the next request's head
