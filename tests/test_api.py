@@ -325,6 +325,66 @@ async def test_a_request_head_that_does_not_come_in_time_is_a_408_problem(
     assert await queued_count(redis, keys) == 0
 
 
+@pytest.mark.parametrize("sent", [b"", b'{"user_id": "ada", '], ids=["no-body", "half-a-body"])
+async def test_a_request_body_that_does_not_come_in_time_is_a_408_problem(
+    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
+    monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 0.5)
+    started = time.monotonic()
+    raw = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+
+    # A head promising 100 bytes of body, then less: without the timeout, open for ever.
+    status, headers, body = await raw_exchange(live, raw + sent)
+
+    assert status == "HTTP/1.1 408 Request Timeout"
+    assert "body did not arrive within 0.5 s" in str(closing_problem(headers, body, 408, "request-timeout")["detail"])
+    assert 0.4 < time.monotonic() - started < 4
+    assert await queued_count(redis, keys) == 0
+    assert (await live.http.get("/v1/books/b1")).status_code == 200
+
+
+async def test_a_body_that_comes_in_parts_within_the_time_is_queued(
+    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 2.0)
+    body = b'{"user_id": "ada", "book_ids": ["b1"]}'
+    host, port = live.server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nConnection: close\r\n")
+        writer.write(b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
+        await asyncio.sleep(0.3)
+        writer.write(body[10:])
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 202 Accepted")
+    assert await queued_count(redis, keys) == 1
+
+
+async def test_the_body_timeout_spares_a_pipelined_request_waiting_its_turn(
+    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 0.5)
+    body = b'{"user_id": "ada", "book_ids": ["b1"]}'
+    head = b"POST /v1/lends%s HTTP/1.1\r\nHost: api\r\n%sContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    host, port = live.server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        # No worker: the first waits its whole 1.5 s; the second's body is read only then.
+        writer.write(head % (b"?wait=1.5", b"") + body + head % (b"", b"Connection: close\r\n") + body[:10])
+        await asyncio.sleep(1.0)
+        writer.write(body[10:])
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 504 ")
+    assert answer.count(b"HTTP/1.1 202 Accepted") == 1
+    assert await queued_count(redis, keys) == 2
+
+
 async def test_a_connection_that_sends_nothing_is_closed_without_a_word(
     live: LiveApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -337,11 +397,12 @@ async def test_a_connection_that_sends_nothing_is_closed_without_a_word(
         writer.close()
 
 
-async def test_the_head_timeout_spares_a_request_being_answered_and_the_next_one(
+async def test_the_timeouts_spare_a_request_being_answered_and_the_next_one(
     live: LiveApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ApiHttpProtocol, "head_timeout_s", 0.5)
-    # No worker: the request waits its whole 1.5 s, three times the head timeout.
+    monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 0.5)
+    # No worker: the request waits its whole 1.5 s, three times the head and body timeouts.
     waited = await live.http.post("/v1/lends?wait=1.5", json={"user_id": "ada", "book_ids": ["b1"]})
     assert problem(waited, 504, "outcome-timeout")
     # The same kept-alive connection serves the next request.

@@ -74,8 +74,8 @@ REQUEST_TIMEOUT = _kind(
     "request-timeout",
     408,
     "Request timeout",
-    "The request line and headers did not arrive within 10 s. Nothing was queued, and the server closes the "
-    "connection.",
+    "The request line and headers did not arrive within 10 s, or the body they announce not within 10 s of them. "
+    "Nothing was queued, and the server closes the connection.",
 )
 INVALID_REQUEST = _kind(
     "invalid-request",

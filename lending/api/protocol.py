@@ -17,12 +17,15 @@ Nor does uvicorn limit the time a head takes: a connection that sends nothing, o
 now and then ("slowloris"), stayed open for ever, and enough of them exhaust the
 process's file descriptors. A head must arrive within ``HEAD_TIMEOUT_S`` of the
 connection (or of the previous response): else a started one gets a 408 problem, and an
-idle connection is closed.
+idle connection is closed. Its body, announced by the head, must then arrive within
+``BODY_TIMEOUT_S`` (a 408 problem otherwise): a connection that promised 100 bytes and
+sent 10 held its request, and its place, for ever too.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -82,23 +85,27 @@ class CoalescingTransport:
 MAX_HEAD_BYTES = 64 * 1024
 #: How long a request head may take to arrive, in seconds.
 HEAD_TIMEOUT_S = 10.0
+#: How long a request body may take to arrive after its head, in seconds.
+BODY_TIMEOUT_S = 10.0
 
 
 class ApiHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a ``CoalescingTransport``, answering an
-    unparsable request or an overlong head with a problem."""
+    unparsable request, an overlong head, or a head or body late to arrive with a problem."""
 
     #: Bytes received since the current request head began; ``None`` while a body is read.
     _head_bytes: int | None = 0
-    _head_timer: asyncio.TimerHandle | None = None
+    #: The deadline of the head or of the body being received (one at a time).
+    _timer: asyncio.TimerHandle | None = None
     head_timeout_s = HEAD_TIMEOUT_S
+    body_timeout_s = BODY_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
+        self._cancel_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -115,7 +122,17 @@ class ApiHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()  # may fail (a URL over 64 KiB): the head is then still open
         self._head_bytes = None
-        self._cancel_head_timer()
+        # The body's time starts now (on_message_complete follows at once without one).
+        self._arm(self.body_timeout_s, self._body_timed_out)
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0  # what comes next is the next request's head
+        super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete:
+            # Answered before its body ended (e.g. a 413): the next head's time starts now.
+            self._arm_head_timer()
+        else:
+            self._cancel_timer()  # the request is whole: answering it takes what it takes
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -124,16 +141,32 @@ class ApiHttpProtocol(HttpToolsProtocol):
             self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._arm(self.head_timeout_s, self._head_timed_out)
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(delay_s, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _body_timed_out(self) -> None:
+        self._timer = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None or not cycle.more_body or cycle.response_started:
+            return  # closed, whole, or being answered (the head timer follows the answer)
+        if self.pipeline or self.flow.read_paused or cycle.waiting_for_100_continue:
+            # Not the sender's delay: its request waits its turn, or the application has
+            # not asked for the body yet. Its time starts again.
+            self._arm(self.body_timeout_s, self._body_timed_out)
+            return
+        detail = f"the request body did not arrive within {self.body_timeout_s:g} s of its head"
+        self._refuse(p.REQUEST_TIMEOUT, b"408 Request Timeout", detail)
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
+        self._timer = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return  # closed meanwhile, or a request is being answered
         if self._head_bytes:
@@ -141,10 +174,6 @@ class ApiHttpProtocol(HttpToolsProtocol):
             self._refuse(p.REQUEST_TIMEOUT, b"408 Request Timeout", detail)
         else:  # nothing of a request came: an idle connection, closed without a word
             self.transport.close()
-
-    def on_message_complete(self) -> None:
-        self._head_bytes = 0  # what comes next is the next request's head
-        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large():  # the parser gave up on it
