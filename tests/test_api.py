@@ -245,11 +245,29 @@ async def test_a_huge_chunked_body_is_413(live: LiveApi, redis: Redis, keys: Key
     assert await queued_count(redis, keys) == 0
 
 
+async def raw_connection(live: LiveApi) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection of its own to the live API, for bytes no HTTP client would send."""
+    host, port = live.server.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def send_in_two(live: LiveApi, first: bytes, rest: bytes, *, pause_s: float) -> bytes:
+    """Send ``first``, then ``rest`` ``pause_s`` later; what the server answered until it
+    closed the connection."""
+    reader, writer = await raw_connection(live)
+    try:
+        writer.write(first)
+        await asyncio.sleep(pause_s)
+        writer.write(rest)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
 async def raw_exchange(live: LiveApi, raw: bytes) -> tuple[str, dict[str, str], bytes]:
     """Send ``raw`` bytes on a connection of its own; the status line, headers and body of
     the answer, read until the server closes the connection."""
-    host, port = live.server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await raw_connection(live)
     try:
         writer.write(raw)
         answer = await asyncio.wait_for(reader.read(), 5)
@@ -310,34 +328,31 @@ async def test_a_request_head_over_64_kib_is_a_431_problem_and_the_connection_cl
     assert (await live.http.get("/v1/books/b1")).status_code == 200
 
 
-async def test_a_request_head_that_does_not_come_in_time_is_a_408_problem(
-    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+HEAD = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "limit", "said"),
+    [
+        # Half a head, then nothing ("slowloris").
+        (b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nX-Slow: 1", "head_timeout_s", "headers did not arrive"),
+        # A head promising 100 bytes of body, then none or less.
+        (HEAD, "body_timeout_s", "body did not arrive"),
+        (HEAD + b'{"user_id": "ada", ', "body_timeout_s", "body did not arrive"),
+    ],
+    ids=["half-a-head", "no-body", "half-a-body"],
+)
+async def test_a_request_that_does_not_come_in_time_is_a_408_problem(
+    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, raw: bytes, limit: str, said: str
 ) -> None:
-    monkeypatch.setattr(ApiHttpProtocol, "head_timeout_s", 0.5)
+    """Without the timeouts such a connection stayed open for ever."""
+    monkeypatch.setattr(ApiHttpProtocol, limit, 0.5)
     started = time.monotonic()
 
-    # Half a head, then nothing ("slowloris"): without the timeout, open for ever.
-    status, headers, body = await raw_exchange(live, b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nX-Slow: 1")
+    status, headers, body = await raw_exchange(live, raw)
 
     assert status == "HTTP/1.1 408 Request Timeout"
-    assert "within 0.5 s" in str(closing_problem(headers, body, 408, "request-timeout")["detail"])
-    assert 0.4 < time.monotonic() - started < 4
-    assert await queued_count(redis, keys) == 0
-
-
-@pytest.mark.parametrize("sent", [b"", b'{"user_id": "ada", '], ids=["no-body", "half-a-body"])
-async def test_a_request_body_that_does_not_come_in_time_is_a_408_problem(
-    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, sent: bytes
-) -> None:
-    monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 0.5)
-    started = time.monotonic()
-    raw = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-
-    # A head promising 100 bytes of body, then less: without the timeout, open for ever.
-    status, headers, body = await raw_exchange(live, raw + sent)
-
-    assert status == "HTTP/1.1 408 Request Timeout"
-    assert "body did not arrive within 0.5 s" in str(closing_problem(headers, body, 408, "request-timeout")["detail"])
+    assert f"{said} within 0.5 s" in str(closing_problem(headers, body, 408, "request-timeout")["detail"])
     assert 0.4 < time.monotonic() - started < 4
     assert await queued_count(redis, keys) == 0
     assert (await live.http.get("/v1/books/b1")).status_code == 200
@@ -348,16 +363,9 @@ async def test_a_body_that_comes_in_parts_within_the_time_is_queued(
 ) -> None:
     monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 2.0)
     body = b'{"user_id": "ada", "book_ids": ["b1"]}'
-    host, port = live.server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nConnection: close\r\n")
-        writer.write(b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
-        await asyncio.sleep(0.3)
-        writer.write(body[10:])
-        answer = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
+    head = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+
+    answer = await send_in_two(live, head + body[:10], body[10:], pause_s=0.3)
 
     assert answer.startswith(b"HTTP/1.1 202 Accepted")
     assert await queued_count(redis, keys) == 1
@@ -369,16 +377,10 @@ async def test_the_body_timeout_spares_a_pipelined_request_waiting_its_turn(
     monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 0.5)
     body = b'{"user_id": "ada", "book_ids": ["b1"]}'
     head = b"POST /v1/lends%s HTTP/1.1\r\nHost: api\r\n%sContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-    host, port = live.server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        # No worker: the first waits its whole 1.5 s; the second's body is read only then.
-        writer.write(head % (b"?wait=1.5", b"") + body + head % (b"", b"Connection: close\r\n") + body[:10])
-        await asyncio.sleep(1.0)
-        writer.write(body[10:])
-        answer = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
+    first = head % (b"?wait=1.5", b"") + body
+
+    # No worker: the first waits its whole 1.5 s; the second's body is read only then.
+    answer = await send_in_two(live, first + head % (b"", b"Connection: close\r\n") + body[:10], body[10:], pause_s=1.0)
 
     assert answer.startswith(b"HTTP/1.1 504 ")
     assert answer.count(b"HTTP/1.1 202 Accepted") == 1
@@ -389,8 +391,7 @@ async def test_a_connection_that_sends_nothing_is_closed_without_a_word(
     live: LiveApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ApiHttpProtocol, "head_timeout_s", 0.5)
-    host, port = live.server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await raw_connection(live)
     try:
         assert await asyncio.wait_for(reader.read(), 4) == b""
     finally:
