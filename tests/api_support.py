@@ -15,9 +15,8 @@ import httpx
 
 from lending.api.app import build_app
 from lending.api.config import ApiSettings
-from lending.api.fastpath import Submissions
 from lending.api.problems import PROBLEM_MEDIA_TYPE
-from lending.api.server import READY_MESSAGE, ApiServer, uvicorn_config
+from lending.api.server import READY_MESSAGE, ApiServer, front_door, uvicorn_config
 from lending.api.state import Api
 from lending.redis.connection import make_client
 
@@ -43,7 +42,7 @@ async def serving(settings: ApiSettings, *, extra_routes: Mapping[str, Any] | No
     app = build_app(api)
     for path, endpoint in (extra_routes or {}).items():
         app.add_api_route(path, endpoint, response_model=None)
-    server = ApiServer(uvicorn_config(Submissions(app, api), settings.replace(port=0)), api, handle_signals=False)
+    server = ApiServer(uvicorn_config(front_door(app, api), settings.replace(port=0)), api, handle_signals=False)
     task = asyncio.create_task(server.serve())
     try:
         await wait_until(lambda: server.started or task.done())

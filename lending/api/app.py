@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -72,6 +73,11 @@ def build_app(api: Api) -> FastAPI:
     app.include_router(public_routes(api))
     app.include_router(operator_routes(api))
     app.include_router(dashboard_routes(api.dashboard))
+
+    @app.get("/metrics", response_model=None, include_in_schema=False)
+    async def metrics() -> Response:
+        """The API's Prometheus metrics (``lending.api.metrics``)."""
+        return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/problems/{name}", response_model=None, tags=["problems"])
     async def get_problem_type(name: str) -> Response:

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lending.api import problems as p
 from lending.api.answers import outcome_response, queued_response, redis_problem
+from lending.api.metrics import FastRoute
 from lending.api.problems import Problem, problem_response
 from lending.api.state import Api
 from lending.api.submission import InvalidSubmission, idempotency_key_problem, parse_body, submit
@@ -130,12 +131,14 @@ class Submissions:
         self.app = app
         self.api = api
         self._actions = {f"/v1/{t.resource}": t.action for t in REQUEST_TYPES}
+        self._routes = {path: FastRoute(path) for path in self._actions}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         action = self._actions.get(scope.get("path", "")) if scope["type"] == "http" else None
         if action is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        scope["route"] = self._routes[scope["path"]]  # as FastAPI's router does, for the metrics
         response: Response
         try:
             response = await submission(self.api, action, scope, receive)

@@ -17,10 +17,13 @@ from functools import partial
 
 import structlog
 import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from lending.api.app import build_app
 from lending.api.config import ApiSettings
 from lending.api.fastpath import Submissions
+from lending.api.metrics import Measured
 from lending.api.protocol import ApiHttpProtocol
 from lending.api.state import Api, FindRedis
 from lending.app import run_fast
@@ -84,6 +87,11 @@ class ApiServer(uvicorn.Server):
         return f"http://{host}:{port}"
 
 
+def front_door(app: FastAPI, api: Api) -> ASGIApp:
+    """What uvicorn serves: ``app``, behind the submission fast path, every response measured."""
+    return Measured(Submissions(app, api), api.metrics)
+
+
 def uvicorn_config(app: object, settings: ApiSettings) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]  # an ASGI application; uvicorn's own type names a few
@@ -131,7 +139,7 @@ async def _serve(settings: ApiSettings) -> int:
     try:
         await check_reachable(client, redacted(settings.redis_url))
         api = Api(settings, client, tail_client, find_redis)
-        server = ApiServer(uvicorn_config(Submissions(build_app(api), api), settings), api)
+        server = ApiServer(uvicorn_config(front_door(build_app(api), api), settings), api)
         await server.serve()
         return 0 if server.started else 1
     finally:

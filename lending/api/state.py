@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from lending.api.config import ApiSettings
 from lending.api.dashboard import Dashboard
+from lending.api.metrics import ApiMetrics, Readings
 from lending.api.reads import Pending, RequestState, request_state
 from lending.api.tail import EventTail
 from lending.keys import Keys
@@ -58,6 +59,14 @@ class Api:
             window_s=settings.dashboard_window_s,
             outcomes=settings.dashboard_outcomes,
             refresh_s=settings.dashboard_refresh_s,
+        )
+        self.metrics = ApiMetrics(
+            Readings(
+                waiting=lambda: self.tail.waiters,
+                event_streams=lambda: self.tail.subscribers,
+                dashboard_streams=lambda: self.dashboard.watchers,
+                tail_up=lambda: self.tail.connected,
+            )
         )
         self.limits = Limits()
         self.limits_published = False
