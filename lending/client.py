@@ -208,7 +208,7 @@ async def wait_for_receipt(client: Redis, keys: Keys, nonce: str, timeout_s: flo
     deadline = time.monotonic() + timeout_s
     while (remaining := deadline - time.monotonic()) > 0:
         reply = await client.xread(
-            {keys.receipt(nonce): "0-0"}, count=1, block=max(1, min(5000, int(remaining * 1000)))
+            {keys.receipt(nonce): "0-0"}, count=1, block=max(1, int(min(5000.0, remaining * 1000)))
         )
         for _stream, entries in cast(StreamsReply, reply or []):
             for _entry_id, fields in entries:
@@ -222,7 +222,7 @@ async def wait_for_event(
     """The event of (``action``, ``request_id``), or ``None`` if none came in time."""
     deadline = time.monotonic() + timeout_s
     while (remaining := deadline - time.monotonic()) > 0:
-        reply = await client.xread({keys.events: after}, count=500, block=max(1, min(5000, int(remaining * 1000))))
+        reply = await client.xread({keys.events: after}, count=500, block=max(1, int(min(5000.0, remaining * 1000))))
         for _stream, entries in cast(StreamsReply, reply or []):
             for event_id, fields in entries:
                 after = text(event_id)

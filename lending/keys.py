@@ -47,6 +47,15 @@ BY_ACTION = {t.action: t for t in REQUEST_TYPES}
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
+def namespace_problem(namespace: str) -> str | None:
+    """Why ``namespace`` cannot name key namespace, or ``None``: a brace would end the
+    hash tag early (the keys would spread over cluster slots), and an empty or padded one
+    is a typo waiting to split the library in two."""
+    if not namespace or any(c in namespace for c in "{}") or namespace.strip() != namespace:
+        return f"namespace {namespace!r} must be non-empty, without braces or outer spaces"
+    return None
+
+
 @dataclass(frozen=True)
 class Keys:
     """Builds the key names of namespace ``namespace``."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lending.errors import ConfigError
+from lending.keys import namespace_problem
 
 DEFAULT_PORT = 6379
 DEFAULT_REDIS_URL = f"redis://localhost:{DEFAULT_PORT}"
@@ -142,8 +143,8 @@ class Settings:
 
     def _problems(self) -> list[str]:
         out = []
-        if not self.namespace or any(c in self.namespace for c in "{}") or self.namespace.strip() != self.namespace:
-            out.append(f"namespace {self.namespace!r} must be non-empty, without braces or outer spaces")
+        if problem := namespace_problem(self.namespace):
+            out.append(problem)
         if not self.worker_id or len(self.worker_id) > 128 or not self.worker_id.isprintable():
             out.append(f"worker id {self.worker_id!r} must be 1-128 printable characters")
         for name in (

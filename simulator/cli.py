@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from lending.app import run_fast
-from lending.cli import tls_from_options, tls_options
+from lending.cli import FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
 from lending.logs import configure_logging
 
 from .bench import BenchOptions, benchmark, render
@@ -36,14 +36,24 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--redis-url", default=None, help="Drive this deployment; default: start a private redis-server.")
-@click.option("--namespace", default=None, help="Namespace [default: lending with --redis-url, else a fresh one].")
+@click.option(
+    "--redis-url",
+    default=None,
+    callback=check_redis_url,
+    help="Drive this deployment; default: start a private redis-server.",
+)
+@click.option(
+    "--namespace",
+    default=None,
+    callback=check_namespace,
+    help="Namespace [default: lending with --redis-url, else a fresh one].",
+)
 @click.option("--users", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--catalogue", type=click.IntRange(min=1), default=10_000, show_default=True)
 @click.option(
-    "--rate", type=click.FloatRange(min=0.1), default=200.0, show_default=True, help="Offered requests per second."
+    "--rate", type=FiniteFloatRange(min=0.1), default=200.0, show_default=True, help="Offered requests per second."
 )
-@click.option("--duration", type=click.FloatRange(min=0), default=None, help="Seconds of traffic.")
+@click.option("--duration", type=FiniteFloatRange(min=0), default=None, help="Seconds of traffic.")
 @click.option(
     "--requests", type=click.IntRange(min=1), default=None, help="Number of requests (instead of --duration)."
 )
@@ -55,21 +65,21 @@ def main() -> None:
 )
 @click.option(
     "--kill-every",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=None,
     metavar="SECONDS",
     help="SIGKILL a random spawned worker every SECONDS and restart it.",
 )
 @click.option(
     "--restart-redis-every",
-    type=click.FloatRange(min=0.5),
+    type=FiniteFloatRange(min=0.5),
     default=None,
     metavar="SECONDS",
     help="Kill and restart the private redis-server every SECONDS (appendfsync always).",
 )
 @click.option(
     "--pause-every",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=None,
     metavar="SECONDS",
     help="About every SECONDS (±50 %) SIGSTOP a random spawned worker for 1.5-4 s, then SIGCONT it.",
@@ -82,8 +92,8 @@ def main() -> None:
     help="Run the private redis-server with this maxmemory (e.g. 5mb) and noeviction; "
     "the limit is lifted when the traffic ends.",
 )
-@click.option("--shelving-fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--shelving-latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--shelving-fail-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--shelving-latency-ms", type=FiniteFloatRange(min=0), default=0.0, show_default=True)
 @click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--storage-capacity", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option(
@@ -154,7 +164,12 @@ def run(
 
 
 @main.command()
-@click.option("--redis-url", default=None, help="Benchmark against this Redis; default: a private redis-server.")
+@click.option(
+    "--redis-url",
+    default=None,
+    callback=check_redis_url,
+    help="Benchmark against this Redis; default: a private redis-server.",
+)
 @click.option(
     "--requests", type=click.IntRange(min=1), default=20_000, show_default=True, help="Requests queued per drain."
 )
@@ -162,7 +177,7 @@ def run(
 @click.option("--catalogue", type=click.IntRange(min=1), default=50_000, show_default=True)
 @click.option("--workers", default="1,2,4", show_default=True, help="Worker counts to drain with.")
 @click.option("--rates", default="200,500,1000,2000", show_default=True, help="Offered loads for the latency runs.")
-@click.option("--rate-duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
+@click.option("--rate-duration", type=FiniteFloatRange(min=1), default=10.0, show_default=True)
 @click.option(
     "--namespaces",
     type=click.IntRange(min=1),

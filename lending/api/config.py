@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lending.errors import ConfigError
+from lending.keys import namespace_problem
 from lending.settings import DEFAULT_REDIS_URL, Tls
 
 
@@ -65,8 +66,8 @@ class ApiSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.namespace or any(c in self.namespace for c in "{}") or self.namespace.strip() != self.namespace:
-            problems.append(f"namespace {self.namespace!r} must be non-empty, without braces or outer spaces")
+        if problem := namespace_problem(self.namespace):
+            problems.append(problem)
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} must be between 0 and 65535")
         if min(self.max_wait_s, self.limits_refresh_s, self.keep_alive_s, self.dashboard_refresh_s) <= 0:

@@ -16,11 +16,22 @@ from lending.cli.api import api_command
 from lending.cli.dead_letters import dead_letters_group
 from lending.cli.get_books import get_books_command
 from lending.cli.inspect import check_command, status_command
-from lending.cli.options import tls_from_options, tls_options
+from lending.cli.options import FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
 from lending.cli.worker import worker_command
 
-# tls_options and tls_from_options: for the simulator's command line.
-__all__ = ["api_main", "get_books_main", "main", "tls_from_options", "tls_options", "worker_main"]
+# For the simulator's command line: the TLS options, the checks of its --redis-url and
+# --namespace, and the number type of its durations and rates.
+__all__ = [
+    "FiniteFloatRange",
+    "api_main",
+    "check_namespace",
+    "check_redis_url",
+    "get_books_main",
+    "main",
+    "tls_from_options",
+    "tls_options",
+    "worker_main",
+]
 
 
 @click.group()

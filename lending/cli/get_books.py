@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from urllib.parse import urlsplit
 
 import click
 
 from lending.api.outcomes import Invalid
-from lending.cli.options import CONTEXT_SETTINGS, Target, connection_options
+from lending.cli.options import CONTEXT_SETTINGS, FiniteFloatRange, Target, connection_options
 from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
 from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from lending.domain.requests import id_problem
@@ -38,6 +39,28 @@ def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str,
     return books
 
 
+#: The longest --timeout: a day (socket timeouts have a ceiling; a longer wait is a
+#: poll loop's job).
+MAX_TIMEOUT_S = 86_400.0
+
+
+def _check_api_url(_ctx: click.Context, _param: click.Parameter, url: str | None) -> str | None:
+    """An --api URL must be http(s)://host[:port][/prefix]: a usage error otherwise, before
+    anything is sent."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise click.BadParameter(f"{redact(url)!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"{redact(url)!r} must be http://HOST[:PORT] or https://HOST[:PORT]")
+    if port == 0 or parts.query or parts.fragment:
+        raise click.BadParameter(f"{redact(url)!r} must be http(s)://HOST[:PORT], without port 0, query or fragment")
+    return url
+
+
 @connection_options
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("action", type=click.Choice(list(BY_VERB)))
@@ -45,12 +68,12 @@ def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str,
 @click.argument("books", nargs=-1, required=True, callback=_check_books)
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True, max=MAX_TIMEOUT_S),
     envvar="LENDING_TIMEOUT",
     show_envvar=True,
     default=10.0,
     show_default=True,
-    help="Seconds the whole run may take: connecting, queuing and waiting for the outcome.",
+    help="Seconds the whole run may take: connecting, queuing and waiting for the outcome (at most a day).",
 )
 @click.option(
     "--no-wait",
@@ -71,6 +94,7 @@ def _check_books(_ctx: click.Context, _param: click.Parameter, books: tuple[str,
     "--api",
     "api_url",
     metavar="URL",
+    callback=_check_api_url,
     envvar="LENDING_API_URL",
     show_envvar=True,
     default=None,

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from lending.cli.options import CONTEXT_SETTINGS, Target, connected, connection_options
+from lending.cli.options import CONTEXT_SETTINGS, FiniteFloatRange, Target, connected, connection_options
 from lending.ops import checker, status
 from lending.redis import eviction
 
@@ -21,7 +21,7 @@ from lending.redis import eviction
 @click.option(
     "--wait-quiescent",
     "wait_s",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.0,
     show_default=True,
     metavar="SECONDS",
@@ -89,7 +89,7 @@ def format_report(report: checker.Report) -> str:
 @click.option("--max-lag", type=click.IntRange(min=0), help="With --check: entries any group may have left to read.")
 @click.option(
     "--max-pending-age",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     metavar="SECONDS",
     help="With --check: how old (since it was queued, by its ID) the oldest pending entry of a group may be.",
 )

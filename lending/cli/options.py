@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from lending.errors import RedisUnavailable
-from lending.keys import Keys
+from lending.keys import Keys, namespace_problem
 from lending.redaction import redact
 from lending.redis.cluster import namespace_url
 from lending.redis.connection import check_reachable, make_client
 from lending.redis.replies import no_permission
+from lending.redis.urls import url_problem
 from lending.settings import DEFAULT_REDIS_URL, Settings, Tls
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,12 +88,27 @@ class Target:
         return Keys(self.namespace)
 
 
+def check_redis_url(_ctx: click.Context, _param: click.Parameter, url: str | None) -> str | None:
+    """A ``--redis-url`` callback: a URL the client cannot use is a usage error (exit 2)."""
+    if url is not None and (problem := url_problem(url)):
+        raise click.BadParameter(problem)
+    return url
+
+
+def check_namespace(_ctx: click.Context, _param: click.Parameter, namespace: str | None) -> str | None:
+    """A ``--namespace`` callback: one that cannot name a namespace is a usage error."""
+    if namespace is not None and (problem := namespace_problem(namespace)):
+        raise click.BadParameter(problem)
+    return namespace
+
+
 def _redis_url_option() -> click.Option:
     return click.Option(
         ["--redis-url"],
         envvar="REDIS_URL",
         show_envvar=True,
         default=None,
+        callback=check_redis_url,
         help=f"Redis URL [default: {DEFAULT_REDIS_URL}]. {PASSWORD_NOTE}",
     )
 
@@ -103,8 +120,20 @@ def _namespace_option() -> click.Option:
         show_envvar=True,
         default=default("namespace"),
         show_default=True,
+        callback=check_namespace,
         help="Key namespace: every key starts with {NAMESPACE}.",
     )
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` without ``nan`` and the infinities, which every bound lets
+    through (a comparison with ``nan`` is false) and no duration or rate can be."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def _tls_option_specs() -> list[tuple[str, dict[str, Any]]]:

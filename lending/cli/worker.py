@@ -10,7 +10,15 @@ import click
 from redis.exceptions import ResponseError
 
 from lending import app
-from lending.cli.options import CONTEXT_SETTINGS, CommandError, F, Target, connection_options, setting_option
+from lending.cli.options import (
+    CONTEXT_SETTINGS,
+    CommandError,
+    F,
+    FiniteFloatRange,
+    Target,
+    connection_options,
+    setting_option,
+)
 from lending.errors import ConfigError, LendingError
 from lending.logs import configure_logging
 from lending.redis.replies import no_permission
@@ -76,12 +84,12 @@ def count_options(command: F) -> F:
 @setting_option("--uvloop/--no-uvloop", help="Run on uvloop's faster event loop (when installed).")
 @setting_option(
     "--shelving-fail-rate",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloatRange(0, 1),
     help="Share of shelving calls that fail (simulating the remote service).",
 )
 @setting_option(
     "--shelving-latency-ms",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="Mean latency added to each shelving call (simulating the remote service).",
 )
 def worker_command(worker_id: str, target: Target, **options: Any) -> None:

@@ -1,0 +1,46 @@
+"""Is a Redis URL usable? Checked once, before anything connects, so that a typo in
+``--redis-url`` (or ``REDIS_URL``) is one line naming the mistake, not a traceback from
+deep inside the client."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from redis.asyncio import ConnectionPool
+
+from lending.errors import RedisUnavailable
+from lending.redis.cluster import CLUSTER_SCHEMES, ClusterUrl, is_cluster_url
+from lending.redis.connection import redacted
+
+SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL the package can use, or ``None`` when it is. Never
+    connects; the message shows no password."""
+    shown = redacted(url)
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in SCHEMES:
+        return f"{shown!r} is not a Redis URL: it must start with " + ", ".join(f"{s}://" for s in SCHEMES)
+    if is_cluster_url(url):
+        try:
+            ClusterUrl.parse(url)
+        except RedisUnavailable as exc:
+            return f"{shown}: {exc.cause}"
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]  # builds, never connects
+    except TypeError as exc:  # an option the client does not take
+        name = re.search(r"argument '(\w+)'", str(exc))
+        option = name[1] if name else "?"
+        return f"{shown}: the query names an option Redis clients do not take: {option!r}"
+    except ValueError as exc:
+        return f"{shown}: {exc}"
+    if port == 0:
+        return f"{shown}: port 0 names no server"
+    if scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return f"{shown}: the path must be a database number (such as /0), not {parts.path!r}"
+    return None

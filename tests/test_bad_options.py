@@ -1,0 +1,131 @@
+"""A mistyped option of any command is one line saying what is wrong and exit 2 (a
+usage error), never a traceback: Redis URLs the client cannot use, namespaces that
+cannot name one, numbers that are not finite, an --api that is not an HTTP URL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from redis.asyncio import Redis
+
+from lending.keys import Keys
+from lending.redis.urls import url_problem
+
+from .support import ROOT, process_env, run_get_books
+
+COMMANDS = {
+    "worker": ["main.py", "w1"],
+    "get-books": ["get_books.py", "request", "ada", "b1"],
+    "api": ["-m", "lending", "api", "--port", "0"],
+    "status": ["-m", "lending", "status"],
+    "check": ["-m", "lending", "check"],
+    "dead-letters": ["-m", "lending", "dead-letters", "list"],
+    "simulator-run": ["-m", "simulator", "run", "--requests", "1"],
+    "simulator-bench": ["-m", "simulator", "bench"],
+}
+
+
+def run(args: list[str], redis_url: str, namespace: str) -> subprocess.CompletedProcess[str]:
+    """``args`` run with this Python, given --redis-url and --namespace (the simulator reads
+    no environment variable for them; its benchmark makes its own namespaces); stopped
+    after 60 s, should one start serving."""
+    options = ["--redis-url", redis_url] + ([] if args == COMMANDS["simulator-bench"] else ["--namespace", namespace])
+    return subprocess.run(
+        [sys.executable, *args, *options],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def usage_error(result: subprocess.CompletedProcess[str], option: str) -> str:
+    """The one error line of a usage error about ``option``, checked."""
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: Invalid value for '{option}'"), result.stderr
+    return line
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://redis.example:6379", "is not a Redis URL: it must start with redis://"),
+        ("localhost:6379", "is not a Redis URL"),
+        ("redis://127.0.0.1:99999", "Port out of range"),
+        ("redis://127.0.0.1:0", "port 0 names no server"),
+        ("redis://[::1", "Invalid IPv6 URL"),
+        ("redis://127.0.0.1:6379/lending", "the path must be a database number"),
+        ("redis://127.0.0.1:6379/?sockettimeout=5", "an option Redis clients do not take: 'sockettimeout'"),
+        ("redis://127.0.0.1:6379/?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis+cluster://a:7000,,b:7001", "an empty seed"),
+        ("redis+cluster://a:70000", "no valid port"),
+    ],
+)
+def test_an_unusable_redis_url_is_named_with_the_reason(url: str, said: str) -> None:
+    problem = url_problem(url)
+    assert problem is not None and said in problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost",
+        "redis://:p%40ss@127.0.0.1:6380/0",
+        "rediss://user:secret@host:6380/0?ssl_cert_reqs=required",
+        "redis://[::1]:6379/15?socket_timeout=5&protocol=3",
+        "unix:///var/run/redis.sock?db=2",
+        "rediss+cluster://user:secret@a:7000,[::1]:7001",
+    ],
+)
+def test_a_usable_redis_url_passes(url: str) -> None:
+    assert url_problem(url) is None
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
+def test_every_command_answers_an_unusable_redis_url_with_a_usage_error(command: list[str], namespace: str) -> None:
+    result = run(command, "redis://lender:hunter2@127.0.0.1:99999", namespace)
+
+    line = usage_error(result, "--redis-url")
+    assert "Port out of range" in line
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "bad"),
+    [("worker", ""), ("worker", "a}b"), ("get-books", "{lending}"), ("api", " lending"), ("simulator-run", "a{b")],
+)
+def test_a_namespace_that_cannot_name_one_is_a_usage_error(command: str, bad: str, redis_url: str) -> None:
+    line = usage_error(run(COMMANDS[command], redis_url, bad), "--namespace")
+    assert "must be non-empty, without braces or outer spaces" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "said"),
+    [
+        (["--timeout", "nan"], "--timeout", "is not a finite number"),
+        (["--timeout", "inf"], "--timeout", "is not in the range"),
+        (["--timeout", "1e308"], "--timeout", "is not in the range"),
+        (["--api", "localhost:8080"], "--api", "must be http://HOST[:PORT]"),
+        (["--api", "ftp://library"], "--api", "must be http://HOST[:PORT]"),
+        (["--api", "http://library:99999"], "--api", "Port out of range"),
+        (["--api", "http://library:8080/?debug=1"], "--api", "without port 0, query or fragment"),
+    ],
+)
+async def test_get_books_refuses_an_unusable_timeout_or_api_url_and_queues_nothing(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, args: list[str], option: str, said: str
+) -> None:
+    result = run_get_books(redis_url, namespace, *args, "request", "ada", "b1")
+
+    assert said in usage_error(result, option)
+    assert await redis.xlen(keys.lend_requests) == 0
+
+
+def test_a_number_that_is_not_finite_is_a_usage_error(redis_url: str, namespace: str) -> None:
+    result = run(["-m", "lending", "status", "--check", "--max-pending-age", "nan"], redis_url, namespace)
+
+    assert "is not a finite number" in usage_error(result, "--max-pending-age")
