@@ -69,6 +69,16 @@ class LimitsDiffer(LendingError):
         self.mine = mine
 
 
+class ApiPortUnavailable(LendingError):
+    """The API could not listen on ``host:port`` (taken, not an address of this host, no such host)."""
+
+    def __init__(self, host: str, port: int, cause: str) -> None:
+        super().__init__(f"cannot serve the API on {host}:{port}: {cause} (--host, --port)")
+        self.host = host
+        self.port = port
+        self.cause = cause
+
+
 class MetricsUnavailable(LendingError):
     """The metrics server could not listen on ``host:port`` (taken, not ours, not allowed)."""
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -138,6 +140,56 @@ def test_the_api_refuses_to_start_without_redis(namespace: str) -> None:
         timeout=30,
     )
     assert proc.returncode == 1 and one_line(proc.stderr).startswith("error: cannot reach Redis"), proc
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("taken", "address already in use"),
+        ("10.255.255.1", "cannot assign requested address"),
+        ("nohost.invalid", "no such host"),
+    ],
+)
+def test_the_api_refuses_an_address_it_cannot_serve_before_reaching_redis(
+    redis_url: str, namespace: str, where: str, said: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = ("127.0.0.1", taken.getsockname()[1]) if where == "taken" else (where, free_port())
+        proc = subprocess.run(
+            [sys.executable, "-m", "lending", "api", "--host", host, "--port", str(port)],
+            cwd=ROOT,
+            env=process_env(redis_url, namespace),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    assert proc.returncode == 1, proc
+    line = one_line(proc.stderr)
+    assert line.startswith(f"error: cannot serve the API on {host}:{port}: {said}"), line
+    assert line.endswith("(--host, --port)"), line
+    assert "API started" not in proc.stderr + proc.stdout  # refused before it went to Redis
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_an_ipv6_api_names_its_url_with_brackets(redis_url: str, namespace: str) -> None:
+    proc, url = start_api_process(redis_url, namespace, "--host", "::1")
+    try:
+        assert url.startswith("http://[::1]:")
+        assert httpx.get(f"{url}/v1/books/b1", timeout=10).status_code == 200
+    finally:
+        stop_process(proc)
 
 
 def test_the_other_commands_do_not_load_the_web_stack() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from lending.api.metrics import Measured
 from lending.api.protocol import ApiHttpProtocol
 from lending.api.state import Api, FindRedis
 from lending.app import run_fast
+from lending.errors import ApiPortUnavailable
 from lending.logs import announce
 from lending.redis.cluster import cluster_client, is_cluster_url
 from lending.redis.connection import check_reachable, make_client, redacted
@@ -84,7 +86,7 @@ class ApiServer(uvicorn.Server):
     def url(self) -> str:
         """The address served (the port the system chose, for port 0)."""
         host, port = self.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def front_door(app: FastAPI, api: Api) -> ASGIApp:
@@ -111,12 +113,47 @@ def uvicorn_config(app: object, settings: ApiSettings) -> uvicorn.Config:
 def serve(settings: ApiSettings) -> int:
     """Run the API until stopped; returns the exit code.
 
+    :raises ApiPortUnavailable: it cannot listen on ``--host``:``--port`` (checked first,
+        before Redis is reached).
     :raises RedisUnavailable: Redis does not answer at start.
     """
-    return run_fast(_serve(settings), use_uvloop=settings.uvloop)
+    listener = listen(settings.host, settings.port)
+    try:
+        return run_fast(_serve(settings, listener), use_uvloop=settings.uvloop)
+    finally:
+        listener.close()
 
 
-async def _serve(settings: ApiSettings) -> int:
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before anything starts: a port taken, or an
+    address that is not this host's, is one error line rather than a log line once the
+    API has reached Redis (uvicorn binds last).
+
+    :raises ApiPortUnavailable: it cannot be bound.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:  # no such host
+        raise ApiPortUnavailable(host, port, _cause(exc)) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ApiPortUnavailable(host, port, _cause(exc)) from exc
+    return sock
+
+
+def _cause(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"no such host ({exc.strerror})"
+    return os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else str(exc)
+
+
+async def _serve(settings: ApiSettings, listener: socket.socket) -> int:
     forward_uvicorn_logs(settings.log_level)
     find_redis: FindRedis | None = None
     if is_cluster_url(settings.redis_url):
@@ -140,7 +177,7 @@ async def _serve(settings: ApiSettings) -> int:
         await check_reachable(client, redacted(settings.redis_url))
         api = Api(settings, client, tail_client, find_redis)
         server = ApiServer(uvicorn_config(front_door(build_app(api), api), settings), api)
-        await server.serve()
+        await server.serve(sockets=[listener])
         return 0 if server.started else 1
     finally:
         await tail_client.aclose()

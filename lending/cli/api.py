@@ -57,7 +57,8 @@ def api_command(target: Target, **options: Any) -> None:
     The operator endpoints (/v1/status, /v1/dead-letters) need the bearer token in the
     LENDING_API_TOKEN environment variable (never an option: ps would show it); without
     it they are off. Prints "API ready on http://HOST:PORT" once serving. Stop with
-    Ctrl-C or SIGTERM. Exit 1 if Redis is unreachable at start.
+    Ctrl-C or SIGTERM. Exit 1 if it cannot listen on --host:--port (checked first) or
+    Redis is unreachable at start.
     """
     configure_logging(options["log_format"], options["log_level"])
     from lending.api.config import ApiSettings
