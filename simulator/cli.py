@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,33 @@ def _memory_size(_ctx: click.Context, _param: click.Parameter, value: str | None
     if size <= 0:
         raise click.BadParameter("must be more than 0 (0 means no limit)")
     return size
+
+
+class NumberList(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on only
+    """Numbers separated by commas (``1,2,4``), each finite and at least ``minimum``;
+    an empty list is allowed (it skips that part of the benchmark)."""
+
+    name = "list"
+
+    def __init__(self, kind: Callable[[str], float], *, minimum: float) -> None:
+        self.kind = kind
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        numbers = []
+        for item in str(value).split(","):
+            if not item.strip():
+                continue
+            try:
+                number = self.kind(item.strip())
+            except ValueError:
+                self.fail(f"{item.strip()!r} is not a number (give numbers separated by commas)", param, ctx)
+            if not (math.isfinite(number) and number >= self.minimum):
+                self.fail(f"{item.strip()!r} must be a finite number of at least {self.minimum:g}", param, ctx)
+            numbers.append(number)
+        return tuple(numbers)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -175,8 +204,20 @@ def run(
 )
 @click.option("--users", type=click.IntRange(min=1), default=2_000, show_default=True)
 @click.option("--catalogue", type=click.IntRange(min=1), default=50_000, show_default=True)
-@click.option("--workers", default="1,2,4", show_default=True, help="Worker counts to drain with.")
-@click.option("--rates", default="200,500,1000,2000", show_default=True, help="Offered loads for the latency runs.")
+@click.option(
+    "--workers",
+    type=NumberList(int, minimum=1),
+    default="1,2,4",
+    show_default=True,
+    help="Worker counts to drain with, separated by commas (empty: no drain).",
+)
+@click.option(
+    "--rates",
+    type=NumberList(float, minimum=0.1),
+    default="200,500,1000,2000",
+    show_default=True,
+    help="Offered loads (requests per second) for the latency runs, separated by commas (empty: none).",
+)
 @click.option("--rate-duration", type=FiniteFloatRange(min=1), default=10.0, show_default=True)
 @click.option(
     "--namespaces",
@@ -198,8 +239,8 @@ def bench(
     requests: int,
     users: int,
     catalogue: int,
-    workers: str,
-    rates: str,
+    workers: tuple[int, ...],
+    rates: tuple[float, ...],
     rate_duration: float,
     namespaces: int,
     output: str,
@@ -212,8 +253,8 @@ def bench(
         requests=requests,
         users=users,
         catalogue=catalogue,
-        workers=tuple(int(w) for w in workers.split(",") if w),
-        rates=tuple(float(r) for r in rates.split(",") if r),
+        workers=workers,
+        rates=rates,
         rate_duration_s=rate_duration,
         namespaces=namespaces,
         tls=tls_from_options(tls_opts),

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from lending.keys import Keys
 from lending.redis.urls import url_problem
+from simulator.cli import NumberList
 
 from .support import ROOT, process_env, run_get_books
 
@@ -31,7 +32,8 @@ def run(args: list[str], redis_url: str, namespace: str) -> subprocess.Completed
     """``args`` run with this Python, given --redis-url and --namespace (the simulator reads
     no environment variable for them; its benchmark makes its own namespaces); stopped
     after 60 s, should one start serving."""
-    options = ["--redis-url", redis_url] + ([] if args == COMMANDS["simulator-bench"] else ["--namespace", namespace])
+    bench = args[:3] == COMMANDS["simulator-bench"]
+    options = ["--redis-url", redis_url] + ([] if bench else ["--namespace", namespace])
     return subprocess.run(
         [sys.executable, *args, *options],
         cwd=ROOT,
@@ -129,3 +131,28 @@ def test_a_number_that_is_not_finite_is_a_usage_error(redis_url: str, namespace:
     result = run(["-m", "lending", "status", "--check", "--max-pending-age", "nan"], redis_url, namespace)
 
     assert "is not a finite number" in usage_error(result, "--max-pending-age")
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "said"),
+    [
+        (["--workers", "1,x"], "--workers", "'x' is not a number"),
+        (["--workers", "0"], "--workers", "at least 1"),
+        (["--rates", "500,nan"], "--rates", "'nan' must be a finite number"),
+    ],
+)
+def test_the_benchmark_refuses_a_list_that_is_not_numbers(
+    args: list[str], option: str, said: str, redis_url: str, namespace: str
+) -> None:
+    result = run(["-m", "simulator", "bench", *args], redis_url, namespace)
+
+    assert said in usage_error(result, option)
+
+
+def test_the_benchmark_reads_its_lists() -> None:
+    workers = NumberList(int, minimum=1)
+    rates = NumberList(float, minimum=0.1)
+
+    assert workers.convert("1,2, 4", None, None) == (1, 2, 4)
+    assert workers.convert("", None, None) == ()  # no drain
+    assert rates.convert("200,0.5", None, None) == (200.0, 0.5)
