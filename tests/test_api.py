@@ -5,7 +5,9 @@ model, bad input, Redis failing, and the operator endpoints."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -387,6 +389,36 @@ async def test_the_body_timeout_spares_a_pipelined_request_waiting_its_turn(
     assert await queued_count(redis, keys) == 2
 
 
+async def test_a_connection_beyond_max_clients_gets_a_503_problem_at_once(api_settings: ApiSettings) -> None:
+    async with serving(api_settings.replace(max_clients=3)) as live:
+        held = [await raw_connection(live) for _ in range(3)]
+        try:
+            await wait_until(lambda: len(live.server.server_state.connections) == 3)
+
+            status, headers, body = await raw_exchange(live, b"GET /v1/books/b1 HTTP/1.1\r\nHost: api\r\n\r\n")
+        finally:
+            for _reader, writer in held:
+                writer.close()
+
+        assert status == "HTTP/1.1 503 Service Unavailable" and headers["retry-after"] == "1"
+        assert "3 connections" in str(closing_problem(headers, body, 503, "too-many-connections")["detail"])
+        await wait_until(lambda: not live.server.server_state.connections)
+        assert (await live.http.get("/v1/books/b1")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("soft", "pool", "clients"),
+    [(1024, 512, 480), (1024, 64, 896), (256, 512, 96), (100, 512, 18), (50, 512, 16), (65536, 512, 10_000)],
+)
+def test_the_default_client_limit_leaves_file_descriptors_for_redis(
+    monkeypatch: pytest.MonkeyPatch, soft: int, pool: int, clients: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, 1 << 20))
+
+    assert ApiSettings(max_connections=pool).client_limit() == clients
+    assert ApiSettings(max_connections=pool, max_clients=7).client_limit() == 7
+
+
 async def test_a_connection_that_sends_nothing_is_closed_without_a_word(
     live: LiveApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -640,6 +672,20 @@ async def test_redis_refusing_the_request_is_503_with_its_reason(live: LiveApi, 
     assert "exhausted" in problem(full, 503, "redis-refused")["detail"]
     assert "WRONGTYPE" in problem(wrong_type, 503, "redis-refused")["detail"]
     assert not raw_entries(await redis.xrange(keys.lend_requests))
+
+
+async def test_no_file_descriptor_for_redis_is_a_503_not_a_500(live: LiveApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a Redis connection can fail with the process out of file descriptors (an
+    OSError that redis-py does not wrap): the submission says Redis is unavailable."""
+
+    async def out_of_files(*_args: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(live.api, "submitter", out_of_files)
+
+    response = await live.http.post("/v1/lends", json={"user_id": "ada", "book_ids": ["b1"]})
+
+    assert "may have been queued" in problem(response, 503, "redis-unavailable")["detail"]
 
 
 async def test_redis_gone_is_503_and_the_api_comes_back_with_it(api_settings: ApiSettings, tmp_path: Path) -> None:

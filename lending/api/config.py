@@ -10,6 +10,12 @@ from lending.errors import ConfigError
 from lending.keys import namespace_problem
 from lending.settings import DEFAULT_REDIS_URL, Tls
 
+#: HTTP connections served at once by default, when the open-file limit allows.
+DEFAULT_MAX_CLIENTS = 10_000
+#: File descriptors kept beside the clients and the Redis pool: the listening socket,
+#: the events tail, logs, the dashboard's files.
+FD_MARGIN = 64
+
 
 @dataclass(frozen=True)
 class ApiSettings:
@@ -34,6 +40,9 @@ class ApiSettings:
     :param dashboard_refresh_s: the dashboard reads the status at most this often, and
         sends a snapshot as often.
     :param max_connections: Redis connections at most (the events tail has its own).
+    :param max_clients: HTTP connections served at once; more get a 503 problem at once.
+        ``None``: what the process's open-file limit leaves beside the Redis connections
+        (``client_limit``).
     :param shutdown_grace_s: how long open requests may take to finish on SIGTERM.
     :param uvloop: run on uvloop's event loop when it is installed.
     :param log_format: ``console`` or ``json``.
@@ -58,6 +67,7 @@ class ApiSettings:
     dashboard_outcomes: int = 50
     dashboard_refresh_s: float = 1.0
     max_connections: int = 512
+    max_clients: int | None = None
     shutdown_grace_s: int = 5
     uvloop: bool = True
     log_format: str = "console"
@@ -83,8 +93,30 @@ class ApiSettings:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_clients is not None and self.max_clients < 1:
+            problems.append("max-clients must be at least 1")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def client_limit(self) -> int:
+        """HTTP connections served at once: ``max_clients``, else as many as the open-file
+        limit leaves beside a margin (files, the tail) and the Redis connections, between
+        16 and 10,000. A client holds at most one Redis connection at a time, so the two
+        share what is left when the pool could take more than half. Past the file limit a
+        connection was dropped without a word, and the Redis connections opened meanwhile
+        failed."""
+        if self.max_clients is not None:
+            return self.max_clients
+        try:
+            import resource
+        except ImportError:  # not a Unix
+            return DEFAULT_MAX_CLIENTS
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return DEFAULT_MAX_CLIENTS
+        available = soft - FD_MARGIN
+        clients = max(available - self.max_connections, available // 2)
+        return max(16, min(DEFAULT_MAX_CLIENTS, clients))
 
     def replace(self, **changes: Any) -> ApiSettings:
         return dataclasses.replace(self, **changes)

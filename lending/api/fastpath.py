@@ -100,7 +100,7 @@ async def submission(api: Api, action: str, scope: Scope, receive: Receive) -> R
         raise Problem(p.MALFORMED_BODY if exc.malformed else p.INVALID_REQUEST, exc.reason) from None
     try:
         done = await submit(api.submitter, api.keys, request, key)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # OSError: no connection could be opened
         api.redis_failed(exc)
         retry = " (retrying with the same Idempotency-Key is safe)" if key else ""
         raise Problem(

@@ -170,6 +170,13 @@ LETTER_NOT_RETRYABLE = _kind(
     "Dead letter not retryable",
     "The dead letter names no stream of this namespace, or keeps no fields to queue again; it is left for a human.",
 )
+TOO_MANY_CONNECTIONS = _kind(
+    "too-many-connections",
+    503,
+    "Too many connections",
+    "The API holds as many connections as it serves at once (--max-clients); it answered this one at once and "
+    "closed it. Nothing was read or queued: retry after Retry-After seconds.",
+)
 REDIS_UNAVAILABLE = _kind(
     "redis-unavailable",
     503,

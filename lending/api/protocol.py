@@ -13,6 +13,10 @@ uvicorn sets no limit on a request's head: one connection sending headers withou
 grew the API by 160 MB. ``ApiHttpProtocol`` answers a head (request line and headers)
 over ``MAX_HEAD_BYTES`` with a 431 problem and closes the connection.
 
+Nor does uvicorn limit its connections: past the process's file descriptors, new ones
+were dropped without a word and Redis connections failed (500s). ``ApiHttpProtocol``
+answers a connection beyond ``max_clients`` with a 503 problem at once and closes it.
+
 Nor does uvicorn limit the time a head takes: a connection that sends nothing, or a byte
 now and then ("slowloris"), stayed open for ever, and enough of them exhaust the
 process's file descriptors. A head must arrive within ``HEAD_TIMEOUT_S`` of the
@@ -99,9 +103,20 @@ class ApiHttpProtocol(HttpToolsProtocol):
     _timer: asyncio.TimerHandle | None = None
     head_timeout_s = HEAD_TIMEOUT_S
     body_timeout_s = BODY_TIMEOUT_S
+    #: Connections served at once at most (``limited`` makes a class with another).
+    max_clients = 10_000
+
+    @classmethod
+    def limited(cls, max_clients: int) -> type[ApiHttpProtocol]:
+        """This protocol, serving at most ``max_clients`` connections at once."""
+        return type(cls.__name__, (cls,), {"max_clients": max_clients})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
+        if len(self.connections) > self.max_clients:  # this one included
+            detail = f"the API serves {self.max_clients} connections at once at most; retry in a moment"
+            self._refuse(p.TOO_MANY_CONNECTIONS, b"503 Service Unavailable", detail, b"retry-after: 1\r\n")
+            return
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -191,14 +206,13 @@ class ApiHttpProtocol(HttpToolsProtocol):
             f"the request line and headers are over {MAX_HEAD_BYTES} bytes long",
         )
 
-    def _refuse(self, kind: p.ProblemType, status_line: bytes, detail: str) -> None:
+    def _refuse(self, kind: p.ProblemType, status_line: bytes, detail: str, extra_headers: bytes = b"") -> None:
         """Answer ``kind`` and close the connection (the parser cannot go on with it)."""
         body = problem_body(kind, detail)
         head = (
             b"HTTP/1.1 " + status_line + b"\r\n"
             b"content-type: application/problem+json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n" + extra_headers + b"connection: close\r\n\r\n"
         )
         self.transport.write(head + body)
         self.transport.close()

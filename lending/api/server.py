@@ -99,7 +99,7 @@ def uvicorn_config(app: object, settings: ApiSettings) -> uvicorn.Config:
         app,  # type: ignore[arg-type]  # an ASGI application; uvicorn's own type names a few
         host=settings.host,
         port=settings.port,
-        http=ApiHttpProtocol,
+        http=ApiHttpProtocol.limited(settings.client_limit()),
         lifespan="on",
         access_log=settings.access_log,
         # Our logging: uvicorn's records go to structlog (``forward_uvicorn_logs``).

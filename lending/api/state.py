@@ -87,6 +87,7 @@ class Api:
             max_books_per_request=self.limits.max_books_per_request,
             limits_published=self.limits_published,
             operator_endpoints=self.settings.token is not None,
+            max_clients=self.settings.client_limit(),
         )
 
     async def close(self) -> None:

@@ -46,6 +46,15 @@ TOKEN_ENV = "LENDING_API_TOKEN"
     show_default=True,
     help="Log every request (costly at thousands of requests a second).",
 )
+@click.option(
+    "--max-clients",
+    type=click.IntRange(min=1),
+    envvar="LENDING_API_MAX_CLIENTS",
+    show_envvar=True,
+    default=None,
+    help="HTTP connections served at once; more get a 503 problem at once "
+    "[default: what the open-file limit leaves beside the Redis connections, at most 10000].",
+)
 @setting_option("--log-format", type=click.Choice(["console", "json"]))
 @setting_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @setting_option("--uvloop/--no-uvloop", help="Run on uvloop's faster event loop (when installed).")
