@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -16,7 +17,7 @@ import httpx
 from lending.api.app import build_app
 from lending.api.config import ApiSettings
 from lending.api.problems import PROBLEM_MEDIA_TYPE
-from lending.api.server import READY_MESSAGE, ApiServer, front_door, uvicorn_config
+from lending.api.server import READY_MESSAGE, ApiServer, api_server
 from lending.api.state import Api
 from lending.redis.connection import make_client
 
@@ -42,7 +43,7 @@ async def serving(settings: ApiSettings, *, extra_routes: Mapping[str, Any] | No
     app = build_app(api)
     for path, endpoint in (extra_routes or {}).items():
         app.add_api_route(path, endpoint, response_model=None)
-    server = ApiServer(uvicorn_config(front_door(app, api), settings.replace(port=0)), api, handle_signals=False)
+    server = api_server(app, api, settings.replace(port=0), handle_signals=False)
     task = asyncio.create_task(server.serve())
     try:
         await wait_until(lambda: server.started or task.done())
@@ -75,3 +76,45 @@ def start_api_process(redis_url: str, namespace: str, *args: str, **env: str) ->
     command = [sys.executable, "-m", "lending", "api", "--port", "0", *args]
     proc, line = start_ready_process(command, redis_url, namespace, READY_MESSAGE, **env)
     return proc, line.split()[-1]
+
+
+async def raw_connection(live: LiveApi) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection of its own to the live API, for bytes no HTTP client would send."""
+    host, port = live.server.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def send_in_two(live: LiveApi, first: bytes, rest: bytes, *, pause_s: float) -> bytes:
+    """Send ``first``, then ``rest`` ``pause_s`` later; what the server answered until it
+    closed the connection."""
+    reader, writer = await raw_connection(live)
+    try:
+        writer.write(first)
+        await asyncio.sleep(pause_s)
+        writer.write(rest)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def raw_exchange(live: LiveApi, raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send ``raw`` bytes on a connection of its own; the status line, headers and body of
+    the answer, read until the server closes the connection."""
+    reader, writer = await raw_connection(live)
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    return lines[0], dict(line.lower().split(": ", 1) for line in lines[1:]), body
+
+
+def closing_problem(headers: dict[str, str], body: bytes, status: int, name: str) -> dict[str, object]:
+    """The problem of a raw answer that closes its connection, checked to be ``name``."""
+    assert headers["content-type"] == "application/problem+json" and headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    found: dict[str, object] = json.loads(body)
+    assert found["type"] == f"/problems/{name}" and found["status"] == status, found
+    return found

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import resource
 import signal
 import time
@@ -28,7 +27,7 @@ from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
 
-from .api_support import LiveApi, problem, serving
+from .api_support import LiveApi, closing_problem, problem, raw_connection, raw_exchange, send_in_two, serving
 from .conftest import StartWorker
 from .support import ROOT, decoded, event_for, raw_entries, send, stream_entries, wait_until
 
@@ -247,48 +246,6 @@ async def test_a_huge_chunked_body_is_413(live: LiveApi, redis: Redis, keys: Key
     assert await queued_count(redis, keys) == 0
 
 
-async def raw_connection(live: LiveApi) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection of its own to the live API, for bytes no HTTP client would send."""
-    host, port = live.server.url.removeprefix("http://").split(":")
-    return await asyncio.open_connection(host, int(port))
-
-
-async def send_in_two(live: LiveApi, first: bytes, rest: bytes, *, pause_s: float) -> bytes:
-    """Send ``first``, then ``rest`` ``pause_s`` later; what the server answered until it
-    closed the connection."""
-    reader, writer = await raw_connection(live)
-    try:
-        writer.write(first)
-        await asyncio.sleep(pause_s)
-        writer.write(rest)
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-
-
-async def raw_exchange(live: LiveApi, raw: bytes) -> tuple[str, dict[str, str], bytes]:
-    """Send ``raw`` bytes on a connection of its own; the status line, headers and body of
-    the answer, read until the server closes the connection."""
-    reader, writer = await raw_connection(live)
-    try:
-        writer.write(raw)
-        answer = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    return lines[0], dict(line.lower().split(": ", 1) for line in lines[1:]), body
-
-
-def closing_problem(headers: dict[str, str], body: bytes, status: int, name: str) -> dict[str, object]:
-    """The problem of a raw answer that closes its connection, checked to be ``name``."""
-    assert headers["content-type"] == "application/problem+json" and headers["connection"] == "close"
-    assert int(headers["content-length"]) == len(body)
-    found: dict[str, object] = json.loads(body)
-    assert found["type"] == f"/problems/{name}" and found["status"] == status, found
-    return found
-
-
 @pytest.mark.parametrize(
     "raw",
     [
@@ -386,6 +343,32 @@ async def test_the_body_timeout_spares_a_pipelined_request_waiting_its_turn(
 
     assert answer.startswith(b"HTTP/1.1 504 ")
     assert answer.count(b"HTTP/1.1 202 Accepted") == 1
+    assert await queued_count(redis, keys) == 2
+
+
+async def test_a_body_held_back_for_100_continue_gets_its_whole_time_after_the_continue(
+    live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender of ``Expect: 100-continue`` waits for ``100 Continue``, which comes when
+    its request's turn comes: the body's time counts from then, not from the head."""
+    monkeypatch.setattr(ApiHttpProtocol, "body_timeout_s", 1.0)
+    body = b'{"user_id": "ada", "book_ids": ["b1"]}'
+    first = b"POST /v1/lends?wait=2.5 HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    second = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nConnection: close\r\nExpect: 100-continue\r\n"
+    second += b"Content-Length: %d\r\n\r\n" % len(body)
+    reader, writer = await raw_connection(live)
+    try:
+        # No worker: the first waits its whole 2.5 s (two and a half body timeouts).
+        writer.write(first + second)
+        answered = await asyncio.wait_for(reader.readuntil(b"HTTP/1.1 100 Continue\r\n\r\n"), 10)
+        await asyncio.sleep(0.7)  # most of a period, in whatever phase the timer is
+        writer.write(body)
+        answered += await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+    assert answered.startswith(b"HTTP/1.1 504 ")
+    assert answered.count(b"HTTP/1.1 202 Accepted") == 1, answered
     assert await queued_count(redis, keys) == 2
 
 

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from lending.api.config import ApiSettings
 from lending.redis.embedded import EmbeddedRedis, free_port
 
-from .api_support import LiveApi, serving
+from .api_support import LiveApi, raw_connection, raw_exchange, serving
 from .conftest import StartWorker
 from .support import wait_until
 
@@ -119,3 +119,29 @@ async def test_the_metrics_say_when_the_events_tail_has_lost_redis_and_count_the
             assert (await scrape(live))[("lending_api_events_tail_up", frozenset())] == 1
     finally:
         server.stop()
+
+
+async def test_connections_refused_below_the_application_are_counted_by_problem(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    async with serving(ApiSettings(redis_url=redis_url, namespace=namespace, max_clients=2)) as live:
+        samples = await scrape(live)  # the client's one connection, kept alive
+        assert samples[("lending_api_max_clients", frozenset())] == 2
+        assert samples[("lending_api_open_connections", frozenset())] == 1
+        _reader, writer = await raw_connection(live)
+        try:
+            await wait_until(lambda: len(live.server.server_state.connections) == 2)
+            status, _, _ = await raw_exchange(live, b"GET /v1/books/b1 HTTP/1.1\r\nHost: api\r\n\r\n")
+        finally:
+            writer.close()
+        assert status == "HTTP/1.1 503 Service Unavailable"
+        await wait_until(lambda: len(live.server.server_state.connections) == 1)
+        assert (await raw_exchange(live, b"GARBAGE\r\n\r\n"))[0] == "HTTP/1.1 400 Bad Request"
+
+        samples = await scrape(live)
+
+    def refused(problem: str) -> float:
+        return samples[("lending_api_refused_connections_total", frozenset({("problem", problem)}))]
+
+    assert refused("too-many-connections") == 1 and refused("malformed-http") == 1
+    assert refused("head-too-large") == 0 and refused("request-timeout") == 0

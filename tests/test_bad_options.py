@@ -66,6 +66,7 @@ def usage_error(result: subprocess.CompletedProcess[str], option: str) -> str:
         ("redis://127.0.0.1:6379/?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
         ("redis+cluster://a:7000,,b:7001", "an empty seed"),
         ("redis+cluster://a:70000", "no valid port"),
+        ("rediss://127.0.0.1:6380/?ssl_cert_reqs=CERT_NONE", "Invalid SSL Certificate Requirements Flag"),
     ],
 )
 def test_an_unusable_redis_url_is_named_with_the_reason(url: str, said: str) -> None:
@@ -82,6 +83,7 @@ def test_an_unusable_redis_url_is_named_with_the_reason(url: str, said: str) -> 
         "redis://[::1]:6379/15?socket_timeout=5&protocol=3",
         "unix:///var/run/redis.sock?db=2",
         "rediss+cluster://user:secret@a:7000,[::1]:7001",
+        "REDIS://127.0.0.1:6379/0",
     ],
 )
 def test_a_usable_redis_url_passes(url: str) -> None:

@@ -24,6 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lending.metrics import package_version
 
 UNMATCHED = "other"
+#: The problems the HTTP protocol answers with before a request reaches the application.
+REFUSALS = ("too-many-connections", "head-too-large", "request-timeout", "malformed-http")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -79,6 +81,19 @@ class ApiMetrics:
             "1 while the events tail reads {NS}:events, 0 while it has lost Redis (waiters then get no outcome)",
             registry=r,
         ).set_function(lambda: float(readings.tail_up()))
+        self.refused = Counter(
+            "lending_api_refused_connections",
+            "Connections answered with a problem and closed below the application, by problem: too many "
+            "connections (--max-clients), a head too large, a head or body too late, not HTTP",
+            ["problem"],
+            registry=r,
+        )
+        for problem in REFUSALS:
+            self.refused.labels(problem)
+        self.open_connections = Gauge("lending_api_open_connections", "HTTP connections open", registry=r)
+        self.max_clients = Gauge(
+            "lending_api_max_clients", "HTTP connections served at once at most (--max-clients)", registry=r
+        )
         Info("lending_api_build", "The version of the lending package this API runs", registry=r).info(
             {"version": package_version()}
         )
@@ -86,6 +101,15 @@ class ApiMetrics:
         # Children looked up once: ``labels()`` takes a lock and builds a key each call.
         self._counts: dict[tuple[str, str, int], Counter] = {}
         self._times: dict[str, Histogram] = {}
+
+    def watch_connections(self, count: Callable[[], int], limit: int) -> None:
+        """Read the open connections from ``count`` at each scrape; ``limit``: the cap."""
+        self.open_connections.set_function(count)
+        self.max_clients.set(limit)
+
+    def refuse(self, problem: str) -> None:
+        """Count a connection refused below the application (``ApiHttpProtocol.on_refused``)."""
+        self.refused.labels(problem).inc()
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one response of ``route`` and its time to the response head."""

@@ -101,15 +101,21 @@ class ApiHttpProtocol(HttpToolsProtocol):
     _head_bytes: int | None = 0
     #: The deadline of the head or of the body being received (one at a time).
     _timer: asyncio.TimerHandle | None = None
+    #: The body timer's last tick found the request held up (not the sender's delay).
+    _body_was_held = False
     head_timeout_s = HEAD_TIMEOUT_S
     body_timeout_s = BODY_TIMEOUT_S
     #: Connections served at once at most (``limited`` makes a class with another).
     max_clients = 10_000
+    #: Told the problem name of each connection refused here, below the application.
+    on_refused: Callable[[str], None] | None = None
 
     @classmethod
-    def limited(cls, max_clients: int) -> type[ApiHttpProtocol]:
-        """This protocol, serving at most ``max_clients`` connections at once."""
-        return type(cls.__name__, (cls,), {"max_clients": max_clients})
+    def limited(cls, max_clients: int, on_refused: Callable[[str], None] | None = None) -> type[ApiHttpProtocol]:
+        """This protocol, serving at most ``max_clients`` connections at once, and telling
+        ``on_refused`` of each connection it refuses (by the problem's name)."""
+        hook = None if on_refused is None else staticmethod(on_refused)
+        return type(cls.__name__, (cls,), {"max_clients": max_clients, "on_refused": hook})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
@@ -138,6 +144,7 @@ class ApiHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()  # may fail (a URL over 64 KiB): the head is then still open
         self._head_bytes = None
         # The body's time starts now (on_message_complete follows at once without one).
+        self._body_was_held = False
         self._arm(self.body_timeout_s, self._body_timed_out)
 
     def on_message_complete(self) -> None:
@@ -172,9 +179,13 @@ class ApiHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self.transport.is_closing() or cycle is None or not cycle.more_body or cycle.response_started:
             return  # closed, whole, or being answered (the head timer follows the answer)
-        if self.pipeline or self.flow.read_paused or cycle.waiting_for_100_continue:
+        held = bool(self.pipeline) or self.flow.read_paused or cycle.waiting_for_100_continue
+        if held or self._body_was_held:
             # Not the sender's delay: its request waits its turn, or the application has
-            # not asked for the body yet. Its time starts again.
+            # not asked for the body yet. Its time starts again, and once more after the
+            # hold ends (it ended some time since the last tick), so the sender always
+            # has a whole period after it.
+            self._body_was_held = held
             self._arm(self.body_timeout_s, self._body_timed_out)
             return
         detail = f"the request body did not arrive within {self.body_timeout_s:g} s of its head"
@@ -208,6 +219,8 @@ class ApiHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, kind: p.ProblemType, status_line: bytes, detail: str, extra_headers: bytes = b"") -> None:
         """Answer ``kind`` and close the connection (the parser cannot go on with it)."""
+        if self.on_refused is not None:
+            self.on_refused(kind.name)
         body = problem_body(kind, detail)
         head = (
             b"HTTP/1.1 " + status_line + b"\r\n"

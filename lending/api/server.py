@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -94,12 +94,25 @@ def front_door(app: FastAPI, api: Api) -> ASGIApp:
     return Measured(Submissions(app, api), api.metrics)
 
 
-def uvicorn_config(app: object, settings: ApiSettings) -> uvicorn.Config:
+def api_server(app: FastAPI, api: Api, settings: ApiSettings, *, handle_signals: bool = True) -> ApiServer:
+    """The server of ``app`` (``build_app(api)``, perhaps with more routes) on ``settings``,
+    its connections counted in ``api.metrics``."""
+    limit = settings.client_limit()
+    server = ApiServer(
+        uvicorn_config(front_door(app, api), settings, limit, api.metrics.refuse), api, handle_signals=handle_signals
+    )
+    api.metrics.watch_connections(lambda: len(server.server_state.connections), limit)
+    return server
+
+
+def uvicorn_config(
+    app: object, settings: ApiSettings, max_clients: int, on_refused: Callable[[str], None] | None = None
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]  # an ASGI application; uvicorn's own type names a few
         host=settings.host,
         port=settings.port,
-        http=ApiHttpProtocol.limited(settings.client_limit()),
+        http=ApiHttpProtocol.limited(max_clients, on_refused),
         lifespan="on",
         access_log=settings.access_log,
         # Our logging: uvicorn's records go to structlog (``forward_uvicorn_logs``).
@@ -117,34 +130,43 @@ def serve(settings: ApiSettings) -> int:
         before Redis is reached).
     :raises RedisUnavailable: Redis does not answer at start.
     """
-    listener = listen(settings.host, settings.port)
+    listeners = listen(settings.host, settings.port)
     try:
-        return run_fast(_serve(settings, listener), use_uvloop=settings.uvloop)
+        return run_fast(_serve(settings, listeners), use_uvloop=settings.uvloop)
     finally:
-        listener.close()
+        for sock in listeners:
+            sock.close()
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The API's listening socket, bound before anything starts: a port taken, or an
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The API's listening sockets, bound before anything starts: a port taken, or an
     address that is not this host's, is one error line rather than a log line once the
-    API has reached Redis (uvicorn binds last).
+    API has reached Redis (uvicorn binds last). Bound as asyncio's ``create_server``
+    binds: every address ``host`` names (``""``: every interface), IPv6 sockets IPv6
+    only, and with port 0 the one port the first bind got.
 
-    :raises ApiPortUnavailable: it cannot be bound.
+    :raises ApiPortUnavailable: one of them cannot be bound.
     """
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:  # no such host
         raise ApiPortUnavailable(host, port, _cause(exc)) from exc
+    bound: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(bound) > 1:  # the same free port on every address
+                address = (address[0], bound[0].getsockname()[1], *address[2:])
+            sock.bind(address)
     except OSError as exc:
-        sock.close()
+        for sock in bound:
+            sock.close()
         raise ApiPortUnavailable(host, port, _cause(exc)) from exc
-    return sock
+    return bound
 
 
 def _cause(exc: OSError) -> str:
@@ -153,7 +175,7 @@ def _cause(exc: OSError) -> str:
     return os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else str(exc)
 
 
-async def _serve(settings: ApiSettings, listener: socket.socket) -> int:
+async def _serve(settings: ApiSettings, listeners: list[socket.socket]) -> int:
     forward_uvicorn_logs(settings.log_level)
     find_redis: FindRedis | None = None
     if is_cluster_url(settings.redis_url):
@@ -176,8 +198,8 @@ async def _serve(settings: ApiSettings, listener: socket.socket) -> int:
     try:
         await check_reachable(client, redacted(settings.redis_url))
         api = Api(settings, client, tail_client, find_redis)
-        server = ApiServer(uvicorn_config(front_door(build_app(api), api), settings), api)
-        await server.serve(sockets=[listener])
+        server = api_server(build_app(api), api, settings)
+        await server.serve(sockets=listeners)
         return 0 if server.started else 1
     finally:
         await tail_client.aclose()

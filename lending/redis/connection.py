@@ -23,7 +23,7 @@ def make_client(
 ) -> Redis:
     """An asyncio client for ``url``; bytes in and out, since entries may hold any bytes.
     ``tls`` applies to ``rediss://`` URLs; ``pool_class`` makes its connection pool."""
-    extra = tls.options() if tls and url.startswith("rediss://") else {}
+    extra = tls.options() if tls and url[:9].lower() == "rediss://" else {}  # schemes are case-blind
     pool = pool_class.from_url(
         url,
         **extra,

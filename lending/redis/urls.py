@@ -8,6 +8,7 @@ import re
 from urllib.parse import urlsplit
 
 from redis.asyncio import ConnectionPool
+from redis.exceptions import RedisError
 
 from lending.errors import RedisUnavailable
 from lending.redis.cluster import CLUSTER_SCHEMES, ClusterUrl, is_cluster_url
@@ -20,7 +21,7 @@ def url_problem(url: str) -> str | None:
     """Why ``url`` is not a Redis URL the package can use, or ``None`` when it is. Never
     connects; the message shows no password."""
     shown = redacted(url)
-    scheme = url.partition("://")[0] if "://" in url else ""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""  # as urlsplit reads it
     if scheme not in SCHEMES:
         return f"{shown!r} is not a Redis URL: it must start with " + ", ".join(f"{s}://" for s in SCHEMES)
     if is_cluster_url(url):
@@ -37,7 +38,7 @@ def url_problem(url: str) -> str | None:
         name = re.search(r"argument '(\w+)'", str(exc))
         option = name[1] if name else "?"
         return f"{shown}: the query names an option Redis clients do not take: {option!r}"
-    except ValueError as exc:
+    except (ValueError, RedisError) as exc:  # RedisError: e.g. an unknown ssl_cert_reqs
         return f"{shown}: {exc}"
     if port == 0:
         return f"{shown}: port 0 names no server"
