@@ -146,9 +146,8 @@ def test_the_api_refuses_to_start_without_redis(namespace: str) -> None:
     ("where", "said"),
     [
         ("taken", "address already in use"),
-        ("192.0.2.1", "cannot assign requested address")(  # TEST-NET-1: no host has it,
-            "nohost.invalid", "no such host"
-        ),
+        ("192.0.2.1", "cannot assign requested address"),  # TEST-NET-1: no host has it
+        ("nohost.invalid", "no such host"),
     ],
 )
 def test_the_api_refuses_an_address_it_cannot_serve_before_reaching_redis(
