@@ -132,6 +132,13 @@ def main() -> None:
     show_default=True,
     help="The spawned workers' --claim-idle-ms.",
 )
+@click.option(
+    "--retry-max-ms",
+    type=click.IntRange(min=1000),
+    default=None,
+    help="The spawned workers' --retry-max-ms [default: theirs, 60000]; with --shelving-fail-rate, "
+    "keep ten retries within the run's wait for the last outcome (120 s).",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
     "--json",

@@ -43,6 +43,10 @@ class RunOptions:
     :param pause_s: ... for a random time in this range, then SIGCONT it.
     :param maxmemory: the private Redis's ``maxmemory`` in bytes (``noeviction``), lifted
         once the traffic is over.
+    :param retry_max_ms: the workers' ``--retry-max-ms`` (``None``: theirs, 60 s). With a
+        flaky shelving service an unlucky entry is retried up to ``--max-deliveries``
+        times, its waits doubling up to this: the run waits ``quiescence_timeout_s`` for
+        the last outcome, and a wait that outlasts it counts the request as missing.
     """
 
     redis_url: str | None
@@ -63,6 +67,7 @@ class RunOptions:
     max_books_per_user: int = 5
     storage_capacity: int = 20
     claim_idle_ms: int = 3_000
+    retry_max_ms: int | None = None
     seed: int = 1
     progress: bool = False
     quiescence_timeout_s: float = 120.0
@@ -134,6 +139,7 @@ def _deployment(options: RunOptions) -> Deployment:
             str(options.storage_capacity),
             "--claim-idle-ms",
             str(options.claim_idle_ms),
+            *(() if options.retry_max_ms is None else ("--retry-max-ms", str(options.retry_max_ms))),
         ),
         worker_env={
             "LENDING_SHELVING_FAIL_RATE": str(options.shelving_fail_rate),

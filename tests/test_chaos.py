@@ -49,8 +49,19 @@ async def test_redis_restarts_under_load_lose_nothing() -> None:
 
 
 async def test_flaky_slow_shelving_service() -> None:
+    # Waits between retries of at most 2 s: an entry unlucky ten times in a row (30 %
+    # failures) is dead-lettered within the run's 60 s wait for the last outcome; with
+    # the default 60 s an unlucky one was still waiting when the run stopped looking.
     report = await simulate(
-        replace(base_options(), workers=2, shelving_fail_rate=0.3, shelving_latency_ms=5.0, duration_s=8.0, rate=100)
+        replace(
+            base_options(),
+            workers=2,
+            shelving_fail_rate=0.3,
+            shelving_latency_ms=5.0,
+            duration_s=8.0,
+            rate=100,
+            retry_max_ms=2_000,
+        )
     )
     assert_all_answered_once(report)
     assert report.outcomes["accepted"] > 0
