@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from lending.redaction import redact
 
 
@@ -69,21 +72,41 @@ class LimitsDiffer(LendingError):
         self.mine = mine
 
 
-class ApiPortUnavailable(LendingError):
-    """The API could not listen on ``host:port`` (taken, not an address of this host, no such host)."""
+class CannotListen(LendingError):
+    """A server could not listen on ``host:port``: the port taken, an address not of this
+    host, no such host. The message names what would have been served and the options
+    that say where.
 
-    def __init__(self, host: str, port: int, cause: str) -> None:
-        super().__init__(f"cannot serve the API on {host}:{port}: {cause} (--host, --port)")
+    :param exc: the binding's (or the address lookup's) error.
+    """
+
+    serving = "a server"
+    options = ""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
         self.host = host
         self.port = port
-        self.cause = cause
+        self.cause = listen_cause(exc)
+        super().__init__(f"cannot serve {self.serving} on {host}:{port}: {self.cause} ({self.options})")
 
 
-class MetricsUnavailable(LendingError):
-    """The metrics server could not listen on ``host:port`` (taken, not ours, not allowed)."""
+def listen_cause(exc: OSError) -> str:
+    """Why binding failed, in a few words (asyncio words it "error while attempting to
+    bind on address ...", getaddrinfo with a negative errno)."""
+    if isinstance(exc, socket.gaierror):
+        return f"no such host ({exc.strerror})"
+    return os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else str(exc)
 
-    def __init__(self, host: str, port: int, cause: str) -> None:
-        super().__init__(f"cannot serve metrics on {host}:{port}: {cause} (--metrics-host, --metrics-port)")
-        self.host = host
-        self.port = port
-        self.cause = cause
+
+class ApiPortUnavailable(CannotListen):
+    """The API could not listen on ``--host``:``--port``."""
+
+    serving = "the API"
+    options = "--host, --port"
+
+
+class MetricsUnavailable(CannotListen):
+    """The worker's metrics server could not listen on ``--metrics-host``:``--metrics-port``."""
+
+    serving = "metrics"
+    options = "--metrics-host, --metrics-port"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -150,7 +149,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:  # no such host
-        raise ApiPortUnavailable(host, port, _cause(exc)) from exc
+        raise ApiPortUnavailable(host, port, exc) from exc
     bound: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -165,14 +164,8 @@ def listen(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in bound:
             sock.close()
-        raise ApiPortUnavailable(host, port, _cause(exc)) from exc
+        raise ApiPortUnavailable(host, port, exc) from exc
     return bound
-
-
-def _cause(exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror):
-        return f"no such host ({exc.strerror})"
-    return os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else str(exc)
 
 
 async def _serve(settings: ApiSettings, listeners: list[socket.socket]) -> int:

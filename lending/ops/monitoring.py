@@ -10,7 +10,6 @@ Redis by ``refresh``, every few seconds.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 
@@ -74,6 +73,5 @@ async def serve(metrics: Metrics, host: str, port: int, *, live: Probe, ready: P
 
     try:
         return await asyncio.start_server(handle, host, port)
-    except OSError as exc:  # asyncio words it "error while attempting to bind on address ..."
-        cause = os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else str(exc)
-        raise MetricsUnavailable(host, port, cause) from exc
+    except OSError as exc:
+        raise MetricsUnavailable(host, port, exc) from exc
