@@ -23,7 +23,7 @@ def make_client(
 ) -> Redis:
     """An asyncio client for ``url``; bytes in and out, since entries may hold any bytes.
     ``tls`` applies to ``rediss://`` URLs; ``pool_class`` makes its connection pool."""
-    extra = tls.options() if tls and url[:9].lower() == "rediss://" else {}  # schemes are case-blind
+    extra = tls.options() if tls and scheme_of(url) == "rediss" else {}
     pool = pool_class.from_url(
         url,
         **extra,
@@ -40,6 +40,11 @@ def make_client(
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)
+
+
+def scheme_of(url: str) -> str:
+    """The scheme of ``url``, lower case as redis-py reads it (``""`` for none)."""
+    return url.partition("://")[0].lower() if "://" in url else ""
 
 
 def redacted(url: str) -> str:

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from lending.errors import RedisUnavailable
 from lending.redis.cluster import CLUSTER_SCHEMES, ClusterUrl, is_cluster_url
-from lending.redis.connection import redacted
+from lending.redis.connection import redacted, scheme_of
 
 SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 
@@ -21,7 +21,7 @@ def url_problem(url: str) -> str | None:
     """Why ``url`` is not a Redis URL the package can use, or ``None`` when it is. Never
     connects; the message shows no password."""
     shown = redacted(url)
-    scheme = url.partition("://")[0].lower() if "://" in url else ""  # as urlsplit reads it
+    scheme = scheme_of(url)
     if scheme not in SCHEMES:
         return f"{shown!r} is not a Redis URL: it must start with " + ", ".join(f"{s}://" for s in SCHEMES)
     if is_cluster_url(url):
