@@ -8,7 +8,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -59,18 +59,21 @@ class NumberList(click.ParamType):  # type: ignore[type-arg]  # generic from cli
         return tuple(numbers)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Drive realistic traffic at the lending service, and measure it."""
 
 
+def redis_url_option(help_text: str) -> Callable[[F], F]:
+    """``--redis-url`` of a simulator command: checked before anything starts."""
+    return click.option("--redis-url", default=None, callback=check_redis_url, help=help_text)
+
+
 @main.command()
-@click.option(
-    "--redis-url",
-    default=None,
-    callback=check_redis_url,
-    help="Drive this deployment; default: start a private redis-server.",
-)
+@redis_url_option("Drive this deployment; default: start a private redis-server.")
 @click.option(
     "--namespace",
     default=None,
@@ -200,12 +203,7 @@ def run(
 
 
 @main.command()
-@click.option(
-    "--redis-url",
-    default=None,
-    callback=check_redis_url,
-    help="Benchmark against this Redis; default: a private redis-server.",
-)
+@redis_url_option("Benchmark against this Redis; default: a private redis-server.")
 @click.option(
     "--requests", type=click.IntRange(min=1), default=20_000, show_default=True, help="Requests queued per drain."
 )
