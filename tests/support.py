@@ -194,17 +194,23 @@ def start_worker_process(
     return start_ready_process(command, redis_url, namespace, "Ready to process events", **env)[0]
 
 
-def run_get_books(
-    redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0
-) -> subprocess.CompletedProcess[str]:
+def run_python(redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` (a script or ``-m module``) in the repository, to its end, with
+    ``REDIS_URL`` and ``LENDING_NAMESPACE`` set; its output captured as text."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "get_books.py"), *args],
+        [sys.executable, *args],
         cwd=ROOT,
         env=process_env(redis_url, namespace),
         capture_output=True,
         text=True,
         timeout=timeout_s,
     )
+
+
+def run_get_books(
+    redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    return run_python(redis_url, namespace, str(ROOT / "get_books.py"), *args, timeout_s=timeout_s)
 
 
 def stop_process(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> tuple[int, str, str]:

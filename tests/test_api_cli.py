@@ -20,7 +20,7 @@ from lending.redis.embedded import free_port
 
 from .api_support import start_api_process
 from .conftest import StartWorker
-from .support import ROOT, process_env, run_get_books, stop_process
+from .support import ROOT, process_env, run_get_books, run_python, stop_process
 
 StartApi = Callable[..., str]
 
@@ -131,14 +131,7 @@ async def test_redis_refusing_the_request_exits_6(
 
 
 def test_the_api_refuses_to_start_without_redis(namespace: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "lending", "api", "--port", "0"],
-        cwd=ROOT,
-        env=process_env(f"redis://127.0.0.1:{free_port()}", namespace),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_python(f"redis://127.0.0.1:{free_port()}", namespace, "-m", "lending", "api", "--port", "0")
     assert proc.returncode == 1 and one_line(proc.stderr).startswith("error: cannot reach Redis"), proc
 
 
@@ -157,14 +150,7 @@ def test_the_api_refuses_an_address_it_cannot_serve_before_reaching_redis(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         host, port = ("127.0.0.1", taken.getsockname()[1]) if where == "taken" else (where, free_port())
-        proc = subprocess.run(
-            [sys.executable, "-m", "lending", "api", "--host", host, "--port", str(port)],
-            cwd=ROOT,
-            env=process_env(redis_url, namespace),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        proc = run_python(redis_url, namespace, "-m", "lending", "api", "--host", host, "--port", str(port))
 
     assert proc.returncode == 1, proc
     line = one_line(proc.stderr)

@@ -5,7 +5,6 @@ cannot name one, numbers that are not finite, an --api that is not an HTTP URL."
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 from redis.asyncio import Redis
@@ -14,7 +13,7 @@ from lending.keys import Keys
 from lending.redis.urls import url_problem
 from simulator.cli import NumberList
 
-from .support import ROOT, process_env, run_get_books
+from .support import run_get_books, run_python
 
 COMMANDS = {
     "worker": ["main.py", "w1"],
@@ -34,14 +33,7 @@ def run(args: list[str], redis_url: str, namespace: str) -> subprocess.Completed
     after 60 s, should one start serving."""
     bench = args[:3] == COMMANDS["simulator-bench"]
     options = ["--redis-url", redis_url] + ([] if bench else ["--namespace", namespace])
-    return subprocess.run(
-        [sys.executable, *args, *options],
-        cwd=ROOT,
-        env=process_env(redis_url, namespace),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_python(redis_url, namespace, *args, *options, timeout_s=60)
 
 
 def usage_error(result: subprocess.CompletedProcess[str], option: str) -> str:
