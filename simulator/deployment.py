@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lending.redis.embedded import EmbeddedRedis, free_port
 from lending.worker import READY_MESSAGE
+from simulator.reaper import Reaper
 
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
 
@@ -37,7 +38,8 @@ class WorkerProcess:
 
 
 class Deployment:
-    """Redis and ``workers`` worker processes for one namespace.
+    """Redis and ``workers`` worker processes for one namespace. They end with this
+    process, even when it is killed (``Reaper``).
 
     :param redis_url: an existing Redis; ``None`` starts a private redis-server on a free
         loopback port, its data in a temporary folder (append-only, ``appendfsync``).
@@ -67,10 +69,15 @@ class Deployment:
         self.worker_env = worker_env or {}
         self.dir = Path(tempfile.mkdtemp(prefix="lending-sim-"))
         self.keep_dir = keep_dir
+        self.reaper = Reaper()
         self.redis: EmbeddedRedis | None = None
         if redis_url is None:
             self.redis = EmbeddedRedis(
-                self.dir / "redis", port=free_port(), appendfsync=appendfsync, extra_args=redis_args
+                self.dir / "redis",
+                port=free_port(),
+                appendfsync=appendfsync,
+                extra_args=redis_args,
+                process_group=self.reaper.group,
             )
         self.redis_url = redis_url or self.redis.url  # type: ignore[union-attr]
         self.workers: dict[str, WorkerProcess] = {}
@@ -102,6 +109,7 @@ class Deployment:
                 stdout=stdout,
                 stderr=stderr,
                 env=env,
+                process_group=self.reaper.group,
             )
         worker = WorkerProcess(worker_id, process, out, err)
         self.workers[worker_id] = worker
@@ -191,6 +199,7 @@ class Deployment:
                 worker.process.wait()
         if self.redis is not None:
             self.redis.stop()
+        self.reaper.close()
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -267,6 +267,58 @@ def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(in
     assert time.monotonic() - signalled < 12
 
 
+@needs_proc
+def test_a_killed_run_takes_its_redis_server_and_workers_with_it() -> None:
+    """SIGKILL leaves the simulator no time to stop anything: its children must end anyway
+    (a test's timeout once left a redis-server and two workers running)."""
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        simulator("--duration", "60", "--rate", "20", "--workers", "2", "--pause-every", "0.3"),
+        cwd=ROOT,
+        env=simulator_env(mark),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # Its reaper, its redis-server and two workers, one of them paused.
+        while len(children_of(proc.pid)) < 4 or "T" not in processes_of_run(mark).values():
+            assert proc.poll() is None, "the run ended early"
+            assert time.monotonic() < deadline, f"the run did not start within 60 s: {children_of(proc.pid)}"
+            time.sleep(0.05)
+        children = children_of(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(children.values()).count("redis-server") == 1, children
+    deadline = time.monotonic() + 10
+    while left := {pid: name for pid, name in children.items() if live(pid)}:
+        assert time.monotonic() < deadline, f"still running 10 s after the run was killed: {left}"
+        time.sleep(0.05)
+
+
+def children_of(parent: int) -> dict[int, str]:
+    """pid -> name of the live children of ``parent``."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            name, rest = (entry / "stat").read_text().rsplit(")", 1)
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        state, ppid = rest.split()[:2]
+        if int(ppid) == parent and state != "Z":
+            found[int(entry.name)] = name.split("(", 1)[1]
+    return found
+
+
+def live(pid: int) -> bool:
+    """``pid`` runs (a zombie is dead: nothing may reap an orphan here)."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
 # -- chaos: Redis out of memory --------------------------------------------------------------------
 
 

@@ -126,6 +126,8 @@ class EmbeddedRedis:
 
     :param persistent: append-only persistence (``appendfsync`` as given) so that data
         survives a restart; off for throwaway test servers.
+    :param process_group: start the child in this process group instead (one that ends
+        with its owner, as the simulator's ``Reaper`` leads).
     """
 
     def __init__(
@@ -136,8 +138,10 @@ class EmbeddedRedis:
         persistent: bool = True,
         appendfsync: str = "everysec",
         extra_args: tuple[str, ...] = (),
+        process_group: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.process_group = process_group
         self.port = port
         self.persistent = persistent
         self.appendfsync = appendfsync
@@ -186,7 +190,8 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=self.process_group is None,
+            process_group=self.process_group,
         )
         return self._process.pid
 
