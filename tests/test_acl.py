@@ -275,7 +275,7 @@ async def test_the_operator_reads_and_writes_nothing(server: Server, users: User
     letter = decoded(await server.admin.xadd(keys.dead_letters, {"stream": keys.lend_requests, "user_id": "ada"}))
     for action in ("retry", "purge"):
         denied = lending(users.operator, namespace, "dead-letters", action, "--all")
-        one_line_error(denied, 1, "no permission", "'multi'" if action == "retry" else "'xdel'")
+        one_line_error(denied, 1, "no permission", "'evalsha'" if action == "retry" else "'xdel'")
     operator = make_client(users.operator)
     try:
         await refused(

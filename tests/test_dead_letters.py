@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from lending.keys import Keys
+from lending.ops import dead_letters
 from lending.ops.status import read_status
+from lending.redis.connection import make_client
 
 from .conftest import StartWorker
 from .support import ROOT, all_events, decoded, event_for, raw_entries, send, wait_until, xadd_fields
@@ -193,3 +197,39 @@ async def test_the_workers_cap_the_stream_and_list_says_so(
     assert as_json.stderr.startswith("note: the stream was capped"), as_json.stderr
     status = await read_status(redis, namespace)
     assert (status["dead_letters"], status["dead_letters_trimmed"]) == (2, 1)
+
+
+# -- retrying: once, or not at all -----------------------------------------------------------
+
+
+async def test_a_letter_retried_by_many_at_once_is_queued_once(redis: Redis, keys: Keys, redis_url: str) -> None:
+    letter_id = await letter(redis, keys)
+    before = await redis.xlen(keys.lend_requests)
+    # Twenty operators, each connected already: every one of them finds the letter first.
+    operators = [make_client(redis_url) for _ in range(20)]
+    try:
+        await asyncio.gather(*(operator.ping() for operator in operators))
+        results = await asyncio.gather(
+            *(dead_letters.retry(operator, keys, [letter_id]) for operator in operators), return_exceptions=True
+        )
+    finally:
+        await asyncio.gather(*(operator.aclose() for operator in operators))
+
+    done = [r for r in results if isinstance(r, list)]
+    gone = [r for r in results if isinstance(r, dead_letters.LetterError)]
+    assert len(done) == 1 and len(gone) == 19, results
+    # Each of the others found the letter gone (before or while it ran), and queued nothing.
+    assert all("queued" not in str(e) for e in gone), gone
+    assert await redis.xlen(keys.lend_requests) == before + 1
+    assert await redis.xlen(keys.dead_letters) == 0
+
+
+async def test_a_retry_that_cannot_queue_keeps_the_letter(redis: Redis, keys: Keys) -> None:
+    letter_id = await letter(redis, keys)
+    await redis.delete(keys.lend_requests)
+    await redis.set(keys.lend_requests, "not a stream")  # XADD fails: WRONGTYPE
+
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await dead_letters.retry(redis, keys, [letter_id])
+
+    assert [decoded(entry_id) for entry_id, _ in raw_entries(await redis.xrange(keys.dead_letters))] == [letter_id]

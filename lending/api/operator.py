@@ -82,7 +82,8 @@ def operator_routes(api: Api) -> APIRouter:
     )
     async def retry_dead_letter(request: Request, letter_id: str) -> Response:
         """Queue a dead letter's original entry again, as a new entry (a new request id),
-        and delete the letter, in one transaction (``dead-letters retry ID``)."""
+        and delete the letter, in one step (``dead-letters retry ID``): of operators retrying
+        one letter at once, one queues it and the others get 404."""
         operator_token(api, request, required=True)
         try:
             (letter,) = await dead_letters.find(api.client, api.keys, [letter_id])

@@ -17,7 +17,7 @@ cluster which node owns the namespace's slot.
   request with the service's rules and queues it itself (``api_submit.lua``: XADD to
   the request streams, SET of idempotency keys), reads what its endpoints show, and
   for its operator endpoints runs ``status`` (SCAN included) and retries dead letters
-  (XADD + XDEL in MULTI). It writes no lending state: on Redis 7 it may write only the
+  (``retry_letter.lua``: XADD + XDEL). It writes no lending state: on Redis 7 it may write only the
   request streams, its idempotency keys and the dead letters.
 
 Redis 7 can also make a key pattern read-only (``%R~``) or write-only (``%W~``);
@@ -126,7 +126,7 @@ API_COMMANDS = (
     *CONNECTION_COMMANDS,
     *CLUSTER_COMMANDS,
     # queuing (api_submit.lua: GET and SET of the idempotency key, XADD), retrying a
-    # dead letter (XADD + XDEL in one transaction)
+    # dead letter (retry_letter.lua: XRANGE, XADD, XDEL), consistent reads (MULTI)
     "evalsha",
     "script|load",
     "get",

@@ -17,12 +17,14 @@ from lending.domain.streamids import is_entry_id, next_id
 from lending.errors import LendingError
 from lending.keys import Keys
 from lending.redis.replies import Entries, text
+from lending.redis.scripts import read_script
 
 # The fields of the original entry that a dead letter keeps, by the stream it came from.
 REPLAYED_FIELDS = {"request": ("user_id", "book_ids"), "returns": ("book_ids", "context_ids")}
 # Letter fields that hold numbers: shown as numbers (in --json too).
 NUMBER_FIELDS = ("deliveries",)
 PAGE = 1_000
+RETRY_SCRIPT = read_script("retry_letter")
 
 
 class LetterError(LendingError):
@@ -116,11 +118,12 @@ def replay(keys: Keys, letter: dict[str, Any]) -> tuple[str, dict[str, str]] | s
 
 async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[dict[str, str]]:
     """Queue each letter's original entry again (a new entry, so a new request id) and
-    delete the letter, both in one transaction; ``{id, stream, queued_as}`` for each.
+    delete the letter, both in one step (``retry_letter.lua``), which queues nothing once
+    the letter is gone; ``{id, stream, queued_as}`` for each.
 
     :raises LetterError: an id is malformed or unknown, or its letter cannot be replayed
         (nothing is queued then); or a letter went (another operator's purge or retry)
-        while this one ran: the ones before it were retried.
+        while this one ran: the ones before it were retried, and it was not.
     """
     plans = []
     for letter in await find(client, keys, letter_ids):
@@ -130,14 +133,12 @@ async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[di
         plans.append((letter["id"], *plan))
     out: list[dict[str, str]] = []
     for letter_id, stream, fields in plans:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.xadd(stream, fields)  # type: ignore[arg-type]
-            pipe.xdel(keys.dead_letters, letter_id)
-            new_id, deleted = await pipe.execute()
-        out.append({"id": letter_id, "stream": stream, "queued_as": text(new_id)})
-        if not deleted:
-            queued = ", ".join(f"{x['id']} as {x['queued_as']}" for x in out)
-            raise LetterError(f"dead letter {letter_id} went while it was retried; queued: {queued}", [letter_id])
+        pairs = [item for pair in fields.items() for item in pair]
+        queued = await RETRY_SCRIPT(client, [keys.dead_letters, stream], [letter_id, *pairs])
+        if queued is None:
+            done = "; queued: " + ", ".join(f"{x['id']} as {x['queued_as']}" for x in out) if out else ""
+            raise LetterError(f"dead letter {letter_id} went while it was retried{done}", [letter_id])
+        out.append({"id": letter_id, "stream": stream, "queued_as": text(queued)})
     return out
 
 

@@ -77,8 +77,12 @@ def _lua_dir() -> Traversable:
     return checkout if checkout.is_dir() else resources.files("lending.lua")
 
 
-def _read(name: str) -> Script:
+def read_script(name: str) -> Script:
+    """``lua/<name>.lua``."""
     return Script(name, _lua_dir().joinpath(f"{name}.lua").read_text(encoding="utf-8"))
+
+
+_read = read_script
 
 
 class Scripts:
@@ -99,6 +103,7 @@ class Scripts:
         self.forget_consumers = _read("forget_consumers")
         self.relay = _read("relay")
         self.api_submit = _read("api_submit")
+        self.retry_letter = _read("retry_letter")
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]
