@@ -317,6 +317,38 @@ async def test_a_request_that_does_not_come_in_time_is_a_408_problem(
     assert (await live.http.get("/v1/books/b1")).status_code == 200
 
 
+BODY = b'{"user_id": "ada", "book_ids": ["b1"]}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "half_close"),
+    [
+        (b"Content-Length: 200\r\n\r\n" + BODY, False),
+        (b"Content-Length: 200\r\n\r\n" + BODY, True),
+        (b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(BODY), BODY), False),  # no last chunk
+    ],
+    ids=["closed", "half-closed", "chunked-without-its-end"],
+)
+async def test_a_body_cut_off_by_the_client_going_away_is_not_queued(
+    live: LiveApi, redis: Redis, keys: Keys, raw: bytes, half_close: bool
+) -> None:
+    """What came is a whole JSON request, but the client never finished sending it: it
+    got no answer, and would retry (without an Idempotency-Key, a second request)."""
+    reader, writer = await raw_connection(live)
+    writer.write(b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n" + raw)
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the API has read it all
+    if half_close:
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "no answer to a request cut off"
+    writer.close()
+    await writer.wait_closed()
+
+    await asyncio.sleep(0.5)
+    assert await queued_count(redis, keys) == 0
+    assert (await live.http.get("/v1/books/b1")).status_code == 200
+
+
 async def test_a_body_that_comes_in_parts_within_the_time_is_queued(
     live: LiveApi, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -66,15 +67,19 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 async def receive_body(receive: Receive, headers: Iterable[tuple[bytes, bytes]], limit: int) -> bytes:
     """The request's body, refused (413) as soon as it is known to be over ``limit`` bytes:
-    from its Content-Length, or while it streams in (chunked)."""
+    from its Content-Length, or while it streams in (chunked).
+
+    :raises ClientDisconnect: the client went away before the whole body came: what came
+        is not acted on (a cut-off request may be retried, and queued twice).
+    """
     length = header(headers, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise Problem(p.BODY_TOO_LARGE, f"the body is {length} bytes long (at most {limit})")
     body = b""
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            return body
+        if message["type"] != "http.request":
+            raise ClientDisconnect
         chunk: bytes = message.get("body", b"")
         body += chunk
         if len(body) > limit:
@@ -142,6 +147,9 @@ class Submissions:
         response: Response
         try:
             response = await submission(self.api, action, scope, receive)
+        except ClientDisconnect:  # nothing queued, and nobody to answer
+            log.info("client went away before its body was complete; nothing queued", path=scope["path"])
+            return
         except Problem as exc:
             response = exc.response(scope["path"])
         except RedisError as exc:
