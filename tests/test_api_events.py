@@ -8,19 +8,23 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from lending.api.config import ApiSettings
 from lending.domain.events import ACCEPTED, Event
 from lending.keys import Keys
+from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 
 from .api_support import LiveApi, problem, serving
 from .conftest import StartWorker
-from .support import all_events, send, wait_until
+from .support import all_events, decoded, send, wait_until, xadd_fields
 
 
 @dataclass
@@ -168,6 +172,40 @@ async def test_a_slow_subscriber_is_dropped_and_told_to_resume(live: LiveApi) ->
 @pytest.mark.parametrize("headers", [{"Last-Event-ID": "yesterday"}, {"Last-Event-ID": "1-2-3"}])
 async def test_a_bad_last_event_id_is_422(live: LiveApi, headers: dict[str, str]) -> None:
     problem(await live.http.get("/v1/events", headers=headers), 422, "invalid-parameter")
+
+
+async def test_a_last_event_id_at_the_end_of_a_millisecond_resumes_after_it(
+    live: LiveApi, redis: Redis, keys: Keys
+) -> None:
+    """The id after ``0-18446744073709551615`` is ``1-0``: a sequence of 2**64 made Redis
+    refuse the read, and cut the stream off after its 200."""
+    written = decoded(await redis.xadd(keys.events, xadd_fields(_event(5).fields())))
+    await wait_until(lambda: live.api.tail.position == written)
+
+    for last in ("0-18446744073709551615", "4-18446744073709551615"):
+        async with events(live, **{"Last-Event-ID": last}) as stream:
+            (missed,) = await stream.outcomes(1)
+        assert missed.id == written
+
+
+async def test_resuming_while_redis_is_away_is_503(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), persistent=False)
+    server.start()
+    try:
+        settings = ApiSettings(redis_url=server.url, namespace="ns", keep_alive_s=0.3)
+        async with serving(settings) as live:
+            client = make_client(server.url)
+            written = decoded(await client.xadd(Keys("ns").events, xadd_fields(_event(5).fields())))
+            await client.aclose()
+            await wait_until(lambda: live.api.tail.position == written)
+            server.stop()
+
+            with capture_logs():
+                response = await live.http.get("/v1/events", headers={"Last-Event-ID": "1-0"})
+
+            problem(response, 503, "redis-unavailable")
+    finally:
+        server.stop()
 
 
 async def test_a_closed_stream_unsubscribes(live: LiveApi) -> None:

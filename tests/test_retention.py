@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from lending.domain.streamids import next_id
+from lending.domain.streamids import MAX_ID, next_id
 from lending.keys import LENDING_GROUP, Keys
 from lending.ops import checker
 from lending.ops.retention import first_needed, safe_trim_id, trim
@@ -21,6 +21,8 @@ from .support import AcksAfterXinfo, decoded, event_for, raw_entries, send, wait
 def test_next_id() -> None:
     assert next_id("5-0") == "5-1"
     assert next_id("0-0") == "0-1"
+    assert next_id("5-18446744073709551615") == "6-0"
+    assert next_id(MAX_ID) is None
 
 
 @pytest.mark.parametrize(

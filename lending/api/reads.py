@@ -89,10 +89,11 @@ async def find_event(client: Redis, keys: Keys, action: str, request_id: str, *,
         for event_id, fields in entries:
             if fields and (fields.get(b"request_id"), fields.get(b"action")) == wanted:
                 return Event.from_fields(fields, text(event_id))
-        if len(entries) < LOOKUP_PAGE:
+        following = next_id(text(entries[-1][0])) if len(entries) == LOOKUP_PAGE else None
+        if following is None:  # the last page, or nothing can come after it
             return None
         read += len(entries)
-        start = next_id(text(entries[-1][0]))
+        start = following
     return None
 
 
@@ -100,7 +101,10 @@ async def events_after(
     client: Redis, keys: Keys, after: str, *, until: str = "+", count: int = LOOKUP_PAGE
 ) -> list[Event]:
     """Up to ``count`` events after the id ``after`` and up to ``until``, oldest first."""
-    entries = cast(Entries, await client.xrange(keys.events, min=next_id(after), max=until, count=count))
+    start = next_id(after)
+    if start is None:  # nothing comes after the last possible ID
+        return []
+    entries = cast(Entries, await client.xrange(keys.events, min=start, max=until, count=count))
     return [Event.from_fields(fields, text(event_id)) for event_id, fields in entries if fields]
 
 

@@ -192,7 +192,7 @@ def public_routes(api: Api) -> APIRouter:
         resume = last_event_id or after
         if resume is not None and not is_entry_id(resume):
             raise Problem(p.INVALID_PARAMETER, f"Last-Event-ID {resume[:60]!r} is not an event id")
-        frames = sse.outcome_stream(
+        frames = await sse.outcome_stream(
             api.client,
             api.keys,
             api.tail,

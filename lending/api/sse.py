@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Callable
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from lending.api.reads import events_after
-from lending.api.tail import EventTail
+from lending.api.tail import EventTail, Subscription
 from lending.domain.events import Event
 from lending.domain.streamids import id_key
 from lending.keys import Keys
@@ -53,22 +54,54 @@ async def outcome_stream(
 ) -> AsyncIterator[bytes]:
     """The frames of a ``GET /v1/events`` stream: the events after ``last_event_id`` first
     (when given), then the live ones, those ``accept`` lets through; a comment every
-    ``keep_alive_s`` of silence."""
+    ``keep_alive_s`` of silence.
+
+    The first missed events are read here, before any frame: a Redis that does not
+    answer is the caller's error to give (503), not a stream cut off after its ``200``.
+
+    :raises RedisError: the first missed events could not be read.
+    """
     subscription = tail.subscribe(accept, maxsize=queue_size)
     # Events up to the tail's position went by before the subscription: read them from
     # the stream; the later ones come through the subscription.
     until = tail.position
     try:
+        missed = await _missed(client, keys, last_event_id, until)
+    except BaseException:
+        subscription.close()
+        raise
+    return _frames(client, keys, subscription, accept, last_event_id, missed, until, keep_alive_s)
+
+
+async def _missed(client: Redis, keys: Keys, after: str | None, until: str) -> list[Event]:
+    """A page of the events after ``after`` up to ``until``."""
+    if after is None or id_key(after) >= id_key(until):
+        return []
+    return await events_after(client, keys, after, until=until)
+
+
+async def _frames(
+    client: Redis,
+    keys: Keys,
+    subscription: Subscription,
+    accept: Callable[[Event], bool] | None,
+    sent: str | None,
+    missed: list[Event],
+    until: str,
+    keep_alive_s: float,
+) -> AsyncIterator[bytes]:
+    try:
         yield RETRY_FRAME
-        sent = last_event_id
-        while sent is not None and id_key(sent) < id_key(until):
-            events = await events_after(client, keys, sent, until=until)
-            if not events:
-                break
-            for missed in events:
-                if accept is None or accept(missed):
-                    yield outcome_frame(missed)
-            sent = events[-1].event_id
+        while missed:
+            for earlier in missed:
+                if accept is None or accept(earlier):
+                    yield outcome_frame(earlier)
+            sent = missed[-1].event_id
+            try:
+                missed = await _missed(client, keys, sent, until)
+            except RedisError:  # the response has begun: end it, and say how to go on
+                yield comment("Redis did not answer; reconnect with Last-Event-ID to resume")
+                return
         sent_key = id_key(sent) if sent else None
         while True:
             try:

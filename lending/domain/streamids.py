@@ -29,10 +29,12 @@ def id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def next_id(entry_id: str) -> str:
-    """The smallest ID greater than ``entry_id``."""
+def next_id(entry_id: str) -> str | None:
+    """The smallest ID greater than ``entry_id``; ``None`` after ``MAX_ID``, the last."""
     ms, seq = id_key(entry_id)
-    return f"{ms}-{seq + 1}"
+    if seq < _MAX_PART:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < _MAX_PART else None
 
 
 def id_range(ids: Iterable[str]) -> tuple[str, str]:

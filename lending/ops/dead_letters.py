@@ -64,9 +64,10 @@ async def letters(client: Redis, keys: Keys, where: Filter = Filter()) -> AsyncI
             letter = _letter(entry_id, fields or {})
             if where.matches(letter):
                 yield letter
-        if len(page) < PAGE:
+        following = next_id(text(page[-1][0])) if len(page) == PAGE else None
+        if following is None:  # the last page, or nothing can come after it
             return
-        start = next_id(text(page[-1][0]))
+        start = following
 
 
 async def list_letters(client: Redis, keys: Keys, count: int, where: Filter = Filter()) -> list[dict[str, Any]]:

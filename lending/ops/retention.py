@@ -53,7 +53,10 @@ def first_needed(group: Mapping[str, Any], summary: Mapping[str, Any] | None) ->
     is no newer than the current one, so trimming below it stays safe.
     """
     oldest = summary.get("min") if summary else None
-    return text(oldest) if oldest is not None else next_id(text(group["last-delivered-id"]))
+    if oldest is not None:
+        return text(oldest)
+    last = text(group["last-delivered-id"])
+    return next_id(last) or last  # after MAX_ID nothing comes: trimming below it is as safe
 
 
 async def trim(client: Redis, keys: Keys, events_maxlen: int) -> dict[str, int]:
