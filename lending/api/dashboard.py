@@ -25,7 +25,9 @@ import orjson
 import structlog
 from fastapi import APIRouter
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.responses import Response, StreamingResponse
 
 from lending.api import problems as p
@@ -147,9 +149,11 @@ class Dashboard:
             try:
                 overview = await read_overview(self._client, self._keys, self._clock() * 1000)
             except (RedisError, OSError) as exc:
-                self._status_error = str(exc) or type(exc).__name__
+                # The page is public: it says what kind of failure, the log says the rest
+                # (Redis's address, a key or a command name).
+                self._status_error = _public_error(exc)
                 if self._status is not None:
-                    log.warning("dashboard: could not read the status", error=self._status_error)
+                    log.warning("dashboard: could not read the status", error=str(exc) or type(exc).__name__)
             else:
                 self._status = self._shown(overview)
                 self._status_error = None
@@ -317,3 +321,10 @@ def dashboard_routes(dashboard: Dashboard) -> APIRouter:
         )
 
     return router
+
+
+def _public_error(exc: BaseException) -> str:
+    """What the public page may say about a failed status read."""
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+        return "Redis did not answer; trying again"
+    return f"Redis refused the status read ({type(exc).__name__}); the API's log says why"
