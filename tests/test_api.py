@@ -568,6 +568,25 @@ async def test_an_unknown_request_is_404(live: LiveApi, path: str) -> None:
     problem(await live.http.get(path), 404, "no-such-request")
 
 
+async def test_a_request_id_with_leading_zeros_names_the_same_request(
+    live: LiveApi, redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """Redis reads ``007-0`` as ``7-0``: so does the API (it compared the text, and
+    answered ``pending`` until a 410)."""
+    request_id = await send(redis, keys, "lend", "ada", ["b1"])
+    padded = f"000{request_id}".replace("-", "-00")
+
+    pending = (await live.http.get(f"/v1/requests/lend/{padded}")).json()
+    await start_worker()
+    waited = await live.http.get(f"/v1/requests/lend/{padded}", params={"wait": 10})
+    await forget_recent(live, waited.json()["event_id"])
+    looked_up = await live.http.get(f"/v1/requests/lend/{padded}")
+
+    assert pending == {"request_id": request_id, "action": "lend", "status": "pending"}
+    assert (waited.status_code, waited.json()["request_id"], waited.json()["status"]) == (200, request_id, "accepted")
+    assert looked_up.json() == waited.json()
+
+
 async def test_an_outcome_beyond_the_lookup_is_410(
     live: LiveApi, redis: Redis, keys: Keys, start_worker: StartWorker
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from lending.domain.streamids import MAX_ID, next_id
+from lending.domain.streamids import MAX_ID, canonical_id, next_id
 from lending.keys import LENDING_GROUP, Keys
 from lending.ops import checker
 from lending.ops.retention import first_needed, safe_trim_id, trim
@@ -23,6 +23,19 @@ def test_next_id() -> None:
     assert next_id("0-0") == "0-1"
     assert next_id("5-18446744073709551615") == "6-0"
     assert next_id(MAX_ID) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("7-0", "7-0"), ("007-00", "7-0"), ("0-0", "0-0"), ("1-18446744073709551615", "1-18446744073709551615")],
+)
+def test_canonical_id_is_the_id_as_redis_writes_it(value: str, expected: str) -> None:
+    assert canonical_id(value) == expected
+
+
+@pytest.mark.parametrize("value", ["7", "7-", "-1", "a-1", "1-18446744073709551616", "１-1", " 1-1"])
+def test_canonical_id_of_what_is_not_a_whole_id_is_none(value: str) -> None:
+    assert canonical_id(value) is None
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from lending.api.reads import Pending
 from lending.api.state import Api
 from lending.domain.events import Event
 from lending.domain.requests import id_problem
-from lending.domain.streamids import is_entry_id
+from lending.domain.streamids import canonical_id, is_entry_id
 from lending.keys import ACTIONS, REQUEST_TYPES, RequestType
 
 WAIT_HELP = "Wait up to this many seconds for the outcome (0 < wait <= {max:g})."
@@ -100,8 +100,10 @@ def public_routes(api: Api) -> APIRouter:
     async def get_request(action: str, request_id: str, wait: Wait = None) -> Response:
         """A request's outcome event, or ``{"status": "pending"}`` while it is queued or
         being processed; with ?wait=, waits up to that long for the outcome first."""
-        if action not in ACTIONS or not is_entry_id(request_id):
+        canonical = canonical_id(request_id) if action in ACTIONS else None
+        if canonical is None:
             raise Problem(p.NO_SUCH_REQUEST, f"no {action[:20]!r} request {request_id[:60]!r}")
+        request_id = canonical  # as the outcome event names it (``007-0`` is ``7-0``)
         if wait is None:
             state = await reads.request_state(
                 api.client, api.keys, api.tail, action, request_id, lookup_limit=api.settings.lookup_limit

@@ -23,6 +23,15 @@ def is_entry_id(value: str) -> bool:
     )
 
 
+def canonical_id(value: str) -> str | None:
+    """``value`` as Redis writes the entry ID it names (``007-0`` is ``7-0``); ``None``
+    when it is not a whole entry ID. IDs are compared as text, where Redis reads numbers."""
+    if not is_entry_id(value):
+        return None
+    ms, seq = id_key(value)
+    return f"{ms}-{seq}"
+
+
 def id_key(entry_id: str) -> tuple[int, int]:
     """Sort key of an ID (a bare ``<ms>`` means sequence 0)."""
     ms, _, seq = entry_id.partition("-")
