@@ -33,7 +33,7 @@ def test_canonical_id_is_the_id_as_redis_writes_it(value: str, expected: str) ->
     assert canonical_id(value) == expected
 
 
-@pytest.mark.parametrize("value", ["7", "7-", "-1", "a-1", "1-18446744073709551616", "１-1", " 1-1"])
+@pytest.mark.parametrize("value", ["7", "7-", "-1", "a-1", "1-18446744073709551616", "\uff11-1", " 1-1"])
 def test_canonical_id_of_what_is_not_a_whole_id_is_none(value: str) -> None:
     assert canonical_id(value) is None
 
