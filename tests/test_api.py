@@ -267,7 +267,7 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_the_connection_cl
     assert (await live.http.get("/v1/books/b1")).status_code == 200
 
 
-@pytest.mark.parametrize("where", ["headers", "url", "whole-url"])
+@pytest.mark.parametrize("where", ["headers", "url", "whole-url", "whole-head"])
 async def test_a_request_head_over_64_kib_is_a_431_problem_and_the_connection_closes(
     live: LiveApi, redis: Redis, keys: Keys, where: str
 ) -> None:
@@ -276,8 +276,11 @@ async def test_a_request_head_over_64_kib_is_a_431_problem_and_the_connection_cl
         raw = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\n" + b"X-Filler: " + b"a" * 70_000 + b"\r\n"
     elif where == "url":  # without end
         raw = b"GET /v1/books/" + b"b" * 70_000
-    else:  # a whole request, with a URL too long for the URL parser
+    elif where == "whole-url":  # a whole request, with a URL too long for the URL parser
         raw = b"GET /v1/books/" + b"b" * 70_000 + b" HTTP/1.1\r\nHost: api\r\n\r\n"
+    else:  # a whole request whose head may come in one read (it was served)
+        head = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nX-Filler: " + b"a" * 100_000 + b"\r\n"
+        raw = head + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
     status, headers, body = await raw_exchange(live, raw)
 
@@ -653,6 +656,31 @@ async def test_the_router_answers_with_problems(live: LiveApi) -> None:
     not_allowed = problem(await live.http.get("/v1/lends"), 405, "method-not-allowed")
     assert "GET" in not_allowed["detail"]
     assert (await live.http.delete("/v1/requests/lend/1-0")).headers["allow"] == "GET"
+
+
+async def test_head_of_an_endpoint_is_its_get_without_the_body(live: LiveApi, redis: Redis, keys: Keys) -> None:
+    await redis.sadd(keys.storage, "b1")
+    for path in ("/v1/books/b1", "/v1/users/ada/loans", "/", "/openapi.json", "/v1/books/a,b"):
+        got, head = await live.http.get(path), await live.http.head(path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers["content-length"] == str(len(got.content)), path
+    # An event stream never ends: neither would its HEAD.
+    assert (await live.http.head("/v1/events")).headers["allow"] == "GET"
+
+
+async def test_a_trailing_slash_is_a_404_problem_not_a_redirect_to_the_clients_host(live: LiveApi) -> None:
+    for method, path in [("GET", "/v1/users/ada/loans/"), ("POST", "/v1/lends/")]:
+        response = await live.http.request(method, path, headers={"Host": "evil.example"})
+        problem(response, 404, "not-found")
+        assert "location" not in response.headers
+
+
+async def test_a_websocket_upgrade_is_served_as_plain_http(live: LiveApi) -> None:
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with capture_logs():
+        response = await live.http.get("/v1/books/b1", headers={**headers, "Sec-WebSocket-Version": "13"})
+    assert response.status_code == 200 and response.json()["book_id"] == "b1"
 
 
 async def test_openapi_docs_and_problem_types(live: LiveApi) -> None:

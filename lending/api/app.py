@@ -58,6 +58,8 @@ def build_app(api: Api) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
         default_response_class=JsonResponse,
+        # A trailing slash is a 404 problem: the redirect's Location took the client's Host.
+        redirect_slashes=False,
     )
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(HTTPException, _http_error)
@@ -70,6 +72,7 @@ def build_app(api: Api) -> FastAPI:
 
     app.add_exception_handler(RedisError, redis_error)
     app.add_middleware(UnexpectedErrors)
+    app.add_middleware(HeadAsGet)
     app.include_router(public_routes(api))
     app.include_router(operator_routes(api))
     app.include_router(dashboard_routes(api.dashboard))
@@ -160,3 +163,20 @@ class UnexpectedErrors:
                     p.INTERNAL_ERROR, "an unexpected error; it is logged on the server", instance=scope.get("path")
                 )
                 await response(scope, receive, send)
+
+
+#: Responses that never end: a HEAD of them would never end either (it stays a 405).
+EVENT_STREAMS = frozenset({"/v1/events", "/v1/dashboard/stream"})
+
+
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` of a ``GET`` endpoint is answered as the ``GET`` would be,
+    as HTTP asks of every server; uvicorn sends the head of the answer only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] not in EVENT_STREAMS:
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)

@@ -93,6 +93,10 @@ HEAD_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 10.0
 
 
+class HeadTooLarge(Exception):
+    """Stops the parser at a head over ``MAX_HEAD_BYTES``."""
+
+
 class ApiHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a ``CoalescingTransport``, answering an
     unparsable request, an overlong head, or a head or body late to arrive with a problem."""
@@ -141,6 +145,11 @@ class ApiHttpProtocol(HttpToolsProtocol):
             self._refuse_head()
 
     def on_headers_complete(self) -> None:
+        # A head that came whole in one read is measured only here: the read's size may
+        # count body bytes too. Raised in a parser callback, this ends the parse, and
+        # uvicorn calls send_400_response, which answers the head that is too large.
+        if self._parsed_head_bytes() > MAX_HEAD_BYTES:
+            raise HeadTooLarge
         super().on_headers_complete()  # may fail (a URL over 64 KiB): the head is then still open
         self._head_bytes = None
         # The body's time starts now (on_message_complete follows at once without one).
@@ -209,6 +218,10 @@ class ApiHttpProtocol(HttpToolsProtocol):
 
     def _head_too_large(self) -> bool:
         return self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES
+
+    def _parsed_head_bytes(self) -> int:
+        """The URL and headers parsed so far, with a colon, a space and a CRLF a header."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _refuse_head(self) -> None:
         self._refuse(

@@ -117,6 +117,7 @@ def uvicorn_config(
         # Our logging: uvicorn's records go to structlog (``forward_uvicorn_logs``).
         log_config=None,
         server_header=False,
+        ws="none",  # no WebSocket endpoint: an Upgrade request is served as plain HTTP
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         backlog=4096,
     )
