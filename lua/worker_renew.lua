@@ -4,10 +4,14 @@
 -- KEYS[1]  worker key ({NS}:workers:<worker_id>)
 -- KEYS[2]  the ids of workers that started in the namespace ({NS}:workers)
 -- KEYS[3]  this worker's info ({NS}:worker-info:<worker_id>, a hash)
+-- KEYS[4]  the namespace's lending limits ({NS}:config, a hash)
 -- ARGV[1]  this process's token
 -- ARGV[2]  time to live in milliseconds
 -- ARGV[3]  this worker's id
--- ARGV[4..] info fields to refresh (its counters), field/value pairs
+-- ARGV[4]  n: how many of the next arguments are this worker's limits
+-- ARGV[5..4+n] its limits, field/value pairs: published again when KEYS[4] is gone
+--          (a Redis that lost its data), as worker_claim.lua published them
+-- ARGV[5+n..] info fields to refresh (its counters), field/value pairs
 --
 -- Returns 1 when renewed, 2 when the liveness key was gone and is taken again (a Redis
 -- restart or a failover lost it, or it expired while this process stalled: nobody else
@@ -24,8 +28,12 @@ if holder then
 else
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
-if #ARGV > 3 then redis.call('HSET', KEYS[3], unpack(ARGV, 4)) end
+local limits = tonumber(ARGV[4])
+if #ARGV > 4 + limits then redis.call('HSET', KEYS[3], unpack(ARGV, 5 + limits)) end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
+if limits > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('HSET', KEYS[4], unpack(ARGV, 5, 4 + limits))
+end
 -- Back in the set after a Redis restart that lost it.
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then redis.call('SADD', KEYS[2], ARGV[3]) end
 if holder then return 1 end

@@ -50,6 +50,7 @@ class WorkerId:
         self._token = token
         self._ttl_ms = ttl_ms
         self._info = dict(info or {})
+        self._limits: list[str | int] = []  # published at claim, and again should Redis lose them
 
     @property
     def key(self) -> str:
@@ -58,7 +59,7 @@ class WorkerId:
     async def claim(self, limits: Limits, *, force: bool = False) -> None:
         """Take the id and publish ``limits``; raises ``WorkerIdTaken`` or ``LimitsDiffer``."""
         others = [w for w in await registered(self._client, self._keys) if w != self.worker_id]
-        fields = [item for pair in limits.fields().items() for item in pair]
+        fields = _flat(limits.fields())
         info = _flat(self._info)
         others_args: list[Arg] = [len(others), *others]
         reply = await self._scripts.worker_claim(
@@ -77,17 +78,26 @@ class WorkerId:
             raise WorkerIdTaken(self.worker_id, self.key)
         if code == -1:
             raise LimitsDiffer(*(text(value) for value in reply[1:5]))
+        self._limits = fields
 
     async def renew(self, counters: Mapping[str, int] | None = None) -> bool:
         """The heartbeat, which also publishes ``counters`` (``processed``, ``failed``) in the
         worker's info (with the rest of the info, should the info be gone); ``False`` when
         another process took the id over (``--force``). A liveness key that is gone (a
-        Redis restart or failover lost it) is taken again: nobody else holds the id."""
+        Redis restart or failover lost it) is taken again: nobody else holds the id; and
+        limits that are gone are published again (the API and the checker read them)."""
         renewed = int(
             await self._scripts.worker_renew(
                 self._client,
-                [self.key, self._keys.workers, self._keys.worker_info(self.worker_id)],
-                [self._token, self._ttl_ms, self.worker_id, *_flat({**self._info, **(counters or {})})],
+                [self.key, self._keys.workers, self._keys.worker_info(self.worker_id), self._keys.config],
+                [
+                    self._token,
+                    self._ttl_ms,
+                    self.worker_id,
+                    len(self._limits),
+                    *self._limits,
+                    *_flat({**self._info, **(counters or {})}),
+                ],
             )
         )
         if renewed == 2:

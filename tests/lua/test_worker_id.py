@@ -104,6 +104,30 @@ async def test_renew_takes_a_lost_liveness_key_again(redis: Redis, keys: Keys, s
     assert 0 < await redis.pttl(keys.worker_info("w1")) <= 10_000
 
 
+async def test_renew_publishes_the_limits_again_when_redis_lost_them(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A Redis restarted without its data: the API and the checker read the limits, and
+    would assume the defaults."""
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits(storage_capacity=7, max_books_per_user=2))
+    await redis.delete(keys.worker("w1"), keys.worker_info("w1"), keys.workers, keys.config)
+
+    assert await a.renew()
+
+    assert await read_limits(redis, keys) == Limits(storage_capacity=7, max_books_per_user=2)
+
+
+async def test_renew_leaves_the_published_limits_alone(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits(storage_capacity=7))
+    await redis.hset(keys.config, "storage_capacity", "9")  # as another tool or worker wrote them
+
+    assert await a.renew()
+
+    assert await read_limits(redis, keys) == Limits(storage_capacity=9)
+
+
 async def test_worker_id_is_free_again_after_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await holder(redis, scripts, keys, "token-a").claim(Limits())
     await redis.delete(keys.worker("w1"))  # as if the TTL had passed
