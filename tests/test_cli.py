@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import redis as redis_sync
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from lending.keys import LENDING_GROUP, Keys
 from lending.redis.connection import make_client
+from lending.redis.embedded import EmbeddedRedis, free_port
 
-from .support import ROOT, event_for, process_env, run_get_books, send, stop_process, wait_until
+from .support import ROOT, event_for, process_env, run_get_books, run_python, send, stop_process, wait_until
 
 READY = "Ready to process events..."
 ENTRY_ID = re.compile(r"\b\d+-\d+\b")
@@ -283,6 +285,68 @@ async def test_get_books_redis_unreachable_exits_5(redis_url: str, namespace: st
     assert result.returncode == 5, result
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["main.py", "w1"],
+        ["-m", "lending", "status"],
+        ["-m", "lending", "check"],
+        ["-m", "lending", "dead-letters", "list"],
+        ["-m", "lending", "api", "--port", "0"],
+    ],
+    ids=["worker", "status", "check", "dead-letters", "api"],
+)
+async def test_a_url_of_something_that_is_not_redis_is_one_line_and_exit_1(
+    redis_url: str, namespace: str, command: list[str]
+) -> None:
+    """An HTTP server where Redis was expected: the client's protocol error was a traceback."""
+
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"redis://127.0.0.1:{port}"
+        result = await asyncio.to_thread(run_python, redis_url, namespace, *command, "--redis-url", url)
+    finally:
+        server.close()
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot reach Redis at {url}: not a Redis server")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status", "--watch"], ["check", "--wait-quiescent", "60"]],
+    ids=["status-watch", "check-wait"],
+)
+def test_redis_lost_while_a_tool_runs_is_one_line_and_exit_1(
+    tmp_path: Path, namespace: str, command: list[str]
+) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), persistent=False)
+    server.start()
+    try:
+        args = [sys.executable, "-m", "lending", *command, "--redis-url", server.url, "--namespace", namespace]
+        if command[0] == "check":  # a request nobody processes: never quiescent
+            redis_sync.Redis.from_url(server.url).xadd(
+                Keys(namespace).lend_requests, {"user_id": "ada", "book_ids": "b1"}
+            )
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # it has read once at least
+        assert proc.poll() is None, proc.communicate()
+        server.stop()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        server.stop()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: lost Redis at {server.url}"), err
 
 
 async def test_worker_redis_unreachable_exits_1_with_one_line(redis_url: str, namespace: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -16,7 +17,9 @@ from typing import IO, Any, TypeVar
 
 import click
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
 from lending.keys import Keys, namespace_problem
@@ -48,6 +51,29 @@ def default(name: str) -> Any:
         if field.name == name:
             return field.default
     raise KeyError(name)
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot name an address to listen on or connect to, or ``None``: a name
+    the IDNA codec refuses (a label over 63 characters, an empty one, a byte that is not
+    UTF-8) failed deep inside the socket calls with a traceback."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        return f"{host!a} is not a host name: {exc}"
+    return None
+
+
+def check_host(_ctx: click.Context, _param: click.Parameter, host: str | None) -> str | None:
+    """A click callback: ``host_problem`` as a usage error."""
+    if host and (problem := host_problem(host)):
+        raise click.BadParameter(problem)
+    return host
 
 
 def setting_option(*param_decls: str, **attrs: Any) -> Callable[[F], F]:
@@ -210,9 +236,9 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
     """A client of ``target`` (for a cluster, of the master owning its namespace), checked
     to answer, and closed on leaving.
 
-    :raises CommandError: Redis cannot be reached, or refused a command for want of a
-        permission (the command's ACL user lacks it); the command says why in one line
-        and exits 1.
+    :raises CommandError: Redis cannot be reached, is lost or stalls while the command
+        runs, or refused a command for want of a permission (the command's ACL user lacks
+        it); the command says why in one line and exits 1.
     """
     client: Redis | None = None
     try:
@@ -228,5 +254,7 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
         if (refusal := no_permission(exc)) is None:
             raise
         raise CommandError(f"no permission: {refusal}") from exc
+    except (RedisConnectionError, RedisTimeoutError, InvalidResponse) as exc:
+        raise CommandError(f"lost Redis at {target.url}: {str(exc) or type(exc).__name__}") from exc
     finally:
         await client.aclose()

@@ -6,7 +6,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
@@ -56,5 +56,7 @@ async def check_reachable(client: Redis, url: str) -> None:
     """Raise ``RedisUnavailable`` with a one-line reason if ``client`` cannot PING."""
     try:
         await client.ping()
+    except InvalidResponse as exc:  # something answers, in another protocol (HTTP, ...)
+        raise RedisUnavailable(url, f"not a Redis server ({exc})") from exc
     except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
         raise RedisUnavailable(url, str(exc) or type(exc).__name__) from exc
