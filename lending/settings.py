@@ -14,6 +14,28 @@ from lending.keys import namespace_problem
 DEFAULT_PORT = 6379
 DEFAULT_REDIS_URL = f"redis://localhost:{DEFAULT_PORT}"
 MIN_CLAIM_IDLE_MS = 100
+#: The longest duration a setting in milliseconds may name: a day. Redis refuses a TTL or
+#: an idle time past its 64-bit clock, and any longer wait is a mistyped number.
+MAX_DURATION_MS = 86_400_000
+#: Counts Redis takes (MAXLEN, COUNT) are signed 64-bit.
+MAX_REDIS_COUNT = 2**63 - 1
+#: The bounds of the whole-number settings, both included (``Settings`` checks them, and
+#: ``--help`` shows them).
+COUNT_BOUNDS = {
+    "storage_capacity": (0, MAX_REDIS_COUNT),
+    "max_books_per_user": (1, MAX_REDIS_COUNT),
+    "max_books_per_request": (1, MAX_REDIS_COUNT),
+    "claim_idle_ms": (MIN_CLAIM_IDLE_MS, MAX_DURATION_MS),
+    "max_deliveries": (1, MAX_REDIS_COUNT),
+    "retry_base_ms": (1, MAX_DURATION_MS),
+    "retry_max_ms": (1, MAX_DURATION_MS),
+    "reconcile_interval_ms": (1, MAX_DURATION_MS),
+    "concurrency": (1, 1_000_000),
+    "worker_ttl_ms": (1_000, MAX_DURATION_MS),
+    "events_maxlen": (1, MAX_REDIS_COUNT),
+    "dead_letters_maxlen": (1, MAX_REDIS_COUNT),
+    "read_count": (1, MAX_REDIS_COUNT),
+}
 
 
 @dataclass(frozen=True)
@@ -178,6 +200,9 @@ class Settings:
             out.append("shelving fail rate must be between 0 and 1")
         if self.log_format not in ("console", "json"):
             out.append("log format must be console or json")
+        for name, (_, most) in COUNT_BOUNDS.items():
+            if getattr(self, name) > most:
+                out.append(f"{name.replace('_', '-')} must be at most {most}")
         return out
 
     def warnings(self) -> list[str]:

@@ -150,3 +150,62 @@ def test_the_benchmark_reads_its_lists() -> None:
     assert workers.convert("1,2, 4", None, None) == (1, 2, 4)
     assert workers.convert("", None, None) == ()  # no drain
     assert rates.convert("200,0.5", None, None) == (200.0, 0.5)
+
+
+# -- bytes that are not UTF-8, host names, numbers past what Redis takes --------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["request", "ada", "b\udcff"], "BOOKS..."),  # how Python keeps the byte 0xFF of an argument
+        (["request", "a\udcffa", "b1"], "USER"),
+        (["--no-wait", "return", "ada", "\udcfe"], "BOOKS..."),
+    ],
+)
+async def test_an_id_that_is_not_utf8_is_a_usage_error_and_queues_nothing(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, args: list[str], option: str
+) -> None:
+    result = run_get_books(redis_url, namespace, *args)
+
+    assert "is not valid UTF-8" in usage_error(result, option)
+    assert await redis.xlen(keys.lend_requests) + await redis.xlen(keys.return_requests) == 0
+
+
+def test_a_consumer_that_is_not_utf8_is_a_usage_error(redis_url: str, namespace: str) -> None:
+    result = run(["-m", "lending", "status", "--pending", "w\udcff"], redis_url, namespace)
+
+    assert "is not valid UTF-8" in usage_error(result, "--pending")
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "host"),
+    [
+        (["-m", "lending", "api", "--port", "0", "--host"], "--host", "a" * 64),  # a label is 63 at most
+        (["-m", "lending", "api", "--port", "0", "--host"], "--host", "a..b"),
+        (["main.py", "w1", "--metrics-port", "0", "--metrics-host"], "--metrics-host", "a" * 64),
+        (["get_books.py", "--api"], "--api", "http://a..b:8080"),
+    ],
+)
+def test_a_host_name_that_cannot_be_looked_up_is_a_usage_error(
+    command: list[str], option: str, host: str, redis_url: str, namespace: str
+) -> None:
+    tail = ["request", "ada", "b1"] if command[0] == "get_books.py" else []
+    result = run([*command, host, *tail], redis_url, namespace)
+
+    assert "is not a host name" in usage_error(result, option)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--worker-ttl-ms", "9223372036854775807"),  # Redis refused it as a TTL: a traceback
+        ("--claim-idle-ms", "86400001"),
+        ("--events-maxlen", "99999999999999999999"),
+        ("--concurrency", "0"),
+    ],
+)
+def test_a_worker_number_out_of_its_range_is_a_usage_error(
+    option: str, value: str, redis_url: str, namespace: str
+) -> None:
+    assert "is not in the range" in usage_error(run(["main.py", "w1", option, value], redis_url, namespace), option)

@@ -12,7 +12,14 @@ from typing import Any
 
 import click
 
-from lending.cli.options import CONTEXT_SETTINGS, CommandError, Target, connection_options, setting_option
+from lending.cli.options import (
+    CONTEXT_SETTINGS,
+    CommandError,
+    Target,
+    check_host,
+    connection_options,
+    setting_option,
+)
 from lending.errors import ConfigError, LendingError
 from lending.logs import configure_logging
 
@@ -27,6 +34,7 @@ TOKEN_ENV = "LENDING_API_TOKEN"
     show_envvar=True,
     default="127.0.0.1",
     show_default=True,
+    callback=check_host,
     help="Address to listen on.",
 )
 @click.option(

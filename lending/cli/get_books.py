@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import click
 
 from lending.api.outcomes import Invalid
-from lending.cli.options import CONTEXT_SETTINGS, FiniteFloatRange, Target, connection_options
+from lending.cli.options import CONTEXT_SETTINGS, FiniteFloatRange, Target, connection_options, host_problem
 from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
 from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from lending.domain.requests import id_problem
@@ -56,6 +56,8 @@ def _check_api_url(_ctx: click.Context, _param: click.Parameter, url: str | None
         raise click.BadParameter(f"{redact(url)!r} is not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise click.BadParameter(f"{redact(url)!r} must be http://HOST[:PORT] or https://HOST[:PORT]")
+    if problem := host_problem(parts.hostname):
+        raise click.BadParameter(f"{redact(url)!r}: {problem}")
     if port == 0 or parts.query or parts.fragment:
         raise click.BadParameter(f"{redact(url)!r} must be http(s)://HOST[:PORT], without port 0, query or fragment")
     return url

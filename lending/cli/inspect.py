@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from lending.cli.options import CONTEXT_SETTINGS, FiniteFloatRange, Target, connected, connection_options
+from lending.domain.requests import is_utf8
 from lending.ops import checker, status
 from lending.redis import eviction
 
@@ -134,6 +135,8 @@ def status_command(
         raise click.UsageError("--check and --watch do not go together")
     if check and consumer is not None:
         raise click.UsageError("--check and --pending do not go together")
+    if consumer is not None and not is_utf8(consumer):
+        raise click.BadParameter(f"{consumer!a} is not valid UTF-8", param_hint="'--pending'")
     thresholds = status.Thresholds(
         max_lag, max_pending_age, max_dead_letters, 1 if min_workers is None else min_workers
     )

@@ -16,13 +16,14 @@ from lending.cli.options import (
     F,
     FiniteFloatRange,
     Target,
+    check_host,
     connection_options,
     setting_option,
 )
 from lending.errors import ConfigError, LendingError
 from lending.logs import configure_logging
 from lending.redis.replies import no_permission
-from lending.settings import Settings
+from lending.settings import COUNT_BOUNDS, Settings
 
 #: The whole-number settings, in their --help order, with their help.
 COUNTS = {
@@ -47,7 +48,8 @@ COUNTS = {
 def count_options(command: F) -> F:
     """An option for each of ``COUNTS``."""
     for name, text in reversed(COUNTS.items()):
-        command = setting_option(f"--{name}", type=click.IntRange(min=0), help=text)(command)
+        least, most = COUNT_BOUNDS[name.replace("-", "_")]
+        command = setting_option(f"--{name}", type=click.IntRange(least, most), help=text)(command)
     return command
 
 
@@ -79,6 +81,7 @@ def count_options(command: F) -> F:
 )
 @setting_option(
     "--metrics-host",
+    callback=check_host,
     help="Address to serve --metrics-port on (0.0.0.0: every address of the host).",
 )
 @setting_option("--uvloop/--no-uvloop", help="Run on uvloop's faster event loop (when installed).")

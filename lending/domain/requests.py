@@ -32,6 +32,12 @@ class Rejection:
     reason: str
 
 
+def is_utf8(value: str) -> bool:
+    """``value`` came from UTF-8: a byte that is not (in a command-line argument) is kept
+    by Python as a lone surrogate, which no Redis command or JSON body can carry."""
+    return not any("\ud800" <= ch <= "\udfff" for ch in value)
+
+
 def id_problem(value: str, what: str) -> str | None:
     """Why ``value`` is not a valid user or book id, or ``None`` when it is."""
     if not value:
@@ -42,6 +48,8 @@ def id_problem(value: str, what: str) -> str | None:
         if ch == ",":
             return f"{what} {_show(value)} contains a comma"
         category = unicodedata.category(ch)
+        if category == "Cs":
+            return f"{what} {_show(value)} is not valid UTF-8"
         if category[0] == "Z" or category in ("Cc", "Cf") or ch.isspace():
             return f"{what} {_show(value)} contains whitespace, control or format character U+{ord(ch):04X}"
     return None
