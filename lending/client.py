@@ -66,7 +66,28 @@ class Refused:
     reason: str
 
 
-Outcome = Answered | Queued | NoOutcome | Unreachable | Refused
+@dataclass(frozen=True)
+class Invalid:
+    """The request was refused as invalid before it was queued (by the API, or by the
+    inbox relay for a sender without XADD): nothing was queued.
+
+    :param by: who refused it (``the API at URL``, ``the inbox``).
+    """
+
+    reason: str
+    by: str
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The sender stopped the run (Ctrl-C): how far it got, for the sender to know."""
+
+    request_id: str | None = None
+    sent: bool = False
+    handed_in: bool = False
+
+
+Outcome = Answered | Queued | NoOutcome | Unreachable | Refused | Invalid | Interrupted
 
 
 @dataclass
@@ -83,6 +104,9 @@ class Progress:
     request_id: str | None = None
     handed_in: bool = False
 
+    def interrupted(self) -> Interrupted:
+        return Interrupted(self.request_id, self.sent, self.handed_in)
+
 
 async def send_request(
     url: str,
@@ -94,13 +118,15 @@ async def send_request(
     *,
     timeout_s: float,
     wait: bool = True,
+    progress: Progress | None = None,
 ) -> Outcome:
     """Connect, queue the request and (if ``wait``) wait for its outcome, all within ``timeout_s``.
 
     The deadline holds even when Redis stalls: a socket timeout would not (it is longer,
-    and restarts with every retry).
+    and restarts with every retry). ``progress`` records how far it got (for a caller
+    that is interrupted).
     """
-    progress = Progress()
+    progress = progress or Progress()
     client: Redis | None = None
     deadline = asyncio.timeout(timeout_s)
     try:
@@ -134,7 +160,9 @@ def failure_outcome(exc: BaseException, progress: Progress, *, url: str, timeout
         return Unreachable(f"Redis at {url} did not answer within {timeout_s:g} s; {fate}")
     if isinstance(exc, RedisUnavailable):
         return Unreachable(str(exc))
-    if isinstance(exc, (ResponseError, RequestRefused)):
+    if isinstance(exc, RequestRefused):  # out of the inbox's bounds: the sender's request is at fault
+        return Invalid(exc.reason, by="the inbox")
+    if isinstance(exc, ResponseError):
         return Refused(str(exc) or type(exc).__name__)
     message = f"lost Redis at {url}: {(str(exc) or type(exc).__name__).rstrip('.')}"
     if progress.request_id is not None:

@@ -181,6 +181,9 @@ async def test_printed_users_run_the_worker_get_books_and_the_operators_tools(
             assert got.returncode == 0 and got.stdout.startswith(expected), got
         queued = lending(users.sender, namespace, "get-books", "request", "bob", "b2", "--no-wait")
         assert queued.returncode == 0 and queued.stdout.startswith("QUEUED "), queued
+        # Past the inbox's bounds: an invalid request (2), as through XADD or the API.
+        too_many = lending(users.sender, namespace, "get-books", "request", "bob", *(f"b{n}" for n in range(1001)))
+        one_line_error(too_many, 2, "the inbox refused the request", "nothing was queued")
 
         # The worker's metrics come from reads the service user may do (no SCAN).
         async def books_lent() -> bool:

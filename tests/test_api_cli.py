@@ -75,6 +75,20 @@ async def test_outcomes_and_exit_codes_through_the_api(
     assert queued.returncode == 0 and queued.stdout.startswith("QUEUED "), queued
 
 
+async def test_a_request_too_big_for_the_api_exits_2(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, start_api: StartApi
+) -> None:
+    url = start_api()
+    books = [f"book-{n:05}" for n in range(8_000)]  # a body over 64 KiB
+
+    result = await get_books(redis_url, namespace, "--api", url, "request", "Salvatore", *books)
+
+    assert result.returncode == 2, result
+    assert "over 65536" in one_line(result.stderr) or "65536" in one_line(result.stderr)
+    assert "nothing was queued" in result.stderr
+    assert await redis.xlen(keys.lend_requests) == 0
+
+
 async def test_invalid_ids_exit_2_before_anything_is_sent(redis_url: str, namespace: str) -> None:
     result = await get_books(redis_url, namespace, "--api", "http://127.0.0.1:1", "request", "a,b", "book")
     assert result.returncode == 2 and "contains a comma" in result.stderr

@@ -29,7 +29,18 @@ from lending.keys import LENDING_GROUP, Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
 
-from .support import ROOT, event_for, process_env, run_get_books, run_python, send, stop_process, wait_until
+from .support import (
+    ROOT,
+    decoded,
+    event_for,
+    process_env,
+    raw_entries,
+    run_get_books,
+    run_python,
+    send,
+    stop_process,
+    wait_until,
+)
 
 READY = "Ready to process events..."
 ENTRY_ID = re.compile(r"\b\d+-\d+\b")
@@ -347,6 +358,33 @@ def test_redis_lost_while_a_tool_runs_is_one_line_and_exit_1(
     assert proc.returncode == 1, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"error: lost Redis at {server.url}"), err
+
+
+async def test_ctrl_c_while_waiting_exits_130_and_names_the_queued_request(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    """No worker runs: the sender gives up waiting with Ctrl-C (it exited 1, "denied")."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "get_books.py"), "request", "Salvatore", "b1"],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    await wait_until(lambda: _queued(redis, keys))
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+
+    (request_id,) = [decoded(entry_id) for entry_id, _ in raw_entries(await redis.xrange(keys.lend_requests))]
+    assert (proc.returncode, out) == (130, ""), (proc.returncode, err)
+    assert err == f"interrupted: lend request {request_id} was queued; it stays queued and is processed when a " + (
+        "worker runs\n"
+    )
+
+
+async def _queued(redis: Redis, keys: Keys) -> bool:
+    return bool(await redis.xlen(keys.lend_requests))
 
 
 async def test_worker_redis_unreachable_exits_1_with_one_line(redis_url: str, namespace: str) -> None:

@@ -16,8 +16,7 @@ from typing import Any
 
 import httpx
 
-from lending.api.outcomes import ApiOutcome, Invalid
-from lending.client import Answered, NoOutcome, Outcome, Progress, Queued, Refused, Unreachable
+from lending.client import Answered, Invalid, NoOutcome, Outcome, Progress, Queued, Refused, Unreachable
 from lending.domain.events import Event
 from lending.keys import BY_ACTION
 
@@ -34,11 +33,13 @@ def send_via_api(
     *,
     timeout_s: float,
     wait: bool = True,
-) -> ApiOutcome:
+    progress: Progress | None = None,
+) -> Outcome:
     """POST the request to the API at ``base_url`` and (if ``wait``) wait for its outcome,
-    all within about ``timeout_s``; never raises for the API's sake."""
+    all within about ``timeout_s``; never raises for the API's sake. ``progress`` records
+    how far it got."""
     deadline = time.monotonic() + timeout_s
-    progress = Progress()
+    progress = progress or Progress()
     body = json.dumps({"user_id": user_id, "book_ids": list(book_ids)})
     try:
         with httpx.Client(base_url=base_url, timeout=timeout_s, trust_env=False) as http:
@@ -76,7 +77,7 @@ def wait_param(left_s: float) -> str:
     return f"{min(MAX_WAIT_S, max(0.001, left_s - margin)):.3f}"
 
 
-def read_answer(response: httpx.Response, base_url: str, *, request_id: str | None = None) -> ApiOutcome:
+def read_answer(response: httpx.Response, base_url: str, *, request_id: str | None = None) -> Outcome:
     """What the API's answer to a POST (or a poll of ``request_id``) means."""
     body = _json(response)
     status = response.status_code
@@ -92,8 +93,8 @@ def read_answer(response: httpx.Response, base_url: str, *, request_id: str | No
         return Answered(Event.from_json(body))
     if kind == "outcome-timeout":
         return NoOutcome(str(body.get("request_id", request_id or "")))
-    if kind == "invalid-request":
-        return Invalid(detail)
+    if kind in ("invalid-request", "body-too-large"):
+        return Invalid(detail, by=f"the API at {base_url}")
     if kind == "redis-refused":
         return Refused(detail.removeprefix("Redis refused: "))
     if kind == "redis-unavailable":

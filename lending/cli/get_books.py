@@ -10,9 +10,19 @@ from urllib.parse import urlsplit
 
 import click
 
-from lending.api.outcomes import Invalid
 from lending.cli.options import CONTEXT_SETTINGS, FiniteFloatRange, Target, connection_options, host_problem
-from lending.client import Answered, NoOutcome, Outcome, Queued, Refused, Unreachable, send_request
+from lending.client import (
+    Answered,
+    Interrupted,
+    Invalid,
+    NoOutcome,
+    Outcome,
+    Progress,
+    Queued,
+    Refused,
+    Unreachable,
+    send_request,
+)
 from lending.domain.events import ACCEPTED, DENIED, FAILED, REJECTED, RETURNED, Event
 from lending.domain.requests import id_problem
 from lending.keys import BY_VERB
@@ -22,6 +32,7 @@ EXIT_BY_STATUS = {ACCEPTED: 0, RETURNED: 0, DENIED: 1, REJECTED: 2, FAILED: 4}
 EXIT_TIMEOUT = 3
 EXIT_UNREACHABLE = 5
 EXIT_REFUSED = 6
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
 
 
 def _check_user(_ctx: click.Context, _param: click.Parameter, user: str) -> str:
@@ -124,23 +135,37 @@ def get_books_command(
     --timeout (the request stays queued; for a user without XADD, also: no worker took
     it from the inbox yet), 4 failed, 5 Redis unreachable, lost, or
     silent for --timeout before the request was queued, 6 Redis refused the request
-    (out of memory, no permission, stream out of IDs, ...). With --api, the same: 2
-    also when the API finds the request invalid (nothing is queued), 5 when the API is
-    unreachable or lost.
+    (out of memory, no permission, stream out of IDs, ...), 130 interrupted (Ctrl-C;
+    it says whether the request was queued). With --api, the same: 2 also when the API
+    finds the request invalid (nothing is queued), 5 when the API is unreachable or lost.
     """
     stream_action = BY_VERB[action].action
-    outcome: Outcome | Invalid
-    if api_url is not None:
-        # httpx is imported only for --api runs.
-        from lending.api.client import send_via_api
+    progress = Progress()
+    outcome: Outcome
+    try:
+        if api_url is not None:
+            # httpx is imported only for --api runs.
+            from lending.api.client import send_via_api
 
-        outcome = send_via_api(api_url, stream_action, user, books, timeout_s=timeout, wait=not no_wait)
-    else:
-        outcome = asyncio.run(
-            send_request(
-                target.url, target.tls, target.keys, stream_action, user, books, timeout_s=timeout, wait=not no_wait
+            outcome = send_via_api(
+                api_url, stream_action, user, books, timeout_s=timeout, wait=not no_wait, progress=progress
             )
-        )
+        else:
+            outcome = asyncio.run(
+                send_request(
+                    target.url,
+                    target.tls,
+                    target.keys,
+                    stream_action,
+                    user,
+                    books,
+                    timeout_s=timeout,
+                    wait=not no_wait,
+                    progress=progress,
+                )
+            )
+    except KeyboardInterrupt:
+        outcome = progress.interrupted()
     sys.exit(report(outcome, stream_action, timeout, as_json))
 
 
@@ -177,9 +202,21 @@ def report(outcome: Outcome | Invalid, action: str, timeout: float, as_json: boo
         case Refused(reason):
             click.echo(redact(f"error: Redis refused the request: {reason}"), err=True)
             return EXIT_REFUSED
-        case Invalid(reason):
-            click.echo(f"error: the API refused the request: {reason}; nothing was queued", err=True)
+        case Invalid(reason, by):
+            click.echo(redact(f"error: {by} refused the request: {reason}; nothing was queued"), err=True)
             return EXIT_BY_STATUS[REJECTED]
+        case Interrupted(request_id, sent, handed_in):
+            click.echo(f"interrupted: {_fate(action, request_id, sent, handed_in)}", err=True)
+            return EXIT_INTERRUPTED
+
+
+def _fate(action: str, request_id: str | None, sent: bool, handed_in: bool) -> str:
+    """What became of a request whose run was interrupted."""
+    if request_id is not None:
+        return f"{action} request {request_id} was queued; it stays queued and is processed when a worker runs"
+    if handed_in:
+        return f"the {action} request is in the inbox; a worker queues it"
+    return "the request may have been queued (no id came back)" if sent else "nothing was queued"
 
 
 def format_event(event: Event) -> str:
