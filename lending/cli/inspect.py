@@ -34,7 +34,7 @@ from lending.redis import eviction
     "--json", "as_json", is_flag=True, envvar="LENDING_JSON", show_envvar=True, help="Print the report as JSON."
 )
 def check_command(target: Target, wait_s: float, as_json: bool) -> None:
-    """Check the invariants of a namespace; exit 0 when clean, 1 otherwise.
+    """Check the invariants of a namespace; exit 0 when clean, 1 otherwise (130: Ctrl-C).
 
     Always: each user's count equals their books in lent-books and is within the
     limit; no book is both lent and in storage; storage within its capacity. Once
@@ -48,7 +48,11 @@ def check_command(target: Target, wait_s: float, as_json: bool) -> None:
         async with connected(target) as client:
             return await checker.check(client, target.namespace, wait_s)
 
-    report = asyncio.run(check())
+    try:
+        report = asyncio.run(check())
+    except KeyboardInterrupt:  # not a violation (1): as a shell reports Ctrl-C
+        click.echo("interrupted: no verdict", err=True)
+        sys.exit(130)
     click.echo(json.dumps(report.as_json()) if as_json else format_report(report))
     sys.exit(0 if report.clean else 1)
 
