@@ -1,3 +1,3 @@
-from lending.cli import main
+from lending.cli import lending_main
 
-main(prog_name="python -m lending")
+lending_main()

@@ -387,6 +387,39 @@ async def _queued(redis: Redis, keys: Keys) -> bool:
     return bool(await redis.xlen(keys.lend_requests))
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_an_outcome_that_cannot_be_printed_goes_to_stderr_with_its_exit_code(
+    redis_url: str, namespace: str, spawn: Spawn
+) -> None:
+    """stdout full: the sender still learns the outcome (it exited 1, "denied", with a traceback)."""
+    spawn("w1")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "get_books.py"), "request", "Salvatore", "b1"],
+            cwd=ROOT,
+            env=process_env(redis_url, namespace),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+        status = subprocess.run(
+            [sys.executable, "-m", "lending", "status"],
+            cwd=ROOT,
+            env=process_env(redis_url, namespace),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+
+    assert result.returncode == 0, result
+    assert re.fullmatch(
+        r"error: cannot write to stdout \(No space left on device\): ACCEPTED \S+ books=b1\n", result.stderr
+    )
+    assert (status.returncode, status.stderr) == (1, "error: cannot write the output: No space left on device\n")
+
+
 async def test_worker_redis_unreachable_exits_1_with_one_line(redis_url: str, namespace: str) -> None:
     url = f"redis://127.0.0.1:{closed_port()}"
     result = subprocess.run(

@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lending.client import NoOutcome, Progress, Refused, Unreachable, failure_outcome
+from lending.client import Invalid, NoOutcome, Progress, Refused, Unreachable, failure_outcome
 from lending.domain.streamids import MAX_ID
 from lending.errors import RedisUnavailable, RequestRefused
 from lending.keys import Keys
@@ -249,7 +249,7 @@ HANDED_IN = Progress(sent=True, handed_in=True)
             RequestRefused("more than 1000 book ids"),
             HANDED_IN,
             False,
-            Refused("the inbox refused the request: more than 1000 book ids"),
+            Invalid("more than 1000 book ids", by="the inbox"),  # the request is at fault: exit 2
             id="refused-by-the-relay",
         ),
         pytest.param(

@@ -9,6 +9,8 @@ they share.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from lending.cli.acl import acl_command
@@ -16,7 +18,14 @@ from lending.cli.api import api_command
 from lending.cli.dead_letters import dead_letters_group
 from lending.cli.get_books import get_books_command
 from lending.cli.inspect import check_command, status_command
-from lending.cli.options import FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
+from lending.cli.options import (
+    FiniteFloatRange,
+    check_namespace,
+    check_redis_url,
+    discard_stdout,
+    tls_from_options,
+    tls_options,
+)
 from lending.cli.worker import worker_command
 
 # For the simulator's command line: the TLS options, the checks of its --redis-url and
@@ -27,6 +36,7 @@ __all__ = [
     "check_namespace",
     "check_redis_url",
     "get_books_main",
+    "lending_main",
     "main",
     "tls_from_options",
     "tls_options",
@@ -48,13 +58,28 @@ main.add_command(dead_letters_group, "dead-letters")
 main.add_command(acl_command, "acl")
 
 
+def run(command: click.Command, prog_name: str) -> None:
+    """Run ``command``; output that cannot be written (stdout full, or closed) ends it with
+    one line on stderr and exit 1, not a traceback."""
+    try:
+        command.main(prog_name=prog_name)
+    except OSError as exc:
+        discard_stdout()
+        click.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+def lending_main() -> None:
+    run(main, "python -m lending")
+
+
 def worker_main() -> None:
-    worker_command(prog_name="main.py")
+    run(worker_command, "main.py")
 
 
 def get_books_main() -> None:
-    get_books_command(prog_name="get_books.py")
+    run(get_books_command, "get_books.py")
 
 
 def api_main() -> None:
-    api_command(prog_name="lending-api")
+    run(api_command, "lending-api")

@@ -10,7 +10,14 @@ from urllib.parse import urlsplit
 
 import click
 
-from lending.cli.options import CONTEXT_SETTINGS, FiniteFloatRange, Target, connection_options, host_problem
+from lending.cli.options import (
+    CONTEXT_SETTINGS,
+    FiniteFloatRange,
+    Target,
+    connection_options,
+    discard_stdout,
+    host_problem,
+)
 from lending.client import (
     Answered,
     Interrupted,
@@ -173,10 +180,10 @@ def report(outcome: Outcome | Invalid, action: str, timeout: float, as_json: boo
     """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
     match outcome:
         case Answered(event):
-            click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
+            _print(json.dumps(event.as_json()) if as_json else format_event(event))
             return EXIT_BY_STATUS.get(event.status, 4)
         case Queued(request_id):
-            click.echo(
+            _print(
                 json.dumps({"status": "queued", "action": action, "request_id": request_id})
                 if as_json
                 else f"QUEUED {request_id}"
@@ -208,6 +215,16 @@ def report(outcome: Outcome | Invalid, action: str, timeout: float, as_json: boo
         case Interrupted(request_id, sent, handed_in):
             click.echo(f"interrupted: {_fate(action, request_id, sent, handed_in)}", err=True)
             return EXIT_INTERRUPTED
+
+
+def _print(result: str) -> None:
+    """Print ``result`` on stdout, or, when that fails (full, or closed), on stderr: the
+    sender learns the outcome either way, and the exit code still tells it."""
+    try:
+        click.echo(result)
+    except OSError as exc:
+        discard_stdout()
+        click.echo(f"error: cannot write to stdout ({exc.strerror or exc}): {result}", err=True)
 
 
 def _fate(action: str, request_id: str | None, sent: bool, handed_in: bool) -> str:

@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import ipaddress
 import math
+import os
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -258,3 +260,16 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
         raise CommandError(f"lost Redis at {target.url}: {str(exc) or type(exc).__name__}") from exc
     finally:
         await client.aclose()
+
+
+def discard_stdout() -> None:
+    """Point stdout at ``/dev/null`` once writing to it failed, so that what is still
+    buffered, and the interpreter's own flush at exit, go nowhere instead of failing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no descriptor (an in-memory stream): nothing is left to fail
+        pass
