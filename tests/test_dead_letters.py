@@ -233,3 +233,13 @@ async def test_a_retry_that_cannot_queue_keeps_the_letter(redis: Redis, keys: Ke
         await dead_letters.retry(redis, keys, [letter_id])
 
     assert [decoded(entry_id) for entry_id, _ in raw_entries(await redis.xrange(keys.dead_letters))] == [letter_id]
+
+
+async def test_a_letter_named_twice_is_retried_once(redis: Redis, keys: Keys, redis_url: str, namespace: str) -> None:
+    letter_id = await letter(redis, keys)
+    before = await redis.xlen(keys.lend_requests)
+
+    retried = cli(redis_url, namespace, "retry", letter_id, letter_id)
+
+    assert retried.returncode == 0 and retried.stdout.count("queued again as") == 1, retried
+    assert await redis.xlen(keys.lend_requests) == before + 1

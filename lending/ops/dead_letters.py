@@ -127,7 +127,7 @@ async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[di
         while this one ran: the ones before it were retried, and it was not.
     """
     plans = []
-    for letter in await find(client, keys, letter_ids):
+    for letter in await find(client, keys, list(dict.fromkeys(letter_ids))):  # an id named twice: once
         plan = replay(keys, letter)
         if isinstance(plan, str):
             raise LetterError(f"cannot retry dead letter {letter['id']}: {plan}", [letter["id"]])
@@ -148,6 +148,7 @@ async def purge(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> int:
 
     :raises LetterError: an id is malformed or unknown (nothing is deleted then).
     """
+    letter_ids = list(dict.fromkeys(letter_ids))  # an id named twice: once
     if not letter_ids:
         return 0
     await find(client, keys, letter_ids)
