@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,19 @@ def _memory_size(_ctx: click.Context, _param: click.Parameter, value: str | None
     if size <= 0:
         raise click.BadParameter("must be more than 0 (0 means no limit)")
     return size
+
+
+def _output_file(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """An output file must be writable before the run or benchmark starts: found only at
+    the end, a missing folder would cost the whole run (minutes) and its results."""
+    if value is None or value == "-":
+        return value
+    folder = Path(value).parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {str(folder)!r} is not writable")
+    return value
 
 
 class NumberList(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on only
@@ -146,8 +160,9 @@ def redis_url_option(help_text: str) -> Callable[[F], F]:
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, allow_dash=True),
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
     default=None,
+    callback=_output_file,
     help="Also write the report as JSON to this file ('-' for stdout).",
 )
 @tls_options
@@ -233,8 +248,9 @@ def run(
 )
 @click.option(
     "--output",
-    type=click.Path(dir_okay=False),
+    type=click.Path(dir_okay=False, writable=True),
     default="bench-results.json",
+    callback=_output_file,
     show_default=True,
     help="Where to save the results as JSON.",
 )

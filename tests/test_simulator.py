@@ -432,3 +432,28 @@ def test_run_usage_errors(args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, ["run", "--duration", "1", *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "--duration", "1", "--json"], ["bench", "--workers", "", "--rates", "", "--output"]],
+    ids=["run", "bench"],
+)
+def test_an_output_file_in_a_missing_folder_is_a_usage_error_before_anything_runs(
+    args: list[str], tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(main, [*args, str(tmp_path / "missing" / "out.json")])
+
+    assert result.exit_code == 2, result.output
+    assert "missing' does not exist" in result.output
+    assert "RESULT" not in result.output and "saved to" not in result.output
+
+
+def test_run_writes_its_json_report_to_stdout_with_a_dash() -> None:
+    result = CliRunner().invoke(
+        main, ["run", "--requests", "20", "--workers", "1", "--users", "5", "--catalogue", "20", "--json", "-"]
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("\n{") :])
+    assert report["requests"] == 20
