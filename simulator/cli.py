@@ -16,6 +16,7 @@ import click
 from lending.app import run_fast
 from lending.cli import FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
 from lending.logs import configure_logging
+from lending.settings import MIN_CLAIM_IDLE_MS, Settings
 
 from .bench import BenchOptions, benchmark, render
 from .run import RunOptions, memory_bytes, simulate
@@ -138,20 +139,24 @@ def redis_url_option(help_text: str) -> Callable[[F], F]:
     help="Run the private redis-server with this maxmemory (e.g. 5mb) and noeviction; "
     "the limit is lifted when the traffic ends.",
 )
+# The options handed on to the workers take what a worker takes (Settings checks it), so a
+# value it would refuse is a usage error here, not a worker that dies as the run starts.
 @click.option("--shelving-fail-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--shelving-latency-ms", type=FiniteFloatRange(min=0), default=0.0, show_default=True)
 @click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--storage-capacity", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option(
     "--claim-idle-ms",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=MIN_CLAIM_IDLE_MS),
     default=3_000,
     show_default=True,
     help="The spawned workers' --claim-idle-ms.",
 )
 @click.option(
     "--retry-max-ms",
-    type=click.IntRange(min=1000),
+    # The workers keep their default --retry-base-ms (they get no LENDING_* variable), and
+    # the longest wait may not be shorter than the first.
+    type=click.IntRange(min=Settings.retry_base_ms),
     default=None,
     help="The spawned workers' --retry-max-ms [default: theirs, 60000]; with --shelving-fail-rate, "
     "keep ten retries within the run's wait for the last outcome (120 s).",
