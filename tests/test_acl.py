@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
 from lending.api.config import ApiSettings
+from lending.cli import main as lending_main
 from lending.client import submit, wait_for_event
 from lending.domain.streamids import MAX_ID
 from lending.keys import LENDING_GROUP, Keys
@@ -455,3 +457,24 @@ def test_acl_prints_three_users_and_the_apis_on_request(extra: list[str], users:
         check=True,
     )
     assert [line.split()[2] for line in printed.stdout.splitlines()] == users, printed.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # Printed as "ACL SETUSER  reset on ...", redis-cli would make a user named "reset".
+        (["--service-user", ""], "Invalid value for '--service-user': user name '' must be non-empty"),
+        (["--api-user", ""], "Invalid value for '--api-user': user name '' must be non-empty"),
+        (["--sender-user", "get books"], "without whitespace or control characters"),
+        (["--operator-user", "ops\nACL"], "without whitespace or control characters"),
+        # The second ACL SETUSER would reset the user the first one made.
+        (["--service-user", "x", "--sender-user", "x"], "--service-user and --sender-user both name user 'x'"),
+        (["--api-user", "lending"], "--service-user and --api-user both name user 'lending'"),
+        (["--namespace", "lib\nACL"], "Invalid value for '--namespace'"),
+    ],
+)
+def test_acl_refuses_names_that_would_garble_or_undo_its_commands(args: list[str], said: str) -> None:
+    result = CliRunner().invoke(lending_main, ["acl", *args])
+
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert said in result.stderr.splitlines()[-1], result.stderr

@@ -219,5 +219,15 @@ def api_user_rules(namespace: str, *, key_permissions: bool = True) -> list[str]
     ]
 
 
+def user_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a user in a printed ``ACL SETUSER``, or ``None``: an empty
+    name leaves ``reset`` in its place (redis-cli would create a user named ``reset``), and
+    whitespace or a control character would split the command, or name a user no one can
+    type."""
+    if not name or not name.isprintable() or any(c.isspace() for c in name):
+        return f"user name {name!r} must be non-empty, without whitespace or control characters"
+    return None
+
+
 def setuser_command(name: str, rules: list[str], password_placeholder: str = "<password>") -> str:
     return " ".join(["ACL", "SETUSER", name, "reset", "on", f">{password_placeholder}", *rules])
