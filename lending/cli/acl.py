@@ -8,6 +8,7 @@ from lending.cli.options import CONTEXT_SETTINGS, namespace_option
 from lending.keys import Keys
 from lending.ops.acl import (
     api_user_rules,
+    namespace_acl_problem,
     operator_user_rules,
     sender_user_rules,
     setuser_command,
@@ -57,6 +58,8 @@ def acl_command(
     named = {"--service-user": service_user, "--sender-user": sender_user, "--operator-user": operator_user}
     if api_user is not None:
         named["--api-user"] = api_user
+    if problem := namespace_acl_problem(namespace):
+        raise click.BadParameter(problem, param_hint="'--namespace'")
     # Each ACL SETUSER starts with reset: a second one of a name would undo the first.
     first_of: dict[str, str] = {}
     for option, name in named.items():
