@@ -49,10 +49,17 @@ _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 def namespace_problem(namespace: str) -> str | None:
     """Why ``namespace`` cannot name key namespace, or ``None``: a brace would end the
-    hash tag early (the keys would spread over cluster slots), and an empty or padded one
-    is a typo waiting to split the library in two."""
-    if not namespace or any(c in namespace for c in "{}") or namespace.strip() != namespace:
-        return f"namespace {namespace!r} must be non-empty, without braces or outer spaces"
+    hash tag early (the keys would spread over cluster slots), an empty or padded one
+    is a typo waiting to split the library in two, and a control character (a newline)
+    would split the lines that name its keys: logs, and the ``ACL SETUSER`` commands
+    ``acl`` prints for redis-cli."""
+    if (
+        not namespace
+        or any(c in namespace for c in "{}")
+        or namespace.strip() != namespace
+        or not namespace.isprintable()
+    ):
+        return f"namespace {namespace!r} must be non-empty, without braces or outer spaces, and printable"
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import click
 from lending.app import run_fast
 from lending.cli import FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
 from lending.logs import configure_logging
+from lending.settings import MIN_CLAIM_IDLE_MS, Settings
 
 from .bench import BenchOptions, benchmark, render
 from .run import RunOptions, memory_bytes, simulate
@@ -30,6 +32,19 @@ def _memory_size(_ctx: click.Context, _param: click.Parameter, value: str | None
     if size <= 0:
         raise click.BadParameter("must be more than 0 (0 means no limit)")
     return size
+
+
+def _output_file(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """An output file must be writable before the run or benchmark starts: found only at
+    the end, a missing folder would cost the whole run (minutes) and its results."""
+    if value is None or value == "-":
+        return value
+    folder = Path(value).parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {str(folder)!r} is not writable")
+    return value
 
 
 class NumberList(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on only
@@ -124,20 +139,24 @@ def redis_url_option(help_text: str) -> Callable[[F], F]:
     help="Run the private redis-server with this maxmemory (e.g. 5mb) and noeviction; "
     "the limit is lifted when the traffic ends.",
 )
+# The options handed on to the workers take what a worker takes (Settings checks it), so a
+# value it would refuse is a usage error here, not a worker that dies as the run starts.
 @click.option("--shelving-fail-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--shelving-latency-ms", type=FiniteFloatRange(min=0), default=0.0, show_default=True)
 @click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--storage-capacity", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option(
     "--claim-idle-ms",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=MIN_CLAIM_IDLE_MS),
     default=3_000,
     show_default=True,
     help="The spawned workers' --claim-idle-ms.",
 )
 @click.option(
     "--retry-max-ms",
-    type=click.IntRange(min=1000),
+    # The workers keep their default --retry-base-ms (they get no LENDING_* variable), and
+    # the longest wait may not be shorter than the first.
+    type=click.IntRange(min=Settings.retry_base_ms),
     default=None,
     help="The spawned workers' --retry-max-ms [default: theirs, 60000]; with --shelving-fail-rate, "
     "keep ten retries within the run's wait for the last outcome (120 s).",
@@ -146,8 +165,9 @@ def redis_url_option(help_text: str) -> Callable[[F], F]:
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, allow_dash=True),
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
     default=None,
+    callback=_output_file,
     help="Also write the report as JSON to this file ('-' for stdout).",
 )
 @tls_options
@@ -233,8 +253,9 @@ def run(
 )
 @click.option(
     "--output",
-    type=click.Path(dir_okay=False),
+    type=click.Path(dir_okay=False, writable=True),
     default="bench-results.json",
+    callback=_output_file,
     show_default=True,
     help="Where to save the results as JSON.",
 )

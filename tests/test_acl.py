@@ -23,17 +23,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
 from lending.api.config import ApiSettings
+from lending.cli import main as lending_main
 from lending.client import submit, wait_for_event
 from lending.domain.streamids import MAX_ID
 from lending.keys import LENDING_GROUP, Keys
 from lending.ops import monitoring, retention
+from lending.ops.acl import redis_cli_argument
 from lending.redis.connection import make_client
 from lending.redis.consumer import ensure_group
-from lending.redis.embedded import free_port
+from lending.redis.embedded import free_port, redis_cli_path
 from lending.redis.scripts import Scripts
 from lending.settings import Settings
 from lending.worker import Worker
@@ -458,3 +461,86 @@ def test_acl_prints_three_users_and_the_apis_on_request(extra: list[str], users:
         check=True,
     )
     assert [line.split()[2] for line in printed.stdout.splitlines()] == users, printed.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # Printed as "ACL SETUSER  reset on ...", redis-cli would make a user named "reset".
+        (["--service-user", ""], "Invalid value for '--service-user': user name '' must be non-empty"),
+        (["--api-user", ""], "Invalid value for '--api-user': user name '' must be non-empty"),
+        (["--sender-user", "get books"], "without whitespace or control characters"),
+        (["--operator-user", "ops\nACL"], "without whitespace or control characters"),
+        # The second ACL SETUSER would reset the user the first one made.
+        (["--service-user", "x", "--sender-user", "x"], "--service-user and --sender-user both name user 'x'"),
+        (["--api-user", "lending"], "--service-user and --api-user both name user 'lending'"),
+        (["--namespace", "lib\nACL"], "Invalid value for '--namespace'"),
+        # Redis refuses a key pattern with a space, however redis-cli is given it.
+        (["--namespace", "a b"], "namespace 'a b' holds whitespace, which Redis refuses in an ACL key pattern"),
+    ],
+)
+def test_acl_refuses_names_that_would_garble_or_undo_its_commands(args: list[str], said: str) -> None:
+    result = CliRunner().invoke(lending_main, ["acl", *args])
+
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert said in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize("odd", ["it's", 'say"hi"', "back\\slash?"])
+async def test_printed_commands_piped_into_redis_cli_limit_each_user_to_an_odd_namespace(
+    server: Server, odd: str
+) -> None:
+    cli = redis_cli_path()
+    if cli is None or not server.url.startswith("redis://"):
+        pytest.skip("needs redis-cli and a redis:// server")
+    namespace, suffix, password = f"lib-{uuid.uuid4().hex[:6]}-{odd}", uuid.uuid4().hex[:8], uuid.uuid4().hex
+    names = (f"lending-{suffix}", f"get-books-{suffix}", f"operator-{suffix}", f"api-{suffix}")
+    named = ["--service-user", names[0], "--sender-user", names[1], "--operator-user", names[2], "--api-user", names[3]]
+    version = "7" if server.major >= 7 else "6.2"
+    printed = subprocess.run(
+        [sys.executable, "-m", "lending", "acl", "--namespace", namespace, "--redis", version, *named],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    try:
+        piped = subprocess.run(
+            [cli, "-u", server.url],
+            input=printed.stdout.replace("<password>", password),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert piped.stdout.split() == ["OK"] * 4, (printed.stdout, piped)
+        user = await server.admin.acl_getuser(names[0])
+        assert user is not None and isinstance(user["keys"], list)
+        granted = [decoded(key) for key in user["keys"]]
+        pattern = Keys(namespace).pattern("*")
+        assert granted in ([f"~{pattern}"], [pattern]), granted  # as Redis 7 and 6.2 show it
+        service = make_client(with_user(server.url, names[0], password))
+        try:
+            assert await service.get(Keys(namespace).storage) is None
+            with pytest.raises(NoPermissionError):
+                await service.get(Keys("lending").storage)
+        finally:
+            await service.aclose()
+    finally:
+        await server.admin.acl_deluser(*names)
+
+
+@pytest.mark.parametrize(
+    ("argument", "printed"),
+    [
+        ("~{lending}:*", "~{lending}:*"),
+        (r"~{lib\?}:*", r"~{lib\?}:*"),
+        ("~{it's}:*", '"~{it\'s}:*"'),
+        ('~{say"hi"}:*', r'"~{say\"hi\"}:*"'),
+        (r"~{a\"b}:*", r'"~{a\\\"b}:*"'),
+        ("", '""'),
+        ("a\nb", r'"a\x0ab"'),
+    ],
+)
+def test_an_argument_is_printed_as_it_is_unless_redis_cli_would_split_it(argument: str, printed: str) -> None:
+    assert redis_cli_argument(argument) == printed

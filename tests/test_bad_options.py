@@ -93,7 +93,17 @@ def test_every_command_answers_an_unusable_redis_url_with_a_usage_error(command:
 
 @pytest.mark.parametrize(
     ("command", "bad"),
-    [("worker", ""), ("worker", "a}b"), ("get-books", "{lending}"), ("api", " lending"), ("simulator-run", "a{b")],
+    [
+        ("worker", ""),
+        ("worker", "a}b"),
+        ("get-books", "{lending}"),
+        ("api", " lending"),
+        ("simulator-run", "a{b"),
+        # A control character would split the lines naming its keys (logs, printed ACL rules).
+        ("worker", "a\nb"),
+        ("status", "lib\x1b[2J"),
+        ("simulator-run", "a\tb"),
+    ],
 )
 def test_a_namespace_that_cannot_name_one_is_a_usage_error(command: str, bad: str, redis_url: str) -> None:
     line = usage_error(run(COMMANDS[command], redis_url, bad), "--namespace")

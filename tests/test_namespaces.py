@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from lending.keys import Keys
+from lending.keys import Keys, namespace_problem
 
 from .support import ROOT
 
@@ -31,6 +31,16 @@ def test_the_namespace_part_of_a_pattern_is_escaped_and_the_suffix_is_a_glob(
     namespace: str, suffix: str, pattern: str
 ) -> None:
     assert Keys(namespace).pattern(suffix) == pattern
+
+
+@pytest.mark.parametrize("namespace", ["lending", "a b", "lib?", "bibliothèque", "back\\slash"])
+def test_a_namespace_may_hold_inner_spaces_glob_characters_and_any_printable_character(namespace: str) -> None:
+    assert namespace_problem(namespace) is None
+
+
+@pytest.mark.parametrize("namespace", ["", "a{b", "a}b", " lending", "lending\n", "a\nb", "a\rb", "a\tb", "a\x7fb"])
+def test_a_namespace_that_is_empty_padded_braced_or_holds_a_control_character_is_refused(namespace: str) -> None:
+    assert namespace_problem(namespace) is not None
 
 
 @pytest.fixture

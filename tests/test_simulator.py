@@ -16,13 +16,16 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from redis.asyncio import Redis
 
+from lending.errors import ConfigError
 from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.settings import Settings
 from simulator.cli import main
 from simulator.deployment import Deployment
 from simulator.driver import Driver
@@ -426,9 +429,55 @@ def test_run_help_lists_the_chaos_options() -> None:
         (["--maxmemory", "5 parsecs"], "not a memory size"),
         (["--maxmemory", "0"], "more than 0"),
         (["--pause-every", "1", "--redis-url", "redis://127.0.0.1:1"], "--pause-every"),
+        (["--claim-idle-ms", "50"], "50 is not in the range x>=100"),
     ],
 )
 def test_run_usage_errors(args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, ["run", "--duration", "1", *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+#: The whole-number options ``run`` hands on to its workers, and the ``Settings`` field each sets.
+HANDED_ON = {
+    "--claim-idle-ms": "claim_idle_ms",
+    "--retry-max-ms": "retry_max_ms",
+    "--max-books-per-user": "max_books_per_user",
+    "--storage-capacity": "storage_capacity",
+}
+
+
+@pytest.mark.parametrize(("option", "field"), HANDED_ON.items())
+def test_run_takes_for_its_workers_exactly_the_values_a_worker_takes(option: str, field: str) -> None:
+    run = main.commands["run"]
+    (least,) = (p.type.min for p in run.params if option in p.opts and isinstance(p.type, click.IntRange))
+    assert least is not None
+
+    Settings().replace(**{field: least})
+    with pytest.raises(ConfigError):
+        Settings().replace(**{field: least - 1})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "--duration", "1", "--json"], ["bench", "--workers", "", "--rates", "", "--output"]],
+    ids=["run", "bench"],
+)
+def test_an_output_file_in_a_missing_folder_is_a_usage_error_before_anything_runs(
+    args: list[str], tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(main, [*args, str(tmp_path / "missing" / "out.json")])
+
+    assert result.exit_code == 2, result.output
+    assert "missing' does not exist" in result.output
+    assert "RESULT" not in result.output and "saved to" not in result.output
+
+
+def test_run_writes_its_json_report_to_stdout_with_a_dash() -> None:
+    result = CliRunner().invoke(
+        main, ["run", "--requests", "20", "--workers", "1", "--users", "5", "--catalogue", "20", "--json", "-"]
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("\n{") :])
+    assert report["requests"] == 20

@@ -26,6 +26,8 @@ Redis 7 can also make a key pattern read-only (``%R~``) or write-only (``%W~``);
 
 from __future__ import annotations
 
+import re
+
 from lending.keys import REQUEST_TYPES, Keys
 
 # Connection housekeeping redis-py does on its own. (Its CLIENT SETINFO is optional:
@@ -33,6 +35,10 @@ from lending.keys import REQUEST_TYPES, Keys
 CONNECTION_COMMANDS = ("ping", "hello", "auth")
 # How the client finds the node that owns a namespace's slot (``redis.cluster.SlotOwner``).
 CLUSTER_COMMANDS = ("cluster|keyslot", "cluster|slots")
+
+# What redis-cli reads as more than a character of an argument: whitespace ends one, a
+# quote opens a quoted part.
+_REDIS_CLI_SPECIAL = re.compile(r"""[\s"']""")
 
 WORKER_COMMANDS = (
     *CONNECTION_COMMANDS,
@@ -219,5 +225,46 @@ def api_user_rules(namespace: str, *, key_permissions: bool = True) -> list[str]
     ]
 
 
+def namespace_acl_problem(namespace: str) -> str | None:
+    """Why no ACL user can be limited to ``namespace``, or ``None``: Redis refuses a key
+    pattern holding whitespace (``ACL SETUSER`` answers a syntax error), and no glob can
+    stand for a space without matching other namespaces' keys too."""
+    if any(c.isspace() for c in namespace):
+        return f"namespace {namespace!r} holds whitespace, which Redis refuses in an ACL key pattern"
+    return None
+
+
+def user_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a user in a printed ``ACL SETUSER``, or ``None``: an empty
+    name leaves ``reset`` in its place (redis-cli would create a user named ``reset``), and
+    whitespace or a control character would split the command, or name a user no one can
+    type."""
+    if not name or not name.isprintable() or any(c.isspace() for c in name):
+        return f"user name {name!r} must be non-empty, without whitespace or control characters"
+    return None
+
+
+def redis_cli_argument(argument: str) -> str:
+    r"""``argument`` written so that redis-cli reads it back as one argument: as it is when
+    it can be, else in double quotes with backslash escapes (``"~{a b}:*"``).
+
+    redis-cli splits a line at whitespace, and a quote anywhere in an argument opens a
+    quoted part; inside double quotes it reads ``\\``, ``\"`` and ``\xHH`` (one byte).
+    """
+    if argument and argument.isprintable() and not _REDIS_CLI_SPECIAL.search(argument):
+        return argument
+    escaped = []
+    for char in argument:
+        if char in '\\"':
+            escaped.append("\\" + char)
+        elif char.isprintable():
+            escaped.append(char)
+        else:
+            escaped.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8", "surrogateescape"))
+    return '"' + "".join(escaped) + '"'
+
+
 def setuser_command(name: str, rules: list[str], password_placeholder: str = "<password>") -> str:
-    return " ".join(["ACL", "SETUSER", name, "reset", "on", f">{password_placeholder}", *rules])
+    """The ``ACL SETUSER`` line for redis-cli that makes user ``name`` with ``rules``."""
+    arguments = ["ACL", "SETUSER", name, "reset", "on", f">{password_placeholder}", *rules]
+    return " ".join(redis_cli_argument(argument) for argument in arguments)
