@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from lending.keys import Keys
 from lending.ops import checker
 from lending.redis.cluster import namespace_url
-from lending.redis.connection import make_client
+from lending.redis.connection import check_reachable, make_client, redacted
 from lending.redis.replies import Entries, text
 from lending.settings import Tls
 
@@ -54,6 +54,7 @@ async def benchmark(options: BenchOptions) -> dict[str, Any]:
     await asyncio.to_thread(server.start)
     client = make_client(await namespace_url(server.redis_url, "bench", options.tls), tls=options.tls)
     try:
+        await check_reachable(client, redacted(server.redis_url))
         info = await client.info("server")
         results: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

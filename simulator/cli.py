@@ -7,14 +7,15 @@ import math
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from lending.app import run_fast
-from lending.cli import FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
+from lending.cli import CommandError, FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
+from lending.errors import RedisUnavailable
 from lending.logs import configure_logging
 from lending.settings import MIN_CLAIM_IDLE_MS, Settings
 
@@ -75,6 +76,15 @@ class NumberList(click.ParamType):  # type: ignore[type-arg]  # generic from cli
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+async def reachable(run: Awaitable[T]) -> T:
+    """``run``, with a Redis it cannot reach said in one line (exit 1), not a traceback."""
+    try:
+        return await run
+    except RedisUnavailable as exc:
+        raise CommandError(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,7 +221,7 @@ def run(
         progress=True,
         **options,  # type: ignore[arg-type]
     )
-    report = run_fast(simulate(settings))
+    report = run_fast(reachable(simulate(settings)))
     click.echo(report.render())
     if json_path:
         text = json.dumps(report.as_json(), indent=2)
@@ -285,7 +295,7 @@ def bench(
         namespaces=namespaces,
         tls=tls_from_options(tls_opts),
     )
-    results = run_fast(benchmark(options))
+    results = run_fast(reachable(benchmark(options)))
     Path(output).write_text(json.dumps(results, indent=2) + "\n")
     click.echo(render(results))
     click.echo(f"\nsaved to {output}")

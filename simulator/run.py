@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from lending.keys import Keys
 from lending.ops import checker
 from lending.redis.cluster import cluster_client, is_cluster_url
-from lending.redis.connection import make_client
+from lending.redis.connection import check_reachable, make_client, redacted
 from lending.redis.consumer import FindRedis
 from lending.redis.replies import is_transient
 from lending.redis.tasks import cancel_and_wait
@@ -174,6 +174,7 @@ async def simulate(options: RunOptions) -> RunReport:
                 client, follow = await cluster_client(deployment.redis_url, options.namespace, options.tls)
             else:
                 client = make_client(deployment.redis_url, tls=options.tls)
+            await check_reachable(client, redacted(deployment.redis_url))
             return await _run(options, deployment, client, follow)
         except asyncio.CancelledError:
             termination.unwinding = True

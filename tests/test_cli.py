@@ -306,8 +306,10 @@ async def test_get_books_redis_unreachable_exits_5(redis_url: str, namespace: st
         ["-m", "lending", "check"],
         ["-m", "lending", "dead-letters", "list"],
         ["-m", "lending", "api", "--port", "0"],
+        ["-m", "simulator", "run", "--requests", "1"],
+        ["-m", "simulator", "bench"],
     ],
-    ids=["worker", "status", "check", "dead-letters", "api"],
+    ids=["worker", "status", "check", "dead-letters", "api", "simulator-run", "simulator-bench"],
 )
 async def test_a_url_of_something_that_is_not_redis_is_one_line_and_exit_1(
     redis_url: str, namespace: str, command: list[str]

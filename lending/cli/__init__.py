@@ -19,6 +19,7 @@ from lending.cli.dead_letters import dead_letters_group
 from lending.cli.get_books import get_books_command
 from lending.cli.inspect import check_command, status_command
 from lending.cli.options import (
+    CommandError,
     FiniteFloatRange,
     check_namespace,
     check_redis_url,
@@ -29,8 +30,9 @@ from lending.cli.options import (
 from lending.cli.worker import worker_command
 
 # For the simulator's command line: the TLS options, the checks of its --redis-url and
-# --namespace, and the number type of its durations and rates.
+# --namespace, the number type of its durations and rates, and its one-line errors.
 __all__ = [
+    "CommandError",
     "FiniteFloatRange",
     "api_main",
     "check_namespace",
