@@ -15,6 +15,7 @@ from lending.keys import Keys
 from lending.ops import dead_letters
 from lending.ops.status import read_status
 from lending.redis.connection import make_client
+from lending.redis.scripts import Scripts
 
 from .conftest import StartWorker
 from .support import ROOT, all_events, decoded, event_for, raw_entries, send, wait_until, xadd_fields
@@ -209,8 +210,10 @@ async def test_a_letter_retried_by_many_at_once_is_queued_once(redis: Redis, key
     operators = [make_client(redis_url) for _ in range(20)]
     try:
         await asyncio.gather(*(operator.ping() for operator in operators))
+        scripts = Scripts()
         results = await asyncio.gather(
-            *(dead_letters.retry(operator, keys, [letter_id]) for operator in operators), return_exceptions=True
+            *(dead_letters.retry(operator, scripts, keys, [letter_id]) for operator in operators),
+            return_exceptions=True,
         )
     finally:
         await asyncio.gather(*(operator.aclose() for operator in operators))
@@ -230,7 +233,7 @@ async def test_a_retry_that_cannot_queue_keeps_the_letter(redis: Redis, keys: Ke
     await redis.set(keys.lend_requests, "not a stream")  # XADD fails: WRONGTYPE
 
     with pytest.raises(ResponseError, match="WRONGTYPE"):
-        await dead_letters.retry(redis, keys, [letter_id])
+        await dead_letters.retry(redis, Scripts(), keys, [letter_id])
 
     assert [decoded(entry_id) for entry_id, _ in raw_entries(await redis.xrange(keys.dead_letters))] == [letter_id]
 
@@ -239,7 +242,8 @@ async def test_a_letter_named_twice_is_retried_once(redis: Redis, keys: Keys, re
     letter_id = await letter(redis, keys)
     before = await redis.xlen(keys.lend_requests)
 
-    retried = cli(redis_url, namespace, "retry", letter_id, letter_id)
+    padded = "00" + letter_id  # the same letter, spelled otherwise
+    retried = cli(redis_url, namespace, "retry", letter_id, letter_id, padded)
 
     assert retried.returncode == 0 and retried.stdout.count("queued again as") == 1, retried
     assert await redis.xlen(keys.lend_requests) == before + 1

@@ -92,10 +92,10 @@ def operator_routes(api: Api) -> APIRouter:
         if isinstance(why := dead_letters.replay(api.keys, letter), str):
             raise Problem(p.LETTER_NOT_RETRYABLE, f"dead letter {letter_id} cannot be queued again: {why}")
         try:
-            (done,) = await dead_letters.retry(api.client, api.keys, [letter_id])
+            (done,) = await dead_letters.retry(api.client, api.scripts, api.keys, [letter_id])
         except dead_letters.LetterError as exc:  # gone meanwhile (another operator)
             raise Problem(p.NO_SUCH_LETTER, str(exc)) from None
-        body: dict[str, Any] = {"letter_id": letter_id, "stream": done["stream"], "request_id": done["queued_as"]}
+        body: dict[str, Any] = {"letter_id": done["id"], "stream": done["stream"], "request_id": done["queued_as"]}
         headers = {}
         if done["stream"] in api.keys.request_streams:
             action = api.keys.action_of(done["stream"])

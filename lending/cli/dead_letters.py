@@ -15,6 +15,7 @@ from lending.cli.options import CONTEXT_SETTINGS, CommandError, F, Target, conne
 from lending.domain.streamids import id_ms
 from lending.keys import Keys
 from lending.ops import dead_letters
+from lending.redis.scripts import Scripts
 
 T = TypeVar("T")
 
@@ -154,7 +155,7 @@ def selection_command(name: str, all_help: str) -> Callable[[Act], click.Command
 async def retry_command(client: Redis, keys: Keys, letter_ids: list[str], as_json: bool) -> None:
     """Queue the original entries of LETTER_IDS again (as new entries) and delete the letters.
     An id that names no letter (or a letter that cannot be retried) stops it before it queues anything."""
-    retried = await dead_letters.retry(client, keys, letter_ids)
+    retried = await dead_letters.retry(client, Scripts(), keys, letter_ids)
     if as_json:
         click.echo(json.dumps({"retried": retried}))
         return

@@ -13,18 +13,17 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from lending.domain.streamids import is_entry_id, next_id
+from lending.domain.streamids import canonical_id, is_entry_id, next_id
 from lending.errors import LendingError
 from lending.keys import Keys
 from lending.redis.replies import Entries, text
-from lending.redis.scripts import read_script
+from lending.redis.scripts import Scripts
 
 # The fields of the original entry that a dead letter keeps, by the stream it came from.
 REPLAYED_FIELDS = {"request": ("user_id", "book_ids"), "returns": ("book_ids", "context_ids")}
 # Letter fields that hold numbers: shown as numbers (in --json too).
 NUMBER_FIELDS = ("deliveries",)
 PAGE = 1_000
-RETRY_SCRIPT = read_script("retry_letter")
 
 
 class LetterError(LendingError):
@@ -117,7 +116,7 @@ def replay(keys: Keys, letter: dict[str, Any]) -> tuple[str, dict[str, str]] | s
     return stream, fields
 
 
-async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[dict[str, str]]:
+async def retry(client: Redis, scripts: Scripts, keys: Keys, letter_ids: Sequence[str]) -> list[dict[str, str]]:
     """Queue each letter's original entry again (a new entry, so a new request id) and
     delete the letter, both in one step (``retry_letter.lua``), which queues nothing once
     the letter is gone; ``{id, stream, queued_as}`` for each.
@@ -127,7 +126,7 @@ async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[di
         while this one ran: the ones before it were retried, and it was not.
     """
     plans = []
-    for letter in await find(client, keys, list(dict.fromkeys(letter_ids))):  # an id named twice: once
+    for letter in await find(client, keys, distinct(letter_ids)):
         plan = replay(keys, letter)
         if isinstance(plan, str):
             raise LetterError(f"cannot retry dead letter {letter['id']}: {plan}", [letter["id"]])
@@ -135,7 +134,7 @@ async def retry(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[di
     out: list[dict[str, str]] = []
     for letter_id, stream, fields in plans:
         pairs = [item for pair in fields.items() for item in pair]
-        queued = await RETRY_SCRIPT(client, [keys.dead_letters, stream], [letter_id, *pairs])
+        queued = await scripts.retry_letter(client, [keys.dead_letters, stream], [letter_id, *pairs])
         if queued is None:
             done = "; queued: " + ", ".join(f"{x['id']} as {x['queued_as']}" for x in out) if out else ""
             raise LetterError(f"dead letter {letter_id} went while it was retried{done}", [letter_id])
@@ -148,11 +147,16 @@ async def purge(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> int:
 
     :raises LetterError: an id is malformed or unknown (nothing is deleted then).
     """
-    letter_ids = list(dict.fromkeys(letter_ids))  # an id named twice: once
+    letter_ids = distinct(letter_ids)
     if not letter_ids:
         return 0
     await find(client, keys, letter_ids)
     return int(await client.xdel(keys.dead_letters, *letter_ids))
+
+
+def distinct(letter_ids: Sequence[str]) -> list[str]:
+    """``letter_ids`` with each letter once, however it is spelled (``007-0`` is ``7-0``)."""
+    return list(dict.fromkeys(canonical_id(letter_id) or letter_id for letter_id in letter_ids))
 
 
 async def all_ids(client: Redis, keys: Keys, where: Filter = Filter()) -> list[str]:

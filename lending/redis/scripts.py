@@ -82,28 +82,25 @@ def read_script(name: str) -> Script:
     return Script(name, _lua_dir().joinpath(f"{name}.lua").read_text(encoding="utf-8"))
 
 
-_read = read_script
-
-
 class Scripts:
     """Every script of ``lua/``, by name."""
 
     def __init__(self) -> None:
-        self.reserve = _read("reserve")
-        self.commit = _read("commit")
-        self.finish = _read("finish")
-        self.reconcile = _read("reconcile")
-        self.renew = _read("renew")
-        self.dead_letter = _read("dead_letter")
-        self.shelving_get = _read("shelving_get")
-        self.shelving_release = _read("shelving_release")
-        self.worker_claim = _read("worker_claim")
-        self.worker_renew = _read("worker_renew")
-        self.worker_release = _read("worker_release")
-        self.forget_consumers = _read("forget_consumers")
-        self.relay = _read("relay")
-        self.api_submit = _read("api_submit")
-        self.retry_letter = _read("retry_letter")
+        self.reserve = read_script("reserve")
+        self.commit = read_script("commit")
+        self.finish = read_script("finish")
+        self.reconcile = read_script("reconcile")
+        self.renew = read_script("renew")
+        self.dead_letter = read_script("dead_letter")
+        self.shelving_get = read_script("shelving_get")
+        self.shelving_release = read_script("shelving_release")
+        self.worker_claim = read_script("worker_claim")
+        self.worker_renew = read_script("worker_renew")
+        self.worker_release = read_script("worker_release")
+        self.forget_consumers = read_script("forget_consumers")
+        self.relay = read_script("relay")
+        self.api_submit = read_script("api_submit")
+        self.retry_letter = read_script("retry_letter")
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]
