@@ -26,6 +26,7 @@ from lending.domain.streamids import MAX_ID, id_key
 from lending.keys import Keys
 from lending.redis.connection import make_client
 from lending.redis.embedded import EmbeddedRedis, free_port
+from lending.settings import Limits
 
 from .api_support import LiveApi, closing_problem, problem, raw_connection, raw_exchange, send_in_two, serving
 from .conftest import StartWorker
@@ -233,6 +234,20 @@ async def test_more_books_than_the_workers_allow_is_422(
 
     assert "3 distinct books requested (at most 2 per request)" in problem(response, 422, "invalid-request")["detail"]
     assert await queued_count(redis, keys) == 0
+
+
+async def test_limits_lost_by_redis_keep_their_last_values_until_published_again(
+    live: LiveApi, redis: Redis, keys: Keys
+) -> None:
+    await redis.hset(keys.config, mapping=Limits(max_books_per_request=2).fields())
+    await live.api.refresh_limits()
+    await redis.delete(keys.config)  # Redis restarted without its data
+    await live.api.refresh_limits()
+
+    response = await live.http.post("/v1/lends", json={"user_id": "ada", "book_ids": ["b1", "b2", "b3"]})
+
+    assert "(at most 2 per request)" in problem(response, 422, "invalid-request")["detail"]
+    assert not live.api.limits_published
 
 
 async def test_a_huge_chunked_body_is_413(live: LiveApi, redis: Redis, keys: Keys) -> None:

@@ -15,6 +15,7 @@ import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from lending.api.aggregate import Aggregates, Heartbeats, Second, Throughput, latency_ms, percentile
 from lending.api.config import ApiSettings
@@ -303,9 +304,13 @@ async def test_a_status_redis_does_not_answer_is_shown_and_the_rest_goes_on(keys
     dashboard = Dashboard(client, keys, EventTail(client, keys), clock=lambda: 100.5)
     try:
         dashboard.observe(outcome(1))
-        snapshot = await dashboard.snapshot()
+        with capture_logs() as logs:
+            snapshot = await dashboard.snapshot()
     finally:
         await client.aclose()
+    # The page says what kind of failure; the API's log says the rest, from the first one.
+    assert [entry["event"] for entry in logs] == ["dashboard: could not read the status"]
+    assert str(port) in logs[0]["error"]
     assert snapshot["status"] is None and snapshot["status_error"] == "Redis did not answer; trying again"
     # The page is public: Redis's address stays in the API's log.
     assert str(port) not in orjson.dumps(snapshot).decode()

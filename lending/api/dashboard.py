@@ -150,10 +150,11 @@ class Dashboard:
                 overview = await read_overview(self._client, self._keys, self._clock() * 1000)
             except (RedisError, OSError) as exc:
                 # The page is public: it says what kind of failure, the log says the rest
-                # (Redis's address, a key or a command name).
-                self._status_error = _public_error(exc)
-                if self._status is not None:
+                # (Redis's address, a key or a command name), once per kind of failure.
+                shown = _public_error(exc)
+                if shown != self._status_error:
                     log.warning("dashboard: could not read the status", error=str(exc) or type(exc).__name__)
+                self._status_error = shown
             else:
                 self._status = self._shown(overview)
                 self._status_error = None

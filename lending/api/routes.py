@@ -194,7 +194,7 @@ def public_routes(api: Api) -> APIRouter:
         resume = last_event_id or after
         if resume is not None and not is_entry_id(resume):
             raise Problem(p.INVALID_PARAMETER, f"Last-Event-ID {resume[:60]!r} is not an event id")
-        frames = await sse.outcome_stream(
+        return await sse.outcome_stream(
             api.client,
             api.keys,
             api.tail,
@@ -202,9 +202,6 @@ def public_routes(api: Api) -> APIRouter:
             last_event_id=resume,
             keep_alive_s=api.settings.keep_alive_s,
             queue_size=api.settings.subscriber_queue,
-        )
-        return StreamingResponse(
-            frames, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
     return router

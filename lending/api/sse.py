@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lending.api.reads import events_after
 from lending.api.tail import EventTail, Subscription
@@ -51,9 +53,9 @@ async def outcome_stream(
     last_event_id: str | None = None,
     keep_alive_s: float = 15.0,
     queue_size: int = 1_000,
-) -> AsyncIterator[bytes]:
-    """The frames of a ``GET /v1/events`` stream: the events after ``last_event_id`` first
-    (when given), then the live ones, those ``accept`` lets through; a comment every
+) -> EventStreamResponse:
+    """The ``GET /v1/events`` response: the events after ``last_event_id`` first (when
+    given), then the live ones, those ``accept`` lets through; a comment every
     ``keep_alive_s`` of silence.
 
     The first missed events are read here, before any frame: a Redis that does not
@@ -70,7 +72,24 @@ async def outcome_stream(
     except BaseException:
         subscription.close()
         raise
-    return _frames(client, keys, subscription, accept, last_event_id, missed, until, keep_alive_s)
+    frames = _frames(client, keys, subscription, accept, last_event_id, missed, until, keep_alive_s)
+    return EventStreamResponse(frames, subscription)
+
+
+class EventStreamResponse(StreamingResponse):
+    """A stream of frames whose subscription ends with the response, however it ends: the
+    frames' own clean-up runs only once they were started."""
+
+    def __init__(self, frames: AsyncIterator[bytes], subscription: Subscription) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(frames, media_type=MEDIA_TYPE, headers=headers)
+        self._subscription = subscription
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._subscription.close()
 
 
 async def _missed(client: Redis, keys: Keys, after: str | None, until: str) -> list[Event]:

@@ -122,9 +122,12 @@ class Api:
             log.warning("could not find the namespace's master yet", error=str(exc) or type(exc).__name__)
 
     async def refresh_limits(self) -> None:
-        """Read the limits the workers published (the defaults while none did)."""
+        """Read the limits the workers published (the defaults while none ever did). Gone
+        again (a Redis that lost its data: the next heartbeat publishes them again), the
+        last ones read still hold, rather than the defaults."""
         published = await read_limits(self.client, self.keys)
-        self.limits = published or Limits()
+        if published is not None:
+            self.limits = published
         self.limits_published = published is not None
 
     async def _refresh_limits_periodically(self) -> None:
