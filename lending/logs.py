@@ -55,14 +55,21 @@ class SafeStream:
         if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
             return
         self._gone = True
+        point_at_devnull(self._stream)
+
+
+def point_at_devnull(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at ``/dev/null`` once writing to it failed for good, so
+    that what is still buffered, and the interpreter's own flush at exit, go nowhere
+    instead of failing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, self._stream.fileno())
-            finally:
-                os.close(devnull)
-        except (OSError, ValueError):  # no descriptor (an in-memory stream): nothing is left to fail
-            pass
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no descriptor (an in-memory stream): nothing is left to fail
+        pass
 
 
 def configure_logging(log_format: str = "console", level: str = "info") -> None:

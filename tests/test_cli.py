@@ -380,9 +380,7 @@ async def test_ctrl_c_while_waiting_exits_130_and_names_the_queued_request(
 
     (request_id,) = [decoded(entry_id) for entry_id, _ in raw_entries(await redis.xrange(keys.lend_requests))]
     assert (proc.returncode, out) == (130, ""), (proc.returncode, err)
-    assert err == f"interrupted: lend request {request_id} was queued; it stays queued and is processed when a " + (
-        "worker runs\n"
-    )
+    assert err == f"interrupted: lend request {request_id} was queued; interrupting does not withdraw it\n"
 
 
 async def _queued(redis: Redis, keys: Keys) -> bool:

@@ -66,9 +66,19 @@ def run(command: click.Command, prog_name: str) -> None:
     try:
         command.main(prog_name=prog_name)
     except OSError as exc:
+        if not in_echo(exc):
+            raise  # not the output's fault: another error, with its own traceback
         discard_stdout()
         click.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
         sys.exit(1)
+
+
+def in_echo(exc: BaseException) -> bool:
+    """Was ``exc`` raised writing output (in ``click.echo``)?"""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code is click.echo.__code__
 
 
 def lending_main() -> None:

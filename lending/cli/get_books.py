@@ -143,8 +143,10 @@ def get_books_command(
     it from the inbox yet), 4 failed, 5 Redis unreachable, lost, or
     silent for --timeout before the request was queued, 6 Redis refused the request
     (out of memory, no permission, stream out of IDs, ...), 130 interrupted (Ctrl-C;
-    it says whether the request was queued). With --api, the same: 2 also when the API
-    finds the request invalid (nothing is queued), 5 when the API is unreachable or lost.
+    it says whether the request was queued). A request the inbox refuses (a sender without
+    XADD, over 1,000 books) is invalid: 2. With --api, the same: 2 also when the API finds
+    the request invalid (a body over 64 KiB, more books than the workers allow: nothing is
+    queued), 5 when the API is unreachable or lost.
     """
     stream_action = BY_VERB[action].action
     progress = Progress()
@@ -230,7 +232,7 @@ def _print(result: str) -> None:
 def _fate(action: str, request_id: str | None, sent: bool, handed_in: bool) -> str:
     """What became of a request whose run was interrupted."""
     if request_id is not None:
-        return f"{action} request {request_id} was queued; it stays queued and is processed when a worker runs"
+        return f"{action} request {request_id} was queued; interrupting does not withdraw it"
     if handed_in:
         return f"the {action} request is in the inbox; a worker queues it"
     return "the request may have been queued (no id came back)" if sent else "nothing was queued"

@@ -169,8 +169,8 @@ def status_command(
 
     try:
         sys.exit(asyncio.run(show()))
-    except KeyboardInterrupt:
-        sys.exit(0)
+    except KeyboardInterrupt:  # the way to end --watch; otherwise no verdict (0 would say healthy)
+        sys.exit(0 if watch else 130)
 
 
 def report_check(snapshot: dict[str, Any], thresholds: status.Thresholds, as_json: bool) -> int:

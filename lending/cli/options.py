@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import ipaddress
 import math
-import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
 from lending.keys import Keys, namespace_problem
+from lending.logs import point_at_devnull
 from lending.redaction import redact
 from lending.redis.cluster import namespace_url
 from lending.redis.connection import check_reachable, make_client
@@ -263,13 +263,5 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
 
 
 def discard_stdout() -> None:
-    """Point stdout at ``/dev/null`` once writing to it failed, so that what is still
-    buffered, and the interpreter's own flush at exit, go nowhere instead of failing."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stdout.fileno())
-        finally:
-            os.close(devnull)
-    except (OSError, ValueError):  # no descriptor (an in-memory stream): nothing is left to fail
-        pass
+    """Drop stdout for good once writing to it failed (``point_at_devnull``)."""
+    point_at_devnull(sys.stdout)

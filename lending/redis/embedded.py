@@ -183,16 +183,22 @@ class EmbeddedRedis:
         self.wait_ready(timeout_s)
 
     def spawn(self) -> int:
-        """Start the server process; returns its pid (``wait_ready`` waits for it to answer)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=self.process_group is None,
-            process_group=self.process_group,
-        )
+        """Start the server process; returns its pid (``wait_ready`` waits for it to answer).
+
+        :raises EmbeddedRedisError: the data dir cannot be made, or the server not run.
+        """
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=self.process_group is None,
+                process_group=self.process_group,
+            )
+        except OSError as exc:
+            raise EmbeddedRedisError(f"cannot start redis-server in {self.data_dir}: {exc}") from exc
         return self._process.pid
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -324,10 +330,15 @@ def data_dir_lock(data_dir: Path, timeout_s: float = 30.0) -> Iterator[None]:
     """Hold the data dir's lock (waiting, and saying so, while another process holds it).
 
     The kernel frees the lock when its holder dies, however it dies. A holder stuck for
-    ``timeout_s`` (a start takes at most 10 s) raises ``EmbeddedRedisError``.
+    ``timeout_s`` (a start takes at most 10 s) raises ``EmbeddedRedisError``, and so does a
+    data dir that cannot be made or written.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / LOCK_FILE, "a") as handle:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / LOCK_FILE, "a")  # noqa: SIM115  # closed by the with below
+    except OSError as exc:
+        raise EmbeddedRedisError(f"cannot use the data dir {data_dir}: {exc}") from exc
+    with handle:
         deadline = time.monotonic() + timeout_s
         waiting = False
         while True:
