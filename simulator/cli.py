@@ -17,7 +17,7 @@ from lending.app import run_fast
 from lending.cli import CommandError, FiniteFloatRange, check_namespace, check_redis_url, tls_from_options, tls_options
 from lending.errors import RedisUnavailable
 from lending.logs import configure_logging
-from lending.settings import MIN_CLAIM_IDLE_MS, Settings
+from lending.settings import COUNT_BOUNDS, Settings
 
 from .bench import BenchOptions, benchmark, render
 from .run import RunOptions, memory_bytes, simulate
@@ -153,11 +153,15 @@ def redis_url_option(help_text: str) -> Callable[[F], F]:
 # value it would refuse is a usage error here, not a worker that dies as the run starts.
 @click.option("--shelving-fail-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--shelving-latency-ms", type=FiniteFloatRange(min=0), default=0.0, show_default=True)
-@click.option("--max-books-per-user", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--storage-capacity", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option(
+    "--max-books-per-user", type=click.IntRange(*COUNT_BOUNDS["max_books_per_user"]), default=5, show_default=True
+)
+@click.option(
+    "--storage-capacity", type=click.IntRange(*COUNT_BOUNDS["storage_capacity"]), default=20, show_default=True
+)
 @click.option(
     "--claim-idle-ms",
-    type=click.IntRange(min=MIN_CLAIM_IDLE_MS),
+    type=click.IntRange(*COUNT_BOUNDS["claim_idle_ms"]),
     default=3_000,
     show_default=True,
     help="The spawned workers' --claim-idle-ms.",
@@ -166,7 +170,7 @@ def redis_url_option(help_text: str) -> Callable[[F], F]:
     "--retry-max-ms",
     # The workers keep their default --retry-base-ms (they get no LENDING_* variable), and
     # the longest wait may not be shorter than the first.
-    type=click.IntRange(min=Settings.retry_base_ms),
+    type=click.IntRange(Settings.retry_base_ms, COUNT_BOUNDS["retry_max_ms"][1]),
     default=None,
     help="The spawned workers' --retry-max-ms [default: theirs, 60000]; with --shelving-fail-rate, "
     "keep ten retries within the run's wait for the last outcome (120 s).",

@@ -450,12 +450,14 @@ HANDED_ON = {
 @pytest.mark.parametrize(("option", "field"), HANDED_ON.items())
 def test_run_takes_for_its_workers_exactly_the_values_a_worker_takes(option: str, field: str) -> None:
     run = main.commands["run"]
-    (least,) = (p.type.min for p in run.params if option in p.opts and isinstance(p.type, click.IntRange))
-    assert least is not None
+    (bounds,) = (p.type for p in run.params if option in p.opts and isinstance(p.type, click.IntRange))
+    assert bounds.min is not None and bounds.max is not None
 
-    Settings().replace(**{field: least})
-    with pytest.raises(ConfigError):
-        Settings().replace(**{field: least - 1})
+    for taken in (bounds.min, bounds.max):
+        Settings().replace(**{field: taken})
+    for refused in (bounds.min - 1, bounds.max + 1):
+        with pytest.raises(ConfigError):
+            Settings().replace(**{field: refused})
 
 
 @pytest.mark.parametrize(
