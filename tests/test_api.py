@@ -30,7 +30,7 @@ from lending.settings import Limits
 
 from .api_support import LiveApi, closing_problem, problem, raw_connection, raw_exchange, send_in_two, serving
 from .conftest import StartWorker
-from .support import ROOT, decoded, event_for, raw_entries, send, stream_entries, wait_until
+from .support import ROOT, decoded, event_for, raw_entries, send, stream_entries, wait_until, xadd_fields
 
 TOKEN = "s3cret-operator-token"
 OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
@@ -239,7 +239,7 @@ async def test_more_books_than_the_workers_allow_is_422(
 async def test_limits_lost_by_redis_keep_their_last_values_until_published_again(
     live: LiveApi, redis: Redis, keys: Keys
 ) -> None:
-    await redis.hset(keys.config, mapping=Limits(max_books_per_request=2).fields())
+    await redis.hset(keys.config, mapping=xadd_fields(Limits(max_books_per_request=2).fields()))
     await live.api.refresh_limits()
     await redis.delete(keys.config)  # Redis restarted without its data
     await live.api.refresh_limits()
