@@ -113,6 +113,7 @@ class Worker:
                 dead_letter,
                 name=group,
                 renew=self._scripts.renew,
+                autoclaim=self._scripts.autoclaim,
                 metrics=self.metrics,
                 on_redis_error=self._follow_redis if on_redis_error else None,
                 on_reconnect=self._check_eviction,

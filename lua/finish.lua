@@ -18,13 +18,17 @@
 -- ARGV[4]  how many dead letters KEYS[6] keeps (--dead-letters-maxlen): the oldest
 --          beyond it are dropped with the XADD (exact MAXLEN), and counted in KEYS[9]
 -- ARGV[5]  1 to give back what a lend request holds, 0 for a return entry (its ids are
---          numbered apart from lend entries: the same id names another request)
+--          numbered apart from lend entries: the same id names another request), 2 for
+--          a lend whose entry was deleted from its stream (see below)
 -- ARGV[6]  N; ARGV[7..6+N] the request's books, to look up in the grants ledger
 -- then P, the number of event fields, the event's P field/value pairs, and the dead
 -- letter's field/value pairs
 --
 -- Returns 1 when finished here, 0 when the entry was no longer pending (finished
--- elsewhere): then nothing is written.
+-- elsewhere): then nothing is written. A lend whose entry was deleted from its stream
+-- may have left the group's pending list without being finished (Redis 7 drops a
+-- deleted entry from it when it is claimed): while its reservation holds books, it is
+-- not finished, and is finished here (the reservation, deleted here, makes it once).
 --
 -- Failure first: every check and read comes before the first write, and the first
 -- write is an XADD (refused as a whole under OOM), so a call that fails changes
@@ -56,7 +60,10 @@ local function no_room(stream)
   end
 end
 
-if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+local lend = ARGV[5] ~= '0'
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
+  if ARGV[5] ~= '2' or redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+end
 
 local maxlen = tonumber(ARGV[4])
 local n = tonumber(ARGV[6])
@@ -66,7 +73,7 @@ local last_event_arg = p_arg + 2 * tonumber(ARGV[p_arg])
 -- Plan the give-back: refill storage up to its capacity, the rest to shelving, each
 -- book with the context it was handed out to (a reserved book's is in from-shelving).
 local to_storage, taken, rest, contexts, settled = {}, {}, {}, {}, {}
-if ARGV[5] == '1' then
+if lend then
   local books = {}
   for _, book in ipairs(redis.call('SMEMBERS', KEYS[4])) do books[#books + 1] = {book, false} end
   if n > 0 then
@@ -119,6 +126,6 @@ end
 if #to_storage > 0 then redis.call('SADD', KEYS[3], unpack(to_storage)) end
 if #taken > 0 then redis.call('HSET', KEYS[7], unpack(taken)) end
 if #settled > 0 then redis.call('HDEL', KEYS[8], unpack(settled)) end
-if ARGV[5] == '1' then redis.call('DEL', KEYS[4]) end
+if lend then redis.call('DEL', KEYS[4]) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1

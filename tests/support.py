@@ -4,11 +4,12 @@ processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,8 +19,11 @@ from redis.typing import EncodableT, FieldT, KeyT
 from lending.client import wait_for_event
 from lending.domain.events import Event
 from lending.keys import Keys
+from lending.redis.connection import make_client
 from lending.redis.consumer import Delivery
 from lending.service.lending import LendingService
+from lending.settings import Settings
+from lending.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -251,3 +255,18 @@ class AcksAfterXinfo(Redis):
         if ids:
             await self.xack(stream, group, *ids)
         return groups
+
+
+@contextlib.asynccontextmanager
+async def in_process_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker of ``settings`` (its own client of ``settings.redis_url``), stopped on leaving."""
+    assert settings.redis_url is not None
+    client = make_client(settings.redis_url)
+    worker = Worker(settings, client, handle_signals=False)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await client.aclose()

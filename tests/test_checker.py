@@ -8,7 +8,6 @@ name that invariant and the offending key.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from .support import (
     ROOT,
     event_for,
     hash_of,
+    in_process_worker,
     process_env,
     raw_entries,
     send,
@@ -388,20 +388,6 @@ async def test_trimming_on_redis_7_leaves_every_entry_accounted_for(
         report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
 
     assert report.quiescent and report.violations == [], report.violations
-
-
-@contextlib.asynccontextmanager
-async def in_process_worker(settings: Settings) -> AsyncIterator[Worker]:
-    assert settings.redis_url is not None
-    client = make_client(settings.redis_url)
-    worker = Worker(settings, client, handle_signals=False)
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 15)
-        await client.aclose()
 
 
 # -- check: a real namespace, corrupted on purpose ---------------------------------------

@@ -64,11 +64,14 @@ class Fail:
 
     :param books: a lend's books, looked up in the grants ledger (none for a return).
     :param letter: the dead letter's fields.
+    :param gone: the entry was deleted from its stream: a lend is finished even when no
+        longer pending, while its reservation holds books.
     """
 
     event: Event
     books: tuple[str, ...]
     letter: Mapping[str, Arg]
+    gone: bool = False
 
 
 # The keys every commit names, in the script's KEYS[1..8] order.
@@ -155,7 +158,7 @@ def encode_finish(
         event.request_id,
         capacity,
         dead_letters_maxlen,
-        1 if lend else 0,
+        (2 if fail.gone else 1) if lend else 0,
         len(books),
         *books,
         len(event.fields()),

@@ -57,6 +57,8 @@ from lending.redis.tasks import cancel_and_wait
 log = structlog.get_logger(__name__)
 
 CLAIM_PAGE = 100
+#: Why an entry deleted from its stream while pending is dead-lettered.
+DELETED = "the entry was deleted from its stream before it was processed"
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class StreamConsumer:
         dead_letter: DeadLetterHandler,
         name: str,
         renew: Script,
+        autoclaim: Script,
         metrics: Metrics | None = None,
         on_redis_error: FindRedis | None = None,
         rng: random.Random | None = None,
@@ -142,6 +145,7 @@ class StreamConsumer:
         self._handler = handler
         self._dead_letter = dead_letter
         self._renew = renew
+        self._autoclaim = autoclaim
         self._log = log.bind(consumer=name)
         self._name = name
         self._metrics = metrics or Metrics()
@@ -289,18 +293,16 @@ class StreamConsumer:
         """Take over entries idle on other consumers for longer than ``claim_idle_ms``."""
         claimed = 0
         for stream in self._streams:
-            # redis-py drops the cursor of a JUSTID reply; claimed entries stop being
-            # idle, so scanning from the start again finds the next ones.
+            # Claimed entries stop being idle, so scanning from the start again finds the
+            # next ones.
             for _ in range(10):  # bounded: at most 10 pages per stream and tick
-                ids = await self._client.xautoclaim(
-                    stream,
-                    self._config.group,
-                    self._config.consumer,
-                    self._config.claim_idle_ms,
-                    start_id="0-0",
-                    count=CLAIM_PAGE,
-                    justid=True,
+                ids, deleted = await self._autoclaim(
+                    self._client,
+                    [stream],
+                    [self._config.group, self._config.consumer, self._config.claim_idle_ms, CLAIM_PAGE],
                 )
+                for entry_id in deleted:  # gone from the pending list: finished by us or never
+                    await self._give_up(Delivery(stream, text(entry_id), {}, 1), DELETED)
                 claimed += len(ids)
                 if len(ids) < CLAIM_PAGE:
                     break
@@ -375,15 +377,17 @@ class StreamConsumer:
                 if entry_id is not None
             ]
         for entry_id in {*counted, *kept} - {d.entry_id for d in batch}:
-            await self._forget_if_deleted(stream, entry_id)
+            await self._finish_if_deleted(Delivery(stream, entry_id, {}, counted.get(entry_id, kept.get(entry_id, 1))))
         return batch
 
-    async def _forget_if_deleted(self, stream: str, entry_id: str) -> None:
-        """An entry deleted from its stream while pending can never be processed: ack it."""
-        self._retries.pop((stream, entry_id), None)
-        if not await self._client.xrange(stream, min=entry_id, max=entry_id, count=1):
-            await self._client.xack(stream, self._config.group, entry_id)
-            self._log.warning("acknowledged a pending entry deleted from its stream", stream=stream, entry_id=entry_id)
+    async def _finish_if_deleted(self, gone: Delivery) -> None:
+        """An entry deleted from its stream while pending can never be processed: it is
+        dead-lettered (a ``failed`` outcome, and whatever its request holds given back;
+        an acknowledgement alone kept a lend's reserved books from storage for ever)."""
+        self._retries.pop((gone.stream, gone.entry_id), None)
+        if not await self._client.xrange(gone.stream, min=gone.entry_id, max=gone.entry_id, count=1):
+            self._log.warning("a pending entry was deleted from its stream", stream=gone.stream, entry_id=gone.entry_id)
+            await self._give_up(gone, DELETED)
 
     async def _renew_forever(self) -> None:
         """Every third of ``claim_idle_ms``: renew the entries this consumer holds."""
@@ -413,7 +417,7 @@ class StreamConsumer:
         fresh = [d for d in deliveries if (d.stream, d.entry_id) not in self._inflight]
         # An entry deleted from the stream comes back without fields (XADD needs one).
         for gone in [d for d in fresh if not d.fields]:
-            self._inflight.start([(gone.stream, gone.entry_id)], self._forget_if_deleted(gone.stream, gone.entry_id))
+            self._inflight.start([(gone.stream, gone.entry_id)], self._finish_if_deleted(gone))
         batch = [d for d in fresh if d.fields]
         if batch:
             self._inflight.start([(d.stream, d.entry_id) for d in batch], self._handle(batch))

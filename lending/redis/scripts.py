@@ -91,6 +91,7 @@ class Scripts:
         self.finish = read_script("finish")
         self.reconcile = read_script("reconcile")
         self.renew = read_script("renew")
+        self.autoclaim = read_script("autoclaim")
         self.dead_letter = read_script("dead_letter")
         self.shelving_get = read_script("shelving_get")
         self.shelving_release = read_script("shelving_release")

@@ -343,7 +343,8 @@ class LendingService:
             LENDING_GROUP,
             self._settings.storage_capacity,
             self._settings.dead_letters_maxlen,
-            Fail(event, books, letter),
+            # An entry without fields is one deleted from its stream while pending.
+            Fail(event, books, letter, gone=not delivery.fields),
         )
         if int(await self._scripts.finish(self._client, keys, args)) == 1:  # 0: finished elsewhere
             self._count(event, time.time() * 1000)

@@ -54,11 +54,12 @@ def finish_call(
     event: Event | None = None,
     letter: Mapping[str, str] = LETTER,
     maxlen: int = 100,
+    gone: bool = False,
 ) -> tuple[list[str], list[Arg]]:
     """finish.lua's KEYS and ARGV, from the package's one encoder (``stream`` overrides
     the entry's stream, to call it on another one)."""
     event = event or failed(entry, LEND if lend else RETURN)
-    call_keys, args = encode_finish(keys, LENDING_GROUP, capacity, maxlen, Fail(event, tuple(books), letter))
+    call_keys, args = encode_finish(keys, LENDING_GROUP, capacity, maxlen, Fail(event, tuple(books), letter, gone))
     if stream is not None:
         call_keys[0] = stream
     return call_keys, args
@@ -74,6 +75,7 @@ class FinishOptions(TypedDict, total=False):
     event: Event | None
     letter: Mapping[str, str]
     maxlen: int
+    gone: bool
 
 
 async def finish(redis: Redis, scripts: Scripts, keys: Keys, entry: str, **options: Unpack[FinishOptions]) -> Any:
@@ -82,6 +84,32 @@ async def finish(redis: Redis, scripts: Scripts, keys: Keys, entry: str, **optio
 
 
 # -- giving back the reservation -----------------------------------------------------------
+
+
+async def test_a_deleted_lend_no_longer_pending_is_finished_once_while_its_reservation_holds_books(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Redis 7 drops a deleted entry from the pending list when it is claimed: the
+    reservation, not the pending list, then says that the request is not finished."""
+    entry = await finished_entry(redis, keys.lend_requests)  # not pending any more
+    await redis.sadd(keys.reservation(entry), "r1")
+
+    assert await finish(redis, scripts, keys, entry, gone=False) == 0  # no longer pending: not ours
+    assert await finish(redis, scripts, keys, entry, gone=True) == 1
+    assert await finish(redis, scripts, keys, entry, gone=True) == 0  # the reservation is gone: done
+
+    assert await members(redis, keys.storage) == {"r1"}
+    assert [event.request_id for event in await all_events(redis, keys)] == [entry]
+
+
+async def test_a_deleted_lend_that_holds_nothing_and_is_not_pending_is_left_alone(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Finished and acknowledged by a worker, then trimmed: no second outcome."""
+    entry = await finished_entry(redis, keys.lend_requests)
+
+    assert await finish(redis, scripts, keys, entry, gone=True) == 0
+    assert await all_events(redis, keys) == []
 
 
 async def test_finish_refills_storage_up_to_capacity_and_sends_the_rest_to_shelving(

@@ -1,0 +1,56 @@
+"""A request entry deleted from its stream while a worker holds it (an operator's XDEL,
+a trim): it can never be processed, but what its request holds must go back, and its
+sender must get an outcome."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from lending.keys import LENDING_GROUP, Keys
+from lending.redis.connection import make_client
+from lending.settings import Settings
+
+from .support import event_for, in_process_worker, members, send, wait_until
+
+
+@pytest.fixture(params=["default", "redis7"])
+async def server(request: pytest.FixtureRequest, redis_url: str, keys: Keys) -> AsyncIterator[tuple[Redis, str]]:
+    """The default test Redis (6.2 keeps a deleted entry in the pending list) and a Redis 7
+    (which drops it from there when it is claimed)."""
+    url = request.getfixturevalue("redis7_url") if request.param == "redis7" else redis_url
+    client = make_client(url)
+    yield client, url
+    async for key in client.scan_iter(match=keys.pattern("*"), count=1000):
+        await client.delete(key)
+    await client.aclose()
+
+
+async def test_a_lend_deleted_while_a_frozen_worker_held_it_gives_its_reserved_books_back(
+    server: tuple[Redis, str], keys: Keys, settings: Settings
+) -> None:
+    """A worker reserved the storage's copy, froze past claim-idle, and the entry was
+    deleted meanwhile: the book stayed in the reservation for ever, with no outcome."""
+    redis, url = server
+    await redis.sadd(keys.storage, "dune")
+    request_id = await send(redis, keys, "lend", "ada", ["dune", "solaris"])
+    await redis.xgroup_create(keys.lend_requests, LENDING_GROUP, id="0")
+    await redis.xreadgroup(LENDING_GROUP, "frozen", {keys.lend_requests: ">"})
+    await redis.smove(keys.storage, keys.reservation(request_id), "dune")  # as reserve.lua does
+    await redis.xdel(keys.lend_requests, request_id)
+
+    async with in_process_worker(settings.replace(redis_url=url, claim_idle_ms=100)):
+        event = await event_for(redis, keys, "lend", request_id)
+        await wait_until(lambda: _stored(redis, keys, "dune"))
+
+    assert (event.status, event.user_id) == ("failed", "")
+    assert "deleted from its stream" in event.reason
+    assert not await redis.exists(keys.reservation(request_id))
+    assert await redis.xlen(keys.dead_letters) == 1
+    assert (await redis.xpending(keys.lend_requests, LENDING_GROUP))["pending"] == 0
+
+
+async def _stored(redis: Redis, keys: Keys, book: str) -> bool:
+    return book in await members(redis, keys.storage)
