@@ -239,8 +239,8 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
     to answer, and closed on leaving.
 
     :raises CommandError: Redis cannot be reached, is lost or stalls while the command
-        runs, or refused a command for want of a permission (the command's ACL user lacks
-        it); the command says why in one line and exits 1.
+        runs, or refused a command (for want of a permission the command's ACL user lacks,
+        or a key of the wrong type); the command says why in one line and exits 1.
     """
     client: Redis | None = None
     try:
@@ -253,9 +253,10 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
     try:
         yield client
     except ResponseError as exc:
-        if (refusal := no_permission(exc)) is None:
-            raise
-        raise CommandError(f"no permission: {refusal}") from exc
+        if (refusal := no_permission(exc)) is not None:
+            raise CommandError(f"no permission: {refusal}") from exc
+        # A key of the wrong type, a stream out of IDs...: the namespace needs a look.
+        raise CommandError(f"Redis refused a command: {str(exc) or type(exc).__name__}") from exc
     except (RedisConnectionError, RedisTimeoutError, InvalidResponse) as exc:
         raise CommandError(f"lost Redis at {target.url}: {str(exc) or type(exc).__name__}") from exc
     finally:
