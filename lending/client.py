@@ -160,8 +160,10 @@ def failure_outcome(exc: BaseException, progress: Progress, *, url: str, timeout
         return Unreachable(f"Redis at {url} did not answer within {timeout_s:g} s; {fate}")
     if isinstance(exc, RedisUnavailable):
         return Unreachable(str(exc))
-    if isinstance(exc, RequestRefused):  # out of the inbox's bounds: the sender's request is at fault
-        return Invalid(exc.reason, by="the inbox")
+    if isinstance(exc, RequestRefused):
+        if exc.reason.startswith("STREAMFULL"):  # Redis's refusal, relayed: as an XADD gets it
+            return Refused(exc.reason)
+        return Invalid(exc.reason, by="the inbox")  # out of the inbox's bounds: the request is at fault
     if isinstance(exc, ResponseError):
         return Refused(str(exc) or type(exc).__name__)
     message = f"lost Redis at {url}: {(str(exc) or type(exc).__name__).rstrip('.')}"

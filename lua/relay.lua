@@ -15,7 +15,9 @@
 -- ARGV[6..] the actions of KEYS[2..], in the same order
 --
 -- Returns how many submissions it took off the inbox: queued, refused (their receipt
--- says why), or dropped (malformed beyond a nonce to answer to). The full validation
+-- says why: out of bounds, or for a request stream that has used up its entry IDs,
+-- "STREAMFULL ..."; the other stream's submissions are still queued), or dropped
+-- (malformed beyond a nonce to answer to). The full validation
 -- stays the service's: this only bounds what can be written, and keeps out control
 -- characters (no field of an entry can then be split or forged).
 --
@@ -26,7 +28,7 @@
 local MAX_MS = '18446744073709551615-'
 local receipts, ttl, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local max_id, max_books = tonumber(ARGV[4]), tonumber(ARGV[5])
-local stream_of = {}
+local stream_of, full = {}, {}
 for k = 2, #KEYS do stream_of[ARGV[4 + k]] = KEYS[k] end
 
 -- The five lines of a submission; nil for fewer, the first five and true for more.
@@ -78,6 +80,7 @@ local function parse(raw)
   end
   local problem = books_problem(books)
   if problem then return refuse(problem) end
+  if full[stream] then return refuse('STREAMFULL ' .. stream .. ' has used up its entry IDs: no entry can be added') end
   return {nonce = nonce, stream = stream, user = user, books = books}
 end
 
@@ -86,9 +89,7 @@ for k = 2, #KEYS do
   if redis.call('EXISTS', KEYS[k]) == 1 then
     local info = redis.call('XINFO', 'STREAM', KEYS[k])
     for i = 1, #info, 2 do
-      if info[i] == 'last-generated-id' and string.find(info[i + 1], MAX_MS, 1, true) == 1 then
-        return redis.error_reply('STREAMFULL ' .. KEYS[k] .. ' has used up its entry IDs: no entry can be added')
-      end
+      if info[i] == 'last-generated-id' and string.find(info[i + 1], MAX_MS, 1, true) == 1 then full[KEYS[k]] = true end
     end
   end
 end

@@ -253,6 +253,13 @@ HANDED_IN = Progress(sent=True, handed_in=True)
             id="refused-by-the-relay",
         ),
         pytest.param(
+            RequestRefused("STREAMFULL {ns}:lend-requests has used up its entry IDs"),
+            HANDED_IN,
+            False,
+            Refused("STREAMFULL {ns}:lend-requests has used up its entry IDs"),  # Redis's refusal: exit 6
+            id="stream-full-behind-the-relay",
+        ),
+        pytest.param(
             RedisUnavailable(URL, "Connection refused"),
             NOT_SENT,
             False,
