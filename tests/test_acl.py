@@ -103,12 +103,12 @@ def with_user(url: str, user: str, password: str) -> str:
     return f"{scheme}://{user}:{password}@{rest}"
 
 
-async def create_printed_users(server: Server, namespace: str) -> Users:
-    suffix, password = uuid.uuid4().hex[:8], uuid.uuid4().hex
-    names = (f"lending-{suffix}", f"get-books-{suffix}", f"operator-{suffix}", f"api-{suffix}")
+def print_acl(server: Server, namespace: str, names: tuple[str, str, str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m lending acl`` for ``server``'s version: the four users ``names`` (service,
+    sender, operator, API)."""
     version = "7" if server.major >= 7 else "6.2"
     named = ["--service-user", names[0], "--sender-user", names[1], "--operator-user", names[2], "--api-user", names[3]]
-    printed = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "lending", "acl", "--namespace", namespace, "--redis", version, *named],
         cwd=ROOT,
         capture_output=True,
@@ -116,6 +116,12 @@ async def create_printed_users(server: Server, namespace: str) -> Users:
         timeout=30,
         check=True,
     )
+
+
+async def create_printed_users(server: Server, namespace: str) -> Users:
+    suffix, password = uuid.uuid4().hex[:8], uuid.uuid4().hex
+    names = (f"lending-{suffix}", f"get-books-{suffix}", f"operator-{suffix}", f"api-{suffix}")
+    printed = print_acl(server, namespace, names)
     lines = printed.stdout.splitlines()
     assert [line.split()[:3] for line in lines] == [["ACL", "SETUSER", name] for name in names], printed.stdout
     for line in lines:
@@ -495,16 +501,7 @@ async def test_printed_commands_piped_into_redis_cli_limit_each_user_to_an_odd_n
         pytest.skip("needs redis-cli and a redis:// server")
     namespace, suffix, password = f"lib-{uuid.uuid4().hex[:6]}-{odd}", uuid.uuid4().hex[:8], uuid.uuid4().hex
     names = (f"lending-{suffix}", f"get-books-{suffix}", f"operator-{suffix}", f"api-{suffix}")
-    named = ["--service-user", names[0], "--sender-user", names[1], "--operator-user", names[2], "--api-user", names[3]]
-    version = "7" if server.major >= 7 else "6.2"
-    printed = subprocess.run(
-        [sys.executable, "-m", "lending", "acl", "--namespace", namespace, "--redis", version, *named],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    printed = print_acl(server, namespace, names)
     try:
         piped = subprocess.run(
             [cli, "-u", server.url],

@@ -393,25 +393,21 @@ async def test_an_outcome_that_cannot_be_printed_goes_to_stderr_with_its_exit_co
 ) -> None:
     """stdout full: the sender still learns the outcome (it exited 1, "denied", with a traceback)."""
     spawn("w1")
-    with open("/dev/full", "w") as full:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "get_books.py"), "request", "Salvatore", "b1"],
-            cwd=ROOT,
-            env=process_env(redis_url, namespace),
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=30,
-        )
-        status = subprocess.run(
-            [sys.executable, "-m", "lending", "status"],
-            cwd=ROOT,
-            env=process_env(redis_url, namespace),
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=30,
-        )
+
+    def into_a_full_disk(*args: str) -> subprocess.CompletedProcess[str]:
+        with open("/dev/full", "w") as full:
+            return subprocess.run(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=process_env(redis_url, namespace),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=30,
+            )
+
+    result = into_a_full_disk(str(ROOT / "get_books.py"), "request", "Salvatore", "b1")
+    status = into_a_full_disk("-m", "lending", "status")
 
     assert result.returncode == 0, result
     assert re.fullmatch(
