@@ -19,8 +19,8 @@ MIN_CLAIM_IDLE_MS = 100
 MAX_DURATION_MS = 86_400_000
 #: Counts Redis takes (MAXLEN, COUNT) are signed 64-bit.
 MAX_REDIS_COUNT = 2**63 - 1
-#: The bounds of the whole-number settings, both included (``Settings`` checks them, and
-#: ``--help`` shows them).
+#: The bounds of the whole-number settings, both included: ``Settings`` checks them (the
+#: one place), and ``--help`` shows them.
 COUNT_BOUNDS = {
     "storage_capacity": (0, MAX_REDIS_COUNT),
     "max_books_per_user": (1, MAX_REDIS_COUNT),
@@ -36,6 +36,8 @@ COUNT_BOUNDS = {
     "dead_letters_maxlen": (1, MAX_REDIS_COUNT),
     "read_count": (1, MAX_REDIS_COUNT),
 }
+#: Why a least bound is what it is, where that is not plain.
+WHY_LEAST = {"claim_idle_ms": " (a worker renews the entries it holds every third of it)"}
 
 
 @dataclass(frozen=True)
@@ -169,40 +171,22 @@ class Settings:
             out.append(problem)
         if not self.worker_id or len(self.worker_id) > 128 or not self.worker_id.isprintable():
             out.append(f"worker id {self.worker_id!r} must be 1-128 printable characters")
-        for name in (
-            "max_books_per_user",
-            "max_books_per_request",
-            "max_deliveries",
-            "read_count",
-            "concurrency",
-            "dead_letters_maxlen",
-        ):
-            if getattr(self, name) < 1:
-                out.append(f"{name.replace('_', '-')} must be at least 1")
+        for name, (least, most) in COUNT_BOUNDS.items():
+            value, option = getattr(self, name), name.replace("_", "-")
+            if value < least:
+                out.append(f"{option} must be at least {least}{WHY_LEAST.get(name, '')}")
+            elif value > most:
+                out.append(f"{option} must be at most {most}")
         if self.liveness_timeout_s <= 0:
             out.append("the liveness timeout must be positive")
-        if self.events_maxlen < 1 or self.trim_interval_s <= 0:
-            out.append("events-maxlen must be at least 1 and the trim interval positive")
-        if self.storage_capacity < 0:
-            out.append("storage-capacity must not be negative")
-        if self.claim_idle_ms < MIN_CLAIM_IDLE_MS:
-            out.append(
-                f"claim-idle-ms must be at least {MIN_CLAIM_IDLE_MS} (a worker renews the entries it "
-                "holds every third of it)"
-            )
-        if not 1 <= self.retry_base_ms <= self.retry_max_ms:
-            out.append("retry-base-ms must be at least 1 and at most retry-max-ms")
-        if self.reconcile_interval_ms < 1:
-            out.append("reconcile-interval-ms must be at least 1")
-        if self.worker_ttl_ms < 1000:
-            out.append("worker ttl must be at least 1000 ms")
+        if self.trim_interval_s <= 0:
+            out.append("the trim interval must be positive")
+        if self.retry_base_ms > self.retry_max_ms:
+            out.append("retry-base-ms must be at most retry-max-ms")
         if not 0.0 <= self.shelving_fail_rate <= 1.0:
             out.append("shelving fail rate must be between 0 and 1")
         if self.log_format not in ("console", "json"):
             out.append("log format must be console or json")
-        for name, (_, most) in COUNT_BOUNDS.items():
-            if getattr(self, name) > most:
-                out.append(f"{name.replace('_', '-')} must be at most {most}")
         return out
 
     def warnings(self) -> list[str]:
