@@ -25,9 +25,7 @@ import orjson
 import structlog
 from fastapi import APIRouter
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.responses import Response, StreamingResponse
 
 from lending.api import problems as p
@@ -38,6 +36,7 @@ from lending.api.tail import EventTail
 from lending.domain.events import Event
 from lending.keys import Keys
 from lending.ops.status import read_overview
+from lending.redis.replies import is_transient
 from lending.redis.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -326,6 +325,6 @@ def dashboard_routes(dashboard: Dashboard) -> APIRouter:
 
 def _public_error(exc: BaseException) -> str:
     """What the public page may say about a failed status read."""
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+    if is_transient(exc):  # as redis_problem tells a 503 from a refusal
         return "Redis did not answer; trying again"
     return f"Redis refused the status read ({type(exc).__name__}); the API's log says why"
