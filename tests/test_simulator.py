@@ -14,6 +14,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -239,11 +240,9 @@ def test_run_with_pauses_reports_them_and_leaves_nothing_stopped(tmp_path: Path)
     assert processes_of_run(mark) == {}
 
 
-@needs_proc
-@pytest.mark.parametrize("interrupt", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(interrupt: signal.Signals) -> None:
-    mark = uuid.uuid4().hex
-    proc = subprocess.Popen(
+def pausing_run(mark: str) -> subprocess.Popen[str]:
+    """A 60 s run of two workers, one paused now and then; its processes carry ``mark``."""
+    return subprocess.Popen(
         simulator("--duration", "60", "--rate", "20", "--workers", "2", "--pause-every", "0.3"),
         cwd=ROOT,
         env=simulator_env(mark),
@@ -251,12 +250,24 @@ def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(in
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def wait_for_a_paused_worker(proc: subprocess.Popen[str], mark: str, ready: Callable[[], bool] = lambda: True) -> None:
+    """Until a worker of ``proc``'s run is paused right now (and ``ready``), within 60 s."""
+    deadline = time.monotonic() + 60
+    while "T" not in processes_of_run(mark).values() or not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no worker was paused within 60 s: {processes_of_run(mark)}"
+        time.sleep(0.05)
+
+
+@needs_proc
+@pytest.mark.parametrize("interrupt", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_continues_its_paused_workers_and_stops_everything(interrupt: signal.Signals) -> None:
+    mark = uuid.uuid4().hex
+    proc = pausing_run(mark)
     try:
-        deadline = time.monotonic() + 60
-        while "T" not in processes_of_run(mark).values():  # a worker is paused right now
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, f"no worker was paused within 60 s: {processes_of_run(mark)}"
-            time.sleep(0.05)
+        wait_for_a_paused_worker(proc, mark)
         proc.send_signal(interrupt)
         signalled = time.monotonic()
         _, err = proc.communicate(timeout=60)
@@ -275,24 +286,14 @@ def test_a_killed_run_takes_its_redis_server_and_workers_with_it() -> None:
     """SIGKILL leaves the simulator no time to stop anything: its children must end anyway
     (a test's timeout once left a redis-server and two workers running)."""
     mark = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        simulator("--duration", "60", "--rate", "20", "--workers", "2", "--pause-every", "0.3"),
-        cwd=ROOT,
-        env=simulator_env(mark),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = pausing_run(mark)
     try:
-        deadline = time.monotonic() + 60
         # Its reaper, its redis-server and two workers, one of them paused.
-        while len(children_of(proc.pid)) < 4 or "T" not in processes_of_run(mark).values():
-            assert proc.poll() is None, "the run ended early"
-            assert time.monotonic() < deadline, f"the run did not start within 60 s: {children_of(proc.pid)}"
-            time.sleep(0.05)
+        wait_for_a_paused_worker(proc, mark, ready=lambda: len(children_of(proc.pid)) >= 4)
         children = children_of(proc.pid)
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     assert sorted(children.values()).count("redis-server") == 1, children
     deadline = time.monotonic() + 10
     while left := {pid: name for pid, name in children.items() if live(pid)}:
