@@ -178,7 +178,7 @@ def get_books_command(
     sys.exit(report(outcome, stream_action, timeout, as_json))
 
 
-def report(outcome: Outcome | Invalid, action: str, timeout: float, as_json: bool) -> int:
+def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
     """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
     match outcome:
         case Answered(event):
