@@ -1,19 +1,32 @@
 #!lua flags=allow-oom
--- Take over entries idle on other consumers (XAUTOCLAIM ... JUSTID), answering what
--- redis-py's xautoclaim drops: the ids of entries deleted from the stream, which Redis 7
--- removes from the pending list as it reports them. Whoever gets them is the only one
--- who ever will: it must finish them (a lend's reservation holds books).
+-- Take over entries idle on other consumers, as XAUTOCLAIM ... JUSTID would, except
+-- entries deleted from the stream: those stay pending and are reported.
+--
+-- Why not XAUTOCLAIM: Redis 7 drops a deleted entry from the pending list as soon as it
+-- is claimed (XCLAIM and XAUTOCLAIM alike), and with it the only trace that its request
+-- still needs an outcome and a lend's reservation its books back. Left pending, a
+-- deleted entry is finished by finish.lua (which acknowledges it); a caller that dies
+-- before that loses nothing: the next one finds the entry again.
 --
 -- KEYS[1]  the stream
 -- ARGV[1]  consumer group
 -- ARGV[2]  this consumer
 -- ARGV[3]  the least idle time, in milliseconds
--- ARGV[4]  at most this many entries
+-- ARGV[4]  at most this many entries (claimed and deleted together)
 --
--- Returns {claimed ids, deleted ids} (Redis 6.2 reports no deleted ids: a deleted entry
--- stays pending, and is claimed like the others).
+-- Returns {claimed ids, deleted ids}, each in ID order.
 -- allow-oom: a take-over writes nothing that grows (Redis 7 would refuse a flagless
 -- script as a whole while out of memory, and entries of dead workers would wait).
 
-local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4], 'JUSTID')
-return {reply[2], reply[3] or {}}
+local claim, deleted = {}, {}
+for _, entry in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])) do
+  local id = entry[1]
+  if #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) == 1 then
+    claim[#claim + 1] = id
+  else
+    deleted[#deleted + 1] = id
+  end
+end
+if #claim == 0 then return {claim, deleted} end
+claim[#claim + 1] = 'JUSTID'  -- after the ids: unpack() expands fully only as the last argument
+return {redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(claim)), deleted}

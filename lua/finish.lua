@@ -26,9 +26,10 @@
 --
 -- Returns 1 when finished here, 0 when the entry was no longer pending (finished
 -- elsewhere): then nothing is written. A lend whose entry was deleted from its stream
--- may have left the group's pending list without being finished (Redis 7 drops a
--- deleted entry from it when it is claimed): while its reservation holds books, it is
--- not finished, and is finished here (the reservation, deleted here, makes it once).
+-- may have left the group's pending list without being finished: our claims leave
+-- such an entry pending (autoclaim.lua), but Redis 7 drops it on any other XCLAIM (an
+-- older worker's, an operator's). While its reservation holds books it is not
+-- finished, and is finished here (the reservation, deleted here, makes it once).
 --
 -- Failure first: every check and read comes before the first write, and the first
 -- write is an XADD (refused as a whole under OOM), so a call that fails changes

@@ -10,7 +10,10 @@
 -- ARGV[5..] entry ids this consumer holds in memory (in flight or waiting for a retry)
 --
 -- Returns the number of entries renewed. Entries another consumer has taken over are
--- left alone: renewing must never take an entry back.
+-- left alone: renewing must never take an entry back. So are entries deleted from the
+-- stream: Redis 7's XCLAIM would drop them from the pending list, and the commit of
+-- one in flight would then find it finished and leave its reservation behind (see
+-- autoclaim.lua).
 -- allow-oom: renewing uses no memory, and must go on while Redis is out of memory.
 
 local mine = {}
@@ -19,7 +22,7 @@ for _, entry in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[4]
 end
 local ids = {}
 for k = 5, #ARGV do
-  if mine[ARGV[k]] then ids[#ids + 1] = ARGV[k] end
+  if mine[ARGV[k]] and #redis.call('XRANGE', KEYS[1], ARGV[k], ARGV[k], 'COUNT', 1) == 1 then ids[#ids + 1] = ARGV[k] end
 end
 local n = #ids
 if n > 0 then

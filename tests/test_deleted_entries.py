@@ -54,3 +54,49 @@ async def test_a_lend_deleted_while_a_frozen_worker_held_it_gives_its_reserved_b
 
 async def _stored(redis: Redis, keys: Keys, book: str) -> bool:
     return book in await members(redis, keys.storage)
+
+
+@pytest.mark.parametrize("action", ["lend", "return"])
+async def test_a_request_deleted_while_a_dead_worker_held_it_gets_a_failed_outcome(
+    server: tuple[Redis, str], keys: Keys, settings: Settings, action: str
+) -> None:
+    """Nothing reserved yet (a return never reserves): on Redis 7 the take-over used to drop
+    the entry from the pending list, and its sender never heard of it again."""
+    redis, url = server
+    request_id = await send(redis, keys, action, "ada", ["dune"])
+    stream = keys.requests(action)
+    await redis.xgroup_create(stream, LENDING_GROUP, id="0")
+    await redis.xreadgroup(LENDING_GROUP, "dead", {stream: ">"})
+    await redis.xdel(stream, request_id)
+
+    async with in_process_worker(settings.replace(redis_url=url, claim_idle_ms=100)):
+        event = await event_for(redis, keys, action, request_id)
+        await wait_until(lambda: _nothing_pending(redis, stream))
+
+    assert (event.status, event.action) == ("failed", action)
+    assert "deleted from its stream" in event.reason
+    assert await redis.xlen(keys.dead_letters) == 1
+
+
+async def test_a_request_deleted_while_pending_on_this_worker_from_an_earlier_run_gets_a_failed_outcome(
+    server: tuple[Redis, str], keys: Keys, settings: Settings
+) -> None:
+    """Resuming its own entries, the worker claims them again (a delivery counted): on
+    Redis 7 that claim used to drop a deleted one from the pending list."""
+    redis, url = server
+    settings = settings.replace(redis_url=url, claim_idle_ms=100, retry_base_ms=100)
+    request_id = await send(redis, keys, "return", "ada", ["dune"])
+    await redis.xgroup_create(keys.return_requests, LENDING_GROUP, id="0")
+    await redis.xreadgroup(LENDING_GROUP, settings.worker_id, {keys.return_requests: ">"})
+    await redis.xdel(keys.return_requests, request_id)
+
+    async with in_process_worker(settings):
+        event = await event_for(redis, keys, "return", request_id)
+        await wait_until(lambda: _nothing_pending(redis, keys.return_requests))
+
+    assert event.status == "failed"
+    assert await redis.xlen(keys.dead_letters) == 1
+
+
+async def _nothing_pending(redis: Redis, stream: str) -> bool:
+    return int((await redis.xpending(stream, LENDING_GROUP))["pending"]) == 0

@@ -12,9 +12,13 @@ not finished stay pending and come back:
 - while this consumer holds an entry (in flight or waiting for its retry) it renews the
   entry's idle time every third of ``claim_idle_ms``, so no other consumer takes over
   the work of a live one;
-- entries pending on another consumer for ``claim_idle_ms`` are taken over with
-  XAUTOCLAIM (that consumer died or stalled), and entries pending on this consumer
-  from an earlier run are resumed; both count a delivery;
+- entries pending on another consumer for ``claim_idle_ms`` are taken over (that
+  consumer died or stalled), and entries pending on this consumer from an earlier run
+  are resumed; both count a delivery;
+- an entry deleted from its stream while pending is dead-lettered, and stays pending
+  until then (``autoclaim.lua``, ``claim.lua``, ``renew.lua``: Redis 7's XCLAIM and
+  XAUTOCLAIM would drop it from the pending list, and its request would never get an
+  outcome);
 - an entry delivered more than ``max_deliveries`` times goes to the dead-letter
   handler instead of the handler.
 
@@ -51,7 +55,7 @@ from lending.redis.replies import (
     reply_text,
     text,
 )
-from lending.redis.scripts import Script
+from lending.redis.scripts import Scripts
 from lending.redis.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -132,8 +136,7 @@ class StreamConsumer:
         handler: Handler,
         dead_letter: DeadLetterHandler,
         name: str,
-        renew: Script,
-        autoclaim: Script,
+        scripts: Scripts,
         metrics: Metrics | None = None,
         on_redis_error: FindRedis | None = None,
         rng: random.Random | None = None,
@@ -144,8 +147,7 @@ class StreamConsumer:
         self._config = config
         self._handler = handler
         self._dead_letter = dead_letter
-        self._renew = renew
-        self._autoclaim = autoclaim
+        self._scripts = scripts
         self._log = log.bind(consumer=name)
         self._name = name
         self._metrics = metrics or Metrics()
@@ -296,15 +298,16 @@ class StreamConsumer:
             # Claimed entries stop being idle, so scanning from the start again finds the
             # next ones.
             for _ in range(10):  # bounded: at most 10 pages per stream and tick
-                ids, deleted = await self._autoclaim(
+                ids, deleted = await self._scripts.autoclaim(
                     self._client,
                     [stream],
                     [self._config.group, self._config.consumer, self._config.claim_idle_ms, CLAIM_PAGE],
                 )
-                for entry_id in deleted:  # gone from the pending list: finished by us or never
-                    await self._give_up(Delivery(stream, text(entry_id), {}, 1), DELETED)
+                # Still pending (on whichever consumer held them) until finished: the next
+                # tick finds them again should this worker die first.
+                self._dispatch([Delivery(stream, text(entry_id), {}, 1) for entry_id in deleted])
                 claimed += len(ids)
-                if len(ids) < CLAIM_PAGE:
+                if len(ids) + len(deleted) < CLAIM_PAGE:
                     break
         if claimed:
             self._metrics.reclaims.labels(self._name).inc(claimed)
@@ -355,29 +358,31 @@ class StreamConsumer:
             self._dispatch([d for d in batch if d not in suspects])
 
     async def _fetch(self, stream: str, counted: dict[str, int], kept: dict[str, int]) -> list[Delivery]:
-        """The entries' fields: XCLAIM to ourselves for ``counted`` (it adds a delivery),
-        XRANGE for ``kept``; entries deleted from the stream meanwhile are acknowledged."""
+        """The entries' fields: claimed again for ``counted`` (it adds a delivery), read
+        with XRANGE for ``kept``. An entry deleted from the stream meanwhile comes back
+        without fields, to be dead-lettered (it is still pending)."""
         batch: list[Delivery] = []
         if counted:
-            entries = await self._client.xclaim(stream, self._config.group, self._config.consumer, 0, list(counted))
+            entries, deleted = await self._scripts.claim(
+                self._client, [stream], [self._config.group, self._config.consumer, *counted]
+            )
             batch += [
-                Delivery(stream, text(entry_id), fields or {}, counted[text(entry_id)] + 1)
-                for entry_id, fields in cast(Entries, entries)
-                if entry_id is not None  # Redis 6.2: a deleted entry still pending
+                Delivery(stream, text(entry_id), _pairs(fields), counted[text(entry_id)] + 1)
+                for entry_id, fields in entries
             ]
+            batch += [Delivery(stream, text(entry_id), {}, counted[text(entry_id)] + 1) for entry_id in deleted]
         if kept:
             async with self._client.pipeline(transaction=False) as pipe:
                 for entry_id in kept:
                     pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
                 replies = await pipe.execute()
-            batch += [
-                Delivery(stream, text(entry_id), fields or {}, kept[text(entry_id)])
+            found = {
+                text(entry_id): fields or {}
                 for reply in replies
                 for entry_id, fields in cast(Entries, reply)
                 if entry_id is not None
-            ]
-        for entry_id in {*counted, *kept} - {d.entry_id for d in batch}:
-            await self._finish_if_deleted(Delivery(stream, entry_id, {}, counted.get(entry_id, kept.get(entry_id, 1))))
+            }
+            batch += [Delivery(stream, entry_id, found.get(entry_id, {}), n) for entry_id, n in kept.items()]
         return batch
 
     async def _finish_if_deleted(self, gone: Delivery) -> None:
@@ -409,7 +414,7 @@ class StreamConsumer:
             ids = sorted((entry_id for s, entry_id in held if s == stream), key=id_key)
             if ids:
                 args = [self._config.group, self._config.consumer, ids[0], ids[-1], *ids]
-                renewed += int(await self._renew(self._client, [stream], args))
+                renewed += int(await self._scripts.renew(self._client, [stream], args))
         return renewed
 
     def _dispatch(self, deliveries: Sequence[Delivery]) -> None:
@@ -531,3 +536,8 @@ class StreamConsumer:
                 await self._wake.wait()
         if not self._stopping.is_set():
             self._wake.clear()
+
+
+def _pairs(fields: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields from a script's reply (a flat list of field, value, ...)."""
+    return dict(zip(fields[::2], fields[1::2], strict=True))

@@ -92,6 +92,7 @@ class Scripts:
         self.reconcile = read_script("reconcile")
         self.renew = read_script("renew")
         self.autoclaim = read_script("autoclaim")
+        self.claim = read_script("claim")
         self.dead_letter = read_script("dead_letter")
         self.shelving_get = read_script("shelving_get")
         self.shelving_release = read_script("shelving_release")

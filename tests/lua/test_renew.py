@@ -107,3 +107,18 @@ async def test_renew_goes_on_while_redis_is_out_of_memory(each_server: Redis, ke
         assert await renew(redis, scripts, keys, [entry]) == 1
 
     assert (await pel(redis, keys))[entry][1] < 10_000
+
+
+async def test_renew_leaves_a_deleted_entry_pending(each_server: Redis, keys: Keys, scripts: Scripts) -> None:
+    """Redis 7's XCLAIM drops a deleted entry from the pending list: the commit of one in
+    flight would then find it finished, and leave its reservation behind."""
+    redis = each_server
+    deleted = await held_long(redis, keys, "c1")
+    kept = await held_long(redis, keys, "c1")
+    await redis.xdel(keys.lend_requests, deleted)
+
+    assert await renew(redis, scripts, keys, [deleted, kept]) == 1
+
+    after = await pel(redis, keys)
+    assert after[deleted][0] == "c1"
+    assert after[kept][1] < 10_000
