@@ -207,6 +207,21 @@ def test_a_host_name_that_cannot_be_looked_up_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["-m", "lending", "api", "--port", "0", "--host"], "--host"),
+        (["main.py", "w1", "--metrics-port", "0", "--metrics-host"], "--metrics-host"),
+    ],
+)
+def test_an_empty_address_to_listen_on_is_a_usage_error_not_every_address(
+    command: list[str], option: str, redis_url: str, namespace: str
+) -> None:
+    result = run([*command, ""], redis_url, namespace)
+
+    assert "to listen on every address, say so: 0.0.0.0" in usage_error(result, option)
+
+
+@pytest.mark.parametrize(
     ("option", "value"),
     [
         ("--worker-ttl-ms", "9223372036854775807"),  # Redis refused it as a TTL: a traceback

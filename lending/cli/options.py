@@ -72,7 +72,10 @@ def host_problem(host: str) -> str | None:
 
 
 def check_host(_ctx: click.Context, _param: click.Parameter, host: str | None) -> str | None:
-    """A click callback: ``host_problem`` as a usage error."""
+    """A click callback for an address to listen on: ``host_problem`` as a usage error.
+    An empty one too: the server would listen on every address without saying so."""
+    if host == "":
+        raise click.BadParameter("is empty; to listen on every address, say so: 0.0.0.0 (or :: for IPv6 too)")
     if host and (problem := host_problem(host)):
         raise click.BadParameter(problem)
     return host
