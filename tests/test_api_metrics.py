@@ -70,6 +70,12 @@ async def test_responses_are_counted_by_route_template_method_and_status(
     assert not any("ada" in value or "/no/such" in value for _, labels in samples for _, value in labels)
 
 
+async def test_a_head_request_is_counted_under_the_route_that_answered_it(live: LiveApi) -> None:
+    assert (await live.http.head("/v1/books/dune")).status_code == 200
+
+    assert responses(await scrape(live), "/v1/books/{book_id}", "HEAD", 200) == 1
+
+
 async def test_an_unusual_method_is_counted_as_other(live: LiveApi) -> None:
     assert (await live.http.request("PROPFIND", "/v1/books/b1")).status_code == 405
 

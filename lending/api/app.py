@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lending import __version__
 from lending.api import problems as p
@@ -177,6 +177,15 @@ class HeadAsGet:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] not in EVENT_STREAMS:
-            scope = {**scope, "method": "GET"}
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "HEAD" or scope["path"] in EVENT_STREAMS:
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+
+        async def send_with_route(message: Message) -> None:
+            # The route that served it, for the metrics (they count the method as HEAD).
+            if message["type"] == "http.response.start" and "route" in as_get:
+                scope["route"] = as_get["route"]
+            await send(message)
+
+        await self.app(as_get, receive, send_with_route)
