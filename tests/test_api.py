@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import resource
 import signal
 import time
@@ -689,6 +690,22 @@ async def test_a_trailing_slash_is_a_404_problem_not_a_redirect_to_the_clients_h
         response = await live.http.request(method, path, headers={"Host": "evil.example"})
         problem(response, 404, "not-found")
         assert "location" not in response.headers
+
+
+@pytest.mark.parametrize("path", ["/v1/books/%ff", "/v1/users/ada%C3/loans", "/v1/requests/lend/%80"])
+async def test_a_path_that_is_not_utf8_is_a_problem_not_another_id(live: LiveApi, path: str) -> None:
+    """The server decodes a bad escape into U+FFFD: the API answered about that id."""
+    status, headers, body = await raw_exchange(
+        live, f"GET {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n".encode()
+    )
+
+    assert status == "HTTP/1.1 422 Unprocessable Entity" and headers["content-type"] == "application/problem+json"
+    assert json.loads(body)["detail"] == "the path is not valid UTF-8 once its %-escapes are decoded"
+
+
+async def test_a_path_with_an_escaped_replacement_character_is_served(live: LiveApi) -> None:
+    response = await live.http.get("/v1/books/%EF%BF%BD")
+    assert (response.status_code, response.json()["book_id"]) == (200, "\ufffd")
 
 
 async def test_a_websocket_upgrade_is_served_as_plain_http(live: LiveApi) -> None:

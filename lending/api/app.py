@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import structlog
 from fastapi import FastAPI, Request
@@ -73,6 +74,7 @@ def build_app(api: Api) -> FastAPI:
     app.add_exception_handler(RedisError, redis_error)
     app.add_middleware(UnexpectedErrors)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(Utf8Paths)
     app.include_router(public_routes(api))
     app.include_router(operator_routes(api))
     app.include_router(dashboard_routes(api.dashboard))
@@ -189,3 +191,23 @@ class HeadAsGet:
             await send(message)
 
         await self.app(as_get, receive, send_with_route)
+
+
+class Utf8Paths:
+    """ASGI middleware: a path whose %-escapes do not decode as UTF-8 (``/v1/books/%ff``)
+    is a 422 problem. The server decodes them leniently, into U+FFFD, and the API would
+    answer about another id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "\ufffd" in scope["path"]:
+            try:
+                unquote_to_bytes(scope.get("raw_path") or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                path = scope["path"]
+                detail = "the path is not valid UTF-8 once its %-escapes are decoded"
+                await problem_response(p.INVALID_PARAMETER, detail, instance=path)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
