@@ -703,6 +703,14 @@ async def test_a_path_that_is_not_utf8_is_a_problem_not_another_id(live: LiveApi
     assert json.loads(body)["detail"] == "the path is not valid UTF-8 once its %-escapes are decoded"
 
 
+async def test_a_query_string_that_is_not_utf8_is_a_problem_not_another_user(live: LiveApi) -> None:
+    raw = b"GET /v1/events?user_id=ada%ff HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+    status, _, body = await raw_exchange(live, raw)
+
+    assert status == "HTTP/1.1 422 Unprocessable Entity"
+    assert json.loads(body)["detail"] == "the query string is not valid UTF-8 once its %-escapes are decoded"
+
+
 async def test_a_path_with_an_escaped_replacement_character_is_served(live: LiveApi) -> None:
     response = await live.http.get("/v1/books/%EF%BF%BD")
     assert (response.status_code, response.json()["book_id"]) == (200, "\ufffd")

@@ -74,7 +74,7 @@ def build_app(api: Api) -> FastAPI:
     app.add_exception_handler(RedisError, redis_error)
     app.add_middleware(UnexpectedErrors)
     app.add_middleware(HeadAsGet)
-    app.add_middleware(Utf8Paths)
+    app.add_middleware(Utf8Urls)
     app.include_router(public_routes(api))
     app.include_router(operator_routes(api))
     app.include_router(dashboard_routes(api.dashboard))
@@ -193,21 +193,32 @@ class HeadAsGet:
         await self.app(as_get, receive, send_with_route)
 
 
-class Utf8Paths:
-    """ASGI middleware: a path whose %-escapes do not decode as UTF-8 (``/v1/books/%ff``)
-    is a 422 problem. The server decodes them leniently, into U+FFFD, and the API would
-    answer about another id."""
+class Utf8Urls:
+    """ASGI middleware: a path or query string whose %-escapes do not decode as UTF-8
+    (``/v1/books/%ff``, ``?user_id=%ff``) is a 422 problem. The server and the framework
+    decode them leniently, into U+FFFD, and the API would answer about another id."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and "\ufffd" in scope["path"]:
-            try:
-                unquote_to_bytes(scope.get("raw_path") or b"").decode("utf-8")
-            except UnicodeDecodeError:
-                path = scope["path"]
-                detail = "the path is not valid UTF-8 once its %-escapes are decoded"
-                await problem_response(p.INVALID_PARAMETER, detail, instance=path)(scope, receive, send)
+        if scope["type"] == "http":
+            if "\ufffd" in scope["path"] and not _utf8(scope.get("raw_path") or b""):
+                part = "the path"
+            elif b"%" in scope["query_string"] and not _utf8(scope["query_string"]):
+                part = "the query string"
+            else:
+                part = ""
+            if part:
+                detail = f"{part} is not valid UTF-8 once its %-escapes are decoded"
+                await problem_response(p.INVALID_PARAMETER, detail, instance=scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _utf8(escaped: bytes) -> bool:
+    try:
+        unquote_to_bytes(escaped).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
