@@ -383,6 +383,31 @@ async def test_ctrl_c_while_waiting_exits_130_and_names_the_queued_request(
     assert err == f"interrupted: lend request {request_id} was queued; interrupting does not withdraw it\n"
 
 
+@pytest.mark.parametrize("command", [["main.py", "w1"], ["get_books.py", "request", "ada", "b1"], ["-m", "lending"]])
+def test_ctrl_c_while_the_tool_is_still_starting_exits_130_without_a_traceback(
+    command: list[str], redis_url: str, namespace: str
+) -> None:
+    """Python was still importing the package: its own KeyboardInterrupt traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", *command],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:  # -X importtime: a line as each module is imported
+        if line.rpartition("|")[2].strip().startswith("lending."):  # past the entry script's first line
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+
+    assert "lending.cli" in err, "the signal came after the imports: the test proves nothing"
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
 async def _queued(redis: Redis, keys: Keys) -> bool:
     return bool(await redis.xlen(keys.lend_requests))
 
