@@ -4,10 +4,12 @@ deep inside the client."""
 
 from __future__ import annotations
 
+import math
 import re
 from urllib.parse import urlsplit
 
 from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from lending.errors import RedisUnavailable
@@ -33,15 +35,34 @@ def url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         port = parts.port
-        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]  # builds, never connects
+        connection = ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]  # never connects
     except TypeError as exc:  # an option the client does not take
         name = re.search(r"argument '(\w+)'", str(exc))
         option = name[1] if name else "?"
         return f"{shown}: the query names an option Redis clients do not take: {option!r}"
     except (ValueError, RedisError) as exc:  # RedisError: e.g. an unknown ssl_cert_reqs
         return f"{shown}: {exc}"
+    if problem := _seconds_problem(connection):
+        return f"{shown}: {problem}"
     if port == 0:
         return f"{shown}: port 0 names no server"
     if scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
         return f"{shown}: the path must be a database number (such as /0), not {parts.path!r}"
+    return None
+
+
+#: The query options that are seconds, and the least each may be: a timeout of 0 (or
+#: less) failed every command as "cannot reach Redis", and a negative health check
+#: interval as an error about CLIENT SETINFO.
+SECONDS_OPTIONS = {"socket_timeout": 0.0, "socket_connect_timeout": 0.0, "health_check_interval": -1.0}
+
+
+def _seconds_problem(connection: AbstractConnection) -> str | None:
+    for name, below in SECONDS_OPTIONS.items():
+        value = getattr(connection, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value <= below:
+            least = "more than 0" if below == 0 else "0 or more"
+            return f"the query option {name} must be a number of seconds, {least}, not {value}"
     return None
