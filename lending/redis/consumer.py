@@ -304,8 +304,10 @@ class StreamConsumer:
                     [self._config.group, self._config.consumer, self._config.claim_idle_ms, CLAIM_PAGE],
                 )
                 # Still pending (on whichever consumer held them) until finished: the next
-                # tick finds them again should this worker die first.
-                self._dispatch([Delivery(stream, text(entry_id), {}, 1) for entry_id in deleted])
+                # tick finds them again should this worker die first, or have no room now.
+                gone = [text(entry_id) for entry_id in deleted]
+                gone = [entry_id for entry_id in gone if (stream, entry_id) not in self._inflight]
+                self._dispatch([Delivery(stream, entry_id, {}, 1) for entry_id in gone[: max(self._inflight.free, 0)]])
                 claimed += len(ids)
                 if len(ids) + len(deleted) < CLAIM_PAGE:
                     break
