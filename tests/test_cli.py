@@ -397,11 +397,15 @@ def test_ctrl_c_while_the_tool_is_still_starting_exits_130_without_a_traceback(
         text=True,
     )
     assert proc.stderr is not None
-    for line in proc.stderr:  # -X importtime: a line as each module is imported
-        if line.rpartition("|")[2].strip().startswith("lending."):  # past the entry script's first line
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    try:
+        for line in proc.stderr:  # -X importtime: a line as each module is imported
+            if line.rpartition("|")[2].strip().startswith("lending."):  # past the entry script's first line
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # a worker the signal missed would run on
+        proc.wait()
 
     assert "lending.cli" in err, "the signal came after the imports: the test proves nothing"
     assert proc.returncode == 130

@@ -303,11 +303,7 @@ class StreamConsumer:
                     [stream],
                     [self._config.group, self._config.consumer, self._config.claim_idle_ms, CLAIM_PAGE],
                 )
-                # Still pending (on whichever consumer held them) until finished: the next
-                # tick finds them again should this worker die first, or have no room now.
-                gone = [text(entry_id) for entry_id in deleted]
-                gone = [entry_id for entry_id in gone if (stream, entry_id) not in self._inflight]
-                self._dispatch([Delivery(stream, entry_id, {}, 1) for entry_id in gone[: max(self._inflight.free, 0)]])
+                self._finish_deleted(stream, deleted)
                 claimed += len(ids)
                 if len(ids) + len(deleted) < CLAIM_PAGE:
                     break
@@ -317,6 +313,14 @@ class StreamConsumer:
             # They are ours now: process them at once rather than after retry_base_ms.
             self._resume_all = True
             await self._resume_own()
+
+    def _finish_deleted(self, stream: str, ids: Sequence[bytes]) -> None:
+        """Dead-letter entries deleted from ``stream`` while pending, as many as there is
+        room for. They stay pending (on whichever consumer held them) until finished: the
+        next take-over finds the rest, as it would should this worker die first."""
+        gone = [Delivery(stream, text(entry_id), {}, 1) for entry_id in ids]
+        gone = [d for d in gone if (stream, d.entry_id) not in self._inflight]
+        self._dispatch(gone[: max(self._inflight.free, 0)])
 
     async def _resume_own(self) -> None:
         """Deliver again this consumer's pending entries that are not being processed:
