@@ -701,6 +701,7 @@ async def test_a_path_that_is_not_utf8_is_a_problem_not_another_id(live: LiveApi
 
     assert status == "HTTP/1.1 422 Unprocessable Entity" and headers["content-type"] == "application/problem+json"
     assert json.loads(body)["detail"] == "the path is not valid UTF-8 once its %-escapes are decoded"
+    assert json.loads(body)["instance"] == path
 
 
 async def test_a_query_string_that_is_not_utf8_is_a_problem_not_another_user(live: LiveApi) -> None:

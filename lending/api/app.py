@@ -211,7 +211,8 @@ class Utf8Urls:
                 part = ""
             if part:
                 detail = f"{part} is not valid UTF-8 once its %-escapes are decoded"
-                await problem_response(p.INVALID_PARAMETER, detail, instance=scope["path"])(scope, receive, send)
+                path = (scope.get("raw_path") or b"").decode("latin-1") or scope["path"]  # as sent, escapes and all
+                await problem_response(p.INVALID_PARAMETER, detail, instance=path)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
