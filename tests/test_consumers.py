@@ -11,6 +11,7 @@ import time
 from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, Keys
+from lending.redis import consumer
 from lending.service.shelving import Grant
 from lending.worker import Worker
 
@@ -97,3 +98,18 @@ async def test_a_busy_consumers_entries_are_taken_over_only_once_idle_for_claim_
         assert (await event_for(redis, keys, "lend", entry)).status == "accepted"
     await wait_until(lambda: reclaims(worker) == len(entries))
     assert await pending_by_consumer(redis, keys.lend_requests) == {}
+
+
+# -- many entries at once ----------------------------------------------------------------------
+
+
+def test_ids_go_to_the_scripts_in_pieces_of_at_most_script_ids_in_their_order() -> None:
+    """A script passes its ids to one command with Lua's unpack(), which fails at about
+    8,000: a worker holding more (--concurrency allows it) sends them in several calls."""
+    ids = [f"1-{k}" for k in range(2 * consumer.SCRIPT_IDS + 1)]
+
+    pieces = consumer.in_pieces(ids)
+
+    assert [len(piece) for piece in pieces] == [consumer.SCRIPT_IDS, consumer.SCRIPT_IDS, 1]
+    assert [entry_id for piece in pieces for entry_id in piece] == ids
+    assert consumer.in_pieces([]) == []

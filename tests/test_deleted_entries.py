@@ -11,9 +11,10 @@ from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, Keys
 from lending.redis.connection import make_client
+from lending.redis.consumer import CLAIM_PAGE
 from lending.settings import Settings
 
-from .support import event_for, in_process_worker, members, send, wait_until
+from .support import decoded, event_for, in_process_worker, members, send, wait_until
 
 
 @pytest.fixture(params=["default", "redis7"])
@@ -100,3 +101,25 @@ async def test_a_request_deleted_while_pending_on_this_worker_from_an_earlier_ru
 
 async def _nothing_pending(redis: Redis, stream: str) -> bool:
     return int((await redis.xpending(stream, LENDING_GROUP))["pending"]) == 0
+
+
+async def test_a_live_entry_behind_more_deleted_ones_than_a_page_is_still_taken_over(
+    server: tuple[Redis, str], keys: Keys, settings: Settings
+) -> None:
+    """Deleted entries stay pending and idle: they filled every page of the take-over, and
+    the dead worker's live entry behind them was never taken over."""
+    redis, url = server
+    await redis.xgroup_create(keys.lend_requests, LENDING_GROUP, id="0", mkstream=True)
+    async with redis.pipeline(transaction=False) as pipe:
+        for k in range(CLAIM_PAGE + 50):
+            pipe.xadd(keys.lend_requests, {"user_id": f"u{k}", "book_ids": f"b{k}"})
+        deleted = [decoded(entry_id) for entry_id in await pipe.execute()]
+    live = await send(redis, keys, "lend", "ada", ["dune"])
+    await redis.xreadgroup(LENDING_GROUP, "dead", {keys.lend_requests: ">"})
+    await redis.xdel(keys.lend_requests, *deleted)
+
+    async with in_process_worker(settings.replace(redis_url=url, claim_idle_ms=100)):
+        assert (await event_for(redis, keys, "lend", live)).status == "accepted"
+        await wait_until(lambda: _nothing_pending(redis, keys.lend_requests), timeout_s=30)
+
+    assert await redis.xlen(keys.dead_letters) == len(deleted)

@@ -47,7 +47,6 @@ WORKER_COMMANDS = (
     "xreadgroup",
     "xack",
     "xadd",
-    "xautoclaim",
     "xclaim",
     "xpending",
     "xrange",

@@ -61,6 +61,9 @@ from lending.redis.tasks import cancel_and_wait
 log = structlog.get_logger(__name__)
 
 CLAIM_PAGE = 100
+#: The most entry ids one script call takes: a script passes them on to one command with
+#: Lua's unpack(), which fails at about 8,000.
+SCRIPT_IDS = 1000
 #: Why an entry deleted from its stream while pending is dead-lettered.
 DELETED = "the entry was deleted from its stream before it was processed"
 
@@ -295,17 +298,16 @@ class StreamConsumer:
         """Take over entries idle on other consumers for longer than ``claim_idle_ms``."""
         claimed = 0
         for stream in self._streams:
-            # Claimed entries stop being idle, so scanning from the start again finds the
-            # next ones.
+            cursor = "-"
             for _ in range(10):  # bounded: at most 10 pages per stream and tick
-                ids, deleted = await self._scripts.autoclaim(
+                ids, deleted, cursor = await self._scripts.autoclaim(
                     self._client,
                     [stream],
-                    [self._config.group, self._config.consumer, self._config.claim_idle_ms, CLAIM_PAGE],
+                    [self._config.group, self._config.consumer, self._config.claim_idle_ms, CLAIM_PAGE, cursor],
                 )
                 self._finish_deleted(stream, deleted)
                 claimed += len(ids)
-                if len(ids) + len(deleted) < CLAIM_PAGE:
+                if not cursor:
                     break
         if claimed:
             self._metrics.reclaims.labels(self._name).inc(claimed)
@@ -319,8 +321,8 @@ class StreamConsumer:
         room for. They stay pending (on whichever consumer held them) until finished: the
         next take-over finds the rest, as it would should this worker die first."""
         gone = [Delivery(stream, text(entry_id), {}, 1) for entry_id in ids]
-        gone = [d for d in gone if (stream, d.entry_id) not in self._inflight]
-        self._dispatch(gone[: max(self._inflight.free, 0)])
+        for delivery in [d for d in gone if (stream, d.entry_id) not in self._inflight][: max(self._inflight.free, 0)]:
+            self._inflight.start([(stream, delivery.entry_id)], self._finish_if_deleted(delivery, own=False))
 
     async def _resume_own(self) -> None:
         """Deliver again this consumer's pending entries that are not being processed:
@@ -368,9 +370,9 @@ class StreamConsumer:
         with XRANGE for ``kept``. An entry deleted from the stream meanwhile comes back
         without fields, to be dead-lettered (it is still pending)."""
         batch: list[Delivery] = []
-        if counted:
+        for ids in in_pieces(list(counted)):
             entries, deleted = await self._scripts.claim(
-                self._client, [stream], [self._config.group, self._config.consumer, *counted]
+                self._client, [stream], [self._config.group, self._config.consumer, *ids]
             )
             batch += [
                 Delivery(stream, text(entry_id), _pairs(fields), counted[text(entry_id)] + 1)
@@ -391,14 +393,15 @@ class StreamConsumer:
             batch += [Delivery(stream, entry_id, found.get(entry_id, {}), n) for entry_id, n in kept.items()]
         return batch
 
-    async def _finish_if_deleted(self, gone: Delivery) -> None:
+    async def _finish_if_deleted(self, gone: Delivery, *, own: bool = True) -> None:
         """An entry deleted from its stream while pending can never be processed: it is
         dead-lettered (a ``failed`` outcome, and whatever its request holds given back;
-        an acknowledgement alone kept a lend's reserved books from storage for ever)."""
+        an acknowledgement alone kept a lend's reserved books from storage for ever).
+        Another consumer's (``own=False``) is not retried here should that fail: it is
+        not ours to resume, and the next take-over finds it again."""
         self._retries.pop((gone.stream, gone.entry_id), None)
-        if not await self._client.xrange(gone.stream, min=gone.entry_id, max=gone.entry_id, count=1):
-            self._log.warning("a pending entry was deleted from its stream", stream=gone.stream, entry_id=gone.entry_id)
-            await self._give_up(gone, DELETED)
+        self._log.warning("a pending entry was deleted from its stream", stream=gone.stream, entry_id=gone.entry_id)
+        await self._give_up(gone, DELETED, retry=own)
 
     async def _renew_forever(self) -> None:
         """Every third of ``claim_idle_ms``: renew the entries this consumer holds."""
@@ -417,8 +420,7 @@ class StreamConsumer:
         renewed = 0
         held = {*self._inflight.items(), *self._retries}
         for stream in self._streams:
-            ids = sorted((entry_id for s, entry_id in held if s == stream), key=id_key)
-            if ids:
+            for ids in in_pieces(sorted((entry_id for s, entry_id in held if s == stream), key=id_key)):
                 args = [self._config.group, self._config.consumer, ids[0], ids[-1], *ids]
                 renewed += int(await self._scripts.renew(self._client, [stream], args))
         return renewed
@@ -453,8 +455,9 @@ class StreamConsumer:
         except asyncio.CancelledError:
             self._log.warning("processing cancelled; entries stay pending", entries=len(batch))
 
-    async def _give_up(self, delivery: Delivery, error: str) -> None:
-        """Dead-letter ``delivery``; if even that fails, it stays pending and is retried."""
+    async def _give_up(self, delivery: Delivery, error: str, *, retry: bool = True) -> None:
+        """Dead-letter ``delivery``; if even that fails, it stays pending (and is retried
+        unless ``retry`` is false)."""
         key = (delivery.stream, delivery.entry_id)
         with bound_contextvars(stream=delivery.stream, entry_id=delivery.entry_id):
             try:
@@ -463,7 +466,8 @@ class StreamConsumer:
                 self._log.error(
                     "could not dead-letter the entry; it stays pending", error=f"{type(exc).__name__}: {exc}"
                 )
-                self._schedule(delivery, error, counts=False)
+                if retry:
+                    self._schedule(delivery, error, counts=False)
                 return
             self._retries.pop(key, None)
             self._metrics.dead_letters.labels(self._name).inc()
@@ -547,3 +551,8 @@ class StreamConsumer:
 def _pairs(fields: list[bytes]) -> dict[bytes, bytes]:
     """An entry's fields from a script's reply (a flat list of field, value, ...)."""
     return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
+def in_pieces(ids: list[str]) -> list[list[str]]:
+    """``ids`` in pieces of at most ``SCRIPT_IDS``."""
+    return [ids[k : k + SCRIPT_IDS] for k in range(0, len(ids), SCRIPT_IDS)]
