@@ -1,8 +1,6 @@
-import signal
-import sys
+from lending.interrupts import quiet_while_importing
 
-# Ctrl-C during the imports below ends as it would later (see main.py).
-signal.signal(signal.SIGINT, lambda _signum, _frame: sys.exit(130))
+quiet_while_importing()  # Ctrl-C during the imports below: exit 130, no traceback
 
 from lending.cli import lending_main  # noqa: E402
 

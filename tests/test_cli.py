@@ -412,6 +412,32 @@ def test_ctrl_c_while_the_tool_is_still_starting_exits_130_without_a_traceback(
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+def test_ctrl_c_ignored_by_whoever_started_the_tool_stays_ignored(redis_url: str, namespace: str) -> None:
+    """A background job of a non-interactive shell starts with SIGINT ignored, as Python
+    leaves it: the quiet Ctrl-C of the imports must not make it listen again."""
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "get_books.py", "--help"],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            if line.rpartition("|")[2].strip().startswith("lending."):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    assert (proc.returncode, out.startswith("Usage: get_books.py")) == (0, True)
+
+
 async def _queued(redis: Redis, keys: Keys) -> bool:
     return bool(await redis.xlen(keys.lend_requests))
 

@@ -9,11 +9,11 @@ they share.
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
 
+from lending import interrupts
 from lending.cli.acl import acl_command
 from lending.cli.api import api_command
 from lending.cli.dead_letters import dead_letters_group
@@ -64,7 +64,7 @@ main.add_command(acl_command, "acl")
 def run(command: click.Command, prog_name: str) -> None:
     """Run ``command``; output that cannot be written (stdout full, or closed) ends it with
     one line on stderr and exit 1, not a traceback."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the entry scripts' import-time one
+    interrupts.restore()  # KeyboardInterrupt from here on, where the entry script quieted it
     try:
         command.main(prog_name=prog_name)
     except OSError as exc:
