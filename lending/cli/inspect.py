@@ -37,8 +37,7 @@ def check_command(target: Target, wait_s: float, as_json: bool) -> None:
     """Check the invariants of a namespace; exit 0 when clean, 1 otherwise (130: Ctrl-C).
 
     Always: each user's count equals their books in lent-books and is within the
-    limit; no book is both lent and in storage; storage within its capacity (what a
-    limit since lowered allowed, and nothing has added to, is a note, not a violation). Once
+    limit; no book is both lent and in storage; storage within its capacity. Once
     quiescent (inbox empty, request streams all read and acknowledged, shelving returns drained):
     shelving holds exactly the lent and stored books (and the library's record of
     them agrees); every request entry has exactly one event and every event names an
