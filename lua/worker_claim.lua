@@ -36,33 +36,17 @@ if #live > 0 then
   end
 end
 -- A limit lowered leaves what is over it where it is (users keep their books, storage
--- its books) until returns bring it under. 'held-over:<limit>' keeps the highest earlier
--- value, and 'held-over-since' when the books-per-user limit was last lowered (an entry
--- ID of now): check excuses a user over the limit only if nothing was lent to them since.
--- Both go once the limit is back up. Only these two limits have state that can be over.
-local mine = {}
-for k = limits, #ARGV, 2 do mine[ARGV[k]] = tonumber(ARGV[k + 1]) end
-local held_over, since = {}, nil
-for _, name in ipairs({'storage_capacity', 'max_books_per_user'}) do
-  local now, before = tonumber(redis.call('HGET', KEYS[3], name)), tonumber(redis.call('HGET', KEYS[3], 'held-over:' .. name))
-  local highest = math.max(now or 0, before or 0)
-  if mine[name] and highest > mine[name] then
-    held_over[name] = highest
-    if name == 'max_books_per_user' and now and now > mine[name] then
-      local t = redis.call('TIME')
-      since = string.format('%d-0', t[1] * 1000 + math.floor(t[2] / 1000))
-    end
-  end
-end
-for _, name in ipairs({'storage_capacity', 'max_books_per_user'}) do
-  if held_over[name] then
-    redis.call('HSET', KEYS[3], 'held-over:' .. name, held_over[name])
+-- its books) until returns bring it under: 'held-over:<limit>' keeps the highest earlier
+-- value, for check to tell that from a bug, until the limit is back up to it.
+for k = limits, #ARGV, 2 do
+  local held = 'held-over:' .. ARGV[k]
+  local before = math.max(tonumber(redis.call('HGET', KEYS[3], ARGV[k])) or 0, tonumber(redis.call('HGET', KEYS[3], held)) or 0)
+  if before > tonumber(ARGV[k + 1]) then
+    redis.call('HSET', KEYS[3], held, before)
   else
-    redis.call('HDEL', KEYS[3], 'held-over:' .. name)
+    redis.call('HDEL', KEYS[3], held)
   end
 end
-if since then redis.call('HSET', KEYS[3], 'held-over-since', since) end
-if not held_over['max_books_per_user'] then redis.call('HDEL', KEYS[3], 'held-over-since') end
 redis.call('HSET', KEYS[3], unpack(ARGV, limits))
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[4])

@@ -22,7 +22,6 @@ from lending.ops import checker, retention
 from lending.ops.checker import GroupState, Snapshot, Violation, check_state
 from lending.redis.connection import make_client
 from lending.redis.embedded import free_port
-from lending.redis.workers import HeldOver
 from lending.settings import Limits, Settings
 from lending.worker import Worker
 
@@ -78,38 +77,6 @@ def consistent_snapshot() -> Snapshot:
             GroupState(K.shelving_returns, SHELVING_GROUP, 0, False),
         ],
     )
-
-
-@pytest.mark.parametrize(
-    ("last_lent", "since", "earlier", "violated"),
-    [
-        (None, "20-0", 3, False),  # alice's 3 books came before the limit was lowered to 2
-        ("14-0", "20-0", 3, False),
-        ("21-0", "20-0", 3, True),  # lent to since: the new limit held her at 2
-        (None, "20-0", 2, True),  # 3 books: over even the earlier limit
-        (None, None, 3, True),  # the books-per-user limit was never lowered
-    ],
-)
-def test_a_user_over_a_lowered_limit_is_held_over_only_if_lent_nothing_since(
-    last_lent: str | None, since: str | None, earlier: int, violated: bool
-) -> None:
-    snapshot = consistent_snapshot()
-    if last_lent:
-        snapshot.last_lent["alice"] = last_lent
-    held_over = HeldOver(Limits(storage_capacity=CAPACITY, max_books_per_user=earlier), since)
-
-    violations = check_state(snapshot, 2, CAPACITY, held_over=held_over)
-
-    assert reported(violations) == ({"count-within-limit"} if violated else set())
-
-
-@pytest.mark.parametrize(("earlier", "violated"), [(3, False), (2, True)])
-def test_storage_over_a_lowered_capacity_is_held_over_within_what_it_was(earlier: int, violated: bool) -> None:
-    held_over = HeldOver(Limits(storage_capacity=earlier, max_books_per_user=LIMIT))
-
-    violations = check_state(consistent_snapshot(), LIMIT, 1, held_over=held_over)
-
-    assert reported(violations) == ({"storage-within-capacity"} if violated else set())
 
 
 def in_flight(snapshot: Snapshot) -> Snapshot:

@@ -21,7 +21,7 @@ from lending.domain.streamids import id_key, is_id
 from lending.keys import ACTIONS, Keys
 from lending.redis import eviction
 from lending.redis.replies import text
-from lending.redis.workers import HeldOver, read_held_over, read_limits
+from lending.redis.workers import allowed_limits, read_limits
 from lending.settings import Limits
 
 PAGE = 10_000
@@ -72,7 +72,6 @@ class Snapshot:
     entries_added: dict[str, int] = field(default_factory=dict)
     events_added: int | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (event id, action, request id)
-    last_lent: dict[str, str] = field(default_factory=dict)  # user -> event id of their latest accepted lend
     groups: list[GroupState] = field(default_factory=list)
     inbox: int = 0  # requests handed in through the inbox, not queued yet
 
@@ -85,24 +84,18 @@ class Snapshot:
 
 
 def check_state(
-    snapshot: Snapshot,
-    max_books_per_user: int,
-    storage_capacity: int,
-    *,
-    quiescent: bool | None = None,
-    held_over: HeldOver | None = None,
+    snapshot: Snapshot, max_books_per_user: int, storage_capacity: int, *, quiescent: bool | None = None
 ) -> list[Violation]:
     """Every violated invariant of ``snapshot``.
 
     The invariants about shelving, events and reservations only hold once the service
     is quiescent; they are checked when ``quiescent`` (default: the snapshot's own
-    quiescence) is true. What is over a limit since lowered but ``held_over`` is none.
+    quiescence) is true.
     """
     keys = Keys(snapshot.namespace)
-    limits = Limits(storage_capacity=storage_capacity, max_books_per_user=max_books_per_user)
-    out = _check_counts(snapshot, keys, limits, held_over)
+    out = _check_counts(snapshot, keys, max_books_per_user)
     out += _check_loans(snapshot, keys)
-    out += _check_storage(snapshot, keys, limits, held_over)
+    out += _check_storage(snapshot, keys, storage_capacity)
     if snapshot.quiescent if quiescent is None else quiescent:
         out += _check_shelving(snapshot, keys)
         out += _check_events(snapshot, keys)
@@ -133,8 +126,7 @@ def _check_loans(snapshot: Snapshot, keys: Keys) -> list[Violation]:
     return out
 
 
-def _check_counts(snapshot: Snapshot, keys: Keys, limits: Limits, held_over: HeldOver | None) -> list[Violation]:
-    limit = limits.max_books_per_user
+def _check_counts(snapshot: Snapshot, keys: Keys, limit: int) -> list[Violation]:
     out = []
     held = Counter(snapshot.lent.values())
     for user in sorted(set(held) | set(snapshot.counts)):
@@ -155,29 +147,13 @@ def _check_counts(snapshot: Snapshot, keys: Keys, limits: Limits, held_over: Hel
                     (key, keys.lent_books),
                 )
             )
-        holds = max(count, held[user])
-        if holds > limit and not _user_held_over(snapshot, user, holds, held_over):
+        if max(count, held[user]) > limit:
+            holds = max(count, held[user])
             out.append(Violation("count-within-limit", f"{user!r} holds {holds} books (limit {limit})", (key,)))
     return out
 
 
-def _user_held_over(snapshot: Snapshot, user: str, holds: int, held_over: HeldOver | None) -> bool:
-    """Is a user over the books-per-user limit held over from before it was lowered: within
-    what it was, and lent nothing since? (A lend whose event was trimmed away is not seen.)"""
-    if held_over is None or held_over.since is None or holds > held_over.limits.max_books_per_user:
-        return False
-    last = snapshot.last_lent.get(user)
-    return last is None or id_key(last) < id_key(held_over.since)
-
-
-def _storage_held_over(snapshot: Snapshot, held_over: HeldOver | None) -> bool:
-    """Is storage over its capacity held over: within what the capacity was? (Storage only
-    grows up to the capacity, so it cannot have grown since.)"""
-    return held_over is not None and len(snapshot.storage) <= held_over.limits.storage_capacity
-
-
-def _check_storage(snapshot: Snapshot, keys: Keys, limits: Limits, held_over: HeldOver | None) -> list[Violation]:
-    capacity = limits.storage_capacity
+def _check_storage(snapshot: Snapshot, keys: Keys, capacity: int) -> list[Violation]:
     out = []
     both = sorted(snapshot.storage & set(snapshot.lent))
     if both:
@@ -186,7 +162,7 @@ def _check_storage(snapshot: Snapshot, keys: Keys, limits: Limits, held_over: He
                 "storage-not-lent", f"books both in storage and lent: {_few(both)}", (keys.storage, keys.lent_books)
             )
         )
-    if len(snapshot.storage) > capacity and not _storage_held_over(snapshot, held_over):
+    if len(snapshot.storage) > capacity:
         out.append(
             Violation(
                 "storage-within-capacity",
@@ -362,26 +338,28 @@ async def check(
     keys = Keys(namespace)
     published = await read_limits(client, keys)
     used = limits or published or Limits()
-    held_over = None if limits else await read_held_over(client, keys, used)
+    # Over a limit since lowered, but within what it was: held over, not a violation.
+    allowed = used if limits else await allowed_limits(client, keys, used)
     snap = await wait_quiescent(client, namespace, wait_quiescent_s)
-    violations = check_state(snap, used.max_books_per_user, used.storage_capacity, held_over=held_over)
-    notes = held_over_notes(snap, used, held_over) if held_over else []
+    violations = check_state(snap, allowed.max_books_per_user, allowed.storage_capacity)
+    held = over_limits(snap, used, allowed) if allowed != used else []
     policy = await eviction.read_policy(client)
-    return Report(namespace, snap.quiescent, violations, policy, used, published is not None, notes)
+    return Report(namespace, snap.quiescent, violations, policy, used, published is not None, held)
 
 
-def held_over_notes(snapshot: Snapshot, limits: Limits, held_over: HeldOver) -> list[str]:
-    """What is over ``limits`` but held over from before they were lowered (no violation)."""
-    earlier = held_over.limits
+def over_limits(snapshot: Snapshot, limits: Limits, allowed: Limits) -> list[str]:
+    """What is over ``limits`` and within ``allowed``: held over from before the limits
+    were lowered (beyond ``allowed`` it is a violation)."""
+    held = Counter(snapshot.lent.values())
     out = [
-        f"{user!r} holds {n} books (limit {limits.max_books_per_user}; it was {earlier.max_books_per_user})"
-        for user, n in sorted(Counter(snapshot.lent.values()).items())
-        if n > limits.max_books_per_user and _user_held_over(snapshot, user, n, held_over)
+        f"{user!r} holds {n} books (limit {limits.max_books_per_user}; it was {allowed.max_books_per_user})"
+        for user, n in sorted(held.items())
+        if limits.max_books_per_user < n <= allowed.max_books_per_user
     ]
-    if len(snapshot.storage) > limits.storage_capacity and _storage_held_over(snapshot, held_over):
+    if limits.storage_capacity < len(snapshot.storage) <= allowed.storage_capacity:
         out.append(
             f"storage holds {len(snapshot.storage)} books (capacity {limits.storage_capacity}; "
-            f"it was {earlier.storage_capacity})"
+            f"it was {allowed.storage_capacity})"
         )
     return out
 
@@ -419,8 +397,6 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
             snap.entries_added[action] = int(info["entries-added"])
     for event_id, fields in await _read_all(client, keys.events):
         snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
-        if fields.get(b"status") == b"accepted" and fields.get(b"action") == b"lend":
-            snap.last_lent[_field(fields, b"user_id")] = event_id
     if (events_added := (await _stream_info(client, keys.events)).get("entries-added")) is not None:
         snap.events_added = int(events_added)
     for stream, group in keys.consumed():

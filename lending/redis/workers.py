@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import cast
 
 import structlog
@@ -150,10 +149,8 @@ async def worker_infos(client: Redis, keys: Keys, worker_ids: list[str]) -> dict
     }
 
 
-#: The prefix of a ``{NS}:config`` field that keeps a lowered limit's earlier value, and
-#: the field that says when the books-per-user limit was last lowered.
+#: The prefix of a ``{NS}:config`` field that keeps a lowered limit's earlier value.
 HELD_OVER = "held-over:"
-HELD_OVER_SINCE = "held-over-since"
 
 
 async def read_limits(client: Redis, keys: Keys) -> Limits | None:
@@ -162,27 +159,13 @@ async def read_limits(client: Redis, keys: Keys) -> Limits | None:
     return Limits.from_fields(raw) if raw else None
 
 
-@dataclass(frozen=True)
-class HeldOver:
-    """What limits since lowered still allow, where what was within them then may be over
-    the new ones now (``held-over:<limit>`` and ``held-over-since`` in ``{NS}:config``,
-    kept by ``worker_claim.lua``).
-
-    :param limits: each limit at the highest it was, if it was lowered; else as it is.
-    :param since: when the books-per-user limit was last lowered (an entry ID): a user
-        over it is held over only if nothing was lent to them since; ``None``: never.
-    """
-
-    limits: Limits
-    since: str | None = None
-
-
-async def read_held_over(client: Redis, keys: Keys, limits: Limits) -> HeldOver:
-    """The limits held over beside ``limits`` (those the workers enforce)."""
+async def allowed_limits(client: Redis, keys: Keys, limits: Limits) -> Limits:
+    """``limits``, each raised to what it was before it was lowered (``held-over:<limit>``
+    in ``{NS}:config``, kept by ``worker_claim.lua``): what was within a limit then may
+    still be over it now, until returns bring it under."""
     raw = cast(dict[bytes, bytes], await client.hgetall(keys.config))
     values: dict[str, int] = {}
     for field in dataclasses.fields(Limits):
         held = raw.get(f"{HELD_OVER}{field.name}".encode(), b"")
         values[field.name] = max(getattr(limits, field.name), int(held) if held.isdigit() else 0)
-    since = raw.get(HELD_OVER_SINCE.encode())
-    return HeldOver(Limits(**values), text(since) if since else None)
+    return Limits(**values)

@@ -8,16 +8,13 @@ tests go through it and assert on the keys the scripts write.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from redis.asyncio import Redis
 
-from lending.domain.streamids import id_key
 from lending.errors import LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
 from lending.redis.scripts import Scripts
-from lending.redis.workers import HeldOver, WorkerId, live_workers, read_held_over, read_limits, worker_infos
+from lending.redis.workers import WorkerId, allowed_limits, live_workers, read_limits, worker_infos
 from lending.settings import Limits
 
 from ..support import hash_of
@@ -191,25 +188,24 @@ async def test_renew_works_while_redis_is_out_of_memory(each_server: Redis, keys
     assert await redis.hget(keys.worker_info("w1"), "processed") == b"12345"
 
 
-async def test_lowering_a_limit_keeps_its_earlier_value_and_when_until_it_is_back_up(
+async def test_lowering_a_limit_keeps_its_earlier_value_as_held_over_until_it_is_back_up(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
     """What was within the earlier limit stays where it is: check must tell it from a bug."""
+    first = holder(redis, scripts, keys, "token-a")
+    await first.claim(Limits(storage_capacity=20, max_books_per_user=5))
+    await first.release()
 
-    async def start(token: str, limits: Limits) -> HeldOver:
-        worker = holder(redis, scripts, keys, token)
-        await worker.claim(limits)
-        await worker.release()
-        return await read_held_over(redis, keys, limits)
+    lower = holder(redis, scripts, keys, "token-b")
+    await lower.claim(Limits(storage_capacity=2, max_books_per_user=5))
+    assert await allowed_limits(redis, keys, Limits(storage_capacity=2)) == Limits(storage_capacity=20)
+    await lower.release()
 
-    assert await start("a", Limits(storage_capacity=20, max_books_per_user=5)) == HeldOver(Limits())
-    lowered = await start("b", Limits(storage_capacity=2, max_books_per_user=2))
-    assert lowered.limits == Limits(storage_capacity=20, max_books_per_user=5)
-    assert lowered.since is not None and id_key(lowered.since) <= id_key(f"{int(time.time() * 1000) + 1}-0")
+    lower_still = holder(redis, scripts, keys, "token-c")
+    await lower_still.claim(Limits(storage_capacity=1, max_books_per_user=5))
+    assert await allowed_limits(redis, keys, Limits(storage_capacity=1)) == Limits(storage_capacity=20)
+    await lower_still.release()
 
-    again = await start("c", Limits(storage_capacity=1, max_books_per_user=1))
-    assert again.limits == Limits(storage_capacity=20, max_books_per_user=5)
-    assert again.since is not None and id_key(again.since) >= id_key(lowered.since)  # lowered once more
-
-    assert await start("d", Limits(storage_capacity=20, max_books_per_user=5)) == HeldOver(Limits())
-    assert not [field for field in await hash_of(redis, keys.config) if field.startswith("held-over")]
+    await holder(redis, scripts, keys, "token-d").claim(Limits(storage_capacity=20, max_books_per_user=5))
+    assert "held-over:storage_capacity" not in await hash_of(redis, keys.config)
+    assert await allowed_limits(redis, keys, Limits()) == Limits()
