@@ -4,7 +4,7 @@
 --
 -- KEYS[1]  this worker's liveness key ({NS}:workers:<worker_id>)
 -- KEYS[2]  the ids of workers that started in the namespace ({NS}:workers, a set)
--- KEYS[3]  the limits the workers run with ({NS}:config, a hash; held-over:<limit>: see below)
+-- KEYS[3]  the limits the workers run with ({NS}:config, a hash)
 -- KEYS[4]  this worker's info ({NS}:worker-info:<worker_id>, a hash)
 -- KEYS[5..4+N] the liveness keys of the other workers of the set
 -- ARGV[1]  this process's token
@@ -33,18 +33,6 @@ if #live > 0 then
   for k = limits, #ARGV, 2 do
     local theirs = redis.call('HGET', KEYS[3], ARGV[k])
     if theirs and theirs ~= ARGV[k + 1] then return {-1, live[1], ARGV[k], theirs, ARGV[k + 1]} end
-  end
-end
--- A limit lowered leaves what is over it where it is (users keep their books, storage
--- its books) until returns bring it under: 'held-over:<limit>' keeps the highest earlier
--- value, for check to tell that from a bug, until the limit is back up to it.
-for k = limits, #ARGV, 2 do
-  local held = 'held-over:' .. ARGV[k]
-  local before = math.max(tonumber(redis.call('HGET', KEYS[3], ARGV[k])) or 0, tonumber(redis.call('HGET', KEYS[3], held)) or 0)
-  if before > tonumber(ARGV[k + 1]) then
-    redis.call('HSET', KEYS[3], held, before)
-  else
-    redis.call('HDEL', KEYS[3], held)
   end
 end
 redis.call('HSET', KEYS[3], unpack(ARGV, limits))

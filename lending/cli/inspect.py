@@ -70,7 +70,6 @@ def format_report(report: checker.Report) -> str:
         f"limits: {limits.max_books_per_user} books per user, storage capacity {limits.storage_capacity}"
         + ("" if report.limits_published else " (defaults: no worker has published its limits)")
     )
-    lines += [f"note: held over since the limits were lowered: {held}" for held in report.held_over]
     verdict = eviction.judge(report.maxmemory_policy)
     if verdict.level != "ok":
         lines.append(f"warning: {verdict.message}")

@@ -21,7 +21,7 @@ from lending.domain.streamids import id_key, is_id
 from lending.keys import ACTIONS, Keys
 from lending.redis import eviction
 from lending.redis.replies import text
-from lending.redis.workers import allowed_limits, read_limits
+from lending.redis.workers import read_limits
 from lending.settings import Limits
 
 PAGE = 10_000
@@ -309,7 +309,6 @@ class Report:
     maxmemory_policy: str | None = None  # Redis's eviction policy; None: INFO refused
     limits: Limits = field(default_factory=Limits)
     limits_published: bool = True  # False: no worker published limits, the defaults were assumed
-    held_over: list[str] = field(default_factory=list)  # over limits since lowered, within what they were
 
     @property
     def clean(self) -> bool:
@@ -324,7 +323,6 @@ class Report:
             "maxmemory_policy": self.maxmemory_policy,
             "limits": dataclasses.asdict(self.limits),
             "limits_published": self.limits_published,
-            "held_over": self.held_over,
         }
 
 
@@ -335,33 +333,13 @@ async def check(
     against the limits its workers enforce (``{NS}:config``; ``limits`` overrides them, the
     defaults stand in when no worker ever ran). The report also names Redis's eviction
     policy (an evicting Redis is no violation)."""
-    keys = Keys(namespace)
-    published = await read_limits(client, keys)
+    published = await read_limits(client, Keys(namespace))
     used = limits or published or Limits()
-    # Over a limit since lowered, but within what it was: held over, not a violation.
-    allowed = used if limits else await allowed_limits(client, keys, used)
     snap = await wait_quiescent(client, namespace, wait_quiescent_s)
-    violations = check_state(snap, allowed.max_books_per_user, allowed.storage_capacity)
-    held = over_limits(snap, used, allowed) if allowed != used else []
-    policy = await eviction.read_policy(client)
-    return Report(namespace, snap.quiescent, violations, policy, used, published is not None, held)
-
-
-def over_limits(snapshot: Snapshot, limits: Limits, allowed: Limits) -> list[str]:
-    """What is over ``limits`` and within ``allowed``: held over from before the limits
-    were lowered (beyond ``allowed`` it is a violation)."""
-    held = Counter(snapshot.lent.values())
-    out = [
-        f"{user!r} holds {n} books (limit {limits.max_books_per_user}; it was {allowed.max_books_per_user})"
-        for user, n in sorted(held.items())
-        if limits.max_books_per_user < n <= allowed.max_books_per_user
-    ]
-    if limits.storage_capacity < len(snapshot.storage) <= allowed.storage_capacity:
-        out.append(
-            f"storage holds {len(snapshot.storage)} books (capacity {limits.storage_capacity}; "
-            f"it was {allowed.storage_capacity})"
-        )
-    return out
+    violations = check_state(snap, used.max_books_per_user, used.storage_capacity)
+    return Report(
+        namespace, snap.quiescent, violations, await eviction.read_policy(client), used, published is not None
+    )
 
 
 # -- reading -------------------------------------------------------------------------

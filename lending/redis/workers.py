@@ -10,7 +10,6 @@ list live workers from the set (no SCAN) and read the limits to check against.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import cast
 
@@ -149,23 +148,7 @@ async def worker_infos(client: Redis, keys: Keys, worker_ids: list[str]) -> dict
     }
 
 
-#: The prefix of a ``{NS}:config`` field that keeps a lowered limit's earlier value.
-HELD_OVER = "held-over:"
-
-
 async def read_limits(client: Redis, keys: Keys) -> Limits | None:
     """The limits the namespace's workers enforce; ``None`` when no worker ever ran."""
     raw = cast(dict[bytes, bytes], await client.hgetall(keys.config))
     return Limits.from_fields(raw) if raw else None
-
-
-async def allowed_limits(client: Redis, keys: Keys, limits: Limits) -> Limits:
-    """``limits``, each raised to what it was before it was lowered (``held-over:<limit>``
-    in ``{NS}:config``, kept by ``worker_claim.lua``): what was within a limit then may
-    still be over it now, until returns bring it under."""
-    raw = cast(dict[bytes, bytes], await client.hgetall(keys.config))
-    values: dict[str, int] = {}
-    for field in dataclasses.fields(Limits):
-        held = raw.get(f"{HELD_OVER}{field.name}".encode(), b"")
-        values[field.name] = max(getattr(limits, field.name), int(held) if held.isdigit() else 0)
-    return Limits(**values)

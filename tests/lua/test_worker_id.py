@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from lending.errors import LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
 from lending.redis.scripts import Scripts
-from lending.redis.workers import WorkerId, allowed_limits, live_workers, read_limits, worker_infos
+from lending.redis.workers import WorkerId, live_workers, read_limits, worker_infos
 from lending.settings import Limits
 
 from ..support import hash_of
@@ -186,26 +186,3 @@ async def test_renew_works_while_redis_is_out_of_memory(each_server: Redis, keys
     assert await redis.pttl(keys.worker("w1")) > 5_000
     assert await redis.pttl(keys.worker_info("w1")) > 5_000
     assert await redis.hget(keys.worker_info("w1"), "processed") == b"12345"
-
-
-async def test_lowering_a_limit_keeps_its_earlier_value_as_held_over_until_it_is_back_up(
-    redis: Redis, keys: Keys, scripts: Scripts
-) -> None:
-    """What was within the earlier limit stays where it is: check must tell it from a bug."""
-    first = holder(redis, scripts, keys, "token-a")
-    await first.claim(Limits(storage_capacity=20, max_books_per_user=5))
-    await first.release()
-
-    lower = holder(redis, scripts, keys, "token-b")
-    await lower.claim(Limits(storage_capacity=2, max_books_per_user=5))
-    assert await allowed_limits(redis, keys, Limits(storage_capacity=2)) == Limits(storage_capacity=20)
-    await lower.release()
-
-    lower_still = holder(redis, scripts, keys, "token-c")
-    await lower_still.claim(Limits(storage_capacity=1, max_books_per_user=5))
-    assert await allowed_limits(redis, keys, Limits(storage_capacity=1)) == Limits(storage_capacity=20)
-    await lower_still.release()
-
-    await holder(redis, scripts, keys, "token-d").claim(Limits(storage_capacity=20, max_books_per_user=5))
-    assert "held-over:storage_capacity" not in await hash_of(redis, keys.config)
-    assert await allowed_limits(redis, keys, Limits()) == Limits()
