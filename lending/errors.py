@@ -72,6 +72,20 @@ class LimitsDiffer(LendingError):
         self.mine = mine
 
 
+class LimitsChanged(LendingError):
+    """The namespace's workers were restarted with other lending limits while this one
+    stalled past its heartbeat's time to live: it must stop, not come back with its own."""
+
+    def __init__(self, field: str, theirs: str, mine: str) -> None:
+        super().__init__(
+            f"the namespace's workers now run with {field.replace('_', '-')} {theirs}, this one with {mine} "
+            "(they were restarted with new limits while this worker's id had lapsed)"
+        )
+        self.field = field
+        self.theirs = theirs
+        self.mine = mine
+
+
 class CannotListen(LendingError):
     """A server could not listen on ``host:port``: the port taken, an address not of this
     host, no such host. The message names what would have been served and the options

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from lending import __version__
 from lending.domain.backoff import retry_backoff_s
+from lending.errors import LimitsChanged
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
 from lending.metrics import Metrics
@@ -261,6 +262,11 @@ class Worker:
             self._renew_now.clear()
             try:
                 held = await self.worker_id.renew(self.counters())
+            except LimitsChanged as exc:
+                log.error(f"{exc}; stopping", worker_id=self.settings.worker_id)
+                self.lost_id = True
+                self._stop.set()
+                return
             except Exception as exc:
                 if not is_outage(exc):
                     log.exception("heartbeat failed")

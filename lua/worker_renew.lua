@@ -15,7 +15,11 @@
 --
 -- Returns 1 when renewed, 2 when the liveness key was gone and is taken again (a Redis
 -- restart or a failover lost it, or it expired while this process stalled: nobody else
--- holds the id), 0 when another process holds the id now (--force).
+-- holds the id), 0 when another process holds the id now (--force), and {3, field,
+-- theirs, mine} when the key was gone and KEYS[4] holds other limits: the workers were
+-- restarted with new limits while this one stalled, and it must not come back with its
+-- own (two sets of limits would let storage or a user go over the new ones). Then
+-- nothing is written.
 -- A renewal is a PEXPIRE, which needs no memory, and comes first: a live worker stays
 -- visible while Redis is out of memory (allow-oom on Redis 7; on 6.2 PEXPIRE is never
 -- refused, and a script that has written may go on). The counters overwrite fields
@@ -23,12 +27,18 @@
 -- as a whole while Redis is out of memory: the next heartbeat tries again).
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
+local limits = tonumber(ARGV[4])
+if not holder then
+  for k = 5, 4 + limits, 2 do
+    local theirs = redis.call('HGET', KEYS[4], ARGV[k])
+    if theirs and theirs ~= ARGV[k + 1] then return {3, ARGV[k], theirs, ARGV[k + 1]} end
+  end
+end
 if holder then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 else
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
-local limits = tonumber(ARGV[4])
 if #ARGV > 4 + limits then redis.call('HSET', KEYS[3], unpack(ARGV, 5 + limits)) end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 if limits > 0 and redis.call('EXISTS', KEYS[4]) == 0 then

@@ -313,6 +313,18 @@ async def test_a_shelving_outage_costs_latency_not_failures(
     assert await redis.xlen(keys.dead_letters) == 0
 
 
+async def test_a_worker_whose_id_lapsed_while_the_others_changed_the_limits_stops(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """Two sets of limits must never run at once: not even after a stall past the TTL."""
+    worker = await start_worker(worker_id="w1", worker_ttl_ms=1_500, max_books_per_user=5)
+    await redis.delete(keys.worker("w1"))  # as if it had stalled past its TTL...
+    await redis.hset(keys.config, "max_books_per_user", "2")  # ...while the others restarted with 2
+
+    await wait_until(lambda: worker.lost_id, timeout_s=5)
+    assert not await redis.exists(keys.worker("w1"))
+
+
 async def test_a_worker_whose_liveness_key_redis_lost_holds_its_id_again_and_serves(
     redis: Redis, keys: Keys, start_worker: StartWorker
 ) -> None:

@@ -16,7 +16,7 @@ from typing import cast
 import structlog
 from redis.asyncio import Redis
 
-from lending.errors import LimitsDiffer, WorkerIdTaken
+from lending.errors import LimitsChanged, LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
 from lending.redis.replies import text
 from lending.redis.scripts import Arg, Scripts
@@ -85,21 +85,26 @@ class WorkerId:
         worker's info (with the rest of the info, should the info be gone); ``False`` when
         another process took the id over (``--force``). A liveness key that is gone (a
         Redis restart or failover lost it) is taken again: nobody else holds the id; and
-        limits that are gone are published again (the API and the checker read them)."""
-        renewed = int(
-            await self._scripts.worker_renew(
-                self._client,
-                [self.key, self._keys.workers, self._keys.worker_info(self.worker_id), self._keys.config],
-                [
-                    self._token,
-                    self._ttl_ms,
-                    self.worker_id,
-                    len(self._limits),
-                    *self._limits,
-                    *_flat({**self._info, **(counters or {})}),
-                ],
-            )
+        limits that are gone are published again (the API and the checker read them).
+
+        :raises LimitsChanged: the key was gone and the namespace's limits are no longer
+            this worker's (the workers were restarted with others while it stalled).
+        """
+        reply = await self._scripts.worker_renew(
+            self._client,
+            [self.key, self._keys.workers, self._keys.worker_info(self.worker_id), self._keys.config],
+            [
+                self._token,
+                self._ttl_ms,
+                self.worker_id,
+                len(self._limits),
+                *self._limits,
+                *_flat({**self._info, **(counters or {})}),
+            ],
         )
+        if isinstance(reply, list):
+            raise LimitsChanged(*(text(value) for value in reply[1:4]))
+        renewed = int(reply)
         if renewed == 2:
             log.warning("the worker id's liveness key was gone (lost by Redis); held again", worker_id=self.worker_id)
         return renewed != 0

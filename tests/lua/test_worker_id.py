@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from lending.errors import LimitsDiffer, WorkerIdTaken
+from lending.errors import LimitsChanged, LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
 from lending.redis.scripts import Scripts
 from lending.redis.workers import WorkerId, live_workers, read_limits, worker_infos
@@ -126,6 +126,24 @@ async def test_renew_leaves_the_published_limits_alone(redis: Redis, keys: Keys,
     assert await a.renew()
 
     assert await read_limits(redis, keys) == Limits(storage_capacity=9)
+
+
+async def test_renew_does_not_take_a_lapsed_id_again_under_other_limits(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """The worker stalled past its TTL while the others were restarted with a lower
+    capacity: coming back with its own, it would fill storage over the new one."""
+    stalled = holder(redis, scripts, keys, "token-a")
+    await stalled.claim(Limits(storage_capacity=20))
+    await redis.delete(keys.worker("w1"))  # its TTL ran out while it stalled
+    restarted = holder(redis, scripts, keys, "token-b", worker_id="w2")
+    await restarted.claim(Limits(storage_capacity=2))
+
+    with pytest.raises(LimitsChanged, match="now run with storage-capacity 2, this one with 20"):
+        await stalled.renew()
+
+    assert not await redis.exists(keys.worker("w1"))
+    assert await read_limits(redis, keys) == Limits(storage_capacity=2)
 
 
 async def test_worker_id_is_free_again_after_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
