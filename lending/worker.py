@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from lending import __version__
 from lending.domain.backoff import retry_backoff_s
 from lending.errors import LimitsChanged
+from lending.interrupts import stop_signals
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
 from lending.metrics import Metrics
@@ -161,7 +162,7 @@ class Worker:
         await self._start_up()
         if self._handle_signals:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in stop_signals():
                 loop.add_signal_handler(sig, partial(self.handle_sig, sig))
         tasks = [asyncio.create_task(consumer.run()) for consumer in self.consumers]
         heartbeat = asyncio.create_task(self._heartbeat())

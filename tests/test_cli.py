@@ -438,6 +438,32 @@ def test_ctrl_c_ignored_by_whoever_started_the_tool_stays_ignored(redis_url: str
     assert (proc.returncode, out.startswith("Usage: get_books.py")) == (0, True)
 
 
+def test_a_worker_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm(
+    redis_url: str, namespace: str
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "w1"],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert _wait_ready(proc)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert proc.poll() is None, "SIGINT, ignored by whoever started it, stopped the worker"
+        proc.send_signal(signal.SIGTERM)
+        code, _, _ = reap(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    assert code == 0
+
+
 async def _queued(redis: Redis, keys: Keys) -> bool:
     return bool(await redis.xlen(keys.lend_requests))
 

@@ -28,6 +28,7 @@ from lending.api.protocol import ApiHttpProtocol
 from lending.api.state import Api, FindRedis
 from lending.app import run_fast
 from lending.errors import ApiPortUnavailable
+from lending.interrupts import stop_signals
 from lending.logs import announce
 from lending.redis.cluster import cluster_client, is_cluster_url
 from lending.redis.connection import check_reachable, make_client, redacted
@@ -57,12 +58,13 @@ class ApiServer(uvicorn.Server):
             yield
             return
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = stop_signals()
+        for sig in signals:
             loop.add_signal_handler(sig, partial(self.handle_sig, sig))
         try:
             yield
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
 
     def handle_sig(self, signum: int) -> None:

@@ -160,6 +160,7 @@ class StreamConsumer:
         self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again
         self._inflight: InFlight[tuple[str, str]] = InFlight(config.concurrency)
         self._retries: dict[tuple[str, str], Retry] = {}
+        self._claim_cursors: dict[str, str | bytes] = {}  # stream -> where the next take-over page starts
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # stopping, or Redis found somewhere new: stop waiting
         self._moved_at = float("-inf")
@@ -298,8 +299,11 @@ class StreamConsumer:
         """Take over entries idle on other consumers for longer than ``claim_idle_ms``."""
         claimed = 0
         for stream in self._streams:
-            cursor = "-"
-            for _ in range(10):  # bounded: at most 10 pages per stream and tick
+            # Bounded: at most 10 pages per stream and tick; the next tick goes on from
+            # there (deleted entries stay pending, and a long run of them would otherwise
+            # keep it from the entries behind them), then starts over.
+            cursor = self._claim_cursors.get(stream, "-")
+            for _ in range(10):
                 ids, deleted, cursor = await self._scripts.autoclaim(
                     self._client,
                     [stream],
@@ -309,6 +313,7 @@ class StreamConsumer:
                 claimed += len(ids)
                 if not cursor:
                     break
+            self._claim_cursors[stream] = cursor or "-"
         if claimed:
             self._metrics.reclaims.labels(self._name).inc(claimed)
             self._log.info("took over abandoned entries", count=claimed)
