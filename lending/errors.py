@@ -76,11 +76,12 @@ class LimitsChanged(LendingError):
     """The namespace's workers were restarted with other lending limits while this one
     stalled past its heartbeat's time to live: it must stop, not come back with its own."""
 
-    def __init__(self, field: str, theirs: str, mine: str) -> None:
+    def __init__(self, worker_id: str, field: str, theirs: str, mine: str) -> None:
         super().__init__(
-            f"the namespace's workers now run with {field.replace('_', '-')} {theirs}, this one with {mine} "
-            "(they were restarted with new limits while this worker's id had lapsed)"
+            f"live worker {worker_id!r} now runs with {field.replace('_', '-')} {theirs}, this one with {mine} "
+            "(the workers were restarted with new limits while this worker's id had lapsed)"
         )
+        self.worker_id = worker_id
         self.field = field
         self.theirs = theirs
         self.mine = mine

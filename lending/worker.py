@@ -264,7 +264,13 @@ class Worker:
             try:
                 held = await self.worker_id.renew(self.counters())
             except LimitsChanged as exc:
-                log.error(f"{exc}; stopping", worker_id=self.settings.worker_id)
+                log.error(
+                    f"{exc}; stopping",
+                    worker_id=self.settings.worker_id,
+                    limit=exc.field,
+                    theirs=exc.theirs,
+                    mine=exc.mine,
+                )
                 self.lost_id = True
                 self._stop.set()
                 return

@@ -16,10 +16,12 @@
 -- Returns 1 when renewed, 2 when the liveness key was gone and is taken again (a Redis
 -- restart or a failover lost it, or it expired while this process stalled: nobody else
 -- holds the id), 0 when another process holds the id now (--force), and {3, field,
--- theirs, mine} when the key was gone and KEYS[4] holds other limits: the workers were
--- restarted with new limits while this one stalled, and it must not come back with its
--- own (two sets of limits would let storage or a user go over the new ones). Then
--- nothing is written.
+-- theirs, mine} when the key was gone and KEYS[4] holds other limits. Then nothing is
+-- written: either the workers were restarted with new limits while this one stalled,
+-- and it must not come back with its own (two sets of limits would let storage or a
+-- user go over the new ones), or Redis came back with older data. The caller tells the
+-- two apart by claiming the id again (worker_claim.lua refuses while a worker with
+-- other limits is live).
 -- A renewal is a PEXPIRE, which needs no memory, and comes first: a live worker stays
 -- visible while Redis is out of memory (allow-oom on Redis 7; on 6.2 PEXPIRE is never
 -- refused, and a script that has written may go on). The counters overwrite fields
@@ -31,7 +33,7 @@ local limits = tonumber(ARGV[4])
 if not holder then
   for k = 5, 4 + limits, 2 do
     local theirs = redis.call('HGET', KEYS[4], ARGV[k])
-    if theirs and theirs ~= ARGV[k + 1] then return {3, ARGV[k], theirs, ARGV[k + 1]} end
+    if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {3, ARGV[k], theirs, ARGV[k + 1]} end
   end
 end
 if holder then

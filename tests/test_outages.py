@@ -318,11 +318,34 @@ async def test_a_worker_whose_id_lapsed_while_the_others_changed_the_limits_stop
 ) -> None:
     """Two sets of limits must never run at once: not even after a stall past the TTL."""
     worker = await start_worker(worker_id="w1", worker_ttl_ms=1_500, max_books_per_user=5)
-    await redis.delete(keys.worker("w1"))  # as if it had stalled past its TTL...
-    await redis.hset(keys.config, "max_books_per_user", "2")  # ...while the others restarted with 2
+    # As if it had stalled past its TTL while w2 started with 2 (one step, so that w1's
+    # heartbeat sees all of it or none).
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.worker("w1"))
+        pipe.set(keys.worker("w2"), "token-of-w2", px=60_000)
+        pipe.sadd(keys.workers, "w2")
+        pipe.hset(keys.config, "max_books_per_user", "2")
+        await pipe.execute()
 
     await wait_until(lambda: worker.lost_id, timeout_s=5)
     assert not await redis.exists(keys.worker("w1"))
+
+
+async def test_a_worker_whose_id_and_limits_redis_lost_with_no_other_worker_live_serves_on(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """Redis came back from an older snapshot: its limits are the stale ones, not the worker's."""
+    worker = await start_worker(worker_id="w1", worker_ttl_ms=1_500, max_books_per_user=2)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.worker("w1"))
+        pipe.hset(keys.config, "max_books_per_user", "5")
+        await pipe.execute()
+
+    await wait_until(lambda: redis.exists(keys.worker("w1")), timeout_s=5)
+    assert await redis.hget(keys.config, "max_books_per_user") == b"2"
+    request_id = await send(redis, keys, "lend", "ada", ["b1"])
+    assert (await event_for(redis, keys, "lend", request_id)).status == "accepted"
+    assert not worker.lost_id
 
 
 async def test_a_worker_whose_liveness_key_redis_lost_holds_its_id_again_and_serves(

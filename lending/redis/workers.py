@@ -51,6 +51,7 @@ class WorkerId:
         self._ttl_ms = ttl_ms
         self._info = dict(info or {})
         self._limits: list[str | int] = []  # published at claim, and again should Redis lose them
+        self._claimed: Limits | None = None
 
     @property
     def key(self) -> str:
@@ -79,6 +80,7 @@ class WorkerId:
         if code == -1:
             raise LimitsDiffer(*(text(value) for value in reply[1:5]))
         self._limits = fields
+        self._claimed = limits
 
     async def renew(self, counters: Mapping[str, int] | None = None) -> bool:
         """The heartbeat, which also publishes ``counters`` (``processed``, ``failed``) in the
@@ -87,8 +89,8 @@ class WorkerId:
         Redis restart or failover lost it) is taken again: nobody else holds the id; and
         limits that are gone are published again (the API and the checker read them).
 
-        :raises LimitsChanged: the key was gone and the namespace's limits are no longer
-            this worker's (the workers were restarted with others while it stalled).
+        :raises LimitsChanged: the key was gone and a live worker enforces other limits
+            (the workers were restarted with new ones while this one stalled).
         """
         reply = await self._scripts.worker_renew(
             self._client,
@@ -102,12 +104,31 @@ class WorkerId:
                 *_flat({**self._info, **(counters or {})}),
             ],
         )
-        if isinstance(reply, list):
-            raise LimitsChanged(*(text(value) for value in reply[1:4]))
+        if isinstance(reply, list):  # the key was gone, and {NS}:config holds other limits
+            return await self._claim_again()
         renewed = int(reply)
         if renewed == 2:
             log.warning("the worker id's liveness key was gone (lost by Redis); held again", worker_id=self.worker_id)
         return renewed != 0
+
+    async def _claim_again(self) -> bool:
+        """Take a lapsed id again under its own limits, unless a live worker enforces others
+        (then this one stalled while the workers were restarted with new limits); with no
+        worker live, Redis came back with older data, and this worker's limits are the
+        current ones again."""
+        assert self._claimed is not None  # renew() comes after claim()
+        try:
+            await self.claim(self._claimed)
+        except LimitsDiffer as exc:
+            raise LimitsChanged(exc.worker_id, exc.field, exc.theirs, exc.mine) from exc
+        except WorkerIdTaken:
+            return False
+        log.warning(
+            "the worker id's liveness key was gone and the namespace's limits were others, with no worker live "
+            "(Redis came back with older data): held again, with this worker's limits published",
+            worker_id=self.worker_id,
+        )
+        return True
 
     async def release(self) -> None:
         await self._scripts.worker_release(

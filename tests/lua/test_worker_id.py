@@ -139,11 +139,27 @@ async def test_renew_does_not_take_a_lapsed_id_again_under_other_limits(
     restarted = holder(redis, scripts, keys, "token-b", worker_id="w2")
     await restarted.claim(Limits(storage_capacity=2))
 
-    with pytest.raises(LimitsChanged, match="now run with storage-capacity 2, this one with 20"):
+    with pytest.raises(LimitsChanged, match="live worker 'w2' now runs with storage-capacity 2, this one with 20"):
         await stalled.renew()
 
     assert not await redis.exists(keys.worker("w1"))
     assert await read_limits(redis, keys) == Limits(storage_capacity=2)
+
+
+async def test_renew_takes_a_lapsed_id_again_with_its_limits_when_no_worker_is_live(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Redis came back with older data (a restart from an older snapshot, a failover that
+    lost the last writes): the limits there are stale, and the live workers must not stop."""
+    worker = holder(redis, scripts, keys, "token-a")
+    await worker.claim(Limits(max_books_per_user=2))
+    await redis.delete(keys.worker("w1"))
+    await redis.hset(keys.config, "max_books_per_user", "5")  # the older data's
+
+    assert await worker.renew()
+
+    assert await redis.get(keys.worker("w1")) == b"token-a"
+    assert await read_limits(redis, keys) == Limits(max_books_per_user=2)
 
 
 async def test_worker_id_is_free_again_after_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
