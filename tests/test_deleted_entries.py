@@ -123,3 +123,24 @@ async def test_a_live_entry_behind_more_deleted_ones_than_a_page_is_still_taken_
         await wait_until(lambda: _nothing_pending(redis, keys.lend_requests), timeout_s=30)
 
     assert await redis.xlen(keys.dead_letters) == len(deleted)
+
+
+async def test_the_take_over_goes_on_next_time_from_where_it_stopped(
+    server: tuple[Redis, str], keys: Keys, settings: Settings
+) -> None:
+    """One take-over reads at most 10 pages of a stream: with more deleted entries than
+    that ahead (a worker finishes only as many at once as it has room for), starting over
+    each time never reached the live entry behind them."""
+    redis, url = server
+    await redis.xgroup_create(keys.lend_requests, LENDING_GROUP, id="0", mkstream=True)
+    async with redis.pipeline(transaction=False) as pipe:
+        for k in range(20 * CLAIM_PAGE + 50):
+            pipe.xadd(keys.lend_requests, {"user_id": f"u{k}", "book_ids": f"b{k}"})
+        deleted = [decoded(entry_id) for entry_id in await pipe.execute()]
+    live = await send(redis, keys, "lend", "ada", ["dune"])
+    await redis.xreadgroup(LENDING_GROUP, "dead", {keys.lend_requests: ">"})
+    await redis.xdel(keys.lend_requests, *deleted)
+
+    # Room for one entry at a time: the deleted ones go slowly, one per take-over.
+    async with in_process_worker(settings.replace(redis_url=url, claim_idle_ms=100, concurrency=1)):
+        assert (await event_for(redis, keys, "lend", live)).status == "accepted"
