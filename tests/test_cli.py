@@ -383,59 +383,54 @@ async def test_ctrl_c_while_waiting_exits_130_and_names_the_queued_request(
     assert err == f"interrupted: lend request {request_id} was queued; interrupting does not withdraw it\n"
 
 
+def interrupt_while_importing(
+    command: list[str], env: Mapping[str, str], *, ignored: bool = False
+) -> tuple[int, str, str]:
+    """Run ``python -X importtime COMMAND``, send SIGINT once it has imported a module of the
+    package (its entry script's first line has run, the rest is still importing), and
+    return (exit code, stdout, stderr). ``ignored``: started with SIGINT ignored."""
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", *command],
+        cwd=ROOT,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None,
+    )
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:  # -X importtime: a line as each module is imported
+            if line.rpartition("|")[2].strip().startswith("lending."):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # a worker the signal missed would run on
+        proc.wait()
+    return proc.returncode, out, err
+
+
 @pytest.mark.parametrize("command", [["main.py", "w1"], ["get_books.py", "request", "ada", "b1"], ["-m", "lending"]])
 def test_ctrl_c_while_the_tool_is_still_starting_exits_130_without_a_traceback(
     command: list[str], redis_url: str, namespace: str
 ) -> None:
     """Python was still importing the package: its own KeyboardInterrupt traceback."""
-    proc = subprocess.Popen(
-        [sys.executable, "-X", "importtime", *command],
-        cwd=ROOT,
-        env=process_env(redis_url, namespace),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    try:
-        for line in proc.stderr:  # -X importtime: a line as each module is imported
-            if line.rpartition("|")[2].strip().startswith("lending."):  # past the entry script's first line
-                break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()  # a worker the signal missed would run on
-        proc.wait()
+    code, _, err = interrupt_while_importing(command, process_env(redis_url, namespace))
 
     assert "lending.cli" in err, "the signal came after the imports: the test proves nothing"
-    assert proc.returncode == 130
+    assert code == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
 def test_ctrl_c_ignored_by_whoever_started_the_tool_stays_ignored(redis_url: str, namespace: str) -> None:
     """A background job of a non-interactive shell starts with SIGINT ignored, as Python
     leaves it: the quiet Ctrl-C of the imports must not make it listen again."""
-    proc = subprocess.Popen(
-        [sys.executable, "-X", "importtime", "get_books.py", "--help"],
-        cwd=ROOT,
-        env=process_env(redis_url, namespace),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    code, out, _ = interrupt_while_importing(
+        ["get_books.py", "--help"], process_env(redis_url, namespace), ignored=True
     )
-    assert proc.stderr is not None
-    try:
-        for line in proc.stderr:
-            if line.rpartition("|")[2].strip().startswith("lending."):
-                break
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
 
-    assert (proc.returncode, out.startswith("Usage: get_books.py")) == (0, True)
+    assert (code, out.startswith("Usage: get_books.py")) == (0, True)
 
 
 def test_a_worker_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm(
