@@ -21,7 +21,12 @@ from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.ops import checker, retention
 from lending.ops.checker import GroupState, Snapshot, Violation, check_state
 from lending.redis.connection import make_client
+from lending.redis.consumer import Delivery, ensure_group
 from lending.redis.embedded import free_port
+from lending.redis.scripts import Scripts
+from lending.service.lending import LendingService
+from lending.service.shelving import Grant
+from lending.service.shelving_mock import ShelvingService
 from lending.settings import Limits, Settings
 from lending.worker import Worker
 
@@ -32,7 +37,9 @@ from .support import (
     hash_of,
     in_process_worker,
     process_env,
+    process_one,
     raw_entries,
+    raw_streams,
     send,
     send_raw,
     start_worker_process,
@@ -41,6 +48,7 @@ from .support import (
     wait_until,
     xadd_fields,
 )
+from .test_reliability import deliver
 
 LIMIT = 3  # books per user, assumed by the checker
 CAPACITY = 3  # books in storage, assumed by the checker
@@ -753,3 +761,55 @@ def test_an_entry_whose_event_was_trimmed_away(trimmed_to: str | None, flagged: 
 
     assert (reported(violations) == {"one-event-per-entry"}) is flagged
     assert flagged or violations == []
+
+
+# -- a snapshot is one moment ----------------------------------------------------------
+
+
+async def settle_and_give_back_grants(redis: Redis, keys: Keys, settings: Settings, context: str, n: int) -> None:
+    """What a worker's periodic reconciliation and the shelving service do after a run:
+    shelving hands a book to a finished request, the reconciliation gives it back, the
+    shelving service takes it. At every moment the namespace is consistent: the ledger
+    owns the grant, or the returns stream holds the book (not quiescent), or it is back."""
+    scripts = Scripts()
+    service = LendingService(redis, settings, scripts, ShelvingService(redis, keys, scripts))
+    shelving = ShelvingService(redis, keys, scripts)
+    for k in range(n):
+        book = f"late-{k}"
+        assert await shelving.get_many([(book, context)]) == [Grant.NEW]
+        assert await service.reconcile([(book, context)]) == (1, 1)
+        reply = raw_streams(await redis.xreadgroup(SHELVING_GROUP, "shelf", {keys.shelving_returns: ">"}, count=1))
+        ((_, ((entry_id, fields),)),) = reply
+        assert await shelving.release(Delivery(keys.shelving_returns, entry_id, fields, 1))
+
+
+async def test_grants_settled_while_the_checker_reads_are_never_reported(
+    redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    # A CI run reported a book "lost" that was only on its way back: the checker read the
+    # shelving state, then the ledger after the reconciliation had settled the grant, then
+    # the groups after shelving had taken the book back. A snapshot must be one moment.
+    settings = settings.replace(storage_capacity=0)
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    await ensure_group(redis, keys.return_requests, LENDING_GROUP)
+    await ensure_group(redis, keys.shelving_returns, SHELVING_GROUP)
+    scripts = Scripts()
+    service = LendingService(redis, settings, scripts, ShelvingService(redis, keys, scripts))
+    finished = await send(redis, keys, "lend", "ada", ["b0"])
+    event = await process_one(service, await deliver(redis, keys, settings.worker_id, finished, claim=False))
+    assert event is not None and event.status == "accepted"
+
+    churn = asyncio.create_task(settle_and_give_back_grants(redis, keys, settings, finished, 400))
+    reports = []
+    try:
+        while not churn.done():
+            reports.append(
+                await checker.check(
+                    redis, keys.namespace, limits=Limits(storage_capacity=CAPACITY, max_books_per_user=LIMIT)
+                )
+            )
+    finally:
+        await churn
+
+    assert sum(report.quiescent for report in reports) >= 5, "the checker never saw a quiescent moment"
+    assert [v for report in reports for v in report.violations] == []

@@ -110,6 +110,11 @@ SENDER_COMMANDS = (*CONNECTION_COMMANDS, *CLUSTER_COMMANDS, "rpush", "xread", "x
 OPERATOR_COMMANDS = (
     *CONNECTION_COMMANDS,
     *CLUSTER_COMMANDS,
+    # check reads the state at one moment (MULTI), the keys it found by SCAN first
+    "multi",
+    "exec",
+    "discard",
+    "exists",
     "scan",
     "xlen",
     "xrange",

@@ -25,6 +25,8 @@ from lending.redis.workers import read_limits
 from lending.settings import Limits
 
 PAGE = 10_000
+# Snapshots taken while new users keep being lent to, before the last one is kept.
+SNAPSHOT_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Snapshot:
     requests: dict[str, list[str]] = field(default_factory=dict)  # action -> entry ids in the stream
     last_ids: dict[str, str] = field(default_factory=dict)  # action -> the stream's last generated id
     events_trimmed_to: str | None = None  # events before this ID may have been trimmed away
+    events_last_id: str = "0-0"  # the events stream's last generated id
     # Entries ever added to each request stream (action -> count), and events ever added:
     # Redis 7's XINFO STREAM entries-added (empty / None on 6.2, which does not count).
     entries_added: dict[str, int] = field(default_factory=dict)
@@ -346,40 +349,103 @@ async def check(
 
 
 async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
+    """The namespace at one moment.
+
+    The state and the groups' progress are read in one transaction: read one key at a
+    time, a grant settled and given back between two reads looked lost (the ledger read
+    after the settling, the shelving state before its give-back). Only the key names are
+    found beforehand (SCAN), and the streams read afterwards, up to their last IDs at
+    that moment.
+    """
     keys = Keys(namespace)
-    snap = Snapshot(namespace)
-    snap.lent = _decode_map(await client.hgetall(keys.lent_books))
-    snap.storage = {text(m) for m in await client.smembers(keys.storage)}
-    snap.shelving = _decode_map(await client.hgetall(keys.shelving_state))
-    snap.from_shelving = _decode_map(await client.hgetall(keys.from_shelving))
-    snap.grants = _decode_map(await client.hgetall(keys.grants))
-    trimmed_to = await client.get(keys.events_trimmed_to)
-    snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None else None
-    count_prefix, count_suffix = f"{keys.prefix}:user:", ":count"
-    async for raw in client.scan_iter(match=keys.pattern("user:*:count"), count=1000):
-        key = text(raw)
-        value = await client.get(key)
-        if value is not None:
-            snap.counts[key[len(count_prefix) : -len(count_suffix)]] = text(value)
-    books_prefix, books_suffix = f"{keys.prefix}:user:", ":books"
-    async for raw in client.scan_iter(match=keys.pattern("user:*:books"), count=1000):
-        key = text(raw)
-        snap.loans[key[len(books_prefix) : -len(books_suffix)]] = {text(m) for m in await client.smembers(key)}
-    reservations = client.scan_iter(match=keys.pattern("reservations:*"), count=1000)
-    snap.reservations = sorted([text(raw) async for raw in reservations])
+    users = await _scan_names(client, keys, "count") | await _scan_names(client, keys, "books")
+    reservations = sorted(
+        [text(raw) async for raw in client.scan_iter(match=keys.pattern("reservations:*"), count=1000)]
+    )
+    for _ in range(SNAPSHOT_TRIES):
+        snap = await _read_moment(client, keys, users, reservations)
+        # A user lent to for the first time after the SCAN: read their keys too.
+        new_users = set(snap.lent.values()) - users
+        if not new_users:
+            break
+        users |= new_users
     for action in ACTIONS:
-        snap.requests[action] = [entry_id for entry_id, _ in await _read_all(client, keys.requests(action))]
-        info = await _stream_info(client, keys.requests(action))
+        snap.requests[action] = [
+            entry_id for entry_id, _ in await _read_all(client, keys.requests(action), snap.last_ids[action])
+        ]
+    for event_id, fields in await _read_all(client, keys.events, snap.events_last_id):
+        snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
+    # Events trimmed since that moment are older than the marker as it is now.
+    trimmed_to = await client.get(keys.events_trimmed_to)
+    if trimmed_to is not None and (
+        snap.events_trimmed_to is None or id_key(text(trimmed_to)) > id_key(snap.events_trimmed_to)
+    ):
+        snap.events_trimmed_to = text(trimmed_to)
+    return snap
+
+
+async def _scan_names(client: Redis, keys: Keys, kind: str) -> set[str]:
+    """The users that have a ``{NS}:user:<id>:<kind>`` key."""
+    prefix, suffix = f"{keys.prefix}:user:", f":{kind}"
+    return {
+        text(raw)[len(prefix) : -len(suffix)]
+        async for raw in client.scan_iter(match=keys.pattern(f"user:*:{kind}"), count=1000)
+    }
+
+
+async def _read_moment(client: Redis, keys: Keys, users: set[str], reservations: list[str]) -> Snapshot:
+    """Everything but the streams' entries, in one MULTI/EXEC."""
+    ordered = sorted(users)
+    info_of = [*(keys.requests(action) for action in ACTIONS), keys.events]
+    consumed = keys.consumed()
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.lent_books)
+        pipe.smembers(keys.storage)
+        pipe.hgetall(keys.shelving_state)
+        pipe.hgetall(keys.from_shelving)
+        pipe.hgetall(keys.grants)
+        pipe.get(keys.events_trimmed_to)
+        pipe.llen(keys.inbox)
+        for user in ordered:
+            pipe.get(keys.user_count(user))
+            pipe.smembers(keys.user_books(user))
+        for key in reservations:
+            pipe.exists(key)
+        for stream in info_of:
+            pipe.xinfo_stream(stream)
+        for stream, _ in consumed:
+            pipe.xinfo_stream(stream)
+            pipe.xinfo_groups(stream)
+        # XINFO of a stream that does not exist answers an error, in its place only.
+        replies = iter(await pipe.execute(raise_on_error=False))
+    snap = Snapshot(keys.namespace)
+    snap.lent = _decode_map(_ok(next(replies)))
+    snap.storage = {text(m) for m in _ok(next(replies))}
+    snap.shelving = _decode_map(_ok(next(replies)))
+    snap.from_shelving = _decode_map(_ok(next(replies)))
+    snap.grants = _decode_map(_ok(next(replies)))
+    trimmed_to = _ok(next(replies))
+    snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None else None
+    snap.inbox = int(_ok(next(replies)))
+    for user in ordered:
+        count, books = _ok(next(replies)), _ok(next(replies))
+        if count is not None:
+            snap.counts[user] = text(count)
+        if books:
+            snap.loans[user] = {text(m) for m in books}
+    snap.reservations = [key for key in reservations if _ok(next(replies))]
+    for action in ACTIONS:
+        info = _stream_info(next(replies))
         snap.last_ids[action] = text(info.get("last-generated-id") or b"0-0")
         if info.get("entries-added") is not None:
             snap.entries_added[action] = int(info["entries-added"])
-    for event_id, fields in await _read_all(client, keys.events):
-        snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
-    if (events_added := (await _stream_info(client, keys.events)).get("entries-added")) is not None:
+    events_info = _stream_info(next(replies))
+    snap.events_last_id = text(events_info.get("last-generated-id") or b"0-0")
+    if (events_added := events_info.get("entries-added")) is not None:
         snap.events_added = int(events_added)
-    for stream, group in keys.consumed():
-        snap.groups.append(await _group_state(client, stream, group))
-    snap.inbox = await client.llen(keys.inbox)
+    for stream, group in consumed:
+        info, groups = next(replies), next(replies)
+        snap.groups.append(_group_state(stream, group, info, groups))
     return snap
 
 
@@ -393,31 +459,38 @@ async def wait_quiescent(client: Redis, namespace: str, timeout_s: float) -> Sna
         await asyncio.sleep(0.2)
 
 
-async def _read_all(client: Redis, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
+async def _read_all(client: Redis, stream: str, last: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    """The entries of ``stream`` up to ``last``, a page at a time."""
     out: list[tuple[str, dict[bytes, bytes]]] = []
     start = "-"
     while True:
-        page = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream, min=start, max="+", count=PAGE))
+        page = cast(
+            list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream, min=start, max=last, count=PAGE)
+        )
         out += [(entry_id.decode(), fields) for entry_id, fields in page]
         if len(page) < PAGE:
             return out
         start = "(" + page[-1][0].decode()
 
 
-async def _stream_info(client: Redis, stream: str) -> dict[str, Any]:
-    """XINFO STREAM of ``stream``; a stream that does not exist never had an entry."""
-    try:
-        return dict(await client.xinfo_stream(stream))
-    except ResponseError:  # no such stream
+def _ok(reply: Any) -> Any:
+    """A reply of the transaction; a command's error is raised here."""
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def _stream_info(reply: Any) -> dict[str, Any]:
+    """XINFO STREAM's answer; a stream that does not exist never had an entry."""
+    if isinstance(reply, ResponseError):  # no such stream
         return {"last-generated-id": b"0-0", "entries-added": 0}
+    return dict(_ok(reply))
 
 
-async def _group_state(client: Redis, stream: str, group: str) -> GroupState:
-    try:
-        info = await client.xinfo_stream(stream)
-        groups = await client.xinfo_groups(stream)
-    except ResponseError:  # no such stream: nothing to do
+def _group_state(stream: str, group: str, info: Any, groups: Any) -> GroupState:
+    if isinstance(info, ResponseError):  # no such stream: nothing to do
         return GroupState(stream, group, 0, False)
+    info, groups = _ok(info), _ok(groups)
     last_generated = info.get("last-generated-id") or b"0-0"
     for g in groups:
         if g["name"] == group.encode():
