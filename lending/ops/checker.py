@@ -68,6 +68,9 @@ class Snapshot:
     reservations: list[str] = field(default_factory=list)  # keys
     requests: dict[str, list[str]] = field(default_factory=dict)  # action -> entry ids in the stream
     last_ids: dict[str, str] = field(default_factory=dict)  # action -> the stream's last generated id
+    # action -> the highest ID deleted from the stream, trimmed or XDELed (Redis 7's XINFO
+    # STREAM max-deleted-entry-id; none on 6.2)
+    max_deleted: dict[str, str] = field(default_factory=dict)
     events_trimmed_to: str | None = None  # events before this ID may have been trimmed away
     events_last_id: str = "0-0"  # the events stream's last generated id
     # Entries ever added to each request stream (action -> count), and events ever added:
@@ -287,11 +290,15 @@ def _check_vanished(snapshot: Snapshot, keys: Keys, per_entry: Counter[tuple[str
 
 
 def _maybe_trimmed(snapshot: Snapshot, action: str, request: str) -> bool:
-    """Is (``action``, ``request``) an entry that retention may have trimmed away: older
-    than its stream's first entry (or, in a stream trimmed empty, not newer than its last
-    generated ID)?"""
+    """Is (``action``, ``request``) an entry that may have been deleted from its stream:
+    no newer than the highest ID Redis 7 says was deleted (by retention's trimming or an
+    XDEL), or older than the stream's first entry (or, in a stream trimmed empty, not
+    newer than its last generated ID)?"""
     if action not in ACTIONS or not is_id(request):
         return False
+    deleted = snapshot.max_deleted.get(action)
+    if deleted is not None and id_key(request) <= id_key(deleted):
+        return True
     entries = snapshot.requests.get(action, [])
     if entries:
         return id_key(request) < id_key(entries[0])
@@ -439,6 +446,8 @@ async def _read_moment(client: Redis, keys: Keys, users: set[str], reservations:
         snap.last_ids[action] = text(info.get("last-generated-id") or b"0-0")
         if info.get("entries-added") is not None:
             snap.entries_added[action] = int(info["entries-added"])
+        if info.get("max-deleted-entry-id") is not None:
+            snap.max_deleted[action] = text(info["max-deleted-entry-id"])
     events_info = _stream_info(next(replies))
     snap.events_last_id = text(events_info.get("last-generated-id") or b"0-0")
     if (events_added := events_info.get("entries-added")) is not None:
