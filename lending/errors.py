@@ -87,6 +87,27 @@ class LimitsChanged(LendingError):
         self.mine = mine
 
 
+class Deferred(LendingError):
+    """Entries that cannot be processed now for a reason outside them: they stay pending,
+    uncharged, and are tried again."""
+
+
+class StaleLimits(Deferred):
+    """The namespace's limits (``{NS}:config``) are no longer those this worker decided
+    under: its commit wrote nothing. Its heartbeat tells whether it stalled while the
+    workers were restarted with new limits (it stops) or Redis came back with older data
+    (it publishes its own again)."""
+
+    def __init__(self, field: str, theirs: str, mine: str) -> None:
+        super().__init__(
+            f"the namespace's workers enforce {field.replace('_', '-')} {theirs}, this one {mine}: "
+            "its decisions are not committed"
+        )
+        self.field = field
+        self.theirs = theirs
+        self.mine = mine
+
+
 class CannotListen(LendingError):
     """A server could not listen on ``host:port``: the port taken, an address not of this
     host, no such host. The message names what would have been served and the options

@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import suppress
 from functools import partial
 
@@ -16,14 +17,15 @@ from redis.asyncio import Redis
 
 from lending import __version__
 from lending.domain.backoff import retry_backoff_s
-from lending.errors import LimitsChanged
+from lending.domain.events import Event
+from lending.errors import LimitsChanged, StaleLimits
 from lending.interrupts import stop_signals
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
 from lending.metrics import Metrics
 from lending.ops import monitoring, retention
 from lending.redis import eviction
-from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, FindRedis, Handler, StreamConsumer
+from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Delivery, FindRedis, Handler, StreamConsumer
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.tasks import cancel_and_wait
@@ -121,7 +123,7 @@ class Worker:
             )
 
         self.consumers = [
-            consumer(LENDING_GROUP, self.keys.request_streams, self.lending.handle, self.lending.dead_letter),
+            consumer(LENDING_GROUP, self.keys.request_streams, self._handle_requests, self.lending.dead_letter),
             consumer(
                 SHELVING_GROUP, [self.keys.shelving_returns], self.shelving.release_all, self.shelving.dead_letter
             ),
@@ -251,6 +253,14 @@ class Worker:
                 consumer.redis_moved()
             self._renew_now.set()
         return moved
+
+    async def _handle_requests(self, deliveries: Sequence[Delivery]) -> list[Event | None]:
+        try:
+            return await self.lending.handle(deliveries)
+        except StaleLimits:
+            # The heartbeat tells at once whether to stop or to publish these limits again.
+            self._renew_now.set()
+            raise
 
     async def _heartbeat(self) -> None:
         interval = self.settings.worker_ttl_ms / 3000.0

@@ -8,12 +8,14 @@
 -- KEYS[2]  return request stream        KEYS[6]  shelving returns stream
 -- KEYS[3]  events stream                KEYS[7]  from-shelving hash (book -> context)
 -- KEYS[4]  lent-books hash              KEYS[8]  grants ledger hash (book -> context)
--- KEYS[9..] user count keys, user books sets and reservation sets, named by index
---          (1 = KEYS[9])
+-- KEYS[9]  the limits the namespace's workers enforce ({NS}:config, a hash)
+-- KEYS[10..] user count keys, user books sets and reservation sets, named by index
+--          (1 = KEYS[10])
 -- ARGV[1]  consumer group    ARGV[2]  consumer (this worker)    ARGV[3]  storage capacity
 -- ARGV[4], ARGV[5]  lowest and highest lend entry id of the batch ('' if none)
 -- ARGV[6], ARGV[7]  lowest and highest return entry id of the batch ('' if none)
--- ARGV[8..] one record per entry: its kind, then its event's seven values (request_id,
+-- ARGV[8]  N; ARGV[9..8+N] the limits this worker decided under, field/value pairs
+-- ARGV[9+N..] one record per entry: its kind, then its event's seven values (request_id,
 --          action, user_id, status, books, skipped, reason), then by kind:
 --   'X' rejected: nothing more
 --   'L' lend:     count key index, user books key index, reservation key index, S, S
@@ -25,8 +27,11 @@
 -- return takes back the books its event names. Counts change by one INCRBY per user,
 -- and each user's books set ({NS}:user:<id>:books) with lent-books.
 --
--- Returns -1 when a lend's reservation is not what the caller decided on: nothing is
--- written, decide again. Else one code per record: 1 committed here, 0 not (the entry
+-- Returns {-2, field, theirs, mine} when KEYS[9] holds other limits than the caller's:
+-- nothing is written. A worker that stalled while the others were restarted with new
+-- limits must not commit what it decided under its old ones; its heartbeat finds out
+-- whether it must stop. Returns -1 when a lend's reservation is not what the caller
+-- decided on: nothing is written, decide again. Else one code per record: 1 committed here, 0 not (the entry
 -- is pending on another consumer, or finished): then nothing is written for it, and
 -- shelving grants it holds stay in the ledger for the reconciliation (reconcile.lua).
 --
@@ -69,9 +74,20 @@ local function pending_on_me(stream, first, last)
   return set
 end
 
+-- The limits first: a decision under other limits than the namespace's is not applied.
+local limits = tonumber(ARGV[8])
+do
+  local problem = wrong_type(KEYS[9], 'hash')
+  if problem then return redis.error_reply(problem) end
+  for k = 9, 8 + limits, 2 do
+    local theirs = redis.call('HGET', KEYS[9], ARGV[k])
+    if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {-2, ARGV[k], theirs, ARGV[k + 1]} end
+  end
+end
+
 -- Parse the records.
 local records = {}
-local i = 8
+local i = 9 + limits
 local function take()
   i = i + 1
   return ARGV[i - 1]
@@ -89,14 +105,14 @@ while i <= #ARGV do
   end
   r.id, r.action, r.user, r.status, r.books = r.event[2], r.event[4], r.event[6], r.event[8], r.event[10]
   if r.kind == 'L' then
-    r.count = KEYS[8 + tonumber(take())]
-    r.loans = KEYS[8 + tonumber(take())]
-    r.reservation = KEYS[8 + tonumber(take())]
+    r.count = KEYS[9 + tonumber(take())]
+    r.loans = KEYS[9 + tonumber(take())]
+    r.reservation = KEYS[9 + tonumber(take())]
     r.stored = take_list()
     r.granted = take_list()
   elseif r.kind == 'T' then
-    r.count = KEYS[8 + tonumber(take())]
-    r.loans = KEYS[8 + tonumber(take())]
+    r.count = KEYS[9 + tonumber(take())]
+    r.loans = KEYS[9 + tonumber(take())]
   end
   records[#records + 1] = r
 end

@@ -12,9 +12,12 @@
 -- KEYS[7]  books the library took from shelving ({NS}:from-shelving): book -> context
 -- KEYS[8]  grants ledger ({NS}:grants): book -> context
 -- KEYS[9]  how many dead letters the cap dropped ({NS}:dead-letters:trimmed, a count)
+-- KEYS[10] the limits the namespace's workers enforce ({NS}:config, a hash)
 -- ARGV[1]  consumer group
 -- ARGV[2]  entry id
--- ARGV[3]  storage capacity
+-- ARGV[3]  storage capacity (this worker's; the namespace's when that is smaller: a
+--          worker that stalled while the others were restarted with a smaller one
+--          must not fill storage past it)
 -- ARGV[4]  how many dead letters KEYS[6] keeps (--dead-letters-maxlen): the oldest
 --          beyond it are dropped with the XADD (exact MAXLEN), and counted in KEYS[9]
 -- ARGV[5]  1 to give back what a lend request holds, 0 for a return entry (its ids are
@@ -86,7 +89,10 @@ if lend then
       end
     end
   end
-  local room = #books > 0 and tonumber(ARGV[3]) - redis.call('SCARD', KEYS[3]) or 0
+  local capacity = tonumber(ARGV[3])
+  local published = wrong_type(KEYS[10], 'hash') == nil and tonumber(redis.call('HGET', KEYS[10], 'storage_capacity'))
+  if published and published < capacity then capacity = published end
+  local room = #books > 0 and capacity - redis.call('SCARD', KEYS[3]) or 0
   local lookup = {}
   for _, item in ipairs(books) do
     if room > 0 then
@@ -112,7 +118,7 @@ end
 
 local problem = no_room(KEYS[2]) or no_room(KEYS[6]) or (#rest > 0 and no_room(KEYS[5]))
   or wrong_type(KEYS[3], 'set') or wrong_type(KEYS[4], 'set') or wrong_type(KEYS[7], 'hash')
-  or wrong_type(KEYS[8], 'hash') or not_a_count(KEYS[9])
+  or wrong_type(KEYS[8], 'hash') or not_a_count(KEYS[9]) or wrong_type(KEYS[10], 'hash')
 if problem then return redis.error_reply(problem) end
 -- Exact MAXLEN: the letters dropped are those beyond the cap.
 local dropped = math.max(0, redis.call('XLEN', KEYS[6]) + 1 - maxlen)

@@ -22,6 +22,10 @@
 -- user go over the new ones), or Redis came back with older data. The caller tells the
 -- two apart by claiming the id again (worker_claim.lua refuses while a worker with
 -- other limits is live).
+-- Returns 4 when the key is held by this process and KEYS[4] held other limits: they
+-- are published again. While this worker was live no worker with other limits could
+-- start (worker_claim.lua), so Redis came back with older data or KEYS[4] was edited by
+-- hand; commit.lua writes nothing while they differ.
 -- A renewal is a PEXPIRE, which needs no memory, and comes first: a live worker stays
 -- visible while Redis is out of memory (allow-oom on Redis 7; on 6.2 PEXPIRE is never
 -- refused, and a script that has written may go on). The counters overwrite fields
@@ -30,10 +34,12 @@
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 local limits = tonumber(ARGV[4])
-if not holder then
-  for k = 5, 4 + limits, 2 do
-    local theirs = redis.call('HGET', KEYS[4], ARGV[k])
-    if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {3, ARGV[k], theirs, ARGV[k + 1]} end
+local differ = false
+for k = 5, 4 + limits, 2 do
+  local theirs = redis.call('HGET', KEYS[4], ARGV[k])
+  if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then
+    if not holder then return {3, ARGV[k], theirs, ARGV[k + 1]} end
+    differ = true
   end
 end
 if holder then
@@ -43,10 +49,11 @@ else
 end
 if #ARGV > 4 + limits then redis.call('HSET', KEYS[3], unpack(ARGV, 5 + limits)) end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-if limits > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
+if limits > 0 and (differ or redis.call('EXISTS', KEYS[4]) == 0) then
   redis.call('HSET', KEYS[4], unpack(ARGV, 5, 4 + limits))
 end
 -- Back in the set after a Redis restart that lost it.
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then redis.call('SADD', KEYS[2], ARGV[3]) end
+if differ then return 4 end
 if holder then return 1 end
 return 2

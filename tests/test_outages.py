@@ -348,6 +348,46 @@ async def test_a_worker_whose_id_and_limits_redis_lost_with_no_other_worker_live
     assert not worker.lost_id
 
 
+async def test_a_stalled_worker_commits_nothing_under_its_old_limits(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """Its heartbeat (every 20 s here) has not noticed yet when a request comes: the
+    commit itself finds the namespace's limits changed, writes nothing, and the worker
+    stops at once; a worker with the new limits answers the request."""
+    stalled = await start_worker(worker_id="w1", worker_ttl_ms=60_000, max_books_per_user=5)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.worker("w1"))
+        pipe.set(keys.worker("w2"), "token-of-w2", px=60_000)
+        pipe.sadd(keys.workers, "w2")
+        pipe.hset(keys.config, "max_books_per_user", "2")
+        await pipe.execute()
+
+    request_id = await send(redis, keys, "lend", "ada", ["b1", "b2", "b3"])
+    await wait_until(lambda: stalled.lost_id, timeout_s=5)
+    assert await redis.xlen(keys.events) == 0
+    assert not await redis.exists(keys.user_count("ada"))
+
+    await start_worker(worker_id="w3", max_books_per_user=2)
+    event = await event_for(redis, keys, "lend", request_id, timeout_s=10)
+    assert event.status == "denied", event
+    assert not await redis.exists(keys.user_count("ada"))
+
+
+async def test_a_live_worker_finding_older_limits_publishes_its_own_and_commits(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """Redis came back from an older snapshot that has the worker's key but older limits.
+    The refused commit costs the entry no delivery: with one allowed, it is not dead-lettered."""
+    worker = await start_worker(worker_id="w1", worker_ttl_ms=60_000, max_books_per_user=2, max_deliveries=1)
+    await redis.hset(keys.config, "max_books_per_user", "5")
+
+    request_id = await send(redis, keys, "lend", "ada", ["b1"])
+
+    assert (await event_for(redis, keys, "lend", request_id, timeout_s=5)).status == "accepted"
+    assert await redis.hget(keys.config, "max_books_per_user") == b"2"
+    assert not worker.lost_id
+
+
 async def test_a_worker_whose_liveness_key_redis_lost_holds_its_id_again_and_serves(
     redis: Redis, keys: Keys, start_worker: StartWorker
 ) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lending.domain.events import ACCEPTED, RETURNED, Event
 from lending.domain.streamids import id_range
 from lending.keys import LEND, Keys
+from lending.settings import Limits
 
 Arg = str | bytes | int | float
 
@@ -74,8 +75,8 @@ class Fail:
     gone: bool = False
 
 
-# The keys every commit names, in the script's KEYS[1..8] order.
-FIXED_KEYS = 8
+# The keys every commit names, in the script's KEYS[1..9] order.
+FIXED_KEYS = 9
 
 
 def fixed_keys(keys: Keys) -> list[str]:
@@ -88,13 +89,16 @@ def fixed_keys(keys: Keys) -> list[str]:
         keys.shelving_returns,
         keys.from_shelving,
         keys.grants,
+        keys.config,
     ]
 
 
 def encode_commit(
-    keys: Keys, group: str, consumer: str, capacity: int, records: Sequence[Record]
+    keys: Keys, group: str, consumer: str, limits: Limits, records: Sequence[Record]
 ) -> tuple[list[str], list[Arg]]:
-    """``commit.lua``'s KEYS and ARGV for ``records``, in the order they are applied."""
+    """``commit.lua``'s KEYS and ARGV for ``records``, in the order they are applied,
+    decided under ``limits`` (the script checks them against the namespace's, and gives
+    back to storage up to their capacity)."""
     all_keys = fixed_keys(keys)
     index: dict[str, int] = {}
 
@@ -130,7 +134,17 @@ def encode_commit(
             ]
     lend_ids = [r.event.request_id for r in records if r.event.action == LEND]
     return_ids = [r.event.request_id for r in records if r.event.action != LEND]
-    args: list[Arg] = [group, consumer, capacity, *id_range(lend_ids), *id_range(return_ids), *body]
+    flat_limits = [item for pair in limits.fields().items() for item in pair]
+    args: list[Arg] = [
+        group,
+        consumer,
+        limits.storage_capacity,
+        *id_range(lend_ids),
+        *id_range(return_ids),
+        len(flat_limits),
+        *flat_limits,
+        *body,
+    ]
     return all_keys, args
 
 
@@ -152,6 +166,7 @@ def encode_finish(
         keys.from_shelving,
         keys.grants,
         keys.dead_letters_trimmed,
+        keys.config,
     ]
     args: list[Arg] = [
         group,

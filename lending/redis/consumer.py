@@ -7,7 +7,8 @@ not finished stay pending and come back:
 - an entry whose processing failed is retried after a delay that doubles with each
   failure (``retry_base_ms`` up to ``retry_max_ms``, jittered). A failure of Redis
   itself (connection lost, loading, out of memory, a refused write) is not the entry's
-  fault: it is retried without counting a delivery. Any other failure counts one, and
+  fault: it is retried without counting a delivery, as is an entry the handler
+  ``Deferred`` (e.g. a commit under stale limits). Any other failure counts one, and
   the entry is dead-lettered at its ``max_deliveries``-th;
 - while this consumer holds an entry (in flight or waiting for its retry) it renews the
   entry's idle time every third of ``claim_idle_ms``, so no other consumer takes over
@@ -44,6 +45,7 @@ from structlog.contextvars import bound_contextvars
 
 from lending.domain.backoff import jittered, retry_backoff_s
 from lending.domain.streamids import id_key
+from lending.errors import Deferred
 from lending.metrics import Metrics
 from lending.redis.inflight import InFlight
 from lending.redis.replies import (
@@ -496,6 +498,10 @@ class StreamConsumer:
                     entries=len(batch),
                     error=reply_text(exc) if isinstance(exc, ResponseError) else str(exc),
                 )
+                for delivery in batch:
+                    self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False, started=started)
+            elif isinstance(exc, Deferred):
+                self._log.warning("entries deferred; they stay pending, uncharged", entries=len(batch), error=str(exc))
                 for delivery in batch:
                     self._schedule(delivery, f"{type(exc).__name__}: {exc}", counts=False, started=started)
             elif is_outage(exc):

@@ -109,6 +109,12 @@ class WorkerId:
         renewed = int(reply)
         if renewed == 2:
             log.warning("the worker id's liveness key was gone (lost by Redis); held again", worker_id=self.worker_id)
+        elif renewed == 4:
+            log.warning(
+                "the namespace's limits were others than this live worker's (Redis came back with older data, or "
+                "they were edited by hand): this worker's published again",
+                worker_id=self.worker_id,
+            )
         return renewed != 0
 
     async def _claim_again(self) -> bool:

@@ -32,7 +32,7 @@ from lending.domain.events import FAILED, STATUSES, Event
 from lending.domain.policy import decide_batch
 from lending.domain.requests import BookRequest, Rejection, parse_request
 from lending.domain.streamids import id_key, id_ms, id_range
-from lending.errors import Contention
+from lending.errors import Contention, StaleLimits
 from lending.faults import fault_point
 from lending.keys import ACTIONS, LEND, LENDING_GROUP, RETURN, Keys
 from lending.metrics import Metrics
@@ -197,7 +197,7 @@ class LendingService:
                 reserved = {lend.request_id: (lend.stored, lend.granted_only) for lend in lends}
                 records = decide_batch(parsed, reserved, counts, holders, self._settings.max_books_per_user)
                 keys, args = encode_commit(
-                    self._keys, LENDING_GROUP, self._settings.worker_id, self._settings.storage_capacity, records
+                    self._keys, LENDING_GROUP, self._settings.worker_id, self._settings.limits, records
                 )
                 if watched:
                     pipe.multi()  # type: ignore[no-untyped-call]
@@ -215,6 +215,8 @@ class LendingService:
             return None
         if results == -1:  # another process added to a reservation: decide again
             return None
+        if results and results[0] == -2:  # {-2, field, theirs, mine}: nothing written
+            raise StaleLimits(*(text(value) for value in results[1:4]))
         committed = [int(ok) == 1 for ok in results]
         done = {
             record.event.request_id

@@ -17,6 +17,7 @@ from lending.domain.commit import Lend, Record, Reject, Return, encode_commit
 from lending.domain.events import ACCEPTED, DENIED, REJECTED, RETURNED, Event
 from lending.keys import LEND, LENDING_GROUP, RETURN, Keys
 from lending.redis.scripts import Scripts
+from lending.settings import Limits
 
 from ..support import all_events, hash_of, members
 from .conftest import (
@@ -84,7 +85,7 @@ def return_denied(entry: str, user: str = "ada", *, skipped: Sequence[str], reas
 async def commit(
     redis: Redis, scripts: Scripts, keys: Keys, *records: Record, consumer: str = "c1", capacity: int = 20
 ) -> Any:
-    call_keys, args = encode_commit(keys, LENDING_GROUP, consumer, capacity, records)
+    call_keys, args = encode_commit(keys, LENDING_GROUP, consumer, Limits(storage_capacity=capacity), records)
     return await scripts.commit(redis, call_keys, args)
 
 
@@ -833,7 +834,9 @@ async def test_commit_with_a_count_that_is_not_an_integer_changes_nothing(
     assert str(error.value).startswith("NOTINTEGER"), str(error.value)
 
 
-@pytest.mark.parametrize("name", ["lent_books", "storage", "from_shelving", "grants", "events", "shelving_returns"])
+@pytest.mark.parametrize(
+    "name", ["lent_books", "storage", "from_shelving", "grants", "events", "shelving_returns", "config"]
+)
 async def test_commit_with_a_key_of_the_wrong_type_changes_nothing(
     each_server: Redis, keys: Keys, scripts: Scripts, name: str
 ) -> None:
@@ -849,6 +852,39 @@ async def test_commit_with_a_key_of_the_wrong_type_changes_nothing(
 
     await assert_unchanged(redis, keys, before)
     assert "WRONGTYPE" in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "theirs", "mine"),
+    [("max_books_per_user", "2", "5"), ("storage_capacity", "0", "1"), ("max_books_per_request", "60", "50")],
+)
+async def test_commit_under_other_limits_than_the_namespaces_changes_nothing(
+    redis: Redis, keys: Keys, scripts: Scripts, field: str, theirs: str, mine: str
+) -> None:
+    """A worker that stalled while the others were restarted with new limits decided under
+    its old ones: none of it is written, and the reply names the limit."""
+    records = await busy_batch(redis, keys)
+    for name, value in {**Limits(storage_capacity=1).fields(), field: theirs}.items():
+        await redis.hset(keys.config, name, value)
+    before = await snapshot(redis, keys)
+
+    result = await commit(redis, scripts, keys, *records, capacity=1)
+
+    assert result == [-2, field.encode(), theirs.encode(), mine.encode()]
+    await assert_unchanged(redis, keys, before)
+
+
+@pytest.mark.parametrize(
+    "published", [{}, Limits(storage_capacity=1).fields(), {"storage_capacity": "01", "max_books_per_user": "5.0"}]
+)
+async def test_commit_under_the_namespaces_limits_or_none_published_goes_through(
+    redis: Redis, keys: Keys, scripts: Scripts, published: dict[str, str]
+) -> None:
+    records = await busy_batch(redis, keys)
+    for name, value in published.items():
+        await redis.hset(keys.config, name, value)
+
+    assert await commit(redis, scripts, keys, *records, capacity=1) == [1] * len(records)
 
 
 async def test_commit_out_of_memory_changes_nothing(each_server: Redis, keys: Keys, scripts: Scripts) -> None:

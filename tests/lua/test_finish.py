@@ -162,6 +162,27 @@ async def test_finish_give_back_split(
     assert not await redis.exists(keys.reservation(entry))
 
 
+@pytest.mark.parametrize(
+    ("published", "to_storage"),
+    [(None, 3), ("20", 3), ("1", 1), ("0", 0)],
+    ids=["none published", "a larger one", "a smaller one", "none at all"],
+)
+async def test_finish_fills_storage_no_further_than_the_namespaces_capacity(
+    redis: Redis, keys: Keys, scripts: Scripts, published: str | None, to_storage: int
+) -> None:
+    """A worker that stalled while the others were restarted with a smaller capacity
+    dead-letters under its own (3 here): storage gets no more than the namespace's."""
+    entry = await pending_entry(redis, keys.lend_requests)
+    await redis.sadd(keys.reservation(entry), "r1", "r2", "r3")
+    if published is not None:
+        await redis.hset(keys.config, "storage_capacity", published)
+
+    assert await finish(redis, scripts, keys, entry, capacity=3) == 1
+
+    assert len(await members(redis, keys.storage)) == to_storage
+    assert len(returned_books(await stream_fields(redis, keys.shelving_returns))) == 3 - to_storage
+
+
 async def test_finish_sends_books_back_with_their_context_and_out_of_the_record(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
@@ -386,7 +407,17 @@ async def test_finish_with_shelving_returns_full_goes_through_when_nothing_goes_
 
 
 @pytest.mark.parametrize(
-    "name", ["storage", "from_shelving", "grants", "events", "dead_letters", "shelving_returns", "dead_letters_trimmed"]
+    "name",
+    [
+        "storage",
+        "from_shelving",
+        "grants",
+        "events",
+        "dead_letters",
+        "shelving_returns",
+        "dead_letters_trimmed",
+        "config",
+    ],
 )
 async def test_finish_with_a_key_of_the_wrong_type_changes_nothing(
     each_server: Redis, keys: Keys, scripts: Scripts, name: str

@@ -118,14 +118,20 @@ async def test_renew_publishes_the_limits_again_when_redis_lost_them(
     assert await read_limits(redis, keys) == Limits(storage_capacity=7, max_books_per_user=2)
 
 
-async def test_renew_leaves_the_published_limits_alone(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+async def test_a_live_worker_publishes_its_limits_again_over_older_ones(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """While a worker is live no worker with other limits can start, so other limits in
+    {NS}:config come from older data (a restore) or a hand edit: its commits would write
+    nothing while they differ (commit.lua), so the heartbeat puts its own back."""
     a = holder(redis, scripts, keys, "token-a")
     await a.claim(Limits(storage_capacity=7))
-    await redis.hset(keys.config, "storage_capacity", "9")  # as another tool or worker wrote them
+    await redis.hset(keys.config, "storage_capacity", "9")
 
     assert await a.renew()
 
-    assert await read_limits(redis, keys) == Limits(storage_capacity=9)
+    assert await read_limits(redis, keys) == Limits(storage_capacity=7)
+    assert await redis.get(keys.worker("w1")) == b"token-a"
 
 
 async def test_renew_does_not_take_a_lapsed_id_again_under_other_limits(
