@@ -411,6 +411,32 @@ async def test_a_request_deleted_before_it_was_answered_is_still_reported_on_red
     assert reported(report.violations) == {"every-entry-answered"}, report.violations
 
 
+@pytest.mark.parametrize("keep", [2, 0])
+async def test_events_trimmed_before_retention_set_its_marker_are_no_violation_on_redis_7(
+    redis7: Redis, redis7_url: str, keys: Keys, settings: Settings, keep: int
+) -> None:
+    # Retention trims, then sets {NS}:events:trimmed-to: a check between the two saw
+    # answered requests without their event. Redis 7 says what it removed.
+    async with in_process_worker(settings.replace(redis_url=redis7_url)):
+        for n in range(6):
+            await event_for(redis7, keys, "lend", await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"]))
+        assert await redis7.xtrim(keys.events, maxlen=keep, approximate=False) == 6 - keep
+        report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
+
+    assert report.quiescent and report.violations == [], report.violations
+
+
+async def test_a_trimmed_to_marker_that_is_no_id_is_ignored_not_a_crash(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    await lend_and_return_a_few_books(redis, keys, start_worker)
+    await redis.set(keys.events_trimmed_to, "yesterday")
+
+    report = await checker.check(redis, keys.namespace, wait_quiescent_s=10)
+
+    assert report.quiescent and report.violations == [], report.violations
+
+
 async def test_trimming_on_redis_7_leaves_every_entry_accounted_for(
     redis7: Redis, redis7_url: str, keys: Keys, settings: Settings
 ) -> None:

@@ -17,7 +17,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lending.domain.streamids import id_key, is_id
+from lending.domain.streamids import id_key, is_id, next_id
 from lending.keys import ACTIONS, Keys
 from lending.redis import eviction
 from lending.redis.replies import text
@@ -382,12 +382,12 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
         ]
     for event_id, fields in await _read_all(client, keys.events, snap.events_last_id):
         snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
-    # Events trimmed since that moment are older than the marker as it is now.
-    trimmed_to = await client.get(keys.events_trimmed_to)
-    if trimmed_to is not None and (
-        snap.events_trimmed_to is None or id_key(text(trimmed_to)) > id_key(snap.events_trimmed_to)
-    ):
-        snap.events_trimmed_to = text(trimmed_to)
+    # Events trimmed since that moment answered requests older than the marker as it is
+    # now (retention sets it after it trims), or, on Redis 7, than what the stream says
+    # it lost: no race with that SET.
+    for later in (await client.get(keys.events_trimmed_to), await _events_removed_below(client, keys.events)):
+        if later is not None and is_id(text(later)) and id_key(text(later)) > id_key(snap.events_trimmed_to or "0-0"):
+            snap.events_trimmed_to = text(later)
     return snap
 
 
@@ -432,7 +432,8 @@ async def _read_moment(client: Redis, keys: Keys, users: set[str], reservations:
     snap.from_shelving = _decode_map(_ok(next(replies)))
     snap.grants = _decode_map(_ok(next(replies)))
     trimmed_to = _ok(next(replies))
-    snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None else None
+    # Not an ID (a hand edit): as if no event were ever trimmed.
+    snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None and is_id(text(trimmed_to)) else None
     snap.inbox = int(_ok(next(replies)))
     for user in ordered:
         count, books = _ok(next(replies)), _ok(next(replies))
@@ -480,6 +481,27 @@ async def _read_all(client: Redis, stream: str, last: str) -> list[tuple[str, di
         if len(page) < PAGE:
             return out
         start = "(" + page[-1][0].decode()
+
+
+async def _events_removed_below(client: Redis, stream: str) -> bytes | str | None:
+    """Redis 7: an ID above every event ever removed from ``stream`` (trimmed from its
+    start, or XDELed), when any was (more added than it holds); else ``None``."""
+    try:
+        info = await client.xinfo_stream(stream)
+    except ResponseError:  # no such stream
+        return None
+    added = info.get("entries-added")
+    if added is None or int(added) <= int(info["length"]):
+        return None  # Redis 6.2 (no counters), or nothing removed
+    if int(info["length"]) == 0:  # all removed: the first ID to come is above them all
+        last = text(info["last-generated-id"])
+        first = next_id(last) or last
+    else:
+        first = text(info["recorded-first-entry-id"])
+    # An event XDELed from the middle is no newer than max-deleted-entry-id, and the
+    # request it answered older than the event.
+    deleted = text(info.get("max-deleted-entry-id") or b"0-0")
+    return max(first, deleted, key=id_key)
 
 
 def _ok(reply: Any) -> Any:
