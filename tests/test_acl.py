@@ -477,6 +477,9 @@ def test_acl_prints_three_users_and_the_apis_on_request(extra: list[str], users:
         (["--api-user", ""], "Invalid value for '--api-user': user name '' must be non-empty"),
         (["--sender-user", "get books"], "without whitespace or control characters"),
         (["--operator-user", "ops\nACL"], "without whitespace or control characters"),
+        # Every client that does not authenticate would be left with one role's rights.
+        (["--service-user", "default"], "'default' is Redis's user for every connection that does not authenticate"),
+        (["--operator-user", "default"], "'default' is Redis's user for every connection that does not authenticate"),
         # The second ACL SETUSER would reset the user the first one made.
         (["--service-user", "x", "--sender-user", "x"], "--service-user and --sender-user both name user 'x'"),
         (["--api-user", "lending"], "--service-user and --api-user both name user 'lending'"),

@@ -245,6 +245,13 @@ def user_name_problem(name: str) -> str | None:
     type."""
     if not name or not name.isprintable() or any(c.isspace() for c in name):
         return f"user name {name!r} must be non-empty, without whitespace or control characters"
+    if name == "default":
+        # Its reset would leave every client that does not authenticate (redis-cli
+        # without --user, backups, monitoring) with one role's rights in one namespace.
+        return (
+            "'default' is Redis's user for every connection that does not authenticate: "
+            "restricting it to one role of one namespace locks the others out; name a user of its own"
+        )
     return None
 
 
