@@ -75,10 +75,9 @@ local function pending_on_me(stream, first, last)
 end
 
 -- The limits first: a decision under other limits than the namespace's is not applied.
+-- (A KEYS[9] that is no hash, a hand edit, publishes none: it must not stop the service.)
 local limits = tonumber(ARGV[8])
-do
-  local problem = wrong_type(KEYS[9], 'hash')
-  if problem then return redis.error_reply(problem) end
+if wrong_type(KEYS[9], 'hash') == nil then
   for k = 9, 8 + limits, 2 do
     local theirs = redis.call('HGET', KEYS[9], ARGV[k])
     if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {-2, ARGV[k], theirs, ARGV[k + 1]} end

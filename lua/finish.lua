@@ -12,7 +12,8 @@
 -- KEYS[7]  books the library took from shelving ({NS}:from-shelving): book -> context
 -- KEYS[8]  grants ledger ({NS}:grants): book -> context
 -- KEYS[9]  how many dead letters the cap dropped ({NS}:dead-letters:trimmed, a count)
--- KEYS[10] the limits the namespace's workers enforce ({NS}:config, a hash)
+-- KEYS[10] the limits the namespace's workers enforce ({NS}:config, a hash; anything
+--          else publishes none)
 -- ARGV[1]  consumer group
 -- ARGV[2]  entry id
 -- ARGV[3]  storage capacity (this worker's; the namespace's when that is smaller: a
@@ -118,7 +119,7 @@ end
 
 local problem = no_room(KEYS[2]) or no_room(KEYS[6]) or (#rest > 0 and no_room(KEYS[5]))
   or wrong_type(KEYS[3], 'set') or wrong_type(KEYS[4], 'set') or wrong_type(KEYS[7], 'hash')
-  or wrong_type(KEYS[8], 'hash') or not_a_count(KEYS[9]) or wrong_type(KEYS[10], 'hash')
+  or wrong_type(KEYS[8], 'hash') or not_a_count(KEYS[9])
 if problem then return redis.error_reply(problem) end
 -- Exact MAXLEN: the letters dropped are those beyond the cap.
 local dropped = math.max(0, redis.call('XLEN', KEYS[6]) + 1 - maxlen)

@@ -7,17 +7,20 @@
 -- KEYS[3]  the limits the workers run with ({NS}:config, a hash)
 -- KEYS[4]  this worker's info ({NS}:worker-info:<worker_id>, a hash)
 -- KEYS[5..4+N] the liveness keys of the other workers of the set
+-- KEYS[5+N..4+2N] their info hashes, in the same order
 -- ARGV[1]  this process's token
 -- ARGV[2]  time to live in milliseconds
 -- ARGV[3]  1 to take the id over even when another token holds it (--force), else 0
 -- ARGV[4]  this worker's id
 -- ARGV[5]  N; ARGV[6..5+N] the ids of KEYS[5..4+N]
 -- ARGV[6+N] M; ARGV[7+N..6+N+M] this worker's info, field/value pairs (M values)
--- ARGV[7+N+M..] this worker's limits, field/value pairs
+-- ARGV[7+N+M..] this worker's limits, field/value pairs (also kept in its info)
 --
 -- Returns {1} when this token now holds the id (info and limits are published); {0}
 -- when another live process holds the id; {-1, worker, field, theirs, mine} when a live
--- worker runs with other limits: two workers must never enforce different limits.
+-- worker runs with other limits: two workers must never enforce different limits. A
+-- live worker's limits are read from its info, and from KEYS[3] (a field missing from
+-- either, a hand edit, must not let a worker with other limits start beside it).
 -- Ids of the set whose key expired (workers that died) leave the set. The info hash
 -- is written afresh, with the liveness key's TTL.
 local current = redis.call('GET', KEYS[1])
@@ -27,13 +30,22 @@ local m = tonumber(ARGV[6 + n])
 local limits = 7 + n + m
 local live, dead = {}, {}
 for k = 1, n do
-  if redis.call('EXISTS', KEYS[4 + k]) == 1 then live[#live + 1] = ARGV[5 + k] else dead[#dead + 1] = ARGV[5 + k] end
-end
-if #live > 0 then
-  for k = limits, #ARGV, 2 do
-    local theirs = redis.call('HGET', KEYS[3], ARGV[k])
-    if theirs and theirs ~= ARGV[k + 1] then return {-1, live[1], ARGV[k], theirs, ARGV[k + 1]} end
+  if redis.call('EXISTS', KEYS[4 + k]) == 1 then
+    live[#live + 1] = k
+  else
+    dead[#dead + 1] = ARGV[5 + k]
   end
+end
+local function differs(key, worker)
+  if redis.call('TYPE', key).ok ~= 'hash' then return nil end
+  for k = limits, #ARGV, 2 do
+    local theirs = redis.call('HGET', key, ARGV[k])
+    if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {-1, worker, ARGV[k], theirs, ARGV[k + 1]} end
+  end
+end
+for _, k in ipairs(live) do
+  local refused = differs(KEYS[4 + n + k], ARGV[5 + k]) or differs(KEYS[3], ARGV[5 + k])
+  if refused then return refused end
 end
 redis.call('HSET', KEYS[3], unpack(ARGV, limits))
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

@@ -35,7 +35,9 @@ local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 local limits = tonumber(ARGV[4])
 local differ = false
-for k = 5, 4 + limits, 2 do
+-- A KEYS[4] that is no hash (a hand edit) publishes none, and is left alone.
+local published = redis.call('TYPE', KEYS[4]).ok
+for k = 5, published == 'hash' and 4 + limits or 0, 2 do
   local theirs = redis.call('HGET', KEYS[4], ARGV[k])
   if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then
     if not holder then return {3, ARGV[k], theirs, ARGV[k + 1]} end
@@ -49,7 +51,7 @@ else
 end
 if #ARGV > 4 + limits then redis.call('HSET', KEYS[3], unpack(ARGV, 5 + limits)) end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-if limits > 0 and (differ or redis.call('EXISTS', KEYS[4]) == 0) then
+if limits > 0 and (differ or published == 'none') then
   redis.call('HSET', KEYS[4], unpack(ARGV, 5, 4 + limits))
 end
 -- Back in the set after a Redis restart that lost it.

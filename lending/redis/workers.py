@@ -61,7 +61,8 @@ class WorkerId:
         """Take the id and publish ``limits``; raises ``WorkerIdTaken`` or ``LimitsDiffer``."""
         others = [w for w in await registered(self._client, self._keys) if w != self.worker_id]
         fields = _flat(limits.fields())
-        info = _flat(self._info)
+        # The limits in the info too: what a worker claiming next checks its own against.
+        info = _flat({**self._info, **limits.fields()})
         others_args: list[Arg] = [len(others), *others]
         reply = await self._scripts.worker_claim(
             self._client,
@@ -71,6 +72,7 @@ class WorkerId:
                 self._keys.config,
                 self._keys.worker_info(self.worker_id),
                 *(self._keys.worker(w) for w in others),
+                *(self._keys.worker_info(w) for w in others),
             ],
             [self._token, self._ttl_ms, 1 if force else 0, self.worker_id, *others_args, len(info), *info, *fields],
         )
@@ -101,7 +103,7 @@ class WorkerId:
                 self.worker_id,
                 len(self._limits),
                 *self._limits,
-                *_flat({**self._info, **(counters or {})}),
+                *_flat({**self._info, **(self._claimed.fields() if self._claimed else {}), **(counters or {})}),
             ],
         )
         if isinstance(reply, list):  # the key was gone, and {NS}:config holds other limits

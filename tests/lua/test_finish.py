@@ -164,8 +164,8 @@ async def test_finish_give_back_split(
 
 @pytest.mark.parametrize(
     ("published", "to_storage"),
-    [(None, 3), ("20", 3), ("1", 1), ("0", 0)],
-    ids=["none published", "a larger one", "a smaller one", "none at all"],
+    [(None, 3), ("20", 3), ("1", 1), ("0", 0), ("no hash", 3)],
+    ids=["none published", "a larger one", "a smaller one", "none at all", "a config that is no hash"],
 )
 async def test_finish_fills_storage_no_further_than_the_namespaces_capacity(
     redis: Redis, keys: Keys, scripts: Scripts, published: str | None, to_storage: int
@@ -174,7 +174,9 @@ async def test_finish_fills_storage_no_further_than_the_namespaces_capacity(
     dead-letters under its own (3 here): storage gets no more than the namespace's."""
     entry = await pending_entry(redis, keys.lend_requests)
     await redis.sadd(keys.reservation(entry), "r1", "r2", "r3")
-    if published is not None:
+    if published == "no hash":
+        await redis.set(keys.config, "x")  # a hand edit: publishes none
+    elif published is not None:
         await redis.hset(keys.config, "storage_capacity", published)
 
     assert await finish(redis, scripts, keys, entry, capacity=3) == 1
@@ -416,7 +418,6 @@ async def test_finish_with_shelving_returns_full_goes_through_when_nothing_goes_
         "dead_letters",
         "shelving_returns",
         "dead_letters_trimmed",
-        "config",
     ],
 )
 async def test_finish_with_a_key_of_the_wrong_type_changes_nothing(

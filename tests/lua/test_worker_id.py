@@ -8,6 +8,8 @@ tests go through it and assert on the keys the scripts write.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 from redis.asyncio import Redis
 
@@ -41,10 +43,13 @@ async def test_claim_holds_the_id_registers_it_and_publishes_the_limits(
 async def test_claim_publishes_the_info_afresh_with_the_ttl(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await redis.hset(keys.worker_info("w1"), mapping={"processed": "99", "stale": "x"})  # an earlier run's
     await holder(redis, scripts, keys, "token-a").claim(Limits())
-    assert await hash_of(redis, keys.worker_info("w1")) == {name: str(value) for name, value in INFO.items()}
+    assert await hash_of(redis, keys.worker_info("w1")) == {
+        **{name: str(value) for name, value in INFO.items()},
+        **Limits().fields(),
+    }
     assert 0 < await redis.pttl(keys.worker_info("w1")) <= 10_000
     assert await worker_infos(redis, keys, ["w1", "w2"]) == {
-        "w1": {name: str(value) for name, value in INFO.items()},
+        "w1": {**{name: str(value) for name, value in INFO.items()}, **Limits().fields()},
         "w2": {},
     }
 
@@ -58,6 +63,7 @@ async def test_renew_publishes_the_counters_and_extends_the_info_ttl(
     assert await a.renew({"processed": 7, "failed": 1})
     assert await hash_of(redis, keys.worker_info("w1")) == {
         **{name: str(value) for name, value in INFO.items()},
+        **Limits().fields(),
         "processed": "7",
         "failed": "1",
     }
@@ -98,6 +104,7 @@ async def test_renew_takes_a_lost_liveness_key_again(redis: Redis, keys: Keys, s
     assert await redis.smembers(keys.workers) == {b"w1"}
     assert await hash_of(redis, keys.worker_info("w1")) == {
         **{name: str(value) for name, value in INFO.items()},
+        **Limits().fields(),
         "processed": "3",
         "failed": "0",
     }
@@ -132,6 +139,19 @@ async def test_a_live_worker_publishes_its_limits_again_over_older_ones(
 
     assert await read_limits(redis, keys) == Limits(storage_capacity=7)
     assert await redis.get(keys.worker("w1")) == b"token-a"
+
+
+async def test_renew_leaves_a_config_that_is_no_hash_alone_and_renews(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits(storage_capacity=7))
+    await redis.set(keys.config, "x")  # a hand edit
+
+    assert await a.renew()
+
+    assert await redis.get(keys.config) == b"x"
+    assert await redis.pttl(keys.worker("w1")) > 0
 
 
 async def test_renew_does_not_take_a_lapsed_id_again_under_other_limits(
@@ -207,6 +227,27 @@ async def test_a_worker_with_other_limits_is_refused_while_one_lives(
     await holder(redis, scripts, keys, "token-b", "w2").claim(Limits(max_books_per_user=3))
     assert await read_limits(redis, keys) == Limits(max_books_per_user=3)
     assert await redis.smembers(keys.workers) == {b"w2"}, "dead workers leave the set"
+
+
+CONFIG_EDITS: dict[str, Callable[[Redis, Keys], Awaitable[object]]] = {
+    "config deleted": lambda redis, keys: redis.delete(keys.config),
+    "a field deleted": lambda redis, keys: redis.hdel(keys.config, "max_books_per_user"),
+    "a field written otherwise": lambda redis, keys: redis.hset(keys.config, "max_books_per_user", "5.0"),
+}
+
+
+@pytest.mark.parametrize("edit", list(CONFIG_EDITS.values()), ids=list(CONFIG_EDITS))
+async def test_a_live_workers_own_limits_refuse_a_worker_with_others_whatever_config_holds(
+    redis: Redis, keys: Keys, scripts: Scripts, edit: Callable[[Redis, Keys], Awaitable[object]]
+) -> None:
+    """A hand edit of {NS}:config let a worker with other limits start beside a live one,
+    and then each committed in turn."""
+    await holder(redis, scripts, keys, "token-a", "w1").claim(Limits(max_books_per_user=5))
+    await edit(redis, keys)
+
+    with pytest.raises(LimitsDiffer, match="live worker 'w1' runs with max-books-per-user 5, this one with 2"):
+        await holder(redis, scripts, keys, "token-b", "w2").claim(Limits(max_books_per_user=2))
+    await holder(redis, scripts, keys, "token-c", "w3").claim(Limits(max_books_per_user=5))  # the same: fine
 
 
 async def test_read_limits_without_any_worker(redis: Redis, keys: Keys) -> None:
