@@ -399,6 +399,25 @@ async def test_an_answered_request_deleted_from_its_stream_is_no_violation_on_re
     assert report.quiescent and report.violations == [], report.violations
 
 
+async def test_a_forged_event_is_reported_though_an_entry_after_it_was_deleted_on_redis_7(
+    redis7: Redis, redis7_url: str, keys: Keys, settings: Settings
+) -> None:
+    # The deleted entry's excuse (an ID below max-deleted-entry-id) must not cover an
+    # event naming an entry that never was: the counters show one event too many.
+    async with in_process_worker(settings.replace(redis_url=redis7_url)):
+        sent = [await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"]) for n in range(4)]
+        for entry in sent:
+            await event_for(redis7, keys, "lend", entry)
+        forged = f"{sent[0].split('-')[0]}-7"
+        fields = {"request_id": forged, "action": "lend", "user_id": "x", "status": "rejected", "books": ""}
+        await redis7.xadd(keys.events, xadd_fields({**fields, "skipped": "", "reason": "made up"}))
+        assert await redis7.xdel(keys.lend_requests, sent[-1]) == 1
+        report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
+
+    assert report.quiescent
+    assert reported(report.violations) == {"event-names-an-entry"}, report.violations
+
+
 async def test_a_request_deleted_before_it_was_answered_is_still_reported_on_redis_7(
     redis7: Redis, redis7_url: str, keys: Keys, settings: Settings
 ) -> None:
@@ -864,4 +883,29 @@ async def test_grants_settled_while_the_checker_reads_are_never_reported(
         await churn
 
     assert sum(report.quiescent for report in reports) >= 5, "the checker never saw a quiescent moment"
+    assert [v for report in reports for v in report.violations] == []
+
+
+async def test_a_check_beside_a_live_worker_lending_to_new_users_reports_nothing(
+    redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    # Users lent to for the first time while the checker read: their count and books set,
+    # read after lent-books, disagreed with it. Each check here runs while requests flow.
+    async def traffic() -> None:
+        for n in range(600):
+            await send(redis, keys, "lend", f"new-{n}", [f"t{n}"])
+            if n % 3 == 0:
+                await send(redis, keys, "return", f"new-{n - 3}", [f"t{n - 3}"])
+            await asyncio.sleep(0.002)
+
+    async with in_process_worker(settings):
+        sending = asyncio.create_task(traffic())
+        reports = []
+        try:
+            while not sending.done():
+                reports.append(await checker.check(redis, keys.namespace))  # the worker's limits
+        finally:
+            await sending
+
+    assert len(reports) >= 5
     assert [v for report in reports for v in report.violations] == []

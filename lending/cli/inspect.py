@@ -36,8 +36,10 @@ from lending.redis import eviction
 def check_command(target: Target, wait_s: float, as_json: bool) -> None:
     """Check the invariants of a namespace; exit 0 when clean, 1 otherwise (130: Ctrl-C).
 
-    Always: each user's count equals their books in lent-books and is within the
-    limit; no book is both lent and in storage; storage within its capacity. Once
+    The namespace is read at one moment (one transaction), so it may be checked while
+    workers run. Always: each user's count equals their books in lent-books and is
+    within the limit; no book is both lent and in storage; storage within its
+    capacity. Once
     quiescent (inbox empty, request streams all read and acknowledged, shelving returns drained):
     shelving holds exactly the lent and stored books (and the library's record of
     them agrees); every request entry has exactly one event and every event names an

@@ -25,8 +25,11 @@ from lending.redis.workers import read_limits
 from lending.settings import Limits
 
 PAGE = 10_000
-# Snapshots taken while new users keep being lent to, before the last one is kept.
-SNAPSHOT_TRIES = 5
+# Users whose keys are read per round trip (a pipeline), and per transaction when a
+# disagreement is read again at one moment.
+USER_PAGE = 500
+# Rounds of reading a disagreeing user again, each with the books found lent to them.
+CONFIRM_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class Snapshot:
     lent: dict[str, str] = field(default_factory=dict)  # book -> user
     counts: dict[str, str] = field(default_factory=dict)  # user -> raw count value
     loans: dict[str, set[str]] = field(default_factory=dict)  # user -> their books set (the index)
+    # user -> the books lent-books lent them when their count and books set were read
+    # again at one moment (their first reading disagreed with ``lent``); else ``lent`` says
+    held_confirmed: dict[str, set[str]] = field(default_factory=dict)
     storage: set[str] = field(default_factory=set)
     shelving: dict[str, str] = field(default_factory=dict)  # book -> context
     from_shelving: dict[str, str] = field(default_factory=dict)  # book -> context, the library's record
@@ -112,11 +118,19 @@ def check_state(
     return out
 
 
-def _check_loans(snapshot: Snapshot, keys: Keys) -> list[Violation]:
-    """Each user's books set is exactly their books in lent-books (written in one commit)."""
+def _held(snapshot: Snapshot) -> dict[str, set[str]]:
+    """User -> the books lent-books lends them, as read with their count and books set."""
     held: dict[str, set[str]] = {}
     for book, user in snapshot.lent.items():
-        held.setdefault(user, set()).add(book)
+        if user not in snapshot.held_confirmed:
+            held.setdefault(user, set()).add(book)
+    held.update({user: books for user, books in snapshot.held_confirmed.items() if books})
+    return held
+
+
+def _check_loans(snapshot: Snapshot, keys: Keys) -> list[Violation]:
+    """Each user's books set is exactly their books in lent-books (written in one commit)."""
+    held = _held(snapshot)
     out = []
     for user in sorted(set(held) | set(snapshot.loans)):
         indexed, lent = snapshot.loans.get(user, set()), held.get(user, set())
@@ -134,7 +148,7 @@ def _check_loans(snapshot: Snapshot, keys: Keys) -> list[Violation]:
 
 def _check_counts(snapshot: Snapshot, keys: Keys, limit: int) -> list[Violation]:
     out = []
-    held = Counter(snapshot.lent.values())
+    held = Counter({user: len(books) for user, books in _held(snapshot).items()})
     for user in sorted(set(held) | set(snapshot.counts)):
         raw = snapshot.counts.get(user, "0")
         key = keys.user_count(user)
@@ -277,7 +291,19 @@ def _check_vanished(snapshot: Snapshot, keys: Keys, per_entry: Counter[tuple[str
     strays = sum(1 for pair in per_entry if pair not in present and not _maybe_trimmed(snapshot, *pair))
     answered = snapshot.events_added - extra - strays
     vanished = sum(snapshot.entries_added.values()) - unanswered - answered
-    if vanished <= 0:
+    if vanished < 0:
+        # More events answer entries than entries were ever added: some event names an
+        # entry that never was, though it looks like one deleted since (an ID below one
+        # deleted from its stream).
+        return [
+            Violation(
+                "event-names-an-entry",
+                f"{-vanished} more events answer request entries than entries were ever added: "
+                "an event names an entry that never was",
+                (keys.events, *keys.request_streams),
+            )
+        ]
+    if vanished == 0:
         return []
     return [
         Violation(
@@ -360,22 +386,20 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
 
     The state and the groups' progress are read in one transaction: read one key at a
     time, a grant settled and given back between two reads looked lost (the ledger read
-    after the settling, the shelving state before its give-back). Only the key names are
-    found beforehand (SCAN), and the streams read afterwards, up to their last IDs at
-    that moment.
+    after the settling, the shelving state before its give-back). The users' counts and
+    books sets are read after it, and any that disagrees with lent-books is read again
+    with the books lent to that user in one transaction of its own (a user lent to in
+    between is no violation). The streams are read last, up to their last IDs at that
+    moment.
     """
     keys = Keys(namespace)
     users = await _scan_names(client, keys, "count") | await _scan_names(client, keys, "books")
     reservations = sorted(
         [text(raw) async for raw in client.scan_iter(match=keys.pattern("reservations:*"), count=1000)]
     )
-    for _ in range(SNAPSHOT_TRIES):
-        snap = await _read_moment(client, keys, users, reservations)
-        # A user lent to for the first time after the SCAN: read their keys too.
-        new_users = set(snap.lent.values()) - users
-        if not new_users:
-            break
-        users |= new_users
+    snap = await _read_moment(client, keys, reservations)
+    await _read_users(client, keys, snap, sorted(users | set(snap.lent.values())))
+    await _confirm_users(client, keys, snap)
     for action in ACTIONS:
         snap.requests[action] = [
             entry_id for entry_id, _ in await _read_all(client, keys.requests(action), snap.last_ids[action])
@@ -400,9 +424,8 @@ async def _scan_names(client: Redis, keys: Keys, kind: str) -> set[str]:
     }
 
 
-async def _read_moment(client: Redis, keys: Keys, users: set[str], reservations: list[str]) -> Snapshot:
-    """Everything but the streams' entries, in one MULTI/EXEC."""
-    ordered = sorted(users)
+async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Snapshot:
+    """Everything but the users' keys and the streams' entries, in one MULTI/EXEC."""
     info_of = [*(keys.requests(action) for action in ACTIONS), keys.events]
     consumed = keys.consumed()
     async with client.pipeline(transaction=True) as pipe:
@@ -413,9 +436,6 @@ async def _read_moment(client: Redis, keys: Keys, users: set[str], reservations:
         pipe.hgetall(keys.grants)
         pipe.get(keys.events_trimmed_to)
         pipe.llen(keys.inbox)
-        for user in ordered:
-            pipe.get(keys.user_count(user))
-            pipe.smembers(keys.user_books(user))
         for key in reservations:
             pipe.exists(key)
         for stream in info_of:
@@ -435,12 +455,6 @@ async def _read_moment(client: Redis, keys: Keys, users: set[str], reservations:
     # Not an ID (a hand edit): as if no event were ever trimmed.
     snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None and is_id(text(trimmed_to)) else None
     snap.inbox = int(_ok(next(replies)))
-    for user in ordered:
-        count, books = _ok(next(replies)), _ok(next(replies))
-        if count is not None:
-            snap.counts[user] = text(count)
-        if books:
-            snap.loans[user] = {text(m) for m in books}
     snap.reservations = [key for key in reservations if _ok(next(replies))]
     for action in ACTIONS:
         info = _stream_info(next(replies))
@@ -467,6 +481,72 @@ async def wait_quiescent(client: Redis, namespace: str, timeout_s: float) -> Sna
         if snap.quiescent or time.monotonic() >= deadline:
             return snap
         await asyncio.sleep(0.2)
+
+
+async def _read_users(client: Redis, keys: Keys, snap: Snapshot, users: list[str]) -> None:
+    """Each user's count and books set, a page of users per round trip."""
+    for start in range(0, len(users), USER_PAGE):
+        page = users[start : start + USER_PAGE]
+        async with client.pipeline(transaction=False) as pipe:
+            for user in page:
+                pipe.get(keys.user_count(user))
+                pipe.smembers(keys.user_books(user))
+            replies = iter(await pipe.execute())
+        for user in page:
+            _set_user(snap, user, next(replies), next(replies))
+
+
+def _set_user(snap: Snapshot, user: str, count: bytes | None, books: set[bytes]) -> None:
+    snap.counts.pop(user, None)
+    snap.loans.pop(user, None)
+    if count is not None:
+        snap.counts[user] = text(count)
+    if books:
+        snap.loans[user] = {text(m) for m in books}
+
+
+def _disagreeing(snap: Snapshot) -> dict[str, set[str]]:
+    """User -> the books to look up for them, for each user whose count or books set, as
+    read, is not what lent-books lends them (at the moment)."""
+    held = _held(snap)
+    out = {}
+    for user in set(held) | set(snap.counts) | set(snap.loans):
+        lent = held.get(user, set())
+        if snap.counts.get(user, "0") != str(len(lent)) or snap.loans.get(user, set()) != lent:
+            out[user] = lent | snap.loans.get(user, set())
+    return out
+
+
+async def _confirm_users(client: Redis, keys: Keys, snap: Snapshot) -> None:
+    """Read each disagreeing user's count, books set and the books lent-books lends them
+    again, in one transaction per page: what a violation is reported on."""
+    looking = _disagreeing(snap)
+    for _ in range(CONFIRM_ROUNDS):
+        again: dict[str, set[str]] = {}
+        users = sorted(looking)
+        for start in range(0, len(users), USER_PAGE):
+            page = users[start : start + USER_PAGE]
+            async with client.pipeline(transaction=True) as pipe:
+                for user in page:
+                    pipe.get(keys.user_count(user))
+                    pipe.smembers(keys.user_books(user))
+                    if looking[user]:
+                        pipe.hmget(keys.lent_books, sorted(looking[user]))
+                replies = iter(await pipe.execute())
+            for user in page:
+                count, books = next(replies), next(replies)
+                candidates = sorted(looking[user])
+                holders = next(replies) if candidates else []
+                _set_user(snap, user, count, books)
+                snap.held_confirmed[user] = {
+                    book for book, holder in zip(candidates, holders, strict=True) if text(holder) == user
+                }
+                # A book in the set but not looked up: lent to them since; look again.
+                if not snap.loans.get(user, set()) <= looking[user]:
+                    again[user] = looking[user] | snap.loans[user]
+        if not again:
+            return
+        looking = again
 
 
 async def _read_all(client: Redis, stream: str, last: str) -> list[tuple[str, dict[bytes, bytes]]]:
