@@ -47,6 +47,9 @@ for _, k in ipairs(live) do
   local refused = differs(KEYS[4 + n + k], ARGV[5 + k]) or differs(KEYS[3], ARGV[5 + k])
   if refused then return refused end
 end
+-- A KEYS[3] that is no hash (a hand edit) is replaced.
+local config = redis.call('TYPE', KEYS[3]).ok
+if config ~= 'hash' and config ~= 'none' then redis.call('DEL', KEYS[3]) end
 redis.call('HSET', KEYS[3], unpack(ARGV, limits))
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[4])

@@ -22,8 +22,8 @@
 -- user go over the new ones), or Redis came back with older data. The caller tells the
 -- two apart by claiming the id again (worker_claim.lua refuses while a worker with
 -- other limits is live).
--- Returns 4 when the key is held by this process and KEYS[4] held other limits: they
--- are published again. While this worker was live no worker with other limits could
+-- Returns 4 when the key is held by this process and KEYS[4] held other limits, or
+-- missed one, or was no hash: they are published again. While this worker was live no worker with other limits could
 -- start (worker_claim.lua), so Redis came back with older data or KEYS[4] was edited by
 -- hand; commit.lua writes nothing while they differ.
 -- A renewal is a PEXPIRE, which needs no memory, and comes first: a live worker stays
@@ -34,12 +34,16 @@
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 local limits = tonumber(ARGV[4])
-local differ = false
--- A KEYS[4] that is no hash (a hand edit) publishes none, and is left alone.
+-- KEYS[4] is published again, whole, when it is gone, misses a field (the tools would
+-- assume a default), is no hash (a hand edit: replaced), or, while this worker holds its
+-- key, holds other values.
 local published = redis.call('TYPE', KEYS[4]).ok
+local differ, incomplete = false, published ~= 'hash'
 for k = 5, published == 'hash' and 4 + limits or 0, 2 do
   local theirs = redis.call('HGET', KEYS[4], ARGV[k])
-  if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then
+  if not theirs then
+    incomplete = true
+  elseif tonumber(theirs) ~= tonumber(ARGV[k + 1]) then
     if not holder then return {3, ARGV[k], theirs, ARGV[k + 1]} end
     differ = true
   end
@@ -51,11 +55,12 @@ else
 end
 if #ARGV > 4 + limits then redis.call('HSET', KEYS[3], unpack(ARGV, 5 + limits)) end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-if limits > 0 and (differ or published == 'none') then
+if limits > 0 and (differ or incomplete) then
+  if published ~= 'hash' and published ~= 'none' then redis.call('DEL', KEYS[4]) end
   redis.call('HSET', KEYS[4], unpack(ARGV, 5, 4 + limits))
 end
 -- Back in the set after a Redis restart that lost it.
 if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then redis.call('SADD', KEYS[2], ARGV[3]) end
-if differ then return 4 end
+if limits > 0 and (differ or (incomplete and published ~= 'none')) then return 4 end
 if holder then return 1 end
 return 2

@@ -209,6 +209,10 @@ async def test_printed_users_run_the_worker_get_books_and_the_operators_tools(
         assert shown["maxmemory_policy"] is not None, shown
         listed = lending(users.operator, namespace, "dead-letters", "list")
         assert listed.returncode == 0 and listed.stdout.startswith(letter), listed
+        # A violation too (a user whose count disagrees is read again, with their books).
+        await server.admin.incr(keys.user_count("ada"))
+        violated = lending(users.operator, namespace, "check")
+        assert violated.returncode == 1 and "count-matches-lent-books" in violated.stdout, violated
     finally:
         code, _, err = stop_process(worker)
     assert code == 0 and "Traceback" not in err and "no permission" not in err, err

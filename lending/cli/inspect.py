@@ -36,8 +36,9 @@ from lending.redis import eviction
 def check_command(target: Target, wait_s: float, as_json: bool) -> None:
     """Check the invariants of a namespace; exit 0 when clean, 1 otherwise (130: Ctrl-C).
 
-    The namespace is read at one moment (one transaction), so it may be checked while
-    workers run. Always: each user's count equals their books in lent-books and is
+    It may run beside live workers: the library's state and the groups are read in one
+    transaction, and a user whose count or books set disagrees with it is read again in
+    one of its own. Always: each user's count equals their books in lent-books and is
     within the limit; no book is both lent and in storage; storage within its
     capacity. Once
     quiescent (inbox empty, request streams all read and acknowledged, shelving returns drained):

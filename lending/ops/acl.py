@@ -124,6 +124,8 @@ OPERATOR_COMMANDS = (
     "get",
     "pttl",
     "hgetall",
+    # check reads a user whose count or books set disagrees again, with their books
+    "hmget",
     "hlen",
     "smembers",
     "scard",

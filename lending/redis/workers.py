@@ -15,6 +15,7 @@ from typing import cast
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from lending.errors import LimitsChanged, LimitsDiffer, WorkerIdTaken
 from lending.keys import Keys
@@ -183,6 +184,12 @@ async def worker_infos(client: Redis, keys: Keys, worker_ids: list[str]) -> dict
 
 
 async def read_limits(client: Redis, keys: Keys) -> Limits | None:
-    """The limits the namespace's workers enforce; ``None`` when no worker ever ran."""
-    raw = cast(dict[bytes, bytes], await client.hgetall(keys.config))
+    """The limits the namespace's workers enforce; ``None`` when no worker ever ran (or
+    ``{NS}:config`` is no hash, a hand edit the next heartbeat replaces)."""
+    try:
+        raw = cast(dict[bytes, bytes], await client.hgetall(keys.config))
+    except ResponseError as exc:
+        if "WRONGTYPE" not in str(exc):
+            raise
+        return None
     return Limits.from_fields(raw) if raw else None

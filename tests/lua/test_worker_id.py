@@ -141,17 +141,34 @@ async def test_a_live_worker_publishes_its_limits_again_over_older_ones(
     assert await redis.get(keys.worker("w1")) == b"token-a"
 
 
-async def test_renew_leaves_a_config_that_is_no_hash_alone_and_renews(
-    redis: Redis, keys: Keys, scripts: Scripts
+CONFIG_HAND_EDITS: dict[str, Callable[[Redis, Keys], Awaitable[object]]] = {
+    "a config that is no hash": lambda redis, keys: redis.set(keys.config, "x"),
+    "a field deleted": lambda redis, keys: redis.hdel(keys.config, "max_books_per_user"),
+}
+
+
+@pytest.mark.parametrize("edit", list(CONFIG_HAND_EDITS.values()), ids=list(CONFIG_HAND_EDITS))
+async def test_renew_publishes_a_config_edited_by_hand_again(
+    redis: Redis, keys: Keys, scripts: Scripts, edit: Callable[[Redis, Keys], Awaitable[object]]
 ) -> None:
+    """The tools (check, status, the API) would assume the default for what is missing."""
     a = holder(redis, scripts, keys, "token-a")
-    await a.claim(Limits(storage_capacity=7))
-    await redis.set(keys.config, "x")  # a hand edit
+    await a.claim(Limits(storage_capacity=7, max_books_per_user=2))
+    await edit(redis, keys)
 
     assert await a.renew()
 
-    assert await redis.get(keys.config) == b"x"
+    assert await read_limits(redis, keys) == Limits(storage_capacity=7, max_books_per_user=2)
     assert await redis.pttl(keys.worker("w1")) > 0
+
+
+async def test_claim_replaces_a_config_that_is_no_hash(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    await redis.set(keys.config, "x")  # a hand edit
+    assert await read_limits(redis, keys) is None  # the tools assume the defaults, and say so
+
+    await holder(redis, scripts, keys, "token-a").claim(Limits(storage_capacity=7))
+
+    assert await read_limits(redis, keys) == Limits(storage_capacity=7)
 
 
 async def test_renew_does_not_take_a_lapsed_id_again_under_other_limits(
