@@ -23,6 +23,7 @@ from lending.ops.checker import GroupState, Snapshot, Violation, check_state
 from lending.redis.connection import make_client
 from lending.redis.consumer import Delivery, ensure_group
 from lending.redis.embedded import free_port
+from lending.redis.replies import text
 from lending.redis.scripts import Scripts
 from lending.service.lending import LendingService
 from lending.service.shelving import Grant
@@ -601,8 +602,33 @@ async def leave_a_reservation(redis: Redis, keys: Keys) -> str:
 
 Corrupt = Callable[[Redis, Keys], Awaitable[str]]  # corrupts, returns the offending key
 
+
+async def replace_a_books_set_with_a_list(redis: Redis, keys: Keys) -> str:
+    _, user = await a_lent_book(redis, keys)
+    books = sorted(text(m) for m in await redis.smembers(keys.user_books(user)))
+    await redis.delete(keys.user_books(user))
+    await redis.rpush(keys.user_books(user), *books)
+    return keys.user_books(user)
+
+
+async def replace_lent_books_with_a_string(redis: Redis, keys: Keys) -> str:
+    await redis.delete(keys.lent_books)
+    await redis.set(keys.lent_books, "gone")
+    return keys.lent_books
+
+
+async def replace_a_count_with_a_set(redis: Redis, keys: Keys) -> str:
+    _, user = await a_lent_book(redis, keys)
+    await redis.delete(keys.user_count(user))
+    await redis.sadd(keys.user_count(user), "1")
+    return keys.user_count(user)
+
+
 CORRUPTIONS: dict[str, tuple[Corrupt, str]] = {
     "INCR a user's count": (incr_a_count, "count-matches-lent-books"),
+    "a books set replaced by a list": (replace_a_books_set_with_a_list, "keys-of-their-type"),
+    "lent-books replaced by a string": (replace_lent_books_with_a_string, "keys-of-their-type"),
+    "a count replaced by a set": (replace_a_count_with_a_set, "keys-of-their-type"),
     "HDEL a lent book": (hdel_a_lent_book, "count-matches-lent-books"),
     "SET a negative count": (set_a_negative_count, "count-not-negative"),
     "lend beyond the limit": (lend_beyond_the_limit, "count-within-limit"),

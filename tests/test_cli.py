@@ -492,7 +492,7 @@ async def test_an_outcome_that_cannot_be_printed_goes_to_stderr_with_its_exit_co
     assert (status.returncode, status.stderr) == (1, "error: cannot write the output: No space left on device\n")
 
 
-@pytest.mark.parametrize("command", [["status"], ["status", "--check"], ["check"]])
+@pytest.mark.parametrize("command", [["status"], ["status", "--check"]])
 async def test_a_key_of_the_wrong_type_is_one_line_and_exit_1(
     redis: Redis, keys: Keys, redis_url: str, namespace: str, command: list[str]
 ) -> None:
@@ -505,6 +505,17 @@ async def test_a_key_of_the_wrong_type_is_one_line_and_exit_1(
         result.stderr
         == "error: Redis refused a command: WRONGTYPE Operation against a key holding the wrong kind of value\n"
     )
+
+
+async def test_check_reports_a_key_of_the_wrong_type_as_a_violation_naming_it(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    await redis.set(keys.storage, "not a set")
+
+    result = await asyncio.to_thread(run_python, redis_url, namespace, "-m", "lending", "check")
+
+    assert (result.returncode, result.stderr) == (1, ""), result
+    assert f"[keys-of-their-type] {keys.storage} holds a value of another type than a set" in result.stdout
 
 
 async def test_worker_redis_unreachable_exits_1_with_one_line(redis_url: str, namespace: str) -> None:

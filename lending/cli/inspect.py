@@ -38,13 +38,12 @@ def check_command(target: Target, wait_s: float, as_json: bool) -> None:
 
     It may run beside live workers: the library's state and the groups are read in one
     transaction, and a user whose count or books set disagrees with it is read again in
-    one of its own. Always: each user's count equals their books in lent-books and is
-    within the limit; no book is both lent and in storage; storage within its
-    capacity. Once
-    quiescent (inbox empty, request streams all read and acknowledged, shelving returns drained):
-    shelving holds exactly the lent and stored books (and the library's record of
-    them agrees); every request entry has exactly one event and every event names an
-    entry; no reservation is left.
+    one of its own. Always: every key holds its type (a hash, a set, ...); each user's
+    count equals their books in lent-books and is within the limit; no book is both lent
+    and in storage; storage within its capacity. Once quiescent (inbox empty, request
+    streams all read and acknowledged, shelving returns drained): shelving holds exactly
+    the lent and stored books (and the library's record of them agrees); every request
+    entry has exactly one event and every event names an entry; no reservation is left.
     """
 
     async def check() -> checker.Report:

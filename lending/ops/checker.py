@@ -86,6 +86,9 @@ class Snapshot:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (event id, action, request id)
     groups: list[GroupState] = field(default_factory=list)
     inbox: int = 0  # requests handed in through the inbox, not queued yet
+    # key -> the type it should have, for each key found holding another (a hand edit);
+    # read as if it were missing
+    wrong_types: dict[str, str] = field(default_factory=dict)
 
     @property
     def quiescent(self) -> bool:
@@ -105,7 +108,11 @@ def check_state(
     quiescence) is true.
     """
     keys = Keys(snapshot.namespace)
-    out = _check_counts(snapshot, keys, max_books_per_user)
+    out = [
+        Violation("keys-of-their-type", f"{key} holds a value of another type than a {kind}", (key,))
+        for key, kind in sorted(snapshot.wrong_types.items())
+    ]
+    out += _check_counts(snapshot, keys, max_books_per_user)
     out += _check_loans(snapshot, keys)
     out += _check_storage(snapshot, keys, storage_capacity)
     if snapshot.quiescent if quiescent is None else quiescent:
@@ -401,10 +408,12 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     await _read_users(client, keys, snap, sorted(users | set(snap.lent.values())))
     await _confirm_users(client, keys, snap)
     for action in ACTIONS:
-        snap.requests[action] = [
-            entry_id for entry_id, _ in await _read_all(client, keys.requests(action), snap.last_ids[action])
-        ]
-    for event_id, fields in await _read_all(client, keys.events, snap.events_last_id):
+        if keys.requests(action) not in snap.wrong_types:
+            snap.requests[action] = [
+                entry_id for entry_id, _ in await _read_all(client, keys.requests(action), snap.last_ids[action])
+            ]
+    events = [] if keys.events in snap.wrong_types else await _read_all(client, keys.events, snap.events_last_id)
+    for event_id, fields in events:
         snap.events.append((event_id, _field(fields, b"action"), _field(fields, b"request_id")))
     # Events trimmed since that moment answered requests older than the marker as it is
     # now (retention sets it after it trims), or, on Redis 7, than what the stream says
@@ -446,29 +455,30 @@ async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Sn
         # XINFO of a stream that does not exist answers an error, in its place only.
         replies = iter(await pipe.execute(raise_on_error=False))
     snap = Snapshot(keys.namespace)
-    snap.lent = _decode_map(_ok(next(replies)))
-    snap.storage = {text(m) for m in _ok(next(replies))}
-    snap.shelving = _decode_map(_ok(next(replies)))
-    snap.from_shelving = _decode_map(_ok(next(replies)))
-    snap.grants = _decode_map(_ok(next(replies)))
-    trimmed_to = _ok(next(replies))
+    snap.lent = _decode_map(_typed(snap, keys.lent_books, "hash", next(replies), {}))
+    snap.storage = {text(m) for m in _typed(snap, keys.storage, "set", next(replies), set())}
+    snap.shelving = _decode_map(_typed(snap, keys.shelving_state, "hash", next(replies), {}))
+    snap.from_shelving = _decode_map(_typed(snap, keys.from_shelving, "hash", next(replies), {}))
+    snap.grants = _decode_map(_typed(snap, keys.grants, "hash", next(replies), {}))
+    trimmed_to = _typed(snap, keys.events_trimmed_to, "string", next(replies), None)
     # Not an ID (a hand edit): as if no event were ever trimmed.
     snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None and is_id(text(trimmed_to)) else None
-    snap.inbox = int(_ok(next(replies)))
+    snap.inbox = int(_typed(snap, keys.inbox, "list", next(replies), 0))
     snap.reservations = [key for key in reservations if _ok(next(replies))]
     for action in ACTIONS:
-        info = _stream_info(next(replies))
+        info = _stream_info(_typed(snap, keys.requests(action), "stream", next(replies), NO_STREAM))
         snap.last_ids[action] = text(info.get("last-generated-id") or b"0-0")
         if info.get("entries-added") is not None:
             snap.entries_added[action] = int(info["entries-added"])
         if info.get("max-deleted-entry-id") is not None:
             snap.max_deleted[action] = text(info["max-deleted-entry-id"])
-    events_info = _stream_info(next(replies))
+    events_info = _stream_info(_typed(snap, keys.events, "stream", next(replies), NO_STREAM))
     snap.events_last_id = text(events_info.get("last-generated-id") or b"0-0")
     if (events_added := events_info.get("entries-added")) is not None:
         snap.events_added = int(events_added)
     for stream, group in consumed:
-        info, groups = next(replies), next(replies)
+        info = _typed(snap, stream, "stream", next(replies), NO_STREAM)
+        groups = next(replies)
         snap.groups.append(_group_state(stream, group, info, groups))
     return snap
 
@@ -491,12 +501,14 @@ async def _read_users(client: Redis, keys: Keys, snap: Snapshot, users: list[str
             for user in page:
                 pipe.get(keys.user_count(user))
                 pipe.smembers(keys.user_books(user))
-            replies = iter(await pipe.execute())
+            replies = iter(await pipe.execute(raise_on_error=False))
         for user in page:
-            _set_user(snap, user, next(replies), next(replies))
+            _set_user(snap, keys, user, next(replies), next(replies))
 
 
-def _set_user(snap: Snapshot, user: str, count: bytes | None, books: set[bytes]) -> None:
+def _set_user(snap: Snapshot, keys: Keys, user: str, count: Any, books: Any) -> None:
+    count = _typed(snap, keys.user_count(user), "string", count, None)
+    books = _typed(snap, keys.user_books(user), "set", books, set())
     snap.counts.pop(user, None)
     snap.loans.pop(user, None)
     if count is not None:
@@ -532,12 +544,14 @@ async def _confirm_users(client: Redis, keys: Keys, snap: Snapshot) -> None:
                     pipe.smembers(keys.user_books(user))
                     if looking[user]:
                         pipe.hmget(keys.lent_books, sorted(looking[user]))
-                replies = iter(await pipe.execute())
+                replies = iter(await pipe.execute(raise_on_error=False))
             for user in page:
                 count, books = next(replies), next(replies)
                 candidates = sorted(looking[user])
-                holders = next(replies) if candidates else []
-                _set_user(snap, user, count, books)
+                holders = (
+                    _typed(snap, keys.lent_books, "hash", next(replies), [None] * len(candidates)) if candidates else []
+                )
+                _set_user(snap, keys, user, count, books)
                 snap.held_confirmed[user] = {
                     book for book, holder in zip(candidates, holders, strict=True) if text(holder) == user
                 }
@@ -582,6 +596,19 @@ async def _events_removed_below(client: Redis, stream: str) -> bytes | str | Non
     # request it answered older than the event.
     deleted = text(info.get("max-deleted-entry-id") or b"0-0")
     return max(first, deleted, key=id_key)
+
+
+# What XINFO STREAM answers for a key that does not exist.
+NO_STREAM = ResponseError("no such key")
+
+
+def _typed(snap: Snapshot, key: str, kind: str, reply: Any, empty: Any) -> Any:
+    """A reply of ``key``, which should be a ``kind``; a key of another type (a hand edit)
+    is noted in the snapshot and read as ``empty``."""
+    if isinstance(reply, ResponseError) and "WRONGTYPE" in str(reply):
+        snap.wrong_types[key] = kind
+        return empty
+    return reply if isinstance(reply, ResponseError) and kind == "stream" else _ok(reply)
 
 
 def _ok(reply: Any) -> Any:
