@@ -313,19 +313,23 @@ async def test_a_shelving_outage_costs_latency_not_failures(
     assert await redis.xlen(keys.dead_letters) == 0
 
 
-async def test_a_worker_whose_id_lapsed_while_the_others_changed_the_limits_stops(
-    redis: Redis, keys: Keys, start_worker: StartWorker
-) -> None:
-    """Two sets of limits must never run at once: not even after a stall past the TTL."""
-    worker = await start_worker(worker_id="w1", worker_ttl_ms=1_500, max_books_per_user=5)
-    # As if it had stalled past its TTL while w2 started with 2 (one step, so that w1's
-    # heartbeat sees all of it or none).
+async def lapse_while_w2_starts_with_a_limit_of_2(redis: Redis, keys: Keys) -> None:
+    """As if w1 had stalled past its TTL while w2 started with 2 books per user (one step,
+    so that w1's heartbeat sees all of it or none)."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.worker("w1"))
         pipe.set(keys.worker("w2"), "token-of-w2", px=60_000)
         pipe.sadd(keys.workers, "w2")
         pipe.hset(keys.config, "max_books_per_user", "2")
         await pipe.execute()
+
+
+async def test_a_worker_whose_id_lapsed_while_the_others_changed_the_limits_stops(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """Two sets of limits must never run at once: not even after a stall past the TTL."""
+    worker = await start_worker(worker_id="w1", worker_ttl_ms=1_500, max_books_per_user=5)
+    await lapse_while_w2_starts_with_a_limit_of_2(redis, keys)
 
     await wait_until(lambda: worker.lost_id, timeout_s=5)
     assert not await redis.exists(keys.worker("w1"))
@@ -355,12 +359,7 @@ async def test_a_stalled_worker_commits_nothing_under_its_old_limits(
     commit itself finds the namespace's limits changed, writes nothing, and the worker
     stops at once; a worker with the new limits answers the request."""
     stalled = await start_worker(worker_id="w1", worker_ttl_ms=60_000, max_books_per_user=5)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.worker("w1"))
-        pipe.set(keys.worker("w2"), "token-of-w2", px=60_000)
-        pipe.sadd(keys.workers, "w2")
-        pipe.hset(keys.config, "max_books_per_user", "2")
-        await pipe.execute()
+    await lapse_while_w2_starts_with_a_limit_of_2(redis, keys)
 
     request_id = await send(redis, keys, "lend", "ada", ["b1", "b2", "b3"])
     await wait_until(lambda: stalled.lost_id, timeout_s=5)

@@ -405,7 +405,8 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
         [text(raw) async for raw in client.scan_iter(match=keys.pattern("reservations:*"), count=1000)]
     )
     snap = await _read_moment(client, keys, reservations)
-    await _read_users(client, keys, snap, sorted(users | set(snap.lent.values())))
+    everyone: dict[str, set[str]] = {user: set() for user in users | set(snap.lent.values())}
+    await _read_users(client, keys, snap, everyone, confirm=False)
     await _confirm_users(client, keys, snap)
     for action in ACTIONS:
         if keys.requests(action) not in snap.wrong_types:
@@ -493,17 +494,36 @@ async def wait_quiescent(client: Redis, namespace: str, timeout_s: float) -> Sna
         await asyncio.sleep(0.2)
 
 
-async def _read_users(client: Redis, keys: Keys, snap: Snapshot, users: list[str]) -> None:
-    """Each user's count and books set, a page of users per round trip."""
-    for start in range(0, len(users), USER_PAGE):
-        page = users[start : start + USER_PAGE]
-        async with client.pipeline(transaction=False) as pipe:
+async def _read_users(
+    client: Redis, keys: Keys, snap: Snapshot, users: Mapping[str, set[str]], *, confirm: bool
+) -> dict[str, set[str]]:
+    """Each user's count and books set, a page of users per round trip. To ``confirm``,
+    each page is one transaction that also reads which of the books ``users`` names for
+    the user lent-books lends them: what a violation is reported on. Returns the users
+    to read again: their set names books not looked up (lent to them since)."""
+    again: dict[str, set[str]] = {}
+    ordered = sorted(users)
+    for start in range(0, len(ordered), USER_PAGE):
+        page = ordered[start : start + USER_PAGE]
+        async with client.pipeline(transaction=confirm) as pipe:
             for user in page:
                 pipe.get(keys.user_count(user))
                 pipe.smembers(keys.user_books(user))
+                if confirm and users[user]:
+                    pipe.hmget(keys.lent_books, sorted(users[user]))
             replies = iter(await pipe.execute(raise_on_error=False))
         for user in page:
             _set_user(snap, keys, user, next(replies), next(replies))
+            if not confirm:
+                continue
+            books = sorted(users[user])
+            holders = _typed(snap, keys.lent_books, "hash", next(replies), [None] * len(books)) if books else []
+            snap.held_confirmed[user] = {
+                book for book, holder in zip(books, holders, strict=True) if text(holder) == user
+            }
+            if not snap.loans.get(user, set()) <= users[user]:
+                again[user] = users[user] | snap.loans[user]
+    return again
 
 
 def _set_user(snap: Snapshot, keys: Keys, user: str, count: Any, books: Any) -> None:
@@ -530,37 +550,14 @@ def _disagreeing(snap: Snapshot) -> dict[str, set[str]]:
 
 
 async def _confirm_users(client: Redis, keys: Keys, snap: Snapshot) -> None:
-    """Read each disagreeing user's count, books set and the books lent-books lends them
-    again, in one transaction per page: what a violation is reported on."""
+    """Read each user whose count or books set disagrees with lent-books again, at one
+    moment with the books lent to them (up to ``CONFIRM_ROUNDS`` times while their set
+    names books not looked up yet)."""
     looking = _disagreeing(snap)
     for _ in range(CONFIRM_ROUNDS):
-        again: dict[str, set[str]] = {}
-        users = sorted(looking)
-        for start in range(0, len(users), USER_PAGE):
-            page = users[start : start + USER_PAGE]
-            async with client.pipeline(transaction=True) as pipe:
-                for user in page:
-                    pipe.get(keys.user_count(user))
-                    pipe.smembers(keys.user_books(user))
-                    if looking[user]:
-                        pipe.hmget(keys.lent_books, sorted(looking[user]))
-                replies = iter(await pipe.execute(raise_on_error=False))
-            for user in page:
-                count, books = next(replies), next(replies)
-                candidates = sorted(looking[user])
-                holders = (
-                    _typed(snap, keys.lent_books, "hash", next(replies), [None] * len(candidates)) if candidates else []
-                )
-                _set_user(snap, keys, user, count, books)
-                snap.held_confirmed[user] = {
-                    book for book, holder in zip(candidates, holders, strict=True) if text(holder) == user
-                }
-                # A book in the set but not looked up: lent to them since; look again.
-                if not snap.loans.get(user, set()) <= looking[user]:
-                    again[user] = looking[user] | snap.loans[user]
-        if not again:
+        if not looking:
             return
-        looking = again
+        looking = await _read_users(client, keys, snap, looking, confirm=True)
 
 
 async def _read_all(client: Redis, stream: str, last: str) -> list[tuple[str, dict[bytes, bytes]]]:
