@@ -34,6 +34,7 @@ from lending.worker import Worker
 from .conftest import StartWorker
 from .support import (
     ROOT,
+    decoded,
     event_for,
     hash_of,
     in_process_worker,
@@ -444,6 +445,21 @@ async def test_events_trimmed_before_retention_set_its_marker_are_no_violation_o
         report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
 
     assert report.quiescent and report.violations == [], report.violations
+
+
+async def test_an_event_xdeled_from_the_middle_is_a_lost_outcome_on_redis_7(
+    redis7: Redis, redis7_url: str, keys: Keys, settings: Settings
+) -> None:
+    # Retention only trims events from the start: one deleted from the middle is no trim.
+    async with in_process_worker(settings.replace(redis_url=redis7_url)):
+        for n in range(5):
+            await event_for(redis7, keys, "lend", await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"]))
+        second = decoded(raw_entries(await redis7.xrange(keys.events))[1][0])
+        assert await redis7.xdel(keys.events, second) == 1
+        report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
+
+    assert report.quiescent
+    assert "one-event-per-entry" in reported(report.violations), report.violations
 
 
 async def test_a_trimmed_to_marker_that_is_no_id_is_ignored_not_a_crash(

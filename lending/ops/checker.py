@@ -419,7 +419,11 @@ async def read_snapshot(client: Redis, namespace: str) -> Snapshot:
     # Events trimmed since that moment answered requests older than the marker as it is
     # now (retention sets it after it trims), or, on Redis 7, than what the stream says
     # it lost: no race with that SET.
-    for later in (await client.get(keys.events_trimmed_to), await _events_removed_below(client, keys.events)):
+    try:
+        marker = None if keys.events_trimmed_to in snap.wrong_types else await client.get(keys.events_trimmed_to)
+    except ResponseError:  # made another type since the moment: the next check names it
+        marker = None
+    for later in (marker, await _events_removed_below(client, keys.events)):
         if later is not None and is_id(text(later)) and id_key(text(later)) > id_key(snap.events_trimmed_to or "0-0"):
             snap.events_trimmed_to = text(later)
     return snap
@@ -575,24 +579,20 @@ async def _read_all(client: Redis, stream: str, last: str) -> list[tuple[str, di
 
 
 async def _events_removed_below(client: Redis, stream: str) -> bytes | str | None:
-    """Redis 7: an ID above every event ever removed from ``stream`` (trimmed from its
-    start, or XDELed), when any was (more added than it holds); else ``None``."""
+    """Redis 7: the first ID of ``stream`` left after retention trimmed it from its start
+    (more events added than it holds), else ``None``. Only what is older than the first
+    entry counts as trimmed: an event XDELed from the middle is a lost outcome."""
     try:
         info = await client.xinfo_stream(stream)
-    except ResponseError:  # no such stream
+    except ResponseError:  # no such stream, or not a stream (reported from the moment)
         return None
     added = info.get("entries-added")
     if added is None or int(added) <= int(info["length"]):
         return None  # Redis 6.2 (no counters), or nothing removed
     if int(info["length"]) == 0:  # all removed: the first ID to come is above them all
         last = text(info["last-generated-id"])
-        first = next_id(last) or last
-    else:
-        first = text(info["recorded-first-entry-id"])
-    # An event XDELed from the middle is no newer than max-deleted-entry-id, and the
-    # request it answered older than the event.
-    deleted = text(info.get("max-deleted-entry-id") or b"0-0")
-    return max(first, deleted, key=id_key)
+        return next_id(last) or last
+    return text(info["recorded-first-entry-id"])
 
 
 # What XINFO STREAM answers for a key that does not exist.
