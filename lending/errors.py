@@ -100,8 +100,8 @@ class StaleLimits(Deferred):
 
     def __init__(self, field: str, theirs: str, mine: str) -> None:
         super().__init__(
-            f"the namespace's workers enforce {field.replace('_', '-')} {theirs}, this one {mine}: "
-            "its decisions are not committed"
+            f"the namespace's workers enforce {field.replace('_', '-')} {theirs or '(none published)'}, "
+            f"this one {mine}: its decisions are not committed"
         )
         self.field = field
         self.theirs = theirs

@@ -27,8 +27,8 @@
 -- return takes back the books its event names. Counts change by one INCRBY per user,
 -- and each user's books set ({NS}:user:<id>:books) with lent-books.
 --
--- Returns {-2, field, theirs, mine} when KEYS[9] holds other limits than the caller's:
--- nothing is written. A worker that stalled while the others were restarted with new
+-- Returns {-2, field, theirs, mine} when KEYS[9] holds other limits than the caller's,
+-- or none (theirs ''): nothing is written. A worker that stalled while the others were restarted with new
 -- limits must not commit what it decided under its old ones; its heartbeat finds out
 -- whether it must stop. Returns -1 when a lend's reservation is not what the caller
 -- decided on: nothing is written, decide again. Else one code per record: 1 committed here, 0 not (the entry
@@ -74,14 +74,18 @@ local function pending_on_me(stream, first, last)
   return set
 end
 
--- The limits first: a decision under other limits than the namespace's is not applied.
--- (A KEYS[9] that is no hash, a hand edit, publishes none: it must not stop the service.)
+-- The limits first: a decision under other limits than the namespace's is not applied,
+-- nor one under limits KEYS[9] does not hold (a field missing, not a hash: older data
+-- or a hand edit, which the worker's heartbeat, run at once, sets right). With no
+-- KEYS[9] at all nothing was published (a Redis that lost its data, until the
+-- heartbeat publishes it again): nothing to compare with.
 local limits = tonumber(ARGV[8])
-if wrong_type(KEYS[9], 'hash') == nil then
-  for k = 9, 8 + limits, 2 do
-    local theirs = redis.call('HGET', KEYS[9], ARGV[k])
-    if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {-2, ARGV[k], theirs, ARGV[k + 1]} end
-  end
+local config = redis.call('TYPE', KEYS[9]).ok
+local compared = config == 'none' and 0 or limits
+if compared > 0 and config ~= 'hash' then return {-2, ARGV[9], '', ARGV[10]} end
+for k = 9, 8 + compared, 2 do
+  local theirs = redis.call('HGET', KEYS[9], ARGV[k])
+  if not theirs or tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {-2, ARGV[k], theirs or '', ARGV[k + 1]} end
 end
 
 -- Parse the records.

@@ -19,8 +19,8 @@
 -- Returns {1} when this token now holds the id (info and limits are published); {0}
 -- when another live process holds the id; {-1, worker, field, theirs, mine} when a live
 -- worker runs with other limits: two workers must never enforce different limits. A
--- live worker's limits are read from its info, and from KEYS[3] (a field missing from
--- either, a hand edit, must not let a worker with other limits start beside it).
+-- live worker's limits are read from its info (KEYS[3] may be older data, or edited by
+-- hand); for a worker of an older version, which keeps none there, from KEYS[3].
 -- Ids of the set whose key expired (workers that died) leave the set. The info hash
 -- is written afresh, with the liveness key's TTL.
 local current = redis.call('GET', KEYS[1])
@@ -43,8 +43,12 @@ local function differs(key, worker)
     if theirs and tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {-1, worker, ARGV[k], theirs, ARGV[k + 1]} end
   end
 end
+-- A live worker's own limits are in its info; one of an older version has none there,
+-- and KEYS[3] stands in for them.
 for _, k in ipairs(live) do
-  local refused = differs(KEYS[4 + n + k], ARGV[5 + k]) or differs(KEYS[3], ARGV[5 + k])
+  local info = KEYS[4 + n + k]
+  local own = redis.call('TYPE', info).ok == 'hash' and redis.call('HEXISTS', info, ARGV[limits]) == 1
+  local refused = differs(own and info or KEYS[3], ARGV[5 + k])
   if refused then return refused end
 end
 -- A KEYS[3] that is no hash (a hand edit) is replaced.

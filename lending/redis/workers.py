@@ -11,7 +11,7 @@ list live workers from the set (no SCAN) and read the limits to check against.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
@@ -88,14 +88,21 @@ class WorkerId:
     async def renew(self, counters: Mapping[str, int] | None = None) -> bool:
         """The heartbeat, which also publishes ``counters`` (``processed``, ``failed``) in the
         worker's info (with the rest of the info, should the info be gone); ``False`` when
-        another process took the id over (``--force``). A liveness key that is gone (a
-        Redis restart or failover lost it) is taken again: nobody else holds the id; and
-        limits that are gone are published again (the API and the checker read them).
+        another process took the id over (``--force``). When the liveness key is gone (a
+        Redis restart or failover lost it, or it lapsed while this worker stalled) or
+        ``{NS}:config`` is not exactly this worker's limits, the id is claimed again
+        (``worker_claim.lua``, which compares every live worker's own limits).
 
-        :raises LimitsChanged: the key was gone and a live worker enforces other limits
-            (the workers were restarted with new ones while this one stalled).
+        :raises LimitsChanged: a live worker enforces other limits (the workers were
+            restarted with new ones while this one stalled, or a hand edit let one start).
         """
-        reply = await self._scripts.worker_renew(
+        reply = await self._renew(counters)
+        if isinstance(reply, list):
+            return await self._claim_again(counters, reply)
+        return int(reply) != 0
+
+    async def _renew(self, counters: Mapping[str, int] | None) -> Any:
+        return await self._scripts.worker_renew(
             self._client,
             [self.key, self._keys.workers, self._keys.worker_info(self.worker_id), self._keys.config],
             [
@@ -107,24 +114,10 @@ class WorkerId:
                 *_flat({**self._info, **(self._claimed.fields() if self._claimed else {}), **(counters or {})}),
             ],
         )
-        if isinstance(reply, list):  # the key was gone, and {NS}:config holds other limits
-            return await self._claim_again()
-        renewed = int(reply)
-        if renewed == 2:
-            log.warning("the worker id's liveness key was gone (lost by Redis); held again", worker_id=self.worker_id)
-        elif renewed == 4:
-            log.warning(
-                "the namespace's limits were others than this live worker's (Redis came back with older data, or "
-                "they were edited by hand): this worker's published again",
-                worker_id=self.worker_id,
-            )
-        return renewed != 0
 
-    async def _claim_again(self) -> bool:
-        """Take a lapsed id again under its own limits, unless a live worker enforces others
-        (then this one stalled while the workers were restarted with new limits); with no
-        worker live, Redis came back with older data, and this worker's limits are the
-        current ones again."""
+    async def _claim_again(self, counters: Mapping[str, int] | None, reply: list[object]) -> bool:
+        """Take the id again under this worker's limits, unless a live worker enforces
+        others; then publish ``counters`` (the claim writes the info afresh)."""
         assert self._claimed is not None  # renew() comes after claim()
         try:
             await self.claim(self._claimed)
@@ -132,11 +125,17 @@ class WorkerId:
             raise LimitsChanged(exc.worker_id, exc.field, exc.theirs, exc.mine) from exc
         except WorkerIdTaken:
             return False
+        field, theirs, mine = (text(cast(bytes, value)) for value in reply[1:4])
         log.warning(
-            "the worker id's liveness key was gone and the namespace's limits were others, with no worker live "
-            "(Redis came back with older data): held again, with this worker's limits published",
+            "the worker id's liveness key was gone (lost by Redis, or lapsed while this worker stalled), or the "
+            "namespace's limits were not this worker's (older data, a hand edit), with no live worker enforcing "
+            "others: held again, with this worker's limits published",
             worker_id=self.worker_id,
+            limit=field or None,
+            found=theirs or None,
+            mine=mine or None,
         )
+        await self._renew(counters)
         return True
 
     async def release(self) -> None:

@@ -6,7 +6,7 @@ format, from the typed records the service builds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -82,9 +82,29 @@ def return_denied(entry: str, user: str = "ada", *, skipped: Sequence[str], reas
     return Return(Event(entry, RETURN, user, DENIED, (), tuple(skipped), reason))
 
 
+async def publish(redis: Redis, keys: Keys, capacity: int = 20) -> None:
+    """{NS}:config as the worker deciding under ``capacity`` published it at its start
+    (written only if it differs: under OOM it cannot be)."""
+    fields = Limits(storage_capacity=capacity).fields()
+    if await hash_of(redis, keys.config) != fields:
+        await redis.delete(keys.config)
+        for name, value in fields.items():
+            await redis.hset(keys.config, name, value)
+
+
 async def commit(
-    redis: Redis, scripts: Scripts, keys: Keys, *records: Record, consumer: str = "c1", capacity: int = 20
+    redis: Redis,
+    scripts: Scripts,
+    keys: Keys,
+    *records: Record,
+    consumer: str = "c1",
+    capacity: int = 20,
+    published: bool = False,
 ) -> Any:
+    """Run commit.lua for ``records`` as the consumer would, its limits published first
+    (unless the test ``published`` {NS}:config itself)."""
+    if not published:
+        await publish(redis, keys, capacity)
     call_keys, args = encode_commit(keys, LENDING_GROUP, consumer, Limits(storage_capacity=capacity), records)
     return await scripts.commit(redis, call_keys, args)
 
@@ -201,6 +221,7 @@ async def test_commit_refuses_when_a_reservation_differs(
     await redis.hset(keys.grants, "g1", entry)
     make = accepted if status == ACCEPTED else denied
     record = make(entry, stored=stored, granted=["g1"])
+    await publish(redis, keys, 0)
     before = await snapshot(redis, keys)
 
     assert await commit(redis, scripts, keys, record, capacity=0) == -1
@@ -232,6 +253,7 @@ async def test_commit_minus_one_leaves_everything_untouched(redis: Redis, keys: 
         accepted(elsewhere, "cy", granted=["g2"]),
         accepted(changed, "dan", stored=["s2"]),  # the last record: checked before anything is written
     ]
+    await publish(redis, keys, 1)
     before = await snapshot(redis, keys)
 
     assert await commit(redis, scripts, keys, *records, capacity=1) == -1
@@ -299,6 +321,7 @@ async def test_commit_not_mine_lend_writes_nothing_and_leaves_its_grants_in_the_
     await redis.hset(keys.grants, mapping={"g1": entry, "g2": entry})
     # A denied record would give its books back: storage has no room, shelving would get them.
     make = accepted if status == ACCEPTED else denied
+    await publish(redis, keys, 0)
     before = await snapshot(redis, keys)
 
     assert await commit(redis, scripts, keys, make(entry, granted=["g1", "g2"]), capacity=0) == [0]
@@ -759,6 +782,7 @@ async def busy_batch(redis: Redis, keys: Keys) -> list[Record]:
 async def test_commit_of_the_busy_batch_writes_everywhere(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     # The batch the failure tests below refuse: here it goes through, touching every key.
     records = await busy_batch(redis, keys)
+    await publish(redis, keys, 1)
     before = await snapshot(redis, keys)
 
     assert await commit(redis, scripts, keys, *records, capacity=1) == [1, 1, 1, 1]
@@ -796,6 +820,7 @@ async def test_commit_into_a_full_stream_changes_nothing(
     redis = each_server
     records = await busy_batch(redis, keys)
     await fill_stream(redis, getattr(keys, full))
+    await publish(redis, keys, 1)
     before = await snapshot(redis, keys)
 
     error, commands = await monitored_error(redis, keys, lambda: commit(redis, scripts, keys, *records, capacity=1))
@@ -825,6 +850,7 @@ async def test_commit_with_a_count_that_is_not_an_integer_changes_nothing(
     redis = each_server
     records = await busy_batch(redis, keys)
     await redis.set(keys.user_count("cy"), "lots")
+    await publish(redis, keys, 1)
     before = await snapshot(redis, keys)
 
     with pytest.raises(ResponseError) as error:
@@ -843,6 +869,7 @@ async def test_commit_with_a_key_of_the_wrong_type_changes_nothing(
     key = getattr(keys, name)
     await redis.delete(key)
     await redis.rpush(key, "not", "a", "hash")
+    await publish(redis, keys, 1)
     before = await snapshot(redis, keys)
 
     with pytest.raises(ResponseError) as error:
@@ -866,34 +893,59 @@ async def test_commit_under_other_limits_than_the_namespaces_changes_nothing(
         await redis.hset(keys.config, name, value)
     before = await snapshot(redis, keys)
 
-    result = await commit(redis, scripts, keys, *records, capacity=1)
+    result = await commit(redis, scripts, keys, *records, capacity=1, published=True)
 
     assert result == [-2, field.encode(), theirs.encode(), mine.encode()]
     await assert_unchanged(redis, keys, before)
 
 
+CONFIG_NOT_HELD: dict[str, Callable[[Redis, Keys], Awaitable[object]]] = {
+    "a field missing": lambda redis, keys: redis.hdel(keys.config, "max_books_per_request"),
+    "no hash": lambda redis, keys: redis.set(keys.config, "x"),
+}
+
+
+@pytest.mark.parametrize("edit", list(CONFIG_NOT_HELD.values()), ids=list(CONFIG_NOT_HELD))
+async def test_commit_under_limits_the_namespace_does_not_hold_changes_nothing(
+    redis: Redis, keys: Keys, scripts: Scripts, edit: Callable[[Redis, Keys], Awaitable[object]]
+) -> None:
+    """Older data or a hand edit: the worker's heartbeat, run at once, sets it right; a
+    stale worker must not commit meanwhile."""
+    records = await busy_batch(redis, keys)
+    await publish(redis, keys, 1)
+    await edit(redis, keys)
+    before = await snapshot(redis, keys)
+
+    result = await commit(redis, scripts, keys, *records, capacity=1, published=True)
+
+    assert result[0] == -2, result
+    await assert_unchanged(redis, keys, before)
+
+
 @pytest.mark.parametrize(
     "published",
-    [{}, Limits(storage_capacity=1).fields(), {"storage_capacity": "01", "max_books_per_user": "5.0"}, "no hash"],
+    [
+        Limits(storage_capacity=1).fields(),
+        {"storage_capacity": "01", "max_books_per_user": "5.0", "max_books_per_request": "50"},
+        {},
+    ],
+    ids=["as published", "the same numbers written otherwise", "none published (a Redis that lost its data)"],
 )
-async def test_commit_under_the_namespaces_limits_or_none_published_goes_through(
-    redis: Redis, keys: Keys, scripts: Scripts, published: dict[str, str] | str
+async def test_commit_under_the_namespaces_limits_goes_through(
+    redis: Redis, keys: Keys, scripts: Scripts, published: dict[str, str]
 ) -> None:
-    """A config that is no hash (a hand edit) publishes none: it must not stop the service."""
     records = await busy_batch(redis, keys)
-    if isinstance(published, str):
-        await redis.set(keys.config, published)
-    else:
-        for name, value in published.items():
-            await redis.hset(keys.config, name, value)
+    for name, value in published.items():
+        await redis.hset(keys.config, name, value)
 
-    assert await commit(redis, scripts, keys, *records, capacity=1) == [1] * len(records)
+    assert await commit(redis, scripts, keys, *records, capacity=1, published=True) == [1] * len(records)
 
 
 async def test_commit_out_of_memory_changes_nothing(each_server: Redis, keys: Keys, scripts: Scripts) -> None:
     redis = each_server
     records = await busy_batch(redis, keys)
     await scripts.load(redis)
+    await publish(redis, keys, 1)
     before = await snapshot(redis, keys)
 
     async with out_of_memory(redis):

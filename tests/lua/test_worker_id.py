@@ -162,6 +162,16 @@ async def test_renew_publishes_a_config_edited_by_hand_again(
     assert await redis.pttl(keys.worker("w1")) > 0
 
 
+async def test_renew_replaces_an_info_that_is_no_hash(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    a = holder(redis, scripts, keys, "token-a")
+    await a.claim(Limits())
+    await redis.set(keys.worker_info("w1"), "x")  # a hand edit: every heartbeat failed
+
+    assert await a.renew({"processed": 1, "failed": 0})
+
+    assert (await hash_of(redis, keys.worker_info("w1")))["processed"] == "1"
+
+
 async def test_claim_replaces_a_config_that_is_no_hash(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     await redis.set(keys.config, "x")  # a hand edit
     assert await read_limits(redis, keys) is None  # the tools assume the defaults, and say so
@@ -265,6 +275,45 @@ async def test_a_live_workers_own_limits_refuse_a_worker_with_others_whatever_co
     with pytest.raises(LimitsDiffer, match="live worker 'w1' runs with max-books-per-user 5, this one with 2"):
         await holder(redis, scripts, keys, "token-b", "w2").claim(Limits(max_books_per_user=2))
     await holder(redis, scripts, keys, "token-c", "w3").claim(Limits(max_books_per_user=5))  # the same: fine
+
+
+@pytest.mark.parametrize("edit", list(CONFIG_EDITS.values()), ids=list(CONFIG_EDITS))
+async def test_a_stalled_worker_does_not_come_back_beside_one_with_other_limits_after_a_config_edit(
+    redis: Redis, keys: Keys, scripts: Scripts, edit: Callable[[Redis, Keys], Awaitable[object]]
+) -> None:
+    """w1 stalled past its TTL, w3 started with 3 books per user, then a hand edit of
+    {NS}:config: w1's heartbeat took its id again with its own limits, and both served."""
+    stalled = holder(redis, scripts, keys, "token-a", "w1")
+    await stalled.claim(Limits(max_books_per_user=5))
+    await redis.delete(keys.worker("w1"))
+    restarted = holder(redis, scripts, keys, "token-c", "w3")
+    await restarted.claim(Limits(max_books_per_user=3))
+    await edit(redis, keys)
+
+    with pytest.raises(LimitsChanged, match="live worker 'w3' now runs with max-books-per-user 3, this one with 5"):
+        await stalled.renew()
+
+    assert not await redis.exists(keys.worker("w1"))
+    assert await restarted.renew()
+    assert await read_limits(redis, keys) == Limits(max_books_per_user=3)
+
+
+async def test_of_two_live_workers_with_other_limits_the_one_that_finds_the_config_not_its_own_stops(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """However two came to run at once (a race of two starts), they must not each put
+    back their own limits and commit in turn."""
+    a = holder(redis, scripts, keys, "token-a", "w1")
+    await a.claim(Limits(max_books_per_user=5))
+    c = holder(redis, scripts, keys, "token-c", "w3")
+    await redis.delete(keys.worker("w1"))  # as if c had not seen a when it started
+    await c.claim(Limits(max_books_per_user=3))
+    await redis.set(keys.worker("w1"), "token-a", px=10_000)  # a is live all the same
+
+    with pytest.raises(LimitsChanged):
+        await a.renew()
+    assert await c.renew()
+    assert await read_limits(redis, keys) == Limits(max_books_per_user=3)
 
 
 async def test_read_limits_without_any_worker(redis: Redis, keys: Keys) -> None:
