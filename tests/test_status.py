@@ -122,6 +122,20 @@ async def test_workers_show_host_pid_version_uptime_and_counts(
     assert "processed 1, failed 2" in text
 
 
+async def test_a_worker_info_of_another_type_shows_the_worker_without_its_details(
+    redis: Redis, keys: Keys, namespace: str
+) -> None:
+    # A hand edit; the worker's next heartbeat replaces it. status must not fail meanwhile.
+    await redis.sadd(keys.workers, "w1")
+    await redis.set(keys.worker("w1"), "token", px=60_000)
+    await redis.set(keys.worker_info("w1"), "x")
+
+    status = await read_status(redis, namespace)
+
+    assert [w["worker_id"] for w in status["workers"]] == ["w1"]
+    assert status["workers"][0]["host"] is None
+
+
 def status_cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lending", "status", "--redis-url", redis_url, "--namespace", namespace, *args],

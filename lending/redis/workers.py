@@ -175,9 +175,11 @@ async def worker_infos(client: Redis, keys: Keys, worker_ids: list[str]) -> dict
     async with client.pipeline(transaction=False) as pipe:
         for worker_id in worker_ids:
             pipe.hgetall(keys.worker_info(worker_id))
-        replies = cast(list[dict[bytes, bytes]], await pipe.execute())
+        replies = await pipe.execute(raise_on_error=False)
     return {
-        worker_id: {text(name): text(value) for name, value in reply.items()}
+        # An info of another type (a hand edit, replaced by the worker's next heartbeat):
+        # as if it published nothing.
+        worker_id: {} if isinstance(reply, ResponseError) else {text(k): text(v) for k, v in reply.items()}
         for worker_id, reply in zip(worker_ids, replies, strict=True)
     }
 
