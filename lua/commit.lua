@@ -28,12 +28,13 @@
 -- and each user's books set ({NS}:user:<id>:books) with lent-books.
 --
 -- Returns {-2, field, theirs, mine} when KEYS[9] holds other limits than the caller's,
--- or none (theirs ''): nothing is written. A worker that stalled while the others were restarted with new
--- limits must not commit what it decided under its old ones; its heartbeat finds out
--- whether it must stop. Returns -1 when a lend's reservation is not what the caller
--- decided on: nothing is written, decide again. Else one code per record: 1 committed here, 0 not (the entry
--- is pending on another consumer, or finished): then nothing is written for it, and
--- shelving grants it holds stay in the ledger for the reconciliation (reconcile.lua).
+-- or misses one (theirs ''): nothing is written. A worker that stalled while the others
+-- were restarted with new limits must not commit what it decided under its old ones;
+-- its heartbeat finds out whether it must stop. Returns -1 when a lend's reservation is
+-- not what the caller decided on: nothing is written, decide again. Else one code per
+-- record: 1 committed here, 0 not (the entry is pending on another consumer, or
+-- finished): then nothing is written for it, and shelving grants it holds stay in the
+-- ledger for the reconciliation (reconcile.lua).
 --
 -- Failure first: every check and read comes before the first write, and the first
 -- write is an XADD (refused as a whole under OOM), so a call that fails changes

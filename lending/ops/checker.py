@@ -74,8 +74,8 @@ class Snapshot:
     reservations: list[str] = field(default_factory=list)  # keys
     requests: dict[str, list[str]] = field(default_factory=dict)  # action -> entry ids in the stream
     last_ids: dict[str, str] = field(default_factory=dict)  # action -> the stream's last generated id
-    # action -> the highest ID deleted from the stream, trimmed or XDELed (Redis 7's XINFO
-    # STREAM max-deleted-entry-id; none on 6.2)
+    # action -> the highest ID XDELed from the stream (Redis 7's XINFO STREAM
+    # max-deleted-entry-id; none on 6.2; trims are told by the first entry instead)
     max_deleted: dict[str, str] = field(default_factory=dict)
     events_trimmed_to: str | None = None  # events before this ID may have been trimmed away
     events_last_id: str = "0-0"  # the events stream's last generated id
@@ -324,9 +324,9 @@ def _check_vanished(snapshot: Snapshot, keys: Keys, per_entry: Counter[tuple[str
 
 def _maybe_trimmed(snapshot: Snapshot, action: str, request: str) -> bool:
     """Is (``action``, ``request``) an entry that may have been deleted from its stream:
-    no newer than the highest ID Redis 7 says was deleted (by retention's trimming or an
-    XDEL), or older than the stream's first entry (or, in a stream trimmed empty, not
-    newer than its last generated ID)?"""
+    no newer than the highest ID Redis 7 says was XDELed, or older than the stream's
+    first entry (trimmed; or, in a stream trimmed empty, not newer than its last
+    generated ID)?"""
     if action not in ACTIONS or not is_id(request):
         return False
     deleted = snapshot.max_deleted.get(action)
