@@ -640,11 +640,18 @@ async def replace_a_count_with_a_set(redis: Redis, keys: Keys) -> str:
     return keys.user_count(user)
 
 
+async def replace_a_request_stream_with_a_string(redis: Redis, keys: Keys) -> str:
+    await redis.delete(keys.return_requests)
+    await redis.set(keys.return_requests, "gone")
+    return keys.return_requests
+
+
 CORRUPTIONS: dict[str, tuple[Corrupt, str]] = {
     "INCR a user's count": (incr_a_count, "count-matches-lent-books"),
     "a books set replaced by a list": (replace_a_books_set_with_a_list, "keys-of-their-type"),
     "lent-books replaced by a string": (replace_lent_books_with_a_string, "keys-of-their-type"),
     "a count replaced by a set": (replace_a_count_with_a_set, "keys-of-their-type"),
+    "a request stream replaced by a string": (replace_a_request_stream_with_a_string, "keys-of-their-type"),
     "HDEL a lent book": (hdel_a_lent_book, "count-matches-lent-books"),
     "SET a negative count": (set_a_negative_count, "count-not-negative"),
     "lend beyond the limit": (lend_beyond_the_limit, "count-within-limit"),

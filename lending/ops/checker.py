@@ -440,8 +440,9 @@ async def _scan_names(client: Redis, keys: Keys, kind: str) -> set[str]:
 
 async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Snapshot:
     """Everything but the users' keys and the streams' entries, in one MULTI/EXEC."""
-    info_of = [*(keys.requests(action) for action in ACTIONS), keys.events]
     consumed = keys.consumed()
+    # Each stream's XINFO once (the request streams are also consumed ones).
+    streams = list(dict.fromkeys([*keys.request_streams, keys.events, *(stream for stream, _ in consumed)]))
     async with client.pipeline(transaction=True) as pipe:
         pipe.hgetall(keys.lent_books)
         pipe.smembers(keys.storage)
@@ -452,10 +453,9 @@ async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Sn
         pipe.llen(keys.inbox)
         for key in reservations:
             pipe.exists(key)
-        for stream in info_of:
+        for stream in streams:
             pipe.xinfo_stream(stream)
         for stream, _ in consumed:
-            pipe.xinfo_stream(stream)
             pipe.xinfo_groups(stream)
         # XINFO of a stream that does not exist answers an error, in its place only.
         replies = iter(await pipe.execute(raise_on_error=False))
@@ -470,21 +470,20 @@ async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Sn
     snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None and is_id(text(trimmed_to)) else None
     snap.inbox = int(_typed(snap, keys.inbox, "list", next(replies), 0))
     snap.reservations = [key for key in reservations if _ok(next(replies))]
+    infos = {stream: _stream_reply(snap, stream, next(replies)) for stream in streams}
     for action in ACTIONS:
-        info = _stream_info(_typed(snap, keys.requests(action), "stream", next(replies), NO_STREAM))
+        info = _stream_info(infos[keys.requests(action)])
         snap.last_ids[action] = text(info.get("last-generated-id") or b"0-0")
         if info.get("entries-added") is not None:
             snap.entries_added[action] = int(info["entries-added"])
         if info.get("max-deleted-entry-id") is not None:
             snap.max_deleted[action] = text(info["max-deleted-entry-id"])
-    events_info = _stream_info(_typed(snap, keys.events, "stream", next(replies), NO_STREAM))
+    events_info = _stream_info(infos[keys.events])
     snap.events_last_id = text(events_info.get("last-generated-id") or b"0-0")
     if (events_added := events_info.get("entries-added")) is not None:
         snap.events_added = int(events_added)
     for stream, group in consumed:
-        info = _typed(snap, stream, "stream", next(replies), NO_STREAM)
-        groups = next(replies)
-        snap.groups.append(_group_state(stream, group, info, groups))
+        snap.groups.append(_group_state(stream, group, infos[stream], next(replies)))
     return snap
 
 
@@ -595,17 +594,21 @@ async def _events_removed_below(client: Redis, stream: str) -> bytes | str | Non
     return text(info["recorded-first-entry-id"])
 
 
-# What XINFO STREAM answers for a key that does not exist.
-NO_STREAM = ResponseError("no such key")
-
-
 def _typed(snap: Snapshot, key: str, kind: str, reply: Any, empty: Any) -> Any:
     """A reply of ``key``, which should be a ``kind``; a key of another type (a hand edit)
     is noted in the snapshot and read as ``empty``."""
     if isinstance(reply, ResponseError) and "WRONGTYPE" in str(reply):
         snap.wrong_types[key] = kind
         return empty
-    return reply if isinstance(reply, ResponseError) and kind == "stream" else _ok(reply)
+    return _ok(reply)
+
+
+def _stream_reply(snap: Snapshot, stream: str, reply: Any) -> dict[str, Any] | None:
+    """XINFO STREAM's answer for ``stream``; ``None`` when there is no such stream (or the
+    key is of another type, noted)."""
+    if isinstance(reply, ResponseError) and "WRONGTYPE" not in str(reply):
+        return None  # no such key
+    return cast(dict[str, Any] | None, _typed(snap, stream, "stream", reply, None))
 
 
 def _ok(reply: Any) -> Any:
@@ -615,17 +618,15 @@ def _ok(reply: Any) -> Any:
     return reply
 
 
-def _stream_info(reply: Any) -> dict[str, Any]:
+def _stream_info(info: dict[str, Any] | None) -> dict[str, Any]:
     """XINFO STREAM's answer; a stream that does not exist never had an entry."""
-    if isinstance(reply, ResponseError):  # no such stream
-        return {"last-generated-id": b"0-0", "entries-added": 0}
-    return dict(_ok(reply))
+    return {"last-generated-id": b"0-0", "entries-added": 0} if info is None else dict(info)
 
 
-def _group_state(stream: str, group: str, info: Any, groups: Any) -> GroupState:
-    if isinstance(info, ResponseError):  # no such stream: nothing to do
+def _group_state(stream: str, group: str, info: dict[str, Any] | None, groups: Any) -> GroupState:
+    if info is None:  # no such stream: nothing to do
         return GroupState(stream, group, 0, False)
-    info, groups = _ok(info), _ok(groups)
+    groups = _ok(groups)
     last_generated = info.get("last-generated-id") or b"0-0"
     for g in groups:
         if g["name"] == group.encode():

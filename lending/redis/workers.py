@@ -51,8 +51,7 @@ class WorkerId:
         self._token = token
         self._ttl_ms = ttl_ms
         self._info = dict(info or {})
-        self._limits: list[str | int] = []  # published at claim, and again should Redis lose them
-        self._claimed: Limits | None = None
+        self._claimed: Limits | None = None  # the limits published at claim
 
     @property
     def key(self) -> str:
@@ -82,7 +81,6 @@ class WorkerId:
             raise WorkerIdTaken(self.worker_id, self.key)
         if code == -1:
             raise LimitsDiffer(*(text(value) for value in reply[1:5]))
-        self._limits = fields
         self._claimed = limits
 
     async def renew(self, counters: Mapping[str, int] | None = None) -> bool:
@@ -102,6 +100,7 @@ class WorkerId:
         return int(reply) != 0
 
     async def _renew(self, counters: Mapping[str, int] | None) -> Any:
+        limits = self._claimed.fields() if self._claimed else {}
         return await self._scripts.worker_renew(
             self._client,
             [self.key, self._keys.workers, self._keys.worker_info(self.worker_id), self._keys.config],
@@ -109,9 +108,9 @@ class WorkerId:
                 self._token,
                 self._ttl_ms,
                 self.worker_id,
-                len(self._limits),
-                *self._limits,
-                *_flat({**self._info, **(self._claimed.fields() if self._claimed else {}), **(counters or {})}),
+                2 * len(limits),
+                *_flat(limits),
+                *_flat({**self._info, **limits, **(counters or {})}),
             ],
         )
 
