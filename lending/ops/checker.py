@@ -579,8 +579,8 @@ async def _read_all(client: Redis, stream: str, last: str) -> list[tuple[str, di
 
 async def _events_removed_below(client: Redis, stream: str) -> bytes | str | None:
     """Redis 7: the first ID of ``stream`` left after retention trimmed it from its start
-    (more events added than it holds), else ``None``. Only what is older than the first
-    entry counts as trimmed: an event XDELed from the middle is a lost outcome."""
+    (more events added than it holds, none XDELed), else ``None``. An event XDELed from
+    the middle is a lost outcome, not a trim."""
     try:
         info = await client.xinfo_stream(stream)
     except ResponseError:  # no such stream, or not a stream (reported from the moment)
@@ -588,6 +588,10 @@ async def _events_removed_below(client: Redis, stream: str) -> bytes | str | Non
     added = info.get("entries-added")
     if added is None or int(added) <= int(info["length"]):
         return None  # Redis 6.2 (no counters), or nothing removed
+    if text(info.get("max-deleted-entry-id") or b"0-0") != "0-0":
+        # An event was XDELed (XTRIM does not set it): what was removed is no longer only
+        # a trim from the start, and the first entry would excuse a lost outcome.
+        return None
     if int(info["length"]) == 0:  # all removed: the first ID to come is above them all
         last = text(info["last-generated-id"])
         return next_id(last) or last
