@@ -11,8 +11,9 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -21,7 +22,7 @@ from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.ops import checker, retention
 from lending.ops.checker import GroupState, Snapshot, Violation, check_state
 from lending.redis.connection import make_client
-from lending.redis.consumer import Delivery, ensure_group
+from lending.redis.consumer import ensure_group
 from lending.redis.embedded import free_port
 from lending.redis.replies import text
 from lending.redis.scripts import Scripts
@@ -41,7 +42,6 @@ from .support import (
     process_env,
     process_one,
     raw_entries,
-    raw_streams,
     send,
     send_raw,
     start_worker_process,
@@ -50,7 +50,7 @@ from .support import (
     wait_until,
     xadd_fields,
 )
-from .test_reliability import deliver
+from .test_reliability import deliver, drain_shelving_returns
 
 LIMIT = 3  # books per user, assumed by the checker
 CAPACITY = 3  # books in storage, assumed by the checker
@@ -387,14 +387,20 @@ async def test_requests_deleted_from_the_queue_by_a_client_are_reported_on_redis
     assert "20 request entries" in report.violations[0].message
 
 
+async def answer_lends(redis: Redis, keys: Keys, n: int) -> list[str]:
+    """Send ``n`` lends (user-k asks for bk) and wait for each one's event; their ids."""
+    sent = [await send(redis, keys, "lend", f"user-{k}", [f"b{k}"]) for k in range(n)]
+    for entry in sent:
+        await event_for(redis, keys, "lend", entry)
+    return sent
+
+
 async def test_an_answered_request_deleted_from_its_stream_is_no_violation_on_redis_7(
     redis7: Redis, redis7_url: str, keys: Keys, settings: Settings
 ) -> None:
     # Its event names an entry no longer there; Redis 7 says an entry that old was deleted.
     async with in_process_worker(settings.replace(redis_url=redis7_url)):
-        sent = [await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"]) for n in range(5)]
-        for entry in sent:
-            await event_for(redis7, keys, "lend", entry)
+        sent = await answer_lends(redis7, keys, 5)
         assert await redis7.xdel(keys.lend_requests, sent[2]) == 1
         report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
 
@@ -407,9 +413,7 @@ async def test_a_forged_event_is_reported_though_an_entry_after_it_was_deleted_o
     # The deleted entry's excuse (an ID below max-deleted-entry-id) must not cover an
     # event naming an entry that never was: the counters show one event too many.
     async with in_process_worker(settings.replace(redis_url=redis7_url)):
-        sent = [await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"]) for n in range(4)]
-        for entry in sent:
-            await event_for(redis7, keys, "lend", entry)
+        sent = await answer_lends(redis7, keys, 4)
         forged = f"{sent[0].split('-')[0]}-7"
         fields = {"request_id": forged, "action": "lend", "user_id": "x", "status": "rejected", "books": ""}
         await redis7.xadd(keys.events, xadd_fields({**fields, "skipped": "", "reason": "made up"}))
@@ -439,8 +443,7 @@ async def test_events_trimmed_before_retention_set_its_marker_are_no_violation_o
     # Retention trims, then sets {NS}:events:trimmed-to: a check between the two saw
     # answered requests without their event. Redis 7 says what it removed.
     async with in_process_worker(settings.replace(redis_url=redis7_url)):
-        for n in range(6):
-            await event_for(redis7, keys, "lend", await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"]))
+        await answer_lends(redis7, keys, 6)
         assert await redis7.xtrim(keys.events, maxlen=keep, approximate=False) == 6 - keep
         report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
 
@@ -454,9 +457,7 @@ async def test_an_event_xdeled_from_the_middle_is_a_lost_outcome_on_redis_7(
     # All five are queued before the first is answered: every request is older than the
     # first event, which must not excuse the one whose event was deleted.
     async with in_process_worker(settings.replace(redis_url=redis7_url)):
-        sent = [await send(redis7, keys, "lend", f"user-{n}", [f"b{n}"]) for n in range(5)]
-        for entry in sent:
-            await event_for(redis7, keys, "lend", entry)
+        await answer_lends(redis7, keys, 5)
         second = decoded(raw_entries(await redis7.xrange(keys.events))[1][0])
         assert await redis7.xdel(keys.events, second) == 1
         report = await checker.check(redis7, keys.namespace, wait_quiescent_s=10)
@@ -889,6 +890,20 @@ def test_an_entry_whose_event_was_trimmed_away(trimmed_to: str | None, flagged: 
 # -- a snapshot is one moment ----------------------------------------------------------
 
 
+async def checks_while(
+    work: Coroutine[Any, Any, object], check: Callable[[], Awaitable[checker.Report]]
+) -> list[checker.Report]:
+    """The reports of ``check`` run again and again while ``work`` runs."""
+    busy = asyncio.create_task(work)
+    reports = []
+    try:
+        while not busy.done():
+            reports.append(await check())
+    finally:
+        await busy
+    return reports
+
+
 async def settle_and_give_back_grants(redis: Redis, keys: Keys, settings: Settings, context: str, n: int) -> None:
     """What a worker's periodic reconciliation and the shelving service do after a run:
     shelving hands a book to a finished request, the reconciliation gives it back, the
@@ -901,9 +916,8 @@ async def settle_and_give_back_grants(redis: Redis, keys: Keys, settings: Settin
         book = f"late-{k}"
         assert await shelving.get_many([(book, context)]) == [Grant.NEW]
         assert await service.reconcile([(book, context)]) == (1, 1)
-        reply = raw_streams(await redis.xreadgroup(SHELVING_GROUP, "shelf", {keys.shelving_returns: ">"}, count=1))
-        ((_, ((entry_id, fields),)),) = reply
-        assert await shelving.release(Delivery(keys.shelving_returns, entry_id, fields, 1))
+        await drain_shelving_returns(redis, keys, settings)
+        assert not await redis.hexists(keys.shelving_state, book)
 
 
 async def test_grants_settled_while_the_checker_reads_are_never_reported(
@@ -922,17 +936,11 @@ async def test_grants_settled_while_the_checker_reads_are_never_reported(
     event = await process_one(service, await deliver(redis, keys, settings.worker_id, finished, claim=False))
     assert event is not None and event.status == "accepted"
 
-    churn = asyncio.create_task(settle_and_give_back_grants(redis, keys, settings, finished, 400))
-    reports = []
-    try:
-        while not churn.done():
-            reports.append(
-                await checker.check(
-                    redis, keys.namespace, limits=Limits(storage_capacity=CAPACITY, max_books_per_user=LIMIT)
-                )
-            )
-    finally:
-        await churn
+    limits = Limits(storage_capacity=CAPACITY, max_books_per_user=LIMIT)
+    reports = await checks_while(
+        settle_and_give_back_grants(redis, keys, settings, finished, 400),
+        lambda: checker.check(redis, keys.namespace, limits=limits),
+    )
 
     assert sum(report.quiescent for report in reports) >= 5, "the checker never saw a quiescent moment"
     assert [v for report in reports for v in report.violations] == []
@@ -951,13 +959,8 @@ async def test_a_check_beside_a_live_worker_lending_to_new_users_reports_nothing
             await asyncio.sleep(0.002)
 
     async with in_process_worker(settings):
-        sending = asyncio.create_task(traffic())
-        reports = []
-        try:
-            while not sending.done():
-                reports.append(await checker.check(redis, keys.namespace))  # the worker's limits
-        finally:
-            await sending
+        # Against the limits the worker published.
+        reports = await checks_while(traffic(), lambda: checker.check(redis, keys.namespace))
 
     assert len(reports) >= 5
     assert [v for report in reports for v in report.violations] == []
