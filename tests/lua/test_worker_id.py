@@ -141,13 +141,16 @@ async def test_a_live_worker_publishes_its_limits_again_over_older_ones(
     assert await redis.get(keys.worker("w1")) == b"token-a"
 
 
-CONFIG_HAND_EDITS: dict[str, Callable[[Redis, Keys], Awaitable[object]]] = {
-    "a config that is no hash": lambda redis, keys: redis.set(keys.config, "x"),
+# Hand edits of {NS}:config, each of which the workers' rules must survive.
+CONFIG_EDITS: dict[str, Callable[[Redis, Keys], Awaitable[object]]] = {
+    "config deleted": lambda redis, keys: redis.delete(keys.config),
     "a field deleted": lambda redis, keys: redis.hdel(keys.config, "max_books_per_user"),
+    "a field written otherwise": lambda redis, keys: redis.hset(keys.config, "max_books_per_user", "5.0"),
+    "a config that is no hash": lambda redis, keys: redis.set(keys.config, "x"),
 }
 
 
-@pytest.mark.parametrize("edit", list(CONFIG_HAND_EDITS.values()), ids=list(CONFIG_HAND_EDITS))
+@pytest.mark.parametrize("edit", list(CONFIG_EDITS.values()), ids=list(CONFIG_EDITS))
 async def test_renew_publishes_a_config_edited_by_hand_again(
     redis: Redis, keys: Keys, scripts: Scripts, edit: Callable[[Redis, Keys], Awaitable[object]]
 ) -> None:
@@ -254,13 +257,6 @@ async def test_a_worker_with_other_limits_is_refused_while_one_lives(
     await holder(redis, scripts, keys, "token-b", "w2").claim(Limits(max_books_per_user=3))
     assert await read_limits(redis, keys) == Limits(max_books_per_user=3)
     assert await redis.smembers(keys.workers) == {b"w2"}, "dead workers leave the set"
-
-
-CONFIG_EDITS: dict[str, Callable[[Redis, Keys], Awaitable[object]]] = {
-    "config deleted": lambda redis, keys: redis.delete(keys.config),
-    "a field deleted": lambda redis, keys: redis.hdel(keys.config, "max_books_per_user"),
-    "a field written otherwise": lambda redis, keys: redis.hset(keys.config, "max_books_per_user", "5.0"),
-}
 
 
 @pytest.mark.parametrize("edit", list(CONFIG_EDITS.values()), ids=list(CONFIG_EDITS))
