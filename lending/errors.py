@@ -62,29 +62,30 @@ class LimitsDiffer(LendingError):
     """A live worker of the namespace enforces other lending limits."""
 
     def __init__(self, worker_id: str, field: str, theirs: str, mine: str) -> None:
-        super().__init__(
-            f"live worker {worker_id!r} runs with {field.replace('_', '-')} {theirs}, this one with {mine}: "
-            "every worker of a namespace must enforce the same limits (stop the others first to change them)"
-        )
+        super().__init__(self.describe(worker_id, field.replace("_", "-"), theirs, mine))
         self.worker_id = worker_id
         self.field = field
         self.theirs = theirs
         self.mine = mine
 
+    @staticmethod
+    def describe(worker_id: str, limit: str, theirs: str, mine: str) -> str:
+        return (
+            f"live worker {worker_id!r} runs with {limit} {theirs}, this one with {mine}: "
+            "every worker of a namespace must enforce the same limits (stop the others first to change them)"
+        )
 
-class LimitsChanged(LendingError):
+
+class LimitsChanged(LimitsDiffer):
     """The namespace's workers were restarted with other lending limits while this one
     stalled past its heartbeat's time to live: it must stop, not come back with its own."""
 
-    def __init__(self, worker_id: str, field: str, theirs: str, mine: str) -> None:
-        super().__init__(
-            f"live worker {worker_id!r} now runs with {field.replace('_', '-')} {theirs}, this one with {mine} "
+    @staticmethod
+    def describe(worker_id: str, limit: str, theirs: str, mine: str) -> str:
+        return (
+            f"live worker {worker_id!r} now runs with {limit} {theirs}, this one with {mine} "
             "(the workers were restarted with new limits while this worker's id had lapsed)"
         )
-        self.worker_id = worker_id
-        self.field = field
-        self.theirs = theirs
-        self.mine = mine
 
 
 class Deferred(LendingError):
