@@ -143,4 +143,6 @@ async def test_the_take_over_goes_on_next_time_from_where_it_stopped(
 
     # Room for one entry at a time: the deleted ones go slowly, one per take-over.
     async with in_process_worker(settings.replace(redis_url=url, claim_idle_ms=100, concurrency=1)):
-        assert (await event_for(redis, keys, "lend", live)).status == "accepted"
+        # 2,050 dead letters one at a time first: about 5 s here, more on a loaded CI
+        # machine. This asserts that it gets there, not how fast.
+        assert (await event_for(redis, keys, "lend", live, timeout_s=60)).status == "accepted"
