@@ -213,6 +213,33 @@ async def test_limit_holds_for_concurrent_requests_over_two_worker_processes(
     assert len(await all_events(redis, keys)) == 40
 
 
+async def test_a_count_changed_after_it_was_read_makes_the_batch_decide_again(
+    redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    """WATCH/MULTI, step by step: worker A reads ada's count and waits for shelving; worker
+    B lends ada a book and commits first. A's commit must not run on what it read: it is
+    aborted, and A decides again under the new count."""
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    settings = settings.replace(max_books_per_user=1)
+    first = await send(redis, keys, "lend", "ada", ["b1"])
+    second = await send(redis, keys, "lend", "ada", ["b2"])
+    paused, gate, live = services(redis, settings)
+
+    stalled = asyncio.create_task(process_one(paused, await deliver(redis, keys, "A", first, claim=False)))
+    await gate.reached.wait()  # A has read ada's count: 0
+    event = await process_one(live, await deliver(redis, keys, "B", second, claim=False))
+    assert event is not None and (event.status, event.books) == ("accepted", ("b2",))
+
+    gate.gate.set()
+    event = await stalled
+    assert event is not None and event.status == "denied", "A lent on a count it read before B's commit"
+    assert event.skipped == ("b1",)
+    assert await redis.get(keys.user_count("ada")) == b"1"
+    assert await hash_of(redis, keys.lent_books) == {"b2": "ada"}
+    assert await members(redis, keys.storage) == {"b1"}  # A's grant, given back
+    await assert_consistent(redis, keys, settings)
+
+
 # -- poison entries ----------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """The lending service: turns request entries into exactly one outcome each.
 
-Entries are processed in batches: ``WATCH`` on the count of each user in the batch;
-one script (``reserve.lua``) reserves the batch's books from storage and reads those
-counts and the holders of returned books; one call asks the shelving service for the
+Entries are processed in batches: ``WATCH`` on the count of each user in the batch,
+sent in one write with one script (``reserve.lua``) that reserves the batch's books
+from storage and reads those counts and the holders of returned books; one call asks the shelving service for the
 other books; the decisions are pure (``policy.decide_batch``); then ``MULTI`` + one
 script (``commit.lua``) + ``EXEC`` commits every outcome: state change, acknowledgement
 and event together, for the whole batch. The script commits only entries still pending
@@ -23,11 +23,10 @@ from typing import cast
 
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 from structlog.contextvars import bound_contextvars
 
-from lending.domain.commit import Fail, Lend, encode_commit, encode_finish
+from lending.domain.commit import Fail, Lend, Record, encode_commit, encode_finish
 from lending.domain.events import FAILED, STATUSES, Event
 from lending.domain.policy import decide_batch
 from lending.domain.requests import BookRequest, Rejection, parse_request
@@ -39,6 +38,7 @@ from lending.metrics import Metrics
 from lending.redis.consumer import Delivery
 from lending.redis.replies import text
 from lending.redis.scripts import Arg, Scripts
+from lending.redis.transaction import Transaction
 from lending.service.shelving import Grant, Shelving
 from lending.settings import Settings
 
@@ -154,9 +154,10 @@ class LendingService:
     async def _run(self, parsed: list[BookRequest | Rejection], deliveries: Sequence[Delivery]) -> list[Event | None]:
         """WATCH the counts, reserve and read, ask shelving, decide, commit; retry on conflict.
 
-        Round trips: WATCH, reserve.lua, the shelving call (if any book needs it), and
-        MULTI + commit.lua + EXEC. Every step before the commit can be repeated safely:
-        reservations are found again, and grants are kept from one attempt to the next.
+        Round trips: WATCH + reserve.lua, the shelving call (if any book needs it), and
+        MULTI + commit.lua + EXEC (``redis.transaction``). Every step before the commit
+        can be repeated safely: reservations are found again, and grants are kept from
+        one attempt to the next.
         """
         valid = [r for r in parsed if isinstance(r, BookRequest)]
         users = sorted({r.user_id for r in valid})
@@ -187,26 +188,17 @@ class LendingService:
     ) -> list[Event | None] | None:
         """One WATCH/MULTI round; ``None`` when it must be repeated."""
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                counts: dict[str, int] = {}
-                holders: dict[str, str] = {}
-                if watched:
-                    await pipe.watch(*watched)
-                    counts, holders = await self._reserve(pipe, lends, users, watched, return_books, retry=retry)
+            if watched:
+                async with Transaction(self._client) as tx:
+                    counts, holders = await self._reserve(tx, lends, users, watched, return_books, retry=retry)
                     await self._ask_shelving(lends)
-                reserved = {lend.request_id: (lend.stored, lend.granted_only) for lend in lends}
-                records = decide_batch(parsed, reserved, counts, holders, self._settings.max_books_per_user)
-                keys, args = encode_commit(
-                    self._keys, LENDING_GROUP, self._settings.worker_id, self._settings.limits, records
-                )
-                if watched:
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    self._scripts.commit.queue(pipe, keys, args)
+                    records, keys, args = self._decide(parsed, lends, counts, holders)
                     fault_point("before_exec")
-                    (results,) = await pipe.execute()
-                else:  # only rejections: nothing to watch
-                    fault_point("before_exec")
-                    results = await self._scripts.commit(self._client, keys, args)
+                    results = await tx.commit(self._scripts.commit, keys, args)
+            else:  # only rejections: nothing to watch
+                records, keys, args = self._decide(parsed, lends, {}, {})
+                fault_point("before_exec")
+                results = await self._scripts.commit(self._client, keys, args)
         except WatchError:
             self._metrics.watch_conflicts.inc()
             return None
@@ -228,11 +220,24 @@ class LendingService:
                 lend.granted = []  # settled by the commit
         return [record.event if ok else None for record, ok in zip(records, committed, strict=True)]
 
+    def _decide(
+        self,
+        parsed: list[BookRequest | Rejection],
+        lends: list[LendInProgress],
+        counts: dict[str, int],
+        holders: dict[str, str],
+    ) -> tuple[list[Record], list[str], list[Arg]]:
+        """Every entry's outcome (``policy.decide_batch``), and commit.lua's KEYS and ARGV."""
+        reserved = {lend.request_id: (lend.stored, lend.granted_only) for lend in lends}
+        records = decide_batch(parsed, reserved, counts, holders, self._settings.max_books_per_user)
+        keys, args = encode_commit(self._keys, LENDING_GROUP, self._settings.worker_id, self._settings.limits, records)
+        return records, keys, args
+
     # -- reserving -------------------------------------------------------------------
 
     async def _reserve(
         self,
-        pipe: Pipeline,
+        tx: Transaction,
         lends: list[LendInProgress],
         users: list[str],
         watched: list[str],
@@ -252,8 +257,9 @@ class LendingService:
         for lend in lends:
             books = lend.request.book_ids
             args += [lend.request_id, 1 if retry or lend.redelivered else 0, len(books), *books]
-        codes, raw_counts, raw_holders = await self._scripts.reserve(
-            pipe,
+        codes, raw_counts, raw_holders = await tx.watch_and_run(
+            watched,
+            self._scripts.reserve,
             [
                 keys.lend_requests,
                 keys.lent_books,

@@ -1,0 +1,129 @@
+"""A batch's optimistic transaction on one connection, in two writes.
+
+The lending service WATCHes the counts of a batch's users, reads them with a script and
+commits with MULTI, a script and EXEC. redis-py's ``Pipeline`` sends WATCH on its own and
+waits for its answer: one more round trip per batch, about a fifth of the batch's Redis
+time. Here WATCH goes out in the same write as the script that reads (Redis runs a
+connection's commands in order, so every read of the script is watched), and MULTI, the
+commit and EXEC in a second write. Nothing else changes: a watched key written by anyone
+before the EXEC aborts the commit (``WatchError``), and the caller decides again.
+
+A connection is returned to the pool clean: no WATCH left on it (UNWATCH), and no reply
+left unread (it is closed instead, so that the pool opens a fresh one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError, WatchError
+
+from lending.redis.scripts import Arg, Script
+
+Command = tuple[Arg, ...]
+
+
+class Transaction:
+    """``async with Transaction(client) as tx``: ``await tx.watch_and_run(...)``, then
+    ``await tx.commit(...)``; both raise Redis's error replies as redis-py would.
+
+    :param client: its pool lends the connection for the transaction's lifetime.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._pool = client.connection_pool
+        self._connection: AbstractConnection | None = None
+        self._unread = 0  # replies sent for but not read: the connection is out of step
+        self._watching = False
+
+    async def __aenter__(self) -> Transaction:
+        self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        connection = self._held()
+        self._connection = None
+        try:
+            if self._unread or (self._watching and exc_type is asyncio.CancelledError):
+                await connection.disconnect()
+            elif self._watching and connection.is_connected:
+                await self._unwatch(connection)
+        finally:
+            await self._pool.release(connection)
+
+    async def watch_and_run(
+        self, watched: Sequence[str], script: Script, keys: Sequence[str], args: Sequence[Arg]
+    ) -> Any:
+        """WATCH ``watched``, then run ``script``: one write, one round trip; its reply."""
+        self._watching = True
+        watch, reply = await self._round_trip(("WATCH", *watched), _evalsha(script, keys, args))
+        _raised(watch)
+        return _raised(reply)
+
+    async def commit(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """MULTI, ``script``, EXEC: one write, one round trip; the script's reply.
+
+        :raises WatchError: a watched key changed since WATCH, or the connection closed
+            (its WATCH with it): nothing was run.
+        """
+        if self._watching and not self._held().is_connected:
+            # redis-py would reconnect silently, and the commit would run unwatched.
+            raise WatchError("the connection closed after WATCH: the transaction did not run")
+        multi, queued, executed = await self._round_trip(("MULTI",), _evalsha(script, keys, args), ("EXEC",))
+        self._watching = False  # EXEC, run or refused, ends the transaction and its WATCH
+        _raised(multi)
+        _raised(queued)
+        if _raised(executed) is None:
+            raise WatchError("a watched key changed: the transaction did not run")
+        (reply,) = executed
+        return _raised(reply)
+
+    async def _round_trip(self, *commands: Command) -> list[Any]:
+        """Send ``commands`` in one write and read every reply; an error reply is returned
+        (as redis-py's exception), not raised, so that none is left unread."""
+        connection = self._held()
+        self._unread = len(commands)
+        await connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        while self._unread:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+            self._unread -= 1
+        return replies
+
+    async def _unwatch(self, connection: AbstractConnection) -> None:
+        """UNWATCH before the connection goes back to the pool; close it if that fails
+        (the caller's own error, if any, is the one that matters)."""
+        try:
+            await connection.send_command("UNWATCH")
+            await connection.read_response()
+        except Exception:
+            await connection.disconnect()
+        except BaseException:
+            await connection.disconnect()
+            raise
+
+    def _held(self) -> AbstractConnection:
+        if self._connection is None:
+            raise RuntimeError("Transaction used outside its async with block")
+        return self._connection
+
+
+def _evalsha(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Command:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _raised(reply: Any) -> Any:
+    """``reply``, or raised if it is an error."""
+    if isinstance(reply, Exception):
+        raise reply
+    return reply

@@ -1,0 +1,135 @@
+"""The batch's optimistic transaction (``lending.redis.transaction``): WATCH goes out with
+the reading script, MULTI + script + EXEC with the commit, and the connection always
+goes back to the pool clean."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, ResponseError, WatchError
+
+from lending.keys import Keys
+from lending.redis.connection import make_client
+from lending.redis.scripts import Script
+from lending.redis.transaction import Transaction
+
+READ = Script("read", "return redis.call('GET', KEYS[1])")
+WRITE = Script("write", "redis.call('SET', KEYS[1], ARGV[1]) return 'written'")
+FAIL = Script("fail", "return redis.error_reply('NOPE the script says no')")
+# Busy for ARGV[1] ms: long enough to cancel its caller while the reply is on its way.
+SLOW = Script(
+    "slow",
+    "local t = redis.call('TIME') local until_us = (t[1] * 1e6 + t[2]) + ARGV[1] * 1000 "
+    "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= until_us return 'slow'",
+)
+
+
+@pytest.fixture
+async def one_connection(redis_url: str, redis: Redis) -> AsyncIterator[Redis]:
+    """A client whose pool has one connection: what a transaction leaves on it, the next
+    user meets. (``redis`` cleans the namespace up afterwards.)"""
+    client = make_client(redis_url, max_connections=1)
+    for script in (READ, WRITE, FAIL, SLOW):
+        await script.load(client)
+    yield client
+    await client.aclose()
+
+
+async def test_a_commit_runs_when_no_watched_key_changed(one_connection: Redis, keys: Keys) -> None:
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+    await one_connection.set(watched, 1)
+    async with Transaction(one_connection) as tx:
+        assert await tx.watch_and_run([watched], READ, [watched], []) == b"1"
+        assert await tx.commit(WRITE, [target], ["v"]) == b"written"
+    assert await one_connection.get(target) == b"v"
+
+
+async def test_a_watched_key_written_before_the_commit_aborts_it(
+    one_connection: Redis, redis: Redis, keys: Keys
+) -> None:
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+    async with Transaction(one_connection) as tx:
+        assert await tx.watch_and_run([watched], READ, [watched], []) is None
+        await redis.incr(watched)  # another worker's commit
+        with pytest.raises(WatchError):
+            await tx.commit(WRITE, [target], ["v"])
+    assert await redis.exists(target) == 0
+
+
+async def test_a_watch_never_outlives_its_transaction(one_connection: Redis, redis: Redis, keys: Keys) -> None:
+    # The batch failed after reading (e.g. shelving did not answer): its WATCH must not
+    # abort whatever the pool's connection runs next.
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+    with pytest.raises(LookupError):
+        async with Transaction(one_connection) as tx:
+            await tx.watch_and_run([watched], READ, [watched], [])
+            raise LookupError("shelving did not answer")
+    await redis.incr(watched)
+
+    async with one_connection.pipeline(transaction=True) as pipe:
+        pipe.set(target, "v")
+        assert await pipe.execute() == [True]
+    assert await one_connection.get(target) == b"v"
+
+
+async def test_error_replies_are_raised_and_the_connection_stays_in_step(one_connection: Redis, keys: Keys) -> None:
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+    async with Transaction(one_connection) as tx:
+        with pytest.raises(ResponseError, match="NOPE the script says no"):
+            await tx.watch_and_run([watched], FAIL, [watched], [])
+    async with Transaction(one_connection) as tx:
+        await tx.watch_and_run([watched], READ, [watched], [])
+        with pytest.raises(ResponseError, match="NOPE the script says no"):
+            await tx.commit(FAIL, [target], [])
+    # Every reply of both was read: the next command gets its own.
+    assert await one_connection.set(target, "after") is True
+    assert await one_connection.get(target) == b"after"
+
+
+async def test_a_script_redis_forgot_raises_noscript_before_and_inside_exec(one_connection: Redis, keys: Keys) -> None:
+    unknown = Script("unknown", "return 'never loaded'")
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+    async with Transaction(one_connection) as tx:
+        with pytest.raises(NoScriptError):
+            await tx.watch_and_run([watched], unknown, [watched], [])
+    async with Transaction(one_connection) as tx:
+        await tx.watch_and_run([watched], READ, [watched], [])
+        with pytest.raises(NoScriptError):
+            await tx.commit(unknown, [target], [])
+    assert await one_connection.exists(target) == 0
+
+
+async def test_a_cancelled_transaction_leaves_no_reply_for_the_next_user(one_connection: Redis, keys: Keys) -> None:
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+
+    async def slow_read() -> None:
+        async with Transaction(one_connection) as tx:
+            await tx.watch_and_run([watched], SLOW, [watched], [200])
+
+    task = asyncio.create_task(slow_read())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The slow script's reply is still on its way to the old connection: the pool's
+    # next command runs on a fresh one and reads its own reply.
+    await one_connection.set(target, "fresh")
+    assert await one_connection.get(target) == b"fresh"
+
+
+async def test_a_connection_closed_after_watch_never_commits_unwatched(
+    one_connection: Redis, redis: Redis, keys: Keys
+) -> None:
+    # E.g. the client closed at shutdown while a batch waited for shelving: redis-py
+    # would open a new connection for the commit, without the WATCH.
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+    async with Transaction(one_connection) as tx:
+        await tx.watch_and_run([watched], READ, [watched], [])
+        await one_connection.connection_pool.disconnect()
+        await redis.incr(watched)
+        with pytest.raises(WatchError):
+            await tx.commit(WRITE, [target], ["v"])
+    assert await redis.exists(target) == 0
