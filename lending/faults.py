@@ -6,7 +6,7 @@ calls ``os._exit(FAULT_EXIT_CODE)`` when it reaches that point: no cleanup, no
 
 - ``after_reserve``: a batch's lends took their books from storage into reservations.
 - ``after_shelving``: the shelving service handed out books (recorded only at commit).
-- ``before_exec``: the batch's commit transaction is queued, EXEC not yet sent.
+- ``before_exec``: the batch is decided; its commit (MULTI, commit.lua, EXEC) is not sent yet.
 - ``after_exec``: the commit is done, the worker has not logged it yet.
 - ``before_release``: the shelving consumer read a returns entry, not yet applied.
 """
