@@ -15,7 +15,8 @@
 # temporary one, removed at the end), WATCHERS=N to keep N dashboard streams open
 # (curl -N on /v1/dashboard/stream) during the runs, PHASES (default "nowait wait5":
 # the phases of each round, in order), WORKER_ARGS (extra options of the worker, e.g.
-# --concurrency=16).
+# --concurrency=16), REDIS_UNIX=1 (the worker and the API reach Redis over its Unix
+# socket, unix://..., instead of loopback TCP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -33,6 +34,11 @@ free_port() { $PY -c 'from lending.redis.embedded import free_port; print(free_p
 rport=$(free_port)
 aport=$(free_port)
 export REDIS_URL="redis://127.0.0.1:$rport" LENDING_NAMESPACE=bench
+unix_args=()
+if [ "${REDIS_UNIX:-0}" = 1 ]; then
+  unix_args=(--unixsocket "$dir/redis.sock" --unixsocketperm 700)
+  REDIS_URL="unix://$dir/redis.sock"
+fi
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -69,7 +75,7 @@ drain() { # until the worker has processed everything queued so far
 }
 
 "$server" --port "$rport" --bind 127.0.0.1 --dir "$dir" --logfile redis.log --save '' \
-  --appendonly yes --appendfsync everysec --daemonize no >/dev/null &
+  --appendonly yes --appendfsync everysec --daemonize no ${unix_args[@]+"${unix_args[@]}"} >/dev/null &
 rpid=$!
 pids+=("$rpid")
 until $PY -c "import redis; redis.Redis(port=$rport).ping()" 2>/dev/null; do sleep 0.1; done
@@ -86,7 +92,7 @@ for _ in $(seq 1 "${WATCHERS:-0}"); do
   pids+=("$!")
 done
 
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores; $("$server" --version | cut -d' ' -f1-3); $($PY --version); wrk -t$threads -c$conns -d${secs}s"
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores; $("$server" --version | cut -d' ' -f1-3); $($PY --version); wrk -t$threads -c$conns -d${secs}s; Redis at ${REDIS_URL%%://*}://"
 echo "| phase | round | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | queued→outcome p50 / p99 ms | API cores | worker cores | Redis cores | wrk cores | API RSS MB |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 
