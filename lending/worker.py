@@ -65,6 +65,8 @@ class Worker:
         self._handle_signals = handle_signals
         self._find_redis = on_redis_error
         self._renew_now = asyncio.Event()  # the heartbeat renews at once (Redis moved)
+        #: Set once the id is claimed, the scripts loaded and the groups made ("Ready").
+        self.started = asyncio.Event()
         self._scripts = Scripts()
         host, pid = socket.gethostname(), os.getpid()
         token = f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
@@ -173,6 +175,7 @@ class Worker:
         relaying = asyncio.create_task(self.inbox.run())
         refreshing = asyncio.create_task(self._refresh_metrics()) if metrics else None
         self._loops = [t for t in (*tasks, heartbeat, trimming, reconciling, relaying, refreshing) if t is not None]
+        self.started.set()
         announce(READY_MESSAGE)
         log.info("worker started", worker_id=self.settings.worker_id, namespace=self.settings.namespace)
         try:

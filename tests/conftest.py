@@ -160,7 +160,11 @@ async def start_worker(redis_url: str, settings: Settings) -> AsyncIterator[Star
         worker = Worker(settings.replace(**overrides), client, handle_signals=False)
         task = asyncio.create_task(worker.run())
         running.append((worker, task, client))
-        await asyncio.sleep(0.05)
+        # Until it has claimed its id (a test's next step may count on it), or it failed;
+        # one that waits at start-up (e.g. Redis out of memory) is returned waiting.
+        started = asyncio.create_task(worker.started.wait())
+        await asyncio.wait([task, started], timeout=3, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
         if task.done():
             task.result()  # raise its error
         return worker

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError, WatchError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError, WatchError
 
 from lending.keys import Keys
 from lending.redis.connection import make_client
+from lending.redis.replies import is_refusal
 from lending.redis.scripts import Script
 from lending.redis.transaction import Transaction
 
@@ -36,6 +37,27 @@ async def one_connection(redis_url: str, redis: Redis) -> AsyncIterator[Redis]:
         await script.load(client)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def acl_user(redis_url: str, redis: Redis, namespace: str) -> AsyncIterator[tuple[str, str]]:
+    """An ACL user that may run everything (the test takes commands away) and its URL."""
+    user = f"tx-{namespace}"
+    await redis.acl_setuser(
+        user, enabled=True, reset=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"]
+    )
+    yield user, redis_url.replace("redis://", f"redis://{user}:pw@")
+    await redis.acl_deluser(user)
+
+
+async def without(redis: Redis, user: str, url: str, command: str) -> Redis:
+    """A one-connection client of ``user``, who may not run ``command`` (an operator's
+    mistake: the consumer treats the refusal as one, and the entries wait)."""
+    await redis.acl_setuser(user, enabled=True, commands=[f"-{command}"])
+    client = make_client(url, max_connections=1)
+    for script in (READ, WRITE):
+        await script.load(client)
+    return client
 
 
 async def test_a_commit_runs_when_no_watched_key_changed(one_connection: Redis, keys: Keys) -> None:
@@ -133,3 +155,51 @@ async def test_a_connection_closed_after_watch_never_commits_unwatched(
         with pytest.raises(WatchError):
             await tx.commit(WRITE, [target], ["v"])
     assert await redis.exists(target) == 0
+
+
+async def test_an_error_reply_before_others_leaves_the_connection_in_step(
+    acl_user: tuple[str, str], redis: Redis, keys: Keys
+) -> None:
+    # WATCH refused, the script's reply behind it: both are read.
+    client = await without(redis, *acl_user, "watch")
+    watched = keys.user_count("ada")
+    await redis.set(watched, 7)
+    async with Transaction(client) as tx:
+        with pytest.raises(NoPermissionError):
+            await tx.watch_and_run([watched], READ, [watched], [])
+    assert await client.get(watched) == b"7"
+    await client.aclose()
+
+
+async def test_a_refused_multi_leaves_no_watch_on_the_pooled_connection(
+    acl_user: tuple[str, str], redis: Redis, keys: Keys
+) -> None:
+    user, url = acl_user
+    client = await without(redis, user, url, "multi")
+    watched, target, other = keys.user_count("ada"), keys.user_count("bob"), keys.user_count("cy")
+    async with Transaction(client) as tx:
+        await tx.watch_and_run([watched], READ, [watched], [])
+        with pytest.raises(NoPermissionError) as refused:
+            await tx.commit(WRITE, [target], ["v"])
+    assert is_refusal(refused.value)  # entries wait, uncharged, for the ACL to be fixed
+    await redis.acl_setuser(user, enabled=True, commands=["+multi"])
+    await redis.incr(watched)  # another worker's later commit
+    # The connection's next user watches nothing: its transaction runs.
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.set(other, "v")
+        assert await pipe.execute() == [True], "the earlier batch's WATCH aborted it"
+    await client.aclose()
+
+
+async def test_a_refused_exec_is_a_refusal_and_commits_nothing(
+    acl_user: tuple[str, str], redis: Redis, keys: Keys
+) -> None:
+    client = await without(redis, *acl_user, "exec")
+    watched, target = keys.user_count("ada"), keys.user_count("bob")
+    async with Transaction(client) as tx:
+        await tx.watch_and_run([watched], READ, [watched], [])
+        with pytest.raises(ResponseError) as refused:  # EXECABORT ... because of: NOPERM ...
+            await tx.commit(WRITE, [target], ["v"])
+    assert is_refusal(refused.value), "a refused EXEC was charged to the entries"
+    assert await redis.exists(target) == 0
+    await client.aclose()

@@ -60,7 +60,9 @@ def reply_text(exc: ResponseError) -> str:
     data, and must not be read as an error code."""
     message = str(exc)
     _, found, reply = message.partition(" of pipeline caused error: ")
-    return reply.strip("(),'\"") if found else message
+    reply = reply.strip("(),'\"") if found else message
+    # EXECABORT: a command of the transaction was refused; that refusal is the reply.
+    return reply.removeprefix("Transaction discarded because of: ")
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -6,7 +6,9 @@ waits for its answer: one more round trip per batch, about a fifth of the batch'
 time. Here WATCH goes out in the same write as the script that reads (Redis runs a
 connection's commands in order, so every read of the script is watched), and MULTI, the
 commit and EXEC in a second write. Nothing else changes: a watched key written by anyone
-before the EXEC aborts the commit (``WatchError``), and the caller decides again.
+before the EXEC aborts the commit (``WatchError``), and the caller decides again. (As
+with redis-py's ``Pipeline``, the three go out together: should Redis refuse MULTI, for
+an ACL without it, the script runs on its own. The service's ACL role has MULTI.)
 
 A connection is returned to the pool clean: no WATCH left on it (UNWATCH), and no reply
 left unread (it is closed instead, so that the pool opens a fresh one).
@@ -70,14 +72,16 @@ class Transaction:
     async def commit(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """MULTI, ``script``, EXEC: one write, one round trip; the script's reply.
 
-        :raises WatchError: a watched key changed since WATCH, or the connection closed
-            (its WATCH with it): nothing was run.
+        :raises WatchError: a watched key changed since WATCH, or this process closed the
+            connection since (its WATCH with it): nothing was run. (A connection Redis
+            closed raises redis-py's ``ConnectionError``: an outage, as any other.)
         """
         if self._watching and not self._held().is_connected:
             # redis-py would reconnect silently, and the commit would run unwatched.
             raise WatchError("the connection closed after WATCH: the transaction did not run")
         multi, queued, executed = await self._round_trip(("MULTI",), _evalsha(script, keys, args), ("EXEC",))
-        self._watching = False  # EXEC, run or refused, ends the transaction and its WATCH
+        if not isinstance(multi, Exception):
+            self._watching = False  # EXEC, run or aborted, ended the transaction and its WATCH
         _raised(multi)
         _raised(queued)
         if _raised(executed) is None:
@@ -106,11 +110,10 @@ class Transaction:
         try:
             await connection.send_command("UNWATCH")
             await connection.read_response()
-        except Exception:
+        except BaseException as exc:
             await connection.disconnect()
-        except BaseException:
-            await connection.disconnect()
-            raise
+            if not isinstance(exc, Exception):  # a cancellation goes on
+                raise
 
     def _held(self) -> AbstractConnection:
         if self._connection is None:
