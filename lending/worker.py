@@ -29,6 +29,7 @@ from lending.redis.consumer import ConsumerConfig, DeadLetterHandler, Delivery, 
 from lending.redis.replies import is_out_of_memory, is_outage
 from lending.redis.scripts import Scripts
 from lending.redis.tasks import cancel_and_wait
+from lending.redis.transaction import Transaction
 from lending.redis.workers import WorkerId
 from lending.service.inbox import InboxRelay
 from lending.service.lending import LendingService
@@ -192,11 +193,14 @@ class Worker:
         return 1 if self.lost_id or self.refused_eviction else 0
 
     async def _start_up(self) -> None:
-        """Claim the id, load the scripts, create the groups (before "Ready": XPENDING and
-        XINFO work from then on). While Redis is out of memory this waits, as the
+        """Check that the commit's transaction may run (``Transaction.probe``), claim the
+        id, load the scripts, create the groups (before "Ready": XPENDING and XINFO work
+        from then on). While Redis is out of memory this waits, as the
         consumers do, rather than fail."""
         for attempt in range(1, 1_000_000):
             try:
+                async with Transaction(self._client) as tx:  # before the claim: a refusal stops us
+                    await tx.probe(self.keys.config)
                 await self.worker_id.claim(self.settings.limits, force=self.settings.force)
                 await self._scripts.load(self._client)
                 for consumer in self.consumers:

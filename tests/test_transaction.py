@@ -16,6 +16,8 @@ from lending.redis.connection import make_client
 from lending.redis.replies import is_refusal
 from lending.redis.scripts import Script
 from lending.redis.transaction import Transaction
+from lending.settings import Settings
+from lending.worker import Worker
 
 READ = Script("read", "return redis.call('GET', KEYS[1])")
 WRITE = Script("write", "redis.call('SET', KEYS[1], ARGV[1]) return 'written'")
@@ -202,4 +204,17 @@ async def test_a_refused_exec_is_a_refusal_and_commits_nothing(
             await tx.commit(WRITE, [target], ["v"])
     assert is_refusal(refused.value), "a refused EXEC was charged to the entries"
     assert await redis.exists(target) == 0
+    await client.aclose()
+
+
+@pytest.mark.parametrize("command", ["watch", "multi", "exec"])
+async def test_a_worker_whose_user_may_not_run_the_transaction_refuses_to_start(
+    acl_user: tuple[str, str], redis: Redis, keys: Keys, settings: Settings, command: str
+) -> None:
+    # Without MULTI every commit would run on its own, its WATCH ignored.
+    client = await without(redis, *acl_user, command)
+    worker = Worker(settings, client, handle_signals=False)
+    with pytest.raises(ResponseError, match=f"'{command}'"):
+        await asyncio.wait_for(worker.run(), 10)
+    assert await redis.exists(keys.worker(settings.worker_id)) == 0, "it claimed its id first"
     await client.aclose()

@@ -8,7 +8,8 @@ connection's commands in order, so every read of the script is watched), and MUL
 commit and EXEC in a second write. Nothing else changes: a watched key written by anyone
 before the EXEC aborts the commit (``WatchError``), and the caller decides again. (As
 with redis-py's ``Pipeline``, the three go out together: should Redis refuse MULTI, for
-an ACL without it, the script runs on its own. The service's ACL role has MULTI.)
+an ACL without it, the script would run on its own. A worker checks at start that its
+user may run them: ``probe``.)
 
 A connection is returned to the pool clean: no WATCH left on it (UNWATCH), and no reply
 left unread (it is closed instead, so that the pool opens a fresh one).
@@ -88,6 +89,16 @@ class Transaction:
             raise WatchError("a watched key changed: the transaction did not run")
         (reply,) = executed
         return _raised(reply)
+
+    async def probe(self, key: str) -> None:
+        """WATCH ``key``, an empty MULTI/EXEC, UNWATCH: one round trip that changes nothing,
+        and raises the first refusal. Run at a worker's start: with MULTI refused (an ACL
+        without it), every commit would run on its own, unwatched."""
+        self._watching = True
+        replies = await self._round_trip(("WATCH", key), ("MULTI",), ("EXEC",), ("UNWATCH",))
+        for reply in replies:
+            _raised(reply)
+        self._watching = False
 
     async def _round_trip(self, *commands: Command) -> list[Any]:
         """Send ``commands`` in one write and read every reply; an error reply is returned
