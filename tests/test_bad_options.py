@@ -63,6 +63,9 @@ def usage_error(result: subprocess.CompletedProcess[str], option: str) -> str:
         ("redis+cluster://a:7000,,b:7001", "an empty seed"),
         ("redis+cluster://a:70000", "no valid port"),
         ("rediss://127.0.0.1:6380/?ssl_cert_reqs=CERT_NONE", "Invalid SSL Certificate Requirements Flag"),
+        # Replies in other shapes (XREADGROUP a map) or as text: the worker would fail on each.
+        ("redis://127.0.0.1:6379/?protocol=3", "the query option protocol is not supported"),
+        ("redis://127.0.0.1:6379/?decode_responses=true", "the query option decode_responses is not supported"),
     ],
 )
 def test_an_unusable_redis_url_is_named_with_the_reason(url: str, said: str) -> None:
@@ -76,7 +79,7 @@ def test_an_unusable_redis_url_is_named_with_the_reason(url: str, said: str) -> 
         "redis://localhost",
         "redis://:p%40ss@127.0.0.1:6380/0",
         "rediss://user:secret@host:6380/0?ssl_cert_reqs=required",
-        "redis://[::1]:6379/15?socket_timeout=5&protocol=3",
+        "redis://[::1]:6379/15?socket_timeout=5&protocol=2&decode_responses=no",
         "unix:///var/run/redis.sock?db=2",
         "rediss+cluster://user:secret@a:7000,[::1]:7001",
         "REDIS://127.0.0.1:6379/0",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
@@ -42,7 +42,7 @@ def url_problem(url: str) -> str | None:
         return f"{shown}: the query names an option Redis clients do not take: {option!r}"
     except (ValueError, RedisError) as exc:  # RedisError: e.g. an unknown ssl_cert_reqs
         return f"{shown}: {exc}"
-    if problem := _seconds_problem(connection):
+    if problem := _seconds_problem(connection) or _reply_problem(parts.query):
         return f"{shown}: {problem}"
     if port == 0:
         return f"{shown}: port 0 names no server"
@@ -55,6 +55,18 @@ def url_problem(url: str) -> str | None:
 #: less) failed every command as "cannot reach Redis", and a negative health check
 #: interval as an error about CLIENT SETINFO.
 SECONDS_OPTIONS = {"socket_timeout": 0.0, "socket_connect_timeout": 0.0, "health_check_interval": -1.0}
+
+
+def _reply_problem(query: str) -> str | None:
+    """The package reads replies as redis-py gives them by default: bytes, in the shapes of
+    its RESP2 parsers. ``protocol=3`` makes XREADGROUP a map, ``decode_responses`` makes
+    entries text (which any bytes may not be)."""
+    options = parse_qs(query)
+    if any(value != "2" for value in options.get("protocol", [])):
+        return "the query option protocol is not supported (the package reads the client's default replies)"
+    if any(value.upper() not in ("0", "F", "FALSE", "N", "NO") for value in options.get("decode_responses", [])):
+        return "the query option decode_responses is not supported (entries are bytes, and may not be text)"
+    return None
 
 
 def _seconds_problem(connection: AbstractConnection) -> str | None:
