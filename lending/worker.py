@@ -195,8 +195,8 @@ class Worker:
     async def _start_up(self) -> None:
         """Check that the commit's transaction may run (``Transaction.probe``), claim the
         id, load the scripts, create the groups (before "Ready": XPENDING and XINFO work
-        from then on). While Redis is out of memory this waits, as the
-        consumers do, rather than fail."""
+        from then on). While Redis is out of memory this waits, as the consumers do,
+        rather than fail."""
         for attempt in range(1, 1_000_000):
             try:
                 async with Transaction(self._client) as tx:  # before the claim: a refusal stops us

@@ -1,11 +1,11 @@
 """A batch's optimistic transaction on one connection, in two writes.
 
 The lending service WATCHes the counts of a batch's users, reads them with a script and
-commits with MULTI, a script and EXEC. redis-py's ``Pipeline`` sends WATCH on its own and
-waits for its answer: one more round trip per batch, about a fifth of the batch's Redis
-time. Here WATCH goes out in the same write as the script that reads (Redis runs a
-connection's commands in order, so every read of the script is watched), and MULTI, the
-commit and EXEC in a second write. Nothing else changes: a watched key written by anyone
+commits with MULTI, a script and EXEC. redis-py's ``Pipeline`` sends WATCH on its own
+and waits for its answer: four round trips per batch instead of three (the shelving call
+is the third). Here WATCH goes out in the same write as the script that reads (Redis
+runs a connection's commands in order, so every read of the script is watched), and
+MULTI, the commit and EXEC in a second write. Nothing else changes: a watched key written by anyone
 before the EXEC aborts the commit (``WatchError``), and the caller decides again. (As
 with redis-py's ``Pipeline``, the three go out together: should Redis refuse MULTI, for
 an ACL without it, the script would run on its own. A worker checks at start that its

@@ -2,10 +2,11 @@
 
 Entries are processed in batches: ``WATCH`` on the count of each user in the batch,
 sent in one write with one script (``reserve.lua``) that reserves the batch's books
-from storage and reads those counts and the holders of returned books; one call asks the shelving service for the
-other books; the decisions are pure (``policy.decide_batch``); then ``MULTI`` + one
-script (``commit.lua``) + ``EXEC`` commits every outcome: state change, acknowledgement
-and event together, for the whole batch. The script commits only entries still pending
+from storage and reads those counts and the holders of returned books; one call asks
+the shelving service for the other books; the decisions are pure
+(``policy.decide_batch``); then ``MULTI`` + one script (``commit.lua``) + ``EXEC``
+commits every outcome: state change, acknowledgement and event together, for the whole
+batch. The script commits only entries still pending
 on this consumer, so when two workers process the same entry, only one commits.
 
 Shelving grants are recorded in the grants ledger when they are handed out; the commit
