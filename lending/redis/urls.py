@@ -59,12 +59,13 @@ SECONDS_OPTIONS = {"socket_timeout": 0.0, "socket_connect_timeout": 0.0, "health
 
 def _reply_problem(query: str) -> str | None:
     """The package reads replies as redis-py gives them by default: bytes, in the shapes of
-    its RESP2 parsers. ``protocol=3`` makes XREADGROUP a map, ``decode_responses`` makes
-    entries text (which any bytes may not be)."""
+    its RESP2 parsers. ``protocol=3`` makes XREADGROUP a map; ``decode_responses`` makes
+    entries text (which any bytes may not be), whatever its value: redis-py's asyncio
+    client keeps it as a string, so even ``false`` turns decoding on."""
     options = parse_qs(query)
     if any(value != "2" for value in options.get("protocol", [])):
         return "the query option protocol is not supported (the package reads the client's default replies)"
-    if any(value.upper() not in ("0", "F", "FALSE", "N", "NO") for value in options.get("decode_responses", [])):
+    if "decode_responses" in options:
         return "the query option decode_responses is not supported (entries are bytes, and may not be text)"
     return None
 
