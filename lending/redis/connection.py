@@ -11,6 +11,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
 from lending.redaction import redact
+from lending.redis.packing import pack_with_hiredis
 from lending.settings import Tls
 
 
@@ -39,6 +40,7 @@ def make_client(
         # twice. Every caller decides itself what a lost connection means.
         retry=Retry(NoBackoff(), 0),
     )
+    pack_with_hiredis(pool)
     return Redis.from_pool(pool)
 
 
