@@ -63,9 +63,13 @@ def _packed(args: tuple[EncodableT, ...]) -> bytes:
         args = (*head.encode().split(), *args[1:])
     elif isinstance(head, bytes) and b" " in head:
         args = (*head.split(), *args[1:])
-    args = tuple(bytes(arg) if isinstance(arg, bytearray | memoryview) else arg for arg in args)
     try:
         packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
-        return packed
-    except TypeError as exc:  # None, a bool, ...: redis-py's own error for them
-        raise DataError(str(exc)) from exc
+    except TypeError:
+        # hiredis takes bytes but no other buffer: copied (rare, so not looked for first).
+        views = tuple(bytes(arg) if isinstance(arg, bytearray | memoryview) else arg for arg in args)
+        try:
+            packed = hiredis.pack_command(views)  # type: ignore[arg-type]
+        except TypeError as exc:  # None, a bool, ...: redis-py's own error for them
+            raise DataError(str(exc)) from exc
+    return packed
