@@ -1,11 +1,11 @@
-"""Concurrent calls of one script, sent together: one pipeline, one round trip.
+"""Concurrent calls of one script, sent together: one write, one round trip.
 
 Under load, many callers (the HTTP API's submissions) are ready in the same turn of
 the event loop. ``ScriptBatcher`` queues their calls and sends them at the end of that
-turn in one non-transactional pipeline: no caller waits longer than it would have alone,
-and redis-py's per-command overhead (taking a connection from the pool, the socket
-timeout, the reply, the release) is paid once per batch instead of once per call.
-Each call still runs as its own script, atomic on its own; one that fails fails alone.
+turn in one write on one connection (``wire.exchange``): no caller waits longer than it
+would have alone, and the per-command overhead (taking a connection from the pool, the
+socket timeout, the release) is paid once per batch instead of once per call. Each call
+still runs as its own script, atomic on its own; one that fails fails alone.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from lending.redis.scripts import Arg, Script
+from lending.redis.wire import exchange
 
 Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
-    """Runs ``script`` for many concurrent callers, one pipeline per turn of the loop.
+    """Runs ``script`` for many concurrent callers, one round trip per turn of the loop.
 
     :param client: the client to run it on.
     :param script: the script every call runs.
-    :param max_batch: calls per pipeline at most (a larger batch is split).
+    :param max_batch: calls per round trip at most (a larger batch is split).
     """
 
     def __init__(self, client: Redis, script: Script, *, max_batch: int = 512) -> None:
@@ -39,7 +40,7 @@ class ScriptBatcher:
         # One reload at a time: ``Script.load`` learns from a failed load whether the
         # server takes the script's flags, which concurrent loads would confuse.
         self._loading = asyncio.Lock()
-        #: Pipelines sent and calls made, for tests and curious operators.
+        #: Round trips made and calls sent, for tests and curious operators.
         self.batches = 0
         self.calls = 0
 
@@ -63,13 +64,13 @@ class ScriptBatcher:
         self.batches += 1
         self.calls += len(calls)
         try:
-            replies = await self._pipeline(calls)
+            replies = await self._round_trip(calls)
             if any(isinstance(reply, NoScriptError) for reply in replies):
                 # Redis forgot the script (a restart, SCRIPT FLUSH): those calls did nothing.
                 async with self._loading:
                     await self._script.load(self._client)
                 again = [call for call, reply in zip(calls, replies, strict=True) if isinstance(reply, NoScriptError)]
-                retried = iter(await self._pipeline(again))
+                retried = iter(await self._round_trip(again))
                 replies = [next(retried) if isinstance(reply, NoScriptError) else reply for reply in replies]
         except asyncio.CancelledError:
             for _keys, _args, future in calls:
@@ -88,8 +89,10 @@ class ScriptBatcher:
             else:
                 future.set_result(reply)
 
-    async def _pipeline(self, calls: list[Call]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for keys, args, _future in calls:
-                self._script.queue(pipe, keys, args)
-            return list(await pipe.execute(raise_on_error=False))
+    async def _round_trip(self, calls: list[Call]) -> list[Any]:
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            return await exchange(connection, [self._script.command(keys, args) for keys, args, _future in calls])
+        finally:
+            await pool.release(connection)

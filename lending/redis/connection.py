@@ -11,7 +11,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
 from lending.redaction import redact
-from lending.redis.packing import pack_with_hiredis
+from lending.redis.wire import use_lean_connections
 from lending.settings import Tls
 
 
@@ -40,7 +40,7 @@ def make_client(
         # twice. Every caller decides itself what a lost connection means.
         retry=Retry(NoBackoff(), 0),
     )
-    pack_with_hiredis(pool)
+    use_lean_connections(pool)
     return Redis.from_pool(pool)
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
+
+from lending.redis.wire import Command, call
 
 Arg = str | bytes | int | float
 
@@ -61,14 +62,14 @@ class Script:
     async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run the script, loading it first if Redis does not know it."""
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await call(client, *self.command(keys, args))
         except NoScriptError:
             await self.load(client)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await call(client, *self.command(keys, args))
 
-    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
-        """Queue the script in a transaction; the caller handles ``NoScriptError``."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+    def command(self, keys: Sequence[str], args: Sequence[Arg]) -> Command:
+        """The ``EVALSHA`` that runs it."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 def _lua_dir() -> Traversable:

@@ -12,7 +12,8 @@ an ACL without it, the script would run on its own. A worker checks at start tha
 user may run them: ``probe``.)
 
 A connection is returned to the pool clean: no WATCH left on it (UNWATCH), and no reply
-left unread (it is closed instead, so that the pool opens a fresh one).
+left unread (a round trip that did not read them all closed it, so that the pool opens
+a fresh one). Each round trip's replies come within one deadline, the socket timeout.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import WatchError
 
 from lending.redis.scripts import Arg, Script
-
-Command = tuple[Arg, ...]
+from lending.redis.wire import Command, exchange
 
 
 class Transaction:
@@ -41,7 +41,6 @@ class Transaction:
     def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
         self._connection: AbstractConnection | None = None
-        self._unread = 0  # replies sent for but not read: the connection is out of step
         self._watching = False
 
     async def __aenter__(self) -> Transaction:
@@ -54,7 +53,7 @@ class Transaction:
         connection = self._held()
         self._connection = None
         try:
-            if self._unread or (self._watching and exc_type is asyncio.CancelledError):
+            if self._watching and exc_type is asyncio.CancelledError:
                 await connection.disconnect()
             elif self._watching and connection.is_connected:
                 await self._unwatch(connection)
@@ -66,7 +65,7 @@ class Transaction:
     ) -> Any:
         """WATCH ``watched``, then run ``script``: one write, one round trip; its reply."""
         self._watching = True
-        watch, reply = await self._round_trip(("WATCH", *watched), _evalsha(script, keys, args))
+        watch, reply = await self._round_trip(("WATCH", *watched), script.command(keys, args))
         _raised(watch)
         return _raised(reply)
 
@@ -80,7 +79,7 @@ class Transaction:
         if self._watching and not self._held().is_connected:
             # redis-py would reconnect silently, and the commit would run unwatched.
             raise WatchError("the connection closed after WATCH: the transaction did not run")
-        multi, queued, executed = await self._round_trip(("MULTI",), _evalsha(script, keys, args), ("EXEC",))
+        multi, queued, executed = await self._round_trip(("MULTI",), script.command(keys, args), ("EXEC",))
         if not isinstance(multi, Exception):
             self._watching = False  # EXEC, run or aborted, ended the transaction and its WATCH
         _raised(multi)
@@ -101,19 +100,9 @@ class Transaction:
         self._watching = False
 
     async def _round_trip(self, *commands: Command) -> list[Any]:
-        """Send ``commands`` in one write and read every reply; an error reply is returned
-        (as redis-py's exception), not raised, so that none is left unread."""
-        connection = self._held()
-        self._unread = len(commands)
-        await connection.send_packed_command(connection.pack_commands(commands))
-        replies: list[Any] = []
-        while self._unread:
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-            self._unread -= 1
-        return replies
+        """Send ``commands`` in one write and read every reply (``wire.exchange``: an error
+        reply is returned, not raised; an interrupted round trip closes the connection)."""
+        return await exchange(self._held(), commands)
 
     async def _unwatch(self, connection: AbstractConnection) -> None:
         """UNWATCH before the connection goes back to the pool; close it if that fails
@@ -130,10 +119,6 @@ class Transaction:
         if self._connection is None:
             raise RuntimeError("Transaction used outside its async with block")
         return self._connection
-
-
-def _evalsha(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Command:
-    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _raised(reply: Any) -> Any:
