@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -379,6 +380,53 @@ async def test_a_body_that_comes_in_parts_within_the_time_is_queued(
 
     assert answer.startswith(b"HTTP/1.1 202 Accepted")
     assert await queued_count(redis, keys) == 1
+
+
+async def half_closed(live: LiveApi, raw: bytes) -> bytes:
+    """Send ``raw``, then half-close the connection (``shutdown(SHUT_WR)``, as ``nc -N``
+    does); what the server answered until it closed the connection."""
+    reader, writer = await raw_connection(live)
+    try:
+        writer.write(raw)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def lend_post(body: bytes, query: bytes = b"") -> bytes:
+    return b"POST /v1/lends%s HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n%s" % (query, len(body), body)
+
+
+async def test_a_request_sent_whole_before_a_half_close_is_answered(live: LiveApi, redis: Redis, keys: Keys) -> None:
+    answer = await half_closed(live, lend_post(b'{"user_id": "ada", "book_ids": ["b1"]}'))
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 202 Accepted") and b"connection: close" in head.lower(), answer
+    assert await stream_entries(redis, keys.lend_requests) == [(json.loads(body)["request_id"], ANY)]
+
+
+async def test_a_request_waited_for_and_the_ones_pipelined_before_it_are_answered_after_a_half_close(
+    live: LiveApi, start_worker: StartWorker
+) -> None:
+    await start_worker()
+    first = lend_post(b'{"user_id": "ada", "book_ids": ["b1"]}')
+    last = lend_post(b'{"user_id": "bob", "book_ids": ["b2"]}', b"?wait=10")
+
+    answer = await half_closed(live, first + last)
+
+    assert answer.startswith(b"HTTP/1.1 202 Accepted"), answer
+    assert answer.count(b"HTTP/1.1 200 OK") == 1 and b'"status":"accepted"' in answer, answer
+
+
+async def test_a_request_cut_off_by_a_half_close_is_not_queued(live: LiveApi, redis: Redis, keys: Keys) -> None:
+    whole = lend_post(b'{"user_id": "ada", "book_ids": ["b1"]}')
+
+    answer = await half_closed(live, whole[:-5])
+
+    assert answer == b""
+    await asyncio.sleep(0.3)
+    assert await queued_count(redis, keys) == 0
 
 
 async def test_the_body_timeout_spares_a_pipelined_request_waiting_its_turn(

@@ -24,6 +24,11 @@ connection (or of the previous response): else a started one gets a 408 problem,
 idle connection is closed. Its body, announced by the head, must then arrive within
 ``BODY_TIMEOUT_S`` (a 408 problem otherwise): a connection that promised 100 bytes and
 sent 10 held its request, and its place, for ever too.
+
+uvicorn closes a connection at once when the client half-closes it (``shutdown(SHUT_WR)``,
+``nc -N``, ``curl`` piping a body): a request sent whole just before was queued all the
+same, but its answer was dropped, and with it the request id. ``ApiHttpProtocol`` answers
+what came whole, then closes; a request cut off by the half-close is not acted on.
 """
 
 from __future__ import annotations
@@ -132,6 +137,17 @@ class ApiHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol's signature
+        """The client sends nothing more. ``True`` keeps the connection open to answer the
+        last request it sent (and any before it), when that one came whole: its answer
+        then closes the connection. ``False`` closes it now (a request under way gets
+        ``http.disconnect``)."""
+        last = self.cycle  # the latest request parsed; those before it wait in the pipeline
+        if last is None or last.response_complete or last.more_body:
+            return False
+        last.keep_alive = False
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._head_bytes is None:
