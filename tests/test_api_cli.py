@@ -124,6 +124,66 @@ async def test_an_unreachable_api_exits_5(redis_url: str, namespace: str) -> Non
     assert line.startswith(f"error: cannot reach the API at {url}") and "nothing was queued" in line
 
 
+class NotTheApi:
+    """A loopback HTTP server answering every request with one fixed status and JSON body:
+    something else than the API listening at the URL."""
+
+    def __init__(self, status: int, body: object) -> None:
+        self.answer = json.dumps(body).encode()
+        self.status = status
+
+    async def __aenter__(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (self.status, len(self.answer), self.answer)
+            )
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, {"event_id": "1-0", "status": "accepted", "books": 5}),
+        (200, {"request_id": "1-0", "status": "accepted", "books": [1, 2]}),
+        (200, {"request_id": "1-0", "status": "lent", "books": []}),
+        (409, {"type": "/problems/denied", "event": {"skipped": 3}}),
+        (409, {"type": "/problems/denied", "event": "no"}),
+        (202, [1, 2]),
+        (202, {"x": 1}),
+        (202, {"request_id": "soon"}),
+        (504, {"type": "/problems/outcome-timeout"}),
+    ],
+)
+async def test_an_answer_not_shaped_as_the_apis_exits_5_with_one_line(
+    redis_url: str, namespace: str, status: int, body: object
+) -> None:
+    async with NotTheApi(status, body) as url:
+        result = await get_books(redis_url, namespace, "--api", url, "request", "ada", "b1", "--timeout", "3")
+
+    assert result.returncode == 5, result
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: the API at {url} answered {status} with "), line
+    assert result.stdout == ""
+
+
 async def test_redis_refusing_the_request_exits_6(
     redis: Redis, keys: Keys, redis_url: str, namespace: str, start_api: StartApi
 ) -> None:

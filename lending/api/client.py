@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 
 from lending.client import Answered, Invalid, NoOutcome, Outcome, Progress, Queued, Refused, Unreachable
-from lending.domain.events import Event
+from lending.domain.events import STATUSES, Event
+from lending.domain.streamids import is_entry_id
 from lending.keys import BY_ACTION
 
 MAX_WAIT_S = 30.0
@@ -77,22 +78,35 @@ def wait_param(left_s: float) -> str:
     return f"{min(MAX_WAIT_S, max(0.001, left_s - margin)):.3f}"
 
 
+class NotTheApi(ValueError):
+    """An answer that does not have the API's shape (something else listens at the URL)."""
+
+
 def read_answer(response: httpx.Response, base_url: str, *, request_id: str | None = None) -> Outcome:
-    """What the API's answer to a POST (or a poll of ``request_id``) means."""
+    """What the API's answer to a POST (or a poll of ``request_id``) means; an answer of
+    another shape than the API's means the API cannot be trusted to be there."""
+    try:
+        return _read_answer(response, base_url, request_id)
+    except NotTheApi as exc:
+        fate = f"request {request_id} was queued" if request_id else "the request may have been queued"
+        return Unreachable(f"the API at {base_url} answered {response.status_code} with {exc}; {fate}")
+
+
+def _read_answer(response: httpx.Response, base_url: str, request_id: str | None) -> Outcome:
     body = _json(response)
     status = response.status_code
     kind = str(body.get("type", "")).rsplit("/", 1)[-1]
     detail = str(body.get("detail", "")) or response.reason_phrase
-    if isinstance(body.get("event"), dict):
-        return Answered(Event.from_json(body["event"]))
+    if "event" in body:
+        return Answered(_event(body["event"]))
     if status == 202:
-        return Queued(str(body.get("request_id", "")))
+        return Queued(_request_id(body))
     if status == 200 and body.get("status") == "pending" and request_id is not None:
         return NoOutcome(request_id)
-    if status == 200 and body.get("event_id"):
-        return Answered(Event.from_json(body))
+    if status == 200:
+        return Answered(_event(body))
     if kind == "outcome-timeout":
-        return NoOutcome(str(body.get("request_id", request_id or "")))
+        return NoOutcome(_request_id(body))
     if kind in ("invalid-request", "body-too-large"):
         return Invalid(detail, by=f"the API at {base_url}")
     if kind == "redis-refused":
@@ -116,6 +130,29 @@ def failure(exc: httpx.HTTPError, progress: Progress, base_url: str, timeout_s: 
             f"the API at {base_url} did not answer within {timeout_s:g} s; the request may have been queued"
         )
     return Unreachable(f"lost the API at {base_url}: {exc or type(exc).__name__}; the request may have been queued")
+
+
+def _request_id(body: dict[str, Any]) -> str:
+    found = body.get("request_id")
+    if not isinstance(found, str) or not is_entry_id(found):
+        raise NotTheApi("no request id")
+    return found
+
+
+def _event(data: object) -> Event:
+    """The event of an answer, checked to have the API's shape."""
+    if not isinstance(data, dict):
+        raise NotTheApi("an event that is not an object")
+    texts = ["request_id", "action", "user_id", "status", "reason", "event_id"]
+    lists = [data.get(name, []) for name in ("books", "skipped")]
+    if (
+        any(not isinstance(data.get(name, ""), str) for name in texts)
+        or any(not isinstance(books, list) or not all(isinstance(book, str) for book in books) for books in lists)
+        or data.get("status") not in STATUSES
+        or not is_entry_id(str(data.get("request_id", "")))
+    ):
+        raise NotTheApi("an event of another shape than the API's")
+    return Event.from_json(data)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
