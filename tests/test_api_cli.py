@@ -204,6 +204,22 @@ async def test_redis_refusing_the_request_exits_6(
     assert one_line(result.stderr).startswith("error: Redis refused the request: ")
 
 
+@pytest.mark.parametrize("token", ["sécret", " padded", "padded ", "two words", "tab\tinside"])
+def test_an_operator_token_no_header_can_carry_is_refused_at_start(redis_url: str, namespace: str, token: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lending", "api", "--port", "0"],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace, LENDING_API_TOKEN=token),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert proc.returncode == 2, proc
+    assert "LENDING_API_TOKEN must be printable ASCII without spaces" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_the_api_refuses_to_start_without_redis(namespace: str) -> None:
     proc = run_python(f"redis://127.0.0.1:{free_port()}", namespace, "-m", "lending", "api", "--port", "0")
     assert proc.returncode == 1 and one_line(proc.stderr).startswith("error: cannot reach Redis"), proc

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from lending.errors import ConfigError
 from lending.keys import namespace_problem
 from lending.settings import DEFAULT_REDIS_URL, Tls
+
+#: An operator token: visible ASCII, as an ``Authorization: Bearer`` header carries it.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 #: HTTP connections served at once by default, when the open-file limit allows.
 DEFAULT_MAX_CLIENTS = 10_000
@@ -95,6 +99,10 @@ class ApiSettings:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if self.max_clients is not None and self.max_clients < 1:
             problems.append("max-clients must be at least 1")
+        if self.token is not None and not _TOKEN.fullmatch(self.token):
+            # Anything else could never be presented as it was set: a header carries
+            # Latin-1, and the spaces around a value are not part of it.
+            problems.append("LENDING_API_TOKEN must be printable ASCII without spaces (it is sent in an HTTP header)")
         if problems:
             raise ConfigError("; ".join(problems))
 
