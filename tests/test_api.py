@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gzip
 import json
 import resource
 import signal
@@ -175,15 +176,31 @@ async def test_a_poll_with_wait_gets_the_outcome_when_a_worker_comes(live: LiveA
     assert outcome.status_code == 200 and outcome.json()["status"] == "accepted", outcome.text
 
 
-@pytest.mark.parametrize("wait", ["0", "-1", "30.5", "abc", "nan", "inf", ""])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "wait=0",
+        "wait=-1",
+        "wait=30.5",
+        "wait=abc",
+        "wait=nan",
+        "wait=inf",
+        "wait=",
+        "wait",
+        "wait=5&wait=abc",
+        "w%61it=x",
+    ],
+)
 async def test_a_wait_out_of_range_is_422_and_queues_nothing(
-    live: LiveApi, redis: Redis, keys: Keys, wait: str
+    live: LiveApi, redis: Redis, keys: Keys, query: str
 ) -> None:
-    response = await live.http.post(f"/v1/lends?wait={wait}", json={"user_id": "ada", "book_ids": ["b1"]})
+    response = await live.http.post(f"/v1/lends?{query}", json={"user_id": "ada", "book_ids": ["b1"]})
 
     body = problem(response, 422, "invalid-parameter")
     assert "wait" in body["detail"]
     assert await queued_count(redis, keys) == 0
+    # Read as the request's location reads it.
+    problem(await live.http.get(f"/v1/requests/lend/1-0?{query}"), 422, "invalid-parameter")
 
 
 # -- bad input: 4xx problems, never a 500, nothing queued ----------------------------------
@@ -278,7 +295,8 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_the_connection_cl
     status, headers, body = await raw_exchange(live, raw)
 
     assert status == "HTTP/1.1 400 Bad Request"
-    assert "not valid HTTP/1.1" in str(closing_problem(headers, body, 400, "malformed-http")["detail"])
+    detail = str(closing_problem(headers, body, 400, "malformed-http")["detail"])
+    assert detail.startswith("the request is not valid HTTP/1.1: ") and "Invalid HTTP request received" not in detail
     assert await queued_count(redis, keys) == 0
     # The server goes on serving.
     assert (await live.http.get("/v1/books/b1")).status_code == 200
@@ -617,6 +635,44 @@ async def test_a_key_reused_for_another_request_is_422(live: LiveApi, redis: Red
     assert await queued_count(redis, keys) == 1
 
 
+@pytest.mark.parametrize("coding", ["gzip", "identity, gzip", "br"])
+async def test_a_compressed_body_is_415_and_queues_nothing(
+    live: LiveApi, redis: Redis, keys: Keys, coding: str
+) -> None:
+    body = gzip.compress(b'{"user_id": "ada", "book_ids": ["b1"]}')
+
+    response = await live.http.post("/v1/lends", content=body, headers={"Content-Encoding": coding})
+
+    assert coding in problem(response, 415, "unsupported-encoding")["detail"]
+    assert await queued_count(redis, keys) == 0
+
+
+async def test_a_body_in_a_transfer_coding_other_than_chunked_is_415(live: LiveApi, redis: Redis, keys: Keys) -> None:
+    body = b'{"user_id": "ada", "book_ids": ["b1"]}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    head = b"POST /v1/lends HTTP/1.1\r\nHost: api\r\nConnection: close\r\nTransfer-Encoding: %s\r\n\r\n"
+
+    status, _, answer = await raw_exchange(live, head % b"gzip, chunked" + chunked)
+    assert status == "HTTP/1.1 415 Unsupported Media Type" and b"unsupported-encoding" in answer
+    assert await queued_count(redis, keys) == 0
+    # Plain chunks, and an identity Content-Encoding, are read.
+    assert (await raw_exchange(live, head % b"chunked" + chunked))[0] == "HTTP/1.1 202 Accepted"
+    identity = await live.http.post("/v1/lends", content=body, headers={"Content-Encoding": "identity"})
+    assert identity.status_code == 202
+
+
+async def test_an_idempotency_key_given_twice_is_400(live: LiveApi, redis: Redis, keys: Keys) -> None:
+    response = await live.http.post(
+        "/v1/lends",
+        json={"user_id": "ada", "book_ids": ["b1"]},
+        headers=[("Idempotency-Key", "first"), ("Idempotency-Key", "second")],
+    )
+
+    assert "more than once" in problem(response, 400, "invalid-idempotency-key")["detail"]
+    assert await queued_count(redis, keys) == 0
+    assert await redis.exists(keys.idempotency("first"), keys.idempotency("second")) == 0
+
+
 @pytest.mark.parametrize("key", [b"has space", b"x" * 256, "ünïcode".encode()])
 async def test_an_unusable_idempotency_key_is_400(live: LiveApi, redis: Redis, keys: Keys, key: bytes) -> None:
     response = await live.http.post(
@@ -934,4 +990,5 @@ async def test_a_signal_answers_the_waiters_at_once(api_settings: ApiSettings, r
         live.server.handle_sig(signal.SIGTERM)
         response = await asyncio.wait_for(waiting, 5)
 
-    problem(response, 504, "outcome-timeout")
+    detail = problem(response, 504, "outcome-timeout")["detail"]
+    assert detail.startswith("the API is shutting down; the request stays queued"), detail

@@ -50,10 +50,10 @@ def outcome_response(action: str, request_id: str, state: RequestState, wait_s: 
             event=state.as_json(),
         )
     if isinstance(state, Pending):
+        why = "the API is shutting down" if state.shutting_down else f"no outcome within {wait_s:g} s"
         raise Problem(
             p.OUTCOME_TIMEOUT,
-            f"no outcome within {wait_s:g} s; the request stays queued and is processed when a worker runs: "
-            f"poll GET {where}",
+            f"{why}; the request stays queued and is processed when a worker runs: poll GET {where}",
             instance=where,
             headers={"Location": where},
             request_id=request_id,

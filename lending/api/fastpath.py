@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,25 +36,26 @@ log = structlog.get_logger(__name__)
 
 
 def wait_param(query_string: bytes, max_wait_s: float) -> float | None:
-    """``?wait=`` in seconds, ``None`` without one.
+    """``?wait=`` in seconds, ``None`` without one; read as FastAPI reads the query of the
+    other endpoints (``GET /v1/requests/...``): given twice, the last one counts, and
+    ``?wait`` without a value is an empty one.
 
     :raises Problem: not a number, or not within 0 < wait <= ``max_wait_s`` (422).
     """
-    if b"wait=" not in query_string:
+    if b"wait" not in query_string and b"%" not in query_string:
         return None
-    for part in query_string.split(b"&"):
-        name, _, value = part.partition(b"=")
-        if name != b"wait":
-            continue
-        text = unquote_plus(value.decode("latin-1"))
-        try:
-            wait = float(text)
-        except ValueError:
-            raise Problem(p.INVALID_PARAMETER, f"query parameter wait: {text[:40]!r} is not a number") from None
-        if not (0 < wait <= max_wait_s) or math.isnan(wait):
-            raise Problem(p.INVALID_PARAMETER, f"query parameter wait: must be more than 0 and at most {max_wait_s:g}")
-        return wait
-    return None
+    query = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    values = [value for name, value in query if name == "wait"]
+    if not values:
+        return None
+    text = values[-1]
+    try:
+        wait = float(text)
+    except ValueError:
+        raise Problem(p.INVALID_PARAMETER, f"query parameter wait: {text[:40]!r} is not a number") from None
+    if not (0 < wait <= max_wait_s) or math.isnan(wait):
+        raise Problem(p.INVALID_PARAMETER, f"query parameter wait: must be more than 0 and at most {max_wait_s:g}")
+    return wait
 
 
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -62,6 +63,23 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     for key, value in headers:
         if key == name:
             return value.decode("latin-1")
+    return None
+
+
+#: The codings a body may be sent with, by header: none but these.
+READABLE_CODINGS = {b"content-encoding": {"identity"}, b"transfer-encoding": {"chunked"}}
+
+
+def unsupported_coding(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """``Content-Encoding: gzip`` (say) when the body is sent with a coding the API does
+    not read; ``None`` when it comes as it is (or merely chunked)."""
+    for name, value in headers:
+        readable = READABLE_CODINGS.get(name)
+        if readable is None:
+            continue
+        codings = {coding.strip().lower() for coding in value.decode("latin-1").split(",")} - {""}
+        if codings - readable:
+            return f"{name.decode().title()}: {value.decode('latin-1')[:60]}"
     return None
 
 
@@ -98,6 +116,10 @@ async def submission(api: Api, action: str, scope: Scope, receive: Receive) -> R
     key = header(headers, b"idempotency-key")
     if key is not None and (problem := idempotency_key_problem(key)):
         raise Problem(p.INVALID_IDEMPOTENCY_KEY, problem)
+    if key is not None and sum(name == b"idempotency-key" for name, _value in headers) > 1:
+        raise Problem(p.INVALID_IDEMPOTENCY_KEY, "the Idempotency-Key header is given more than once")
+    if coding := unsupported_coding(headers):
+        raise Problem(p.UNSUPPORTED_ENCODING, f"the body is sent with {coding}: send it as plain JSON")
     body = await receive_body(receive, headers, api.settings.max_body_bytes)
     try:
         request = parse_body(action, body, api.limits.max_books_per_request)

@@ -104,6 +104,13 @@ IDEMPOTENCY_KEY_REUSED = _kind(
     "Nothing was queued: use a new key for a new request.",
 )
 BODY_TOO_LARGE = _kind("body-too-large", 413, "Body too large", "The body is over 64 KiB. Nothing was queued.")
+UNSUPPORTED_ENCODING = _kind(
+    "unsupported-encoding",
+    415,
+    "Unsupported encoding",
+    "The body is sent compressed or otherwise encoded (a Content-Encoding other than identity, a "
+    "Transfer-Encoding other than chunked); the API reads plain JSON. Nothing was queued.",
+)
 DENIED = _kind(
     "denied",
     409,
@@ -211,6 +218,7 @@ PROBLEMS: dict[str, ProblemType] = {
         INVALID_IDEMPOTENCY_KEY,
         IDEMPOTENCY_KEY_REUSED,
         BODY_TOO_LARGE,
+        UNSUPPORTED_ENCODING,
         DENIED,
         REJECTED,
         REQUEST_FAILED,

@@ -34,9 +34,11 @@ what came whole, then closes; a request cut off by the half-close is not acted o
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from lending.api import problems as p
@@ -229,8 +231,11 @@ class ApiHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large():  # the parser gave up on it
             self._refuse_head()
-        else:
-            self._refuse(p.MALFORMED_HTTP, b"400 Bad Request", f"the request is not valid HTTP/1.1: {msg}")
+            return
+        # Called while uvicorn handles the parser's error, which names what is wrong.
+        error = sys.exception()
+        reason = str(error) if isinstance(error, httptools.HttpParserError) and str(error) else msg
+        self._refuse(p.MALFORMED_HTTP, b"400 Bad Request", f"the request is not valid HTTP/1.1: {reason}")
 
     def _head_too_large(self) -> bool:
         return self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES

@@ -27,7 +27,12 @@ ON_THE_SHELVES = "on the shelves"
 
 @dataclass(frozen=True)
 class Pending:
-    """The request is in its stream without an outcome: queued, or being processed."""
+    """The request is in its stream without an outcome: queued, or being processed.
+
+    :param shutting_down: a wait for its outcome was cut short: the API is stopping.
+    """
+
+    shutting_down: bool = False
 
 
 @dataclass(frozen=True)

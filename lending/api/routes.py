@@ -62,6 +62,7 @@ def public_routes(api: Api) -> APIRouter:
             p.INVALID_IDEMPOTENCY_KEY,
             p.DENIED,
             p.BODY_TOO_LARGE,
+            p.UNSUPPORTED_ENCODING,
             p.INVALID_REQUEST,
             p.IDEMPOTENCY_KEY_REUSED,
             p.REJECTED,

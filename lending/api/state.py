@@ -171,4 +171,4 @@ class Api:
                     event = await future
             except TimeoutError:
                 return Pending()
-            return Pending() if event is None else event
+            return Pending(shutting_down=True) if event is None else event  # None: released
