@@ -188,6 +188,22 @@ async def test_a_last_event_id_at_the_end_of_a_millisecond_resumes_after_it(
         assert missed.id == written
 
 
+async def test_a_last_event_id_beyond_every_event_resumes_from_the_newest(
+    live: LiveApi, redis: Redis, keys: Keys
+) -> None:
+    """An id no event has reached (made up, or from before Redis lost its data) skipped
+    every live event until one passed it: for ever, for one far in the future."""
+    written = decoded(await redis.xadd(keys.events, xadd_fields(_event(5).fields())))
+    await wait_until(lambda: live.api.tail.position == written)
+
+    async with events(live, **{"Last-Event-ID": "18446744073709551615-18446744073709551615"}) as stream:
+        await subscribed(live)
+        later = decoded(await redis.xadd(keys.events, xadd_fields(_event(6).fields())))
+        (frame,) = await stream.outcomes(1)
+
+    assert frame.id == later
+
+
 async def test_resuming_while_redis_is_away_is_503(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), persistent=False)
     server.start()

@@ -22,6 +22,7 @@ from lending.api.tail import EventTail, Subscription
 from lending.domain.events import Event
 from lending.domain.streamids import id_key
 from lending.keys import Keys
+from lending.redis.replies import text
 
 MEDIA_TYPE = "text/event-stream"
 #: Tells the client's EventSource how long to wait before reconnecting (ms).
@@ -68,6 +69,8 @@ async def outcome_stream(
     # the stream; the later ones come through the subscription.
     until = tail.position
     try:
+        if last_event_id is not None and id_key(last_event_id) > id_key(until):
+            last_event_id = await _within_stream(client, keys, last_event_id)
         missed = await _missed(client, keys, last_event_id, until)
     except BaseException:
         subscription.close()
@@ -90,6 +93,17 @@ class EventStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._subscription.close()
+
+
+async def _within_stream(client: Redis, keys: Keys, last_event_id: str) -> str:
+    """``last_event_id``, or the stream's last event when it is beyond it. An id that no
+    event of the stream has reached (made up, or from before Redis lost its data) would
+    have every later event skipped until some event passed it: for ever, for one far in
+    the future. (One ahead of this process's tail alone, seen through another process,
+    is kept: the events up to it are skipped here too.)"""
+    last = await client.xrevrange(keys.events, count=1)
+    newest = text(last[0][0]) if last else "0-0"
+    return newest if id_key(last_event_id) > id_key(newest) else last_event_id
 
 
 async def _missed(client: Redis, keys: Keys, after: str | None, until: str) -> list[Event]:
