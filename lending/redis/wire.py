@@ -1,8 +1,8 @@
-"""How commands go on the wire: packed by hiredis, in C, sent without a task each, and
-on the hot path sent together and read under one deadline.
+"""How commands go on the wire: packed by hiredis in C, sent without a task each, and on
+the hot path several in one write, their replies read under one deadline.
 
-redis-py's asyncio client spends more CPU on a command than on its Redis call itself,
-and two of its costs buy nothing here:
+redis-py's asyncio client spends more CPU on a command than Redis spends running it, and
+three of its costs buy nothing here:
 
 - **Packing.** Its synchronous client packs commands with ``hiredis.pack_command`` when
   hiredis is installed; its asyncio client packs them in Python, one argument at a time:
@@ -13,15 +13,15 @@ and two of its costs buy nothing here:
   wait when the transport holds more than its high-water mark (64 KiB) unsent. On a
   connection whose replies have all been read, everything sent before has reached Redis,
   so a command under 64 KiB goes to the transport's buffer and on, and never waits: it is
-  sent without the timeout. Longer commands keep it, and so does the reply's read, which
-  is what notices a Redis that stopped answering.
+  sent without the timeout. Longer commands keep it.
+- **A timeout per reply.** Each reply is read under an ``asyncio.timeout`` of its own.
 
-The connection classes here change those two things; everything else is redis-py's.
-
-- **A deadline per reply.** Each reply is read under its own ``asyncio.timeout`` (the
-  socket timeout). ``exchange`` sends several commands in one write on a connection it
-  holds and reads their replies under one deadline: the batch transaction's round trips,
-  the API's batched submissions, a script call.
+The connection classes here (``LeanConnection`` and its TLS and Unix socket siblings)
+answer the first two and leave everything else to redis-py, the reply's timeout too,
+which is what notices a Redis that stopped answering. ``exchange`` answers the third:
+it sends several commands in one write on a connection it holds, and reads their
+replies under one deadline. The batch transaction's round trips, the API's batched
+submissions and every script call go through it.
 """
 
 from __future__ import annotations
