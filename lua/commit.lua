@@ -15,7 +15,8 @@
 -- ARGV[4], ARGV[5]  lowest and highest lend entry id of the batch ('' if none)
 -- ARGV[6], ARGV[7]  lowest and highest return entry id of the batch ('' if none)
 -- ARGV[8]  N; ARGV[9..8+N] the limits this worker decided under, field/value pairs
--- ARGV[9+N..] one record per entry: its kind, then its event's seven values (request_id,
+-- ARGV[9+N]  M; then M pairs: a count key index and the count the batch was decided under
+-- then one record per entry: its kind, then its event's seven values (request_id,
 --          action, user_id, status, books, skipped, reason), then by kind:
 --   'X' rejected: nothing more
 --   'L' lend:     count key index, user books key index, reservation key index, S, S
@@ -31,7 +32,10 @@
 -- or misses one (theirs ''): nothing is written. A worker that stalled while the others
 -- were restarted with new limits must not commit what it decided under its old ones;
 -- its heartbeat finds out whether it must stop. Returns -1 when a lend's reservation is
--- not what the caller decided on: nothing is written, decide again. Else one code per
+-- not what the caller decided on, or a user's count not the one it read: nothing is
+-- written, decide again. (WATCH guards the counts already. Checked here as well, a
+-- limit holds even for a commit Redis ran without its MULTI: refused, for an ACL
+-- changed under a running worker, MULTI leaves the script to run on its own.) Else one code per
 -- record: 1 committed here, 0 not (the entry is pending on another consumer, or
 -- finished): then nothing is written for it, and shelving grants it holds stay in the
 -- ledger for the reconciliation (reconcile.lua).
@@ -89,9 +93,17 @@ for k = 9, 8 + compared, 2 do
   if not theirs or tonumber(theirs) ~= tonumber(ARGV[k + 1]) then return {-2, ARGV[k], theirs or '', ARGV[k + 1]} end
 end
 
+-- The counts the batch was decided under.
+local i = 9 + limits
+local counts = {}
+for _ = 1, tonumber(ARGV[i]) do
+  counts[#counts + 1] = {KEYS[9 + tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])}
+  i = i + 2
+end
+i = i + 1
+
 -- Parse the records.
 local records = {}
-local i = 9 + limits
 local function take()
   i = i + 1
   return ARGV[i - 1]
@@ -119,6 +131,12 @@ while i <= #ARGV do
     r.loans = KEYS[9 + tonumber(take())]
   end
   records[#records + 1] = r
+end
+
+-- Are the counts what was decided on? (One that is not a count fails below.)
+for _, read in ipairs(counts) do
+  local found = tonumber(redis.call('GET', read[1]) or '0')
+  if found and found ~= read[2] then return -1 end
 end
 
 -- Which entries are still mine, and are the lends' reservations what was decided on?

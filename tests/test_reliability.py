@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError
 
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.redis.connection import make_client
@@ -24,6 +25,7 @@ from lending.settings import Settings
 from lending.worker import Worker
 
 from .conftest import StartWorker
+from .lua.conftest import pending_on
 from .support import (
     all_events,
     decoded,
@@ -238,6 +240,43 @@ async def test_a_count_changed_after_it_was_read_makes_the_batch_decide_again(
     assert await hash_of(redis, keys.lent_books) == {"b2": "ada"}
     assert await members(redis, keys.storage) == {"b1"}  # A's grant, given back
     await assert_consistent(redis, keys, settings)
+
+
+async def test_a_commit_redis_runs_without_its_multi_still_keeps_the_limit(
+    redis: Redis, keys: Keys, settings: Settings, redis_url: str
+) -> None:
+    """An ACL changed under a running worker takes MULTI away: Redis refuses MULTI, runs
+    the commit script on its own, unwatched, and refuses EXEC. The script checks the
+    counts it was decided under itself: A's lend does not go over ada's limit, and the
+    batch is a refusal (its entry waits, uncharged, for the ACL to be fixed)."""
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    settings = settings.replace(max_books_per_user=1)
+    user = f"commits-{settings.namespace}"
+    await redis.acl_setuser(user, enabled=True, reset=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
+    a_client = make_client(redis_url.replace("redis://", f"redis://{user}:pw@"))
+    try:
+        first = await send(redis, keys, "lend", "ada", ["b1"])
+        second = await send(redis, keys, "lend", "ada", ["b2"])
+        _, gate, live = services(redis, settings)
+        scripts = Scripts()
+        await scripts.load(redis)
+        paused = LendingService(a_client, settings.replace(worker_id="A"), scripts, gate)
+
+        stalled = asyncio.create_task(process_one(paused, await deliver(redis, keys, "A", first, claim=False)))
+        await gate.reached.wait()  # A has read ada's count: 0
+        event = await process_one(live, await deliver(redis, keys, "B", second, claim=False))
+        assert event is not None and event.status == "accepted"
+        await redis.acl_setuser(user, enabled=True, commands=["-multi"])
+
+        gate.gate.set()
+        with pytest.raises(NoPermissionError):
+            await stalled
+        assert await redis.get(keys.user_count("ada")) == b"1", "A's lend went over the limit"
+        assert await hash_of(redis, keys.lent_books) == {"b2": "ada"}
+        assert await pending_on(redis, keys.lend_requests, first) == "A"  # waits, uncharged
+    finally:
+        await a_client.aclose()
+        await redis.acl_deluser(user)
 
 
 # -- poison entries ----------------------------------------------------------------

@@ -94,11 +94,17 @@ def fixed_keys(keys: Keys) -> list[str]:
 
 
 def encode_commit(
-    keys: Keys, group: str, consumer: str, limits: Limits, records: Sequence[Record]
+    keys: Keys,
+    group: str,
+    consumer: str,
+    limits: Limits,
+    records: Sequence[Record],
+    counts: Mapping[str, int] | None = None,
 ) -> tuple[list[str], list[Arg]]:
     """``commit.lua``'s KEYS and ARGV for ``records``, in the order they are applied,
     decided under ``limits`` (the script checks them against the namespace's, and gives
-    back to storage up to their capacity)."""
+    back to storage up to their capacity) and under ``counts``, each user's count as
+    read (the script checks those of the users it changes; ``None``: no check)."""
     all_keys = fixed_keys(keys)
     index: dict[str, int] = {}
 
@@ -132,6 +138,10 @@ def encode_commit(
                 key_index(keys.user_count(event.user_id)),
                 key_index(keys.user_books(event.user_id)),
             ]
+    checks: list[Arg] = []
+    if counts is not None:
+        for user in dict.fromkeys(r.event.user_id for r in records if not isinstance(r, Reject)):
+            checks += [key_index(keys.user_count(user)), counts.get(user, 0)]
     lend_ids = [r.event.request_id for r in records if r.event.action == LEND]
     return_ids = [r.event.request_id for r in records if r.event.action != LEND]
     flat_limits = [item for pair in limits.fields().items() for item in pair]
@@ -143,6 +153,8 @@ def encode_commit(
         *id_range(return_ids),
         len(flat_limits),
         *flat_limits,
+        len(checks) // 2,
+        *checks,
         *body,
     ]
     return all_keys, args

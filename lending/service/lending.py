@@ -231,7 +231,8 @@ class LendingService:
         """Every entry's outcome (``policy.decide_batch``), and commit.lua's KEYS and ARGV."""
         reserved = {lend.request_id: (lend.stored, lend.granted_only) for lend in lends}
         records = decide_batch(parsed, reserved, counts, holders, self._settings.max_books_per_user)
-        keys, args = encode_commit(self._keys, LENDING_GROUP, self._settings.worker_id, self._settings.limits, records)
+        settings = self._settings
+        keys, args = encode_commit(self._keys, LENDING_GROUP, settings.worker_id, settings.limits, records, counts)
         return records, keys, args
 
     # -- reserving -------------------------------------------------------------------

@@ -100,12 +100,15 @@ async def commit(
     consumer: str = "c1",
     capacity: int = 20,
     published: bool = False,
+    counts: dict[str, int] | None = None,
 ) -> Any:
     """Run commit.lua for ``records`` as the consumer would, its limits published first
-    (unless the test ``published`` {NS}:config itself)."""
+    (unless the test ``published`` {NS}:config itself); decided under ``counts`` (each
+    user's count as read), when given."""
     if not published:
         await publish(redis, keys, capacity)
-    call_keys, args = encode_commit(keys, LENDING_GROUP, consumer, Limits(storage_capacity=capacity), records)
+    limits = Limits(storage_capacity=capacity)
+    call_keys, args = encode_commit(keys, LENDING_GROUP, consumer, limits, records, counts)
     return await scripts.commit(redis, call_keys, args)
 
 
@@ -228,6 +231,41 @@ async def test_commit_refuses_when_a_reservation_differs(
 
     await assert_unchanged(redis, keys, before)
     assert await is_pending(redis, keys.lend_requests, entry)
+
+
+@pytest.mark.parametrize("now", [None, 3, 5])
+async def test_commit_refuses_when_a_count_changed_since_it_was_read(
+    redis: Redis, keys: Keys, scripts: Scripts, now: int | None
+) -> None:
+    """WATCH guards the counts; the script checks them as well, for a commit Redis runs
+    without its MULTI (refused: an ACL changed under a running worker)."""
+    entry = await pending_entry(redis, keys.lend_requests)
+    other = await pending_entry(redis, keys.return_requests)
+    await redis.sadd(keys.reservation(entry), "b1")
+    await redis.hset(keys.lent_books, "r1", "bob")
+    await redis.set(keys.user_count("bob"), 1)
+    if now is not None:
+        await redis.set(keys.user_count("ada"), now)  # read as 4: changed since
+    await publish(redis, keys, 20)
+    before = await snapshot(redis, keys)
+    records: list[Record] = [accepted(entry, stored=["b1"]), returned(other, "bob", books=["r1"])]
+
+    assert await commit(redis, scripts, keys, *records, published=True, counts={"ada": 4, "bob": 1}) == -1
+
+    await assert_unchanged(redis, keys, before)
+    assert await is_pending(redis, keys.lend_requests, entry)
+
+
+async def test_commit_goes_through_when_the_counts_are_the_ones_read(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    entry = await pending_entry(redis, keys.lend_requests)
+    await redis.sadd(keys.reservation(entry), "b1")
+    await redis.set(keys.user_count("ada"), 4)
+
+    # A user without a count reads as 0, as the service reads one.
+    assert await commit(redis, scripts, keys, accepted(entry, stored=["b1"]), counts={"ada": 4, "bob": 0}) == [1]
+    assert await redis.get(keys.user_count("ada")) == b"5"
 
 
 async def test_commit_minus_one_leaves_everything_untouched(redis: Redis, keys: Keys, scripts: Scripts) -> None:
