@@ -54,7 +54,7 @@ class Transaction:
         self._connection = None
         try:
             if self._watching and exc_type is asyncio.CancelledError:
-                await connection.disconnect()
+                await connection.disconnect(nowait=True)  # a cancelled task waits for nothing
             elif self._watching and connection.is_connected:
                 await self._unwatch(connection)
         finally:
@@ -111,7 +111,7 @@ class Transaction:
             await connection.send_command("UNWATCH")
             await connection.read_response()
         except BaseException as exc:
-            await connection.disconnect()
+            await connection.disconnect(nowait=True)
             if not isinstance(exc, Exception):  # a cancellation goes on
                 raise
 
