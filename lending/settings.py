@@ -19,12 +19,16 @@ MIN_CLAIM_IDLE_MS = 100
 MAX_DURATION_MS = 86_400_000
 #: Counts Redis takes (MAXLEN, COUNT) are signed 64-bit.
 MAX_REDIS_COUNT = 2**63 - 1
+#: The most books one request may name: the scripts hand a request's books to one Redis
+#: command (Lua's ``unpack`` takes at most about 8,000 values, some commands twice as
+#: many), and a batch holds at most 1,000 books (``service.lending.MAX_BATCH_BOOKS``).
+MAX_BOOKS_PER_REQUEST = 1_000
 #: The bounds of the whole-number settings, both included: ``Settings`` checks them (the
 #: one place), and ``--help`` shows them.
 COUNT_BOUNDS = {
     "storage_capacity": (0, MAX_REDIS_COUNT),
     "max_books_per_user": (1, MAX_REDIS_COUNT),
-    "max_books_per_request": (1, MAX_REDIS_COUNT),
+    "max_books_per_request": (1, MAX_BOOKS_PER_REQUEST),
     "claim_idle_ms": (MIN_CLAIM_IDLE_MS, MAX_DURATION_MS),
     "max_deliveries": (1, MAX_REDIS_COUNT),
     "retry_base_ms": (1, MAX_DURATION_MS),
@@ -38,6 +42,8 @@ COUNT_BOUNDS = {
 }
 #: Why a least bound is what it is, where that is not plain.
 WHY_LEAST = {"claim_idle_ms": " (a worker renews the entries it holds every third of it)"}
+#: Why a greatest bound is what it is, where that is not plain.
+WHY_MOST = {"max_books_per_request": " (a request's books go to Redis in one command)"}
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ class Settings:
             if value < least:
                 out.append(f"{option} must be at least {least}{WHY_LEAST.get(name, '')}")
             elif value > most:
-                out.append(f"{option} must be at most {most}")
+                out.append(f"{option} must be at most {most}{WHY_MOST.get(name, '')}")
         if self.liveness_timeout_s <= 0:
             out.append("the liveness timeout must be positive")
         if self.trim_interval_s <= 0:

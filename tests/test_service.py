@@ -6,17 +6,19 @@ import asyncio
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
+import pytest
 from redis.asyncio import Redis
 
 from lending.domain.events import Event
 from lending.domain.policy import NOTHING_AVAILABLE
+from lending.errors import ConfigError
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.redis.consumer import Delivery, ensure_group
 from lending.redis.scripts import Scripts
 from lending.service.lending import LendingService
 from lending.service.shelving import Grant
 from lending.service.shelving_mock import ShelvingService
-from lending.settings import Settings
+from lending.settings import MAX_BOOKS_PER_REQUEST, Settings
 
 from .conftest import StartWorker
 from .support import (
@@ -440,6 +442,24 @@ async def test_max_books_per_request(redis: Redis, keys: Keys, start_worker: Sta
 
     assert await lent_books(redis, keys) == dict.fromkeys(["m1", "m2", "m3"], "ada")
     assert await count(redis, keys, "ada") == 3
+
+
+async def test_a_request_of_the_most_books_allowed_is_answered(
+    redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    """The greatest --max-books-per-request (1,000): every script takes a request that
+    big (past some thousands, Lua's unpack refused, and the entry was never answered);
+    a greater one is refused at start."""
+    most = MAX_BOOKS_PER_REQUEST
+    await start_worker(max_books_per_request=most, max_books_per_user=most, storage_capacity=most)
+    books = [f"big-{n}" for n in range(most)]
+
+    lent = await lend(redis, keys, "ada", *books)
+    assert (lent.status, len(lent.books)) == ("accepted", most)
+    returned = await give_back(redis, keys, "ada", *books)
+    assert (returned.status, len(returned.books)) == ("returned", most)
+    with pytest.raises(ConfigError, match="at most 1000"):
+        Settings(max_books_per_request=most + 1)
 
 
 async def test_a_ten_thousand_book_request_is_rejected_with_the_count(
