@@ -49,6 +49,21 @@ class WorkerIdTaken(LendingError):
         self.key = key
 
 
+class KeyOfWrongType(LendingError):
+    """A key of the namespace holds another type than the service keeps in it."""
+
+    def __init__(self, key: str, found: str, kind: str) -> None:
+        super().__init__(f"{key} holds a {found}, not a {kind}: move it away or delete it")
+        self.key = key
+
+
+class StartRefused(LendingError):
+    """Redis refused what a worker does at start; the worker stops (its id released)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cannot start: {reason}")
+
+
 class Contention(LendingError):
     """A request could not be committed after repeated conflicts with concurrent work."""
 

@@ -14,11 +14,12 @@ from functools import partial
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from lending import __version__
 from lending.domain.backoff import retry_backoff_s
 from lending.domain.events import Event
-from lending.errors import LimitsChanged, StaleLimits
+from lending.errors import LimitsChanged, StaleLimits, StartRefused
 from lending.interrupts import stop_signals
 from lending.keys import LENDING_GROUP, SHELVING_GROUP, Keys
 from lending.logs import announce
@@ -197,17 +198,26 @@ class Worker:
         id, load the scripts, create the groups (before "Ready": XPENDING and XINFO work
         from then on). While Redis is out of memory this waits, as the consumers do,
         rather than fail."""
+        claimed = False
         for attempt in range(1, 1_000_000):
             try:
                 async with Transaction(self._client) as tx:  # before the claim: a refusal stops us
                     await tx.probe(self.keys.config)
                 await self.worker_id.claim(self.settings.limits, force=self.settings.force)
+                claimed = True
                 await self._scripts.load(self._client)
                 for consumer in self.consumers:
                     await consumer.ensure_groups()
                 return
             except Exception as exc:
                 if not is_out_of_memory(exc):
+                    if claimed:  # not held for a worker that never ran
+                        await self._release_id()
+                    if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):
+                        raise StartRefused(
+                            f"a key of namespace {self.settings.namespace!r} holds another type than the service "
+                            f"keeps in it ({exc}); python -m lending check names it"
+                        ) from exc
                     raise
                 if attempt == 1:
                     log.warning("Redis is out of memory: waiting for it to start", error=str(exc))

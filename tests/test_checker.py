@@ -650,12 +650,32 @@ async def replace_a_request_stream_with_a_string(redis: Redis, keys: Keys) -> st
     return keys.return_requests
 
 
+async def replace_the_workers_set_with_a_string(redis: Redis, keys: Keys) -> str:
+    await redis.delete(keys.workers)
+    await redis.set(keys.workers, "gone")  # a worker no longer starts
+    return keys.workers
+
+
+async def replace_the_dead_letters_with_a_hash(redis: Redis, keys: Keys) -> str:
+    await redis.hset(keys.dead_letters, "x", "y")  # the dead-letter tools fail on it
+    return keys.dead_letters
+
+
+async def replace_the_config_with_a_list(redis: Redis, keys: Keys) -> str:
+    await redis.delete(keys.config)
+    await redis.rpush(keys.config, "5")
+    return keys.config
+
+
 CORRUPTIONS: dict[str, tuple[Corrupt, str]] = {
     "INCR a user's count": (incr_a_count, "count-matches-lent-books"),
     "a books set replaced by a list": (replace_a_books_set_with_a_list, "keys-of-their-type"),
     "lent-books replaced by a string": (replace_lent_books_with_a_string, "keys-of-their-type"),
     "a count replaced by a set": (replace_a_count_with_a_set, "keys-of-their-type"),
     "a request stream replaced by a string": (replace_a_request_stream_with_a_string, "keys-of-their-type"),
+    "the workers set replaced by a string": (replace_the_workers_set_with_a_string, "keys-of-their-type"),
+    "the dead letters replaced by a hash": (replace_the_dead_letters_with_a_hash, "keys-of-their-type"),
+    "the config replaced by a list": (replace_the_config_with_a_list, "keys-of-their-type"),
     "HDEL a lent book": (hdel_a_lent_book, "count-matches-lent-books"),
     "SET a negative count": (set_a_negative_count, "count-not-negative"),
     "lend beyond the limit": (lend_beyond_the_limit, "count-within-limit"),

@@ -35,6 +35,7 @@ from .support import (
     event_for,
     process_env,
     raw_entries,
+    run_command,
     run_get_books,
     run_python,
     send,
@@ -538,6 +539,29 @@ async def test_worker_redis_unreachable_exits_1_with_one_line(redis_url: str, na
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert url.rsplit(":", 1)[1] in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "make", "said"),
+    [
+        ("lend_requests", ("SET", "x"), "holds a string, not a stream"),
+        ("shelving_returns", ("RPUSH", "x"), "holds a list, not a stream"),
+        ("workers", ("SET", "x"), "holds another type than the service keeps in it"),
+    ],
+)
+async def test_a_key_of_the_wrong_type_stops_the_worker_at_start_with_one_line_and_its_id_free(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, key: str, make: tuple[str, str], said: str
+) -> None:
+    command, value = make
+    await run_command(redis, command, getattr(keys, key), value)
+
+    result = await asyncio.to_thread(run_python, redis_url, namespace, str(ROOT / "main.py"), "w1")
+
+    assert result.returncode == 1 and READY not in result.stdout, result
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert said in line and (key != "lend_requests" or keys.lend_requests in line), line
+    assert await redis.exists(keys.worker("w1")) == 0  # another worker may take the id at once
 
 
 # -- --help -----------------------------------------------------------------------

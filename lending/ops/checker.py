@@ -438,6 +438,17 @@ async def _scan_names(client: Redis, keys: Keys, kind: str) -> set[str]:
     }
 
 
+def _also_typed(keys: Keys) -> list[tuple[str, str]]:
+    """Keys the invariants do not read, with the type each must have: one of another
+    type stops a worker (``workers``, ``config``) or the dead-letter tools."""
+    return [
+        (keys.workers, "set"),
+        (keys.config, "hash"),
+        (keys.dead_letters, "stream"),
+        (keys.dead_letters_trimmed, "string"),
+    ]
+
+
 async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Snapshot:
     """Everything but the users' keys and the streams' entries, in one MULTI/EXEC."""
     consumed = keys.consumed()
@@ -451,6 +462,8 @@ async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Sn
         pipe.hgetall(keys.grants)
         pipe.get(keys.events_trimmed_to)
         pipe.llen(keys.inbox)
+        for key, _kind in _also_typed(keys):
+            pipe.type(key)
         for key in reservations:
             pipe.exists(key)
         for stream in streams:
@@ -469,6 +482,9 @@ async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Sn
     # Not an ID (a hand edit): as if no event were ever trimmed.
     snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None and is_id(text(trimmed_to)) else None
     snap.inbox = int(_typed(snap, keys.inbox, "list", next(replies), 0))
+    for key, kind in _also_typed(keys):
+        if text(next(replies)) not in ("none", kind):
+            snap.wrong_types[key] = kind
     snap.reservations = [key for key in reservations if _ok(next(replies))]
     infos = {stream: _stream_reply(snap, stream, next(replies)) for stream in streams}
     for action in ACTIONS:

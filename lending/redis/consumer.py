@@ -45,7 +45,7 @@ from structlog.contextvars import bound_contextvars
 
 from lending.domain.backoff import jittered, retry_backoff_s
 from lending.domain.streamids import id_key
-from lending.errors import Deferred
+from lending.errors import Deferred, KeyOfWrongType
 from lending.metrics import Metrics
 from lending.redis.inflight import InFlight
 from lending.redis.replies import (
@@ -116,6 +116,8 @@ async def ensure_group(client: Redis, stream: str, group: str) -> None:
     try:
         await client.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
+        if "WRONGTYPE" in str(exc):
+            raise KeyOfWrongType(stream, text(await client.type(stream)), "stream") from exc
         if "BUSYGROUP" not in str(exc):
             raise
 
