@@ -564,6 +564,33 @@ async def test_a_key_of_the_wrong_type_stops_the_worker_at_start_with_one_line_a
     assert await redis.exists(keys.worker("w1")) == 0  # another worker may take the id at once
 
 
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+async def test_a_worker_started_without_stdout_or_stderr_works_and_stops_cleanly(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, closed: str
+) -> None:
+    """Started with a standard stream closed (``>&-``), as some supervisors do: uvloop
+    aborted as soon as a socket took the number 1, and printing "Ready" raised."""
+    fd = 1 if closed == "stdout" else 2
+    worker = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "w1"],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        stdout=subprocess.DEVNULL if fd == 2 else None,
+        stderr=subprocess.PIPE if fd == 1 else None,
+        # Closed in the child before it runs Python: os.close on a copy of the number.
+        preexec_fn=lambda: os.close(fd),
+        text=True,
+    )
+    try:
+        await wait_until(lambda: redis.exists(keys.worker("w1")), timeout_s=15)
+        lent = await event_for(redis, keys, "lend", await send(redis, keys, "lend", "ada", ["b1"]))
+        assert lent.status == "accepted"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=15)
+    assert worker.returncode == 0, err
+
+
 # -- --help -----------------------------------------------------------------------
 
 WORKER_OPTIONS = [

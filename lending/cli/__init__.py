@@ -9,6 +9,7 @@ they share.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -65,6 +66,7 @@ def run(command: click.Command, prog_name: str) -> None:
     """Run ``command``; output that cannot be written (stdout full, or closed) ends it with
     one line on stderr and exit 1, not a traceback."""
     interrupts.restore()  # KeyboardInterrupt from here on, where the entry script quieted it
+    open_standard_streams()
     try:
         command.main(prog_name=prog_name)
     except OSError as exc:
@@ -73,6 +75,21 @@ def run(command: click.Command, prog_name: str) -> None:
         discard_stdout()
         click.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
         sys.exit(1)
+
+
+def open_standard_streams() -> None:
+    """A standard stream the process was started without (``>&-``) is opened on
+    /dev/null, as a daemon's are: what is written to it is dropped, and no socket gets
+    its number (uvloop aborts on one numbered 0 to 2, and a stray print would go to it)."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False, encoding="utf-8"))  # noqa: SIM115
 
 
 def in_echo(exc: BaseException) -> bool:
