@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from lending.keys import Keys
+from lending.redis.embedded import free_port
 from lending.redis.urls import url_problem
 from simulator.cli import NumberList
 
@@ -138,6 +139,13 @@ async def test_get_books_refuses_an_unusable_timeout_or_api_url_and_queues_nothi
 
     assert said in usage_error(result, option)
     assert await redis.xlen(keys.lend_requests) == 0
+
+
+@pytest.mark.parametrize("folder", ["", " "])
+def test_an_empty_data_dir_is_a_usage_error_not_the_current_folder(folder: str, namespace: str) -> None:
+    result = run(["main.py", "w1", "--data-dir", folder], f"redis://127.0.0.1:{free_port()}", namespace)
+
+    assert "must name a folder" in usage_error(result, "--data-dir")
 
 
 def test_a_number_that_is_not_finite_is_a_usage_error(redis_url: str, namespace: str) -> None:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import click
@@ -79,6 +80,18 @@ def check_host(_ctx: click.Context, _param: click.Parameter, host: str | None) -
     if host and (problem := host_problem(host)):
         raise click.BadParameter(problem)
     return host
+
+
+class FolderPath(click.Path):
+    """A folder's path; an empty one, which would quietly be the current folder, is refused."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must name a folder (an empty path would be the current one)", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def setting_option(*param_decls: str, **attrs: Any) -> Callable[[F], F]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -15,6 +14,7 @@ from lending.cli.options import (
     CommandError,
     F,
     FiniteFloatRange,
+    FolderPath,
     Target,
     check_host,
     connection_options,
@@ -66,7 +66,7 @@ def count_options(command: F) -> F:
 )
 @setting_option(
     "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=FolderPath(),
     help="Data folder of the embedded redis-server (used when no Redis is configured).",
 )
 # Hidden: tests try the embedded default on a free port instead of 6379.
