@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 import lending
+from lending.domain.streamids import MAX_ID
 from lending.keys import LENDING_GROUP, Keys
 from lending.ops.status import Thresholds, breaches, read_group, read_status, render
 from lending.redis.consumer import ensure_group
@@ -55,6 +56,18 @@ async def test_lag_counts_unread_entries(redis: Redis, keys: Keys, namespace: st
     status = await read_status(redis, namespace)
     assert status["groups"][0]["lag"] == 3
     assert status["workers"] == []
+
+
+async def test_a_stream_that_used_up_its_ids_has_no_lag_and_no_error(redis: Redis, keys: Keys, namespace: str) -> None:
+    """On Redis 6.2 the lag is counted with XRANGE from the group's last read ID; after
+    the greatest ID there is none, and Redis refused the range."""
+    await ensure_group(redis, keys.lend_requests, LENDING_GROUP)
+    await redis.xadd(keys.lend_requests, {"user_id": "x", "book_ids": "y"}, id=MAX_ID)
+    await redis.xreadgroup(LENDING_GROUP, "w1", {keys.lend_requests: ">"}, count=1)
+
+    (group, *_) = (await read_status(redis, namespace))["groups"]
+
+    assert (group["lag"], group["pending"], group["oldest_pending_id"]) == (0, 1, MAX_ID)
 
 
 def test_status_command_json(redis_url: str, namespace: str) -> None:

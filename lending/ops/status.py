@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lending.domain.streamids import id_key, id_ms
+from lending.domain.streamids import id_key, id_ms, next_id
 from lending.keys import REQUEST_TYPES, Keys
 from lending.ops import dead_letters
 from lending.redis import eviction
@@ -144,7 +144,9 @@ async def read_group(
             last_generated = text((await client.xinfo_stream(stream))["last-generated-id"])
             out["lag"] = group_lag(out["lag"], text(info["last-delivered-id"]), last_generated)
     else:
-        unread = await client.xrange(stream, min="(" + text(info["last-delivered-id"]), max="+", count=LAG_SCAN_LIMIT)
+        # After the greatest ID there is nothing to read (and Redis refuses the range).
+        after = next_id(text(info["last-delivered-id"]))
+        unread = [] if after is None else await client.xrange(stream, min=after, max="+", count=LAG_SCAN_LIMIT)
         out["lag"] = len(unread or [])
     if out["pending"]:
         summary = await client.xpending(stream, group)
