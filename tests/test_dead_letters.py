@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from lending.domain.streamids import MAX_ID
 from lending.keys import Keys
 from lending.ops import dead_letters
 from lending.ops.status import read_status
@@ -18,7 +19,7 @@ from lending.redis.connection import make_client
 from lending.redis.scripts import Scripts
 
 from .conftest import StartWorker
-from .support import ROOT, all_events, decoded, event_for, raw_entries, send, wait_until, xadd_fields
+from .support import ROOT, all_events, decoded, event_for, process_env, raw_entries, send, wait_until, xadd_fields
 
 
 def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -236,6 +237,46 @@ async def test_a_retry_that_cannot_queue_keeps_the_letter(redis: Redis, keys: Ke
         await dead_letters.retry(redis, Scripts(), keys, [letter_id])
 
     assert [decoded(entry_id) for entry_id, _ in raw_entries(await redis.xrange(keys.dead_letters))] == [letter_id]
+
+
+async def test_a_retry_stopped_midway_says_which_letters_it_retried(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    fields = {"stream": keys.return_requests, "action": "return", "error": "x", "user_id": "bob", "book_ids": "r1"}
+    first = decoded(await redis.xadd(keys.dead_letters, xadd_fields(fields)))
+    second = await letter(redis, keys)
+    await redis.xadd(keys.lend_requests, {"user_id": "x", "book_ids": "y"}, id=MAX_ID)  # no ID left
+
+    result = cli(redis_url, namespace, "retry", first, second)
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: dead letter {second} was not retried: ") and "exhausted" in line, line
+    assert f"retried before it: {first} (queued again as " in line, line
+    assert [decoded(entry_id) for entry_id, _ in raw_entries(await redis.xrange(keys.dead_letters))] == [second]
+
+
+@pytest.mark.parametrize("action", ["retry", "purge"])
+async def test_a_retry_or_purge_whose_output_cannot_be_written_says_what_it_did_on_stderr(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, action: str
+) -> None:
+    letter_id = await letter(redis, keys)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "lending", "dead-letters", action, letter_id],
+            cwd=ROOT,
+            env=process_env(redis_url, namespace),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+
+    # Done: exit 0, as if printed (1 would tell a script that nothing was done).
+    assert result.returncode == 0, result
+    said = "queued again as" if action == "retry" else "purged 1"
+    assert result.stderr.startswith("error: cannot write to stdout (") and said in result.stderr, result.stderr
+    assert await redis.xlen(keys.dead_letters) == 0
 
 
 async def test_a_letter_named_twice_is_retried_once(redis: Redis, keys: Keys, redis_url: str, namespace: str) -> None:

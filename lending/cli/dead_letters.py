@@ -11,7 +11,15 @@ from typing import Any, TypeVar
 import click
 from redis.asyncio import Redis
 
-from lending.cli.options import CONTEXT_SETTINGS, CommandError, F, Target, connected, connection_options
+from lending.cli.options import (
+    CONTEXT_SETTINGS,
+    CommandError,
+    F,
+    Target,
+    connected,
+    connection_options,
+    print_result,
+)
 from lending.domain.streamids import id_ms
 from lending.keys import Keys
 from lending.ops import dead_letters
@@ -157,10 +165,9 @@ async def retry_command(client: Redis, keys: Keys, letter_ids: list[str], as_jso
     An id that names no letter (or a letter that cannot be retried) stops it before it queues anything."""
     retried = await dead_letters.retry(client, Scripts(), keys, letter_ids)
     if as_json:
-        click.echo(json.dumps({"retried": retried}))
-        return
-    for done in retried:
-        click.echo(f"{done['id']} -> queued again as {done['queued_as']}")
+        print_result(json.dumps({"retried": retried}))
+    elif retried:
+        print_result("\n".join(f"{done['id']} -> queued again as {done['queued_as']}" for done in retried))
 
 
 @selection_command("purge", "Delete every dead letter (that --user/--error take).")
@@ -168,4 +175,4 @@ async def purge_command(client: Redis, keys: Keys, letter_ids: list[str], as_jso
     """Delete dead letters (the original entries stay in their streams). An id that names
     no letter stops it before it deletes anything."""
     purged = await dead_letters.purge(client, keys, letter_ids)
-    click.echo(json.dumps({"purged": purged, "ids": letter_ids}) if as_json else f"purged {purged}")
+    print_result(json.dumps({"purged": purged, "ids": letter_ids}) if as_json else f"purged {purged}")

@@ -15,8 +15,8 @@ from lending.cli.options import (
     FiniteFloatRange,
     Target,
     connection_options,
-    discard_stdout,
     host_problem,
+    print_result,
 )
 from lending.client import (
     Answered,
@@ -182,10 +182,10 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
     """Print ``outcome`` (results on stdout, errors as one line on stderr); returns the exit code."""
     match outcome:
         case Answered(event):
-            _print(json.dumps(event.as_json()) if as_json else format_event(event))
+            print_result(json.dumps(event.as_json()) if as_json else format_event(event))
             return EXIT_BY_STATUS.get(event.status, 4)
         case Queued(request_id):
-            _print(
+            print_result(
                 json.dumps({"status": "queued", "action": action, "request_id": request_id})
                 if as_json
                 else f"QUEUED {request_id}"
@@ -217,16 +217,6 @@ def report(outcome: Outcome, action: str, timeout: float, as_json: bool) -> int:
         case Interrupted(request_id, sent, handed_in):
             click.echo(f"interrupted: {_fate(action, request_id, sent, handed_in)}", err=True)
             return EXIT_INTERRUPTED
-
-
-def _print(result: str) -> None:
-    """Print ``result`` on stdout, or, when that fails (full, or closed), on stderr: the
-    sender learns the outcome either way, and the exit code still tells it."""
-    try:
-        click.echo(result)
-    except OSError as exc:
-        discard_stdout()
-        click.echo(f"error: cannot write to stdout ({exc.strerror or exc}): {result}", err=True)
 
 
 def _fate(action: str, request_id: str | None, sent: bool, handed_in: bool) -> str:

@@ -279,6 +279,16 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
+def print_result(result: str) -> None:
+    """Print ``result`` on stdout, or, when that fails (full, or closed), on stderr: whoever
+    ran the command learns what was done either way, and the exit code still tells it."""
+    try:
+        click.echo(result)
+    except OSError as exc:
+        discard_stdout()
+        click.echo(f"error: cannot write to stdout ({exc.strerror or exc}): {result}", err=True)
+
+
 def discard_stdout() -> None:
     """Drop stdout for good once writing to it failed (``point_at_devnull``)."""
     point_at_devnull(sys.stdout)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
 
 from lending.domain.streamids import canonical_id, is_entry_id, next_id
 from lending.errors import LendingError
 from lending.keys import Keys
-from lending.redis.replies import Entries, text
+from lending.redis.replies import Entries, reply_text, text
 from lending.redis.scripts import Scripts
 
 # The fields of the original entry that a dead letter keeps, by the stream it came from.
@@ -27,7 +28,8 @@ PAGE = 1_000
 
 
 class LetterError(LendingError):
-    """Some of the letter ids given cannot be acted on; nothing was done.
+    """Some of the letter ids given cannot be acted on; nothing was done, unless the
+    message names letters retried before.
 
     :param letter_ids: the ids at fault.
     """
@@ -122,8 +124,10 @@ async def retry(client: Redis, scripts: Scripts, keys: Keys, letter_ids: Sequenc
     the letter is gone; ``{id, stream, queued_as}`` for each.
 
     :raises LetterError: an id is malformed or unknown, or its letter cannot be replayed
-        (nothing is queued then); or a letter went (another operator's purge or retry)
-        while this one ran: the ones before it were retried, and it was not.
+        (nothing is queued then); or a letter went (another operator's purge or retry),
+        or Redis refused to queue it, while this one ran: the ones before it were
+        retried, and the message names them.
+    :raises RedisError: Redis refused to queue the first letter (nothing was queued).
     """
     plans = []
     for letter in await find(client, keys, distinct(letter_ids)):
@@ -134,12 +138,24 @@ async def retry(client: Redis, scripts: Scripts, keys: Keys, letter_ids: Sequenc
     out: list[dict[str, str]] = []
     for letter_id, stream, fields in plans:
         pairs = [item for pair in fields.items() for item in pair]
-        queued = await scripts.retry_letter(client, [keys.dead_letters, stream], [letter_id, *pairs])
+        try:
+            queued = await scripts.retry_letter(client, [keys.dead_letters, stream], [letter_id, *pairs])
+        except RedisError as exc:
+            if not out:
+                raise
+            reason = reply_text(exc) if isinstance(exc, ResponseError) else str(exc) or type(exc).__name__
+            raise LetterError(f"dead letter {letter_id} was not retried: {reason}{_done(out)}", [letter_id]) from exc
         if queued is None:
-            done = "; queued: " + ", ".join(f"{x['id']} as {x['queued_as']}" for x in out) if out else ""
-            raise LetterError(f"dead letter {letter_id} went while it was retried{done}", [letter_id])
+            raise LetterError(f"dead letter {letter_id} went while it was retried{_done(out)}", [letter_id])
         out.append({"id": letter_id, "stream": stream, "queued_as": text(queued)})
     return out
+
+
+def _done(retried: list[dict[str, str]]) -> str:
+    """What a retry stopped midway did before it."""
+    if not retried:
+        return ""
+    return "; retried before it: " + ", ".join(f"{x['id']} (queued again as {x['queued_as']})" for x in retried)
 
 
 async def purge(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> int:
