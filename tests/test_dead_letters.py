@@ -279,6 +279,19 @@ async def test_a_retry_or_purge_whose_output_cannot_be_written_says_what_it_did_
     assert await redis.xlen(keys.dead_letters) == 0
 
 
+async def test_a_retried_letter_queues_its_fields_as_they_were_bytes_and_all(redis: Redis, keys: Keys) -> None:
+    """A value that is not UTF-8 (a foreign sender's) was queued again as U+FFFD: a valid
+    request for user "\ufffd" in place of one the service would have rejected."""
+    fields = {b"stream": keys.lend_requests.encode(), b"action": b"lend", b"user_id": b"\xff", b"book_ids": b"\xfe"}
+    letter_id = decoded(await redis.xadd(keys.dead_letters, xadd_fields(fields)))
+
+    (done,) = await dead_letters.retry(redis, Scripts(), keys, [letter_id])
+
+    [(entry_id, queued)] = raw_entries(await redis.xrange(keys.lend_requests))
+    assert decoded(entry_id) == done["queued_as"]
+    assert queued == {b"user_id": b"\xff", b"book_ids": b"\xfe"}
+
+
 async def test_a_letter_named_twice_is_retried_once(redis: Redis, keys: Keys, redis_url: str, namespace: str) -> None:
     letter_id = await letter(redis, keys)
     before = await redis.xlen(keys.lend_requests)

@@ -93,6 +93,13 @@ async def find(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[dic
 
     :raises LetterError: an id is not an entry ID (``<ms>-<seq>``), or names no letter.
     """
+    return [_letter(entry_id, fields) for entry_id, fields in await _find_raw(client, keys, letter_ids)]
+
+
+async def _find_raw(
+    client: Redis, keys: Keys, letter_ids: Sequence[str]
+) -> list[tuple[bytes | None, dict[bytes, bytes]]]:
+    """``find``, each letter as Redis holds it: its id and its fields, bytes."""
     malformed = [letter_id for letter_id in letter_ids if not is_entry_id(letter_id)]
     if malformed:
         raise LetterError(f"not a dead-letter id (<ms>-<seq>): {', '.join(map(repr, malformed))}", malformed)
@@ -103,7 +110,7 @@ async def find(client: Redis, keys: Keys, letter_ids: Sequence[str]) -> list[dic
     missing = [letter_id for letter_id, found in zip(letter_ids, replies, strict=True) if not found]
     if missing:
         raise LetterError(f"no such dead letter in {keys.dead_letters}: {', '.join(missing)}", missing)
-    return [_letter(found[0][0], found[0][1] or {}) for found in replies]
+    return [(found[0][0], found[0][1] or {}) for found in replies]
 
 
 def replay(keys: Keys, letter: dict[str, Any]) -> tuple[str, dict[str, str]] | str:
@@ -130,14 +137,17 @@ async def retry(client: Redis, scripts: Scripts, keys: Keys, letter_ids: Sequenc
     :raises RedisError: Redis refused to queue the first letter (nothing was queued).
     """
     plans = []
-    for letter in await find(client, keys, distinct(letter_ids)):
+    for entry_id, raw in await _find_raw(client, keys, distinct(letter_ids)):
+        letter = _letter(entry_id, raw)
         plan = replay(keys, letter)
         if isinstance(plan, str):
             raise LetterError(f"cannot retry dead letter {letter['id']}: {plan}", [letter["id"]])
-        plans.append((letter["id"], *plan))
+        stream, fields = plan
+        # Queued as the letter holds them: values that are not UTF-8 stay what they were.
+        plans.append((letter["id"], stream, {name: raw[name.encode()] for name in fields}))
     out: list[dict[str, str]] = []
-    for letter_id, stream, fields in plans:
-        pairs = [item for pair in fields.items() for item in pair]
+    for letter_id, stream, values in plans:
+        pairs = [item for pair in values.items() for item in pair]
         try:
             queued = await scripts.retry_letter(client, [keys.dead_letters, stream], [letter_id, *pairs])
         except RedisError as exc:
