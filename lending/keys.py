@@ -194,6 +194,27 @@ class Keys:
         ``{NS}:dead-letters`` within ``--dead-letters-maxlen`` (string, a count)."""
         return f"{self.prefix}:dead-letters:trimmed"
 
+    def fixed_types(self) -> dict[str, str]:
+        """Each key of the namespace that has one name, and the type it holds (the
+        contract's table): what names the key of the wrong type Redis refused a command on."""
+        return {
+            self.lend_requests: "stream",
+            self.return_requests: "stream",
+            self.events: "stream",
+            self.inbox: "list",
+            self.lent_books: "hash",
+            self.storage: "set",
+            self.shelving_state: "hash",
+            self.shelving_returns: "stream",
+            self.from_shelving: "hash",
+            self.grants: "hash",
+            self.dead_letters: "stream",
+            self.dead_letters_trimmed: "string",
+            self.events_trimmed_to: "string",
+            self.workers: "set",
+            self.config: "hash",
+        }
+
     def user_count(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}:count"
 

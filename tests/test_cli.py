@@ -497,19 +497,38 @@ async def test_an_outcome_that_cannot_be_printed_goes_to_stderr_with_its_exit_co
     assert (status.returncode, status.stderr) == (1, "error: cannot write the output: No space left on device\n")
 
 
-@pytest.mark.parametrize("command", [["status"], ["status", "--check"]])
-async def test_a_key_of_the_wrong_type_is_one_line_and_exit_1(
-    redis: Redis, keys: Keys, redis_url: str, namespace: str, command: list[str]
+@pytest.mark.parametrize(
+    ("command", "key", "kind"),
+    [
+        (["status"], "storage", "set"),
+        (["status", "--check"], "workers", "set"),
+        (["dead-letters", "list"], "dead_letters", "stream"),
+    ],
+)
+async def test_a_key_of_the_wrong_type_is_one_line_naming_it_and_exit_1(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str, command: list[str], key: str, kind: str
 ) -> None:
-    await redis.set(keys.storage, "not a set")
+    name = getattr(keys, key)
+    await redis.set(name, "not a " + kind)
 
     result = await asyncio.to_thread(run_python, redis_url, namespace, "-m", "lending", *command)
 
     assert result.returncode == 1 and "Traceback" not in result.stderr, result
     assert (
         result.stderr
-        == "error: Redis refused a command: WRONGTYPE Operation against a key holding the wrong kind of value\n"
+        == f"error: Redis refused a command: {name} holds a string, not a {kind}: move it away or delete it\n"
     )
+
+
+async def test_a_users_key_of_the_wrong_type_is_one_line_pointing_at_check(
+    redis: Redis, keys: Keys, redis_url: str, namespace: str
+) -> None:
+    await redis.sadd(keys.user_count("ada"), "1")
+
+    result = await asyncio.to_thread(run_python, redis_url, namespace, "-m", "lending", "status")
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert "(python -m lending check names it)" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 async def test_check_reports_a_key_of_the_wrong_type_as_a_violation_naming_it(

@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 import click
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import InvalidResponse, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lending.errors import RedisUnavailable
@@ -29,7 +29,7 @@ from lending.logs import point_at_devnull
 from lending.redaction import redact
 from lending.redis.cluster import namespace_url
 from lending.redis.connection import check_reachable, make_client
-from lending.redis.replies import no_permission
+from lending.redis.replies import no_permission, text
 from lending.redis.urls import url_problem
 from lending.settings import DEFAULT_REDIS_URL, Settings, Tls
 
@@ -271,12 +271,36 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
     except ResponseError as exc:
         if (refusal := no_permission(exc)) is not None:
             raise CommandError(f"no permission: {refusal}") from exc
-        # A key of the wrong type, a stream out of IDs...: the namespace needs a look.
+        if "WRONGTYPE" in str(exc):
+            raise CommandError(f"Redis refused a command: {await wrong_types(client, target.keys)}") from exc
+        # A stream out of IDs, out of memory...: the namespace needs a look.
         raise CommandError(f"Redis refused a command: {str(exc) or type(exc).__name__}") from exc
     except (RedisConnectionError, RedisTimeoutError, InvalidResponse) as exc:
         raise CommandError(f"lost Redis at {target.url}: {str(exc) or type(exc).__name__}") from exc
     finally:
         await client.aclose()
+
+
+async def wrong_types(client: Redis, keys: Keys) -> str:
+    """Which of the namespace's keys hold another type than theirs, in words."""
+    fixed = keys.fixed_types()
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for key in fixed:
+                pipe.type(key)
+            found = [text(kind) for kind in await pipe.execute()]
+    except RedisError:
+        found = []
+    named = [
+        f"{key} holds a {kind}, not a {want}"
+        for (key, want), kind in zip(fixed.items(), found, strict=False)
+        if kind not in ("none", want)
+    ]
+    if len(named) == 1:
+        return f"{named[0]}: move it away or delete it"
+    if named:
+        return "; ".join(named) + ": move them away or delete them"
+    return "a key of the namespace holds another type than the service keeps in it (python -m lending check names it)"
 
 
 def print_result(result: str) -> None:

@@ -441,12 +441,8 @@ async def _scan_names(client: Redis, keys: Keys, kind: str) -> set[str]:
 def _also_typed(keys: Keys) -> list[tuple[str, str]]:
     """Keys the invariants do not read, with the type each must have: one of another
     type stops a worker (``workers``, ``config``) or the dead-letter tools."""
-    return [
-        (keys.workers, "set"),
-        (keys.config, "hash"),
-        (keys.dead_letters, "stream"),
-        (keys.dead_letters_trimmed, "string"),
-    ]
+    kinds = keys.fixed_types()
+    return [(key, kinds[key]) for key in (keys.workers, keys.config, keys.dead_letters, keys.dead_letters_trimmed)]
 
 
 async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Snapshot:
