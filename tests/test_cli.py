@@ -516,7 +516,7 @@ async def test_a_key_of_the_wrong_type_is_one_line_naming_it_and_exit_1(
     assert result.returncode == 1 and "Traceback" not in result.stderr, result
     assert (
         result.stderr
-        == f"error: Redis refused a command: {name} holds a string, not a {kind}: move it away or delete it\n"
+        == f"error: Redis refused a command: {name} holds another type than a {kind}: move it away or delete it\n"
     )
 
 

@@ -26,10 +26,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from lending.errors import RedisUnavailable
 from lending.keys import Keys, namespace_problem
 from lending.logs import point_at_devnull
+from lending.ops.checker import probe_type
 from lending.redaction import redact
 from lending.redis.cluster import namespace_url
 from lending.redis.connection import check_reachable, make_client
-from lending.redis.replies import no_permission, text
+from lending.redis.replies import no_permission
 from lending.redis.urls import url_problem
 from lending.settings import DEFAULT_REDIS_URL, Settings, Tls
 
@@ -282,19 +283,20 @@ async def connected(target: Target) -> AsyncIterator[Redis]:
 
 
 async def wrong_types(client: Redis, keys: Keys) -> str:
-    """Which of the namespace's keys hold another type than theirs, in words."""
+    """Which of the namespace's keys hold another type than theirs, in words (read with
+    commands the operator's ACL allows: ``checker.probe_type``)."""
     fixed = keys.fixed_types()
     try:
         async with client.pipeline(transaction=False) as pipe:
-            for key in fixed:
-                pipe.type(key)
-            found = [text(kind) for kind in await pipe.execute()]
+            for key, kind in fixed.items():
+                probe_type(pipe, key, kind)
+            replies = await pipe.execute(raise_on_error=False)
     except RedisError:
-        found = []
+        replies = []
     named = [
-        f"{key} holds a {kind}, not a {want}"
-        for (key, want), kind in zip(fixed.items(), found, strict=False)
-        if kind not in ("none", want)
+        f"{key} holds another type than a {kind}"
+        for (key, kind), reply in zip(fixed.items(), replies, strict=False)
+        if isinstance(reply, ResponseError) and "WRONGTYPE" in str(reply)
     ]
     if len(named) == 1:
         return f"{named[0]}: move it away or delete it"

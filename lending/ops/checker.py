@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from lending.domain.streamids import id_key, is_id, next_id
@@ -438,6 +439,22 @@ async def _scan_names(client: Redis, keys: Keys, kind: str) -> set[str]:
     }
 
 
+def probe_type(pipe: Pipeline, key: str, kind: str) -> None:
+    """Queue a read of ``key`` that only a ``kind`` (or no key) answers, and a key of
+    another type refuses with WRONGTYPE: TYPE itself is not among the operator's commands."""
+    match kind:
+        case "set":
+            pipe.scard(key)
+        case "hash":
+            pipe.hlen(key)
+        case "stream":
+            pipe.xlen(key)
+        case "list":
+            pipe.llen(key)
+        case _:
+            pipe.get(key)
+
+
 def _also_typed(keys: Keys) -> list[tuple[str, str]]:
     """Keys the invariants do not read, with the type each must have: one of another
     type stops a worker (``workers``, ``config``) or the dead-letter tools."""
@@ -458,8 +475,8 @@ async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Sn
         pipe.hgetall(keys.grants)
         pipe.get(keys.events_trimmed_to)
         pipe.llen(keys.inbox)
-        for key, _kind in _also_typed(keys):
-            pipe.type(key)
+        for key, kind in _also_typed(keys):
+            probe_type(pipe, key, kind)
         for key in reservations:
             pipe.exists(key)
         for stream in streams:
@@ -479,8 +496,7 @@ async def _read_moment(client: Redis, keys: Keys, reservations: list[str]) -> Sn
     snap.events_trimmed_to = text(trimmed_to) if trimmed_to is not None and is_id(text(trimmed_to)) else None
     snap.inbox = int(_typed(snap, keys.inbox, "list", next(replies), 0))
     for key, kind in _also_typed(keys):
-        if text(next(replies)) not in ("none", kind):
-            snap.wrong_types[key] = kind
+        _typed(snap, key, kind, next(replies), None)
     snap.reservations = [key for key in reservations if _ok(next(replies))]
     infos = {stream: _stream_reply(snap, stream, next(replies)) for stream in streams}
     for action in ACTIONS:
