@@ -23,10 +23,19 @@ class RedisUnavailable(LendingError):
     pass a raw URL (a cluster's, several seeds) or a cause that quotes one.
     """
 
+    said = "cannot reach Redis at {url}: {cause}"
+
     def __init__(self, url: str, cause: str) -> None:
         self.url = redact(url)
         self.cause = redact(cause)
-        super().__init__(f"cannot reach Redis at {self.url}: {self.cause}")
+        super().__init__(self.said.format(url=self.url, cause=self.cause))
+
+
+class RedisRefusedConnection(RedisUnavailable):
+    """Redis answered at ``url``, but would not serve this connection: a wrong user or
+    password, a database number it does not have, a user without PING."""
+
+    said = "Redis at {url} refused the connection: {cause}"
 
 
 class RequestRefused(LendingError):

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -608,6 +608,38 @@ async def test_a_worker_started_without_stdout_or_stderr_works_and_stops_cleanly
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=15)
     assert worker.returncode == 0, err
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [(["main.py", "w1"], 1), (["-m", "lending", "status"], 1), (["get_books.py", "request", "ada", "b1"], 5)],
+)
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda url: url.replace("redis://", "redis://nobody:S3CRET@"), "invalid username-password pair"),
+        (lambda url: url + "/99", "DB index is out of range"),
+    ],
+    ids=["wrong password", "no such database"],
+)
+async def test_redis_refusing_the_connection_is_said_so_not_unreachable(
+    redis_url: str, namespace: str, command: list[str], code: int, change: Callable[[str], str], said: str
+) -> None:
+    url = change(redis_url)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, *command, "--redis-url", url],
+        cwd=ROOT,
+        env=process_env(redis_url, namespace),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == code and "Traceback" not in result.stderr, result
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: Redis at ") and " refused the connection: " in line and said in line, line
+    assert "S3CRET" not in line
 
 
 # -- --help -----------------------------------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lending.errors import RedisUnavailable
+from lending.errors import RedisRefusedConnection, RedisUnavailable
 from lending.redaction import redact
 from lending.redis.wire import use_lean_connections
 from lending.settings import Tls
@@ -60,5 +60,7 @@ async def check_reachable(client: Redis, url: str) -> None:
         await client.ping()
     except InvalidResponse as exc:  # something answers, in another protocol (HTTP, ...)
         raise RedisUnavailable(url, f"not a Redis server ({exc})") from exc
-    except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+    except (AuthenticationError, ResponseError) as exc:  # (a ConnectionError: before it)
+        raise RedisRefusedConnection(url, str(exc) or type(exc).__name__) from exc
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise RedisUnavailable(url, str(exc) or type(exc).__name__) from exc
