@@ -2,7 +2,7 @@
 
 Under load, many callers (the HTTP API's submissions) are ready in the same turn of
 the event loop. ``ScriptBatcher`` queues their calls and sends them at the end of that
-turn in one write on one connection (``wire.exchange``): no caller waits longer than it
+turn in one write on one connection (``wire.round_trip``): no caller waits longer than it
 would have alone, and the per-command overhead (taking a connection from the pool, the
 socket timeout, the release) is paid once per batch instead of once per call. Each call
 still runs as its own script, atomic on its own; one that fails fails alone.
@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from lending.redis.scripts import Arg, Script
-from lending.redis.wire import exchange
+from lending.redis.wire import round_trip
 
 Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
 
@@ -90,9 +90,4 @@ class ScriptBatcher:
                 future.set_result(reply)
 
     async def _round_trip(self, calls: list[Call]) -> list[Any]:
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            return await exchange(connection, [self._script.command(keys, args) for keys, args, _future in calls])
-        finally:
-            await pool.release(connection)
+        return await round_trip(self._client, [self._script.command(keys, args) for keys, args, _future in calls])

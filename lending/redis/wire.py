@@ -125,15 +125,20 @@ async def exchange(connection: AbstractConnection, commands: Sequence[Command]) 
         connection.socket_timeout = timeout_s
 
 
-async def call(client: Redis, *command: EncodableT) -> Any:
-    """One command on a connection of ``client``'s pool (``exchange``): its reply, raw
-    (no response callback), or its error reply raised."""
+async def round_trip(client: Redis, commands: Sequence[Command]) -> list[Any]:
+    """``exchange`` on a connection of ``client``'s pool, held for it: every reply, raw (no
+    response callback), an error reply as its exception."""
     pool = client.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
-        (reply,) = await exchange(connection, [command])
+        return await exchange(connection, commands)
     finally:
         await pool.release(connection)
+
+
+async def call(client: Redis, *command: EncodableT) -> Any:
+    """One command (``round_trip``): its reply, or its error reply raised."""
+    (reply,) = await round_trip(client, [command])
     if isinstance(reply, Exception):
         raise reply
     return reply
