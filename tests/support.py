@@ -198,13 +198,15 @@ def start_worker_process(
     return start_ready_process(command, redis_url, namespace, "Ready to process events", **env)[0]
 
 
-def run_python(redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run_python(
+    redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0, **env: str
+) -> subprocess.CompletedProcess[str]:
     """``python ARGS`` (a script or ``-m module``) in the repository, to its end, with
-    ``REDIS_URL`` and ``LENDING_NAMESPACE`` set; its output captured as text."""
+    ``REDIS_URL``, ``LENDING_NAMESPACE`` and ``env`` set; its output captured as text."""
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
-        env=process_env(redis_url, namespace),
+        env=process_env(redis_url, namespace, **env),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -212,9 +214,23 @@ def run_python(redis_url: str, namespace: str, *args: str, timeout_s: float = 30
 
 
 def run_get_books(
-    redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0
+    redis_url: str, namespace: str, *args: str, timeout_s: float = 30.0, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return run_python(redis_url, namespace, str(ROOT / "get_books.py"), *args, timeout_s=timeout_s)
+    return run_python(redis_url, namespace, str(ROOT / "get_books.py"), *args, timeout_s=timeout_s, **env)
+
+
+def run_into_a_full_disk(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``run_python`` with stdout on /dev/full, where every write fails (no space left)."""
+    with open("/dev/full", "w") as full:
+        return subprocess.run(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=process_env(redis_url, namespace),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
 
 
 def stop_process(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> tuple[int, str, str]:

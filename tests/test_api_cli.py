@@ -20,7 +20,7 @@ from lending.redis.embedded import free_port
 
 from .api_support import start_api_process
 from .conftest import StartWorker
-from .support import ROOT, process_env, run_get_books, run_python, stop_process
+from .support import ROOT, run_get_books, run_python, stop_process
 
 StartApi = Callable[..., str]
 
@@ -191,14 +191,7 @@ async def test_redis_refusing_the_request_exits_6(
     await redis.xadd(keys.lend_requests, {"f": "v"}, id=MAX_ID)
     await redis.xdel(keys.lend_requests, MAX_ID)
 
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "get_books.py"), "request", "Salvatore", "b1"],
-        cwd=ROOT,
-        env=process_env(redis_url, namespace, LENDING_API_URL=url),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_get_books(redis_url, namespace, "request", "Salvatore", "b1", LENDING_API_URL=url)
 
     assert result.returncode == 6, result
     assert one_line(result.stderr).startswith("error: Redis refused the request: ")
@@ -206,14 +199,7 @@ async def test_redis_refusing_the_request_exits_6(
 
 @pytest.mark.parametrize("token", ["sécret", " padded", "padded ", "two words", "tab\tinside"])
 def test_an_operator_token_no_header_can_carry_is_refused_at_start(redis_url: str, namespace: str, token: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "lending", "api", "--port", "0"],
-        cwd=ROOT,
-        env=process_env(redis_url, namespace, LENDING_API_TOKEN=token),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_python(redis_url, namespace, "-m", "lending", "api", "--port", "0", LENDING_API_TOKEN=token)
 
     assert proc.returncode == 2, proc
     assert "LENDING_API_TOKEN must be printable ASCII without spaces" in proc.stderr, proc.stderr

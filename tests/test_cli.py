@@ -37,6 +37,7 @@ from .support import (
     raw_entries,
     run_command,
     run_get_books,
+    run_into_a_full_disk,
     run_python,
     send,
     stop_process,
@@ -475,20 +476,8 @@ async def test_an_outcome_that_cannot_be_printed_goes_to_stderr_with_its_exit_co
     """stdout full: the sender still learns the outcome (it exited 1, "denied", with a traceback)."""
     spawn("w1")
 
-    def into_a_full_disk(*args: str) -> subprocess.CompletedProcess[str]:
-        with open("/dev/full", "w") as full:
-            return subprocess.run(
-                [sys.executable, *args],
-                cwd=ROOT,
-                env=process_env(redis_url, namespace),
-                stdout=full,
-                stderr=subprocess.PIPE,
-                text=True,
-                timeout=30,
-            )
-
-    result = into_a_full_disk(str(ROOT / "get_books.py"), "request", "Salvatore", "b1")
-    status = into_a_full_disk("-m", "lending", "status")
+    result = run_into_a_full_disk(redis_url, namespace, str(ROOT / "get_books.py"), "request", "Salvatore", "b1")
+    status = run_into_a_full_disk(redis_url, namespace, "-m", "lending", "status")
 
     assert result.returncode == 0, result
     assert re.fullmatch(
@@ -626,15 +615,7 @@ async def test_redis_refusing_the_connection_is_said_so_not_unreachable(
     redis_url: str, namespace: str, command: list[str], code: int, change: Callable[[str], str], said: str
 ) -> None:
     url = change(redis_url)
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, *command, "--redis-url", url],
-        cwd=ROOT,
-        env=process_env(redis_url, namespace),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = await asyncio.to_thread(run_python, redis_url, namespace, *command, "--redis-url", url)
 
     assert result.returncode == code and "Traceback" not in result.stderr, result
     (line,) = result.stderr.strip().splitlines()

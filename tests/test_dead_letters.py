@@ -19,7 +19,17 @@ from lending.redis.connection import make_client
 from lending.redis.scripts import Scripts
 
 from .conftest import StartWorker
-from .support import ROOT, all_events, decoded, event_for, process_env, raw_entries, send, wait_until, xadd_fields
+from .support import (
+    ROOT,
+    all_events,
+    decoded,
+    event_for,
+    raw_entries,
+    run_into_a_full_disk,
+    send,
+    wait_until,
+    xadd_fields,
+)
 
 
 def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -261,16 +271,7 @@ async def test_a_retry_or_purge_whose_output_cannot_be_written_says_what_it_did_
     redis: Redis, keys: Keys, redis_url: str, namespace: str, action: str
 ) -> None:
     letter_id = await letter(redis, keys)
-    with open("/dev/full", "w") as full:
-        result = subprocess.run(
-            [sys.executable, "-m", "lending", "dead-letters", action, letter_id],
-            cwd=ROOT,
-            env=process_env(redis_url, namespace),
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-        )
+    result = run_into_a_full_disk(redis_url, namespace, "-m", "lending", "dead-letters", action, letter_id)
 
     # Done: exit 0, as if printed (1 would tell a script that nothing was done).
     assert result.returncode == 0, result
