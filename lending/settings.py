@@ -35,6 +35,8 @@ COUNT_BOUNDS = {
     "retry_max_ms": (1, MAX_DURATION_MS),
     "reconcile_interval_ms": (1, MAX_DURATION_MS),
     "concurrency": (1, 1_000_000),
+    "max_batches": (1, 1_000_000),
+    "batch_patience_ms": (0, MAX_DURATION_MS),
     "worker_ttl_ms": (1_000, MAX_DURATION_MS),
     "events_maxlen": (1, MAX_REDIS_COUNT),
     "dead_letters_maxlen": (1, MAX_REDIS_COUNT),
@@ -111,6 +113,12 @@ class Settings:
     :param worker_ttl_ms: lifetime of the worker-id key, renewed while the worker lives.
     :param read_count: entries read per XREADGROUP call.
     :param concurrency: requests processed at the same time by one worker.
+    :param max_batches: batches one worker starts before it waits for one to finish
+        (or to have run for ``batch_patience_ms``): what arrives meanwhile is read as
+        one bigger batch, which costs Redis and the worker less per request.
+    :param batch_patience_ms: how long a batch holds back the next read at most. A batch
+        takes a few milliseconds; one slower than this (a slow shelving call) should
+        not hold back the requests behind it.
     :param request_timeout_s: a request taking longer is abandoned and retried.
     :param retry_base_ms: how long a failed entry waits before its first retry; the wait
         doubles with each failure (with jitter), up to ``retry_max_ms``.
@@ -149,6 +157,8 @@ class Settings:
     worker_ttl_ms: int = 10_000
     read_count: int = 100
     concurrency: int = 64
+    max_batches: int = 2
+    batch_patience_ms: int = 50
     request_timeout_s: float = 10.0
     retry_base_ms: int = 1_000
     retry_max_ms: int = 60_000

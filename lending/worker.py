@@ -106,6 +106,8 @@ class Worker:
                 group=group,
                 consumer=settings.worker_id,
                 concurrency=settings.concurrency,
+                max_batches=settings.max_batches,
+                batch_patience_s=settings.batch_patience_ms / 1000,
                 read_count=settings.read_count,
                 claim_idle_ms=settings.claim_idle_ms,
                 retry_base_ms=settings.retry_base_ms,

@@ -1,13 +1,15 @@
 """The guards of the stream consumers, as a worker wires them (not the scripts alone):
-the shelving consumer frees a book only for the context it comes back from, and the
-lending consumer takes over another consumer's entries only once they are idle for
-``claim_idle_ms``."""
+the shelving consumer frees a book only for the context it comes back from, the lending
+consumer takes over another consumer's entries only once they are idle for
+``claim_idle_ms``, and it runs at most ``max_batches`` young batches at once."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
+import pytest
 from redis.asyncio import Redis
 
 from lending.keys import LENDING_GROUP, Keys
@@ -113,3 +115,58 @@ def test_ids_go_to_the_scripts_in_pieces_of_at_most_script_ids_in_their_order() 
     assert [len(piece) for piece in pieces] == [consumer.SCRIPT_IDS, consumer.SCRIPT_IDS, 1]
     assert [entry_id for piece in pieces for entry_id in piece] == ids
     assert consumer.in_pieces([]) == []
+
+
+# -- at most --max-batches batches at once -------------------------------------------------------
+
+
+async def test_requests_arriving_while_max_batches_run_wait_and_are_read_as_one_batch(
+    redis: Redis, keys: Keys, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = await start_worker(max_batches=1, batch_patience_ms=60_000)
+    asked: list[list[tuple[str, str]]] = []
+    gate = asyncio.Event()
+    get_many = worker.shelving.get_many
+
+    async def held_up(asks: Sequence[tuple[str, str]]) -> list[Grant]:
+        asked.append(list(asks))
+        await gate.wait()
+        return await get_many(asks)
+
+    monkeypatch.setattr(worker.shelving, "get_many", held_up)
+    first = await send(redis, keys, "lend", "user-0", ["book-0"])
+    await wait_until(lambda: len(asked) == 1)
+    later = [await send(redis, keys, "lend", f"user-{n}", [f"book-{n}"]) for n in range(1, 5)]
+    await asyncio.sleep(0.3)
+    pending = await redis.xpending(keys.lend_requests, LENDING_GROUP)
+    assert pending["pending"] == 1, "the worker read more while its one batch ran"
+
+    gate.set()
+    for request_id in [first, *later]:
+        assert (await event_for(redis, keys, "lend", request_id)).status == "accepted"
+    assert [len(asks) for asks in asked] == [1, 4], "what waited was not read as one batch"
+
+
+async def test_a_batch_slower_than_the_patience_does_not_hold_back_the_next(
+    redis: Redis, keys: Keys, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = await start_worker(max_batches=1, batch_patience_ms=100)
+    gate = asyncio.Event()
+    get_many = worker.shelving.get_many
+
+    async def first_held_up(asks: Sequence[tuple[str, str]]) -> list[Grant]:
+        if any(book == "slow-book" for book, _context in asks):
+            await gate.wait()
+        return await get_many(asks)
+
+    monkeypatch.setattr(worker.shelving, "get_many", first_held_up)
+    slow = await send(redis, keys, "lend", "user-0", ["slow-book"])
+    await wait_until(lambda: pending_count(redis, keys, 1))
+    quick = await send(redis, keys, "lend", "user-1", ["book-1"])
+    assert (await event_for(redis, keys, "lend", quick)).status == "accepted"
+    gate.set()
+    assert (await event_for(redis, keys, "lend", slow)).status == "accepted"
+
+
+async def pending_count(redis: Redis, keys: Keys, count: int) -> bool:
+    return bool((await redis.xpending(keys.lend_requests, LENDING_GROUP))["pending"] == count)

@@ -37,6 +37,10 @@ COUNTS = {
     "retry-max-ms": "Longest wait between two attempts of a failed entry.",
     "reconcile-interval-ms": "How often to give back shelving grants of finished requests.",
     "concurrency": "Requests processed at once by this worker.",
+    "max-batches": "Batches this worker starts before it waits for one to finish (or to have run for "
+    "--batch-patience-ms): requests arriving meanwhile join the next, bigger batch, which costs less per request.",
+    "batch-patience-ms": "How long a batch holds back the next one at most (a batch slower than this, e.g. on a "
+    "slow shelving call, no longer counts against --max-batches).",
     "worker-ttl-ms": "Lifetime of the worker-id heartbeat key.",
     "events-maxlen": "About how many events {NS}:events keeps (request streams are trimmed only below what every "
     "group has read and acknowledged).",

@@ -99,6 +99,8 @@ class ConsumerConfig:
     retry_max_ms: int
     max_deliveries: int
     handler_timeout_s: float
+    max_batches: int | None = None  # None: as many as concurrency lets
+    batch_patience_s: float = 0.05
     block_ms: int = 500
 
 
@@ -162,7 +164,9 @@ class StreamConsumer:
         self._on_redis_error = on_redis_error
         self._rng = rng or random.Random()
         self._on_reconnect = on_reconnect  # e.g. check the (perhaps new) server again
-        self._inflight: InFlight[tuple[str, str]] = InFlight(config.concurrency)
+        self._inflight: InFlight[tuple[str, str]] = InFlight(
+            config.concurrency, max_tasks=config.max_batches, patience_s=config.batch_patience_s
+        )
         self._retries: dict[tuple[str, str], Retry] = {}
         self._claim_cursors: dict[str, str | bytes] = {}  # stream -> where the next take-over page starts
         self._stopping = asyncio.Event()

@@ -3,11 +3,20 @@
 Like aiojobs' scheduler, but counted in items rather than jobs: one task processes a
 batch of entries, and each entry takes a place. A place is freed when its task ends,
 whatever way it ends.
+
+It also holds back new work while ``max_tasks`` tasks are young: a worker that starts a
+batch for every entry the moment it arrives pays three round trips per entry under
+load, where one that waits for a batch to finish reads what came meanwhile as one
+bigger batch, for the same three round trips. A task stops counting once it is older
+than ``patience_s``, so one slow batch (a slow shelving call) does not hold back the
+rest for its whole time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 from collections.abc import Collection, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -18,11 +27,16 @@ class InFlight(Generic[K]):
     """Tasks in flight, by the items (e.g. stream entries) they work on.
 
     :param limit: how many items may be in flight at once.
+    :param max_tasks: how many tasks younger than ``patience_s`` may be in flight before
+        ``wait_for_room`` waits (``None``: no bound but ``limit``).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_tasks: int | None = None, patience_s: float = 0.05) -> None:
         self.limit = limit
+        self.max_tasks = max_tasks
+        self.patience_s = patience_s
         self._tasks: dict[K, asyncio.Task[None]] = {}
+        self._started: dict[asyncio.Task[None], float] = {}  # task -> loop time it started
         self._freed = asyncio.Event()
 
     def __len__(self) -> int:
@@ -44,23 +58,42 @@ class InFlight(Generic[K]):
         task = asyncio.create_task(work)
         for item in items:
             self._tasks[item] = task
-        task.add_done_callback(lambda _task: self._release(items))
+        self._started[task] = asyncio.get_running_loop().time()
+        task.add_done_callback(lambda done: self._release(done, items))
         return task
 
-    def _release(self, items: Collection[K]) -> None:
+    def _release(self, task: asyncio.Task[None], items: Collection[K]) -> None:
         for item in items:
             self._tasks.pop(item, None)
+        self._started.pop(task, None)
         self._freed.set()
 
     async def wait_for_room(self, places: int, timeout_s: float) -> bool:
-        """Wait until ``places`` places are free; ``False`` after ``timeout_s`` without."""
-        while self.free < places:
-            self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), timeout=timeout_s)
-            except TimeoutError:
+        """Wait until ``places`` places are free and fewer than ``max_tasks`` tasks are
+        young; ``False`` after ``timeout_s`` without."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (wait_s := self._room_in(places, loop.time())) > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 return False
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):  # a task's age may have made room
+                await asyncio.wait_for(self._freed.wait(), timeout=min(wait_s, remaining))
         return True
+
+    def _room_in(self, places: int, now: float) -> float:
+        """0 when there is room now; else how long until a task's age may make room
+        (``inf``: only a task's end can)."""
+        if self.free < places:
+            return math.inf
+        if self.max_tasks is None:
+            return 0.0
+        young = sorted(t for t in self._started.values() if now - t < self.patience_s)
+        if len(young) < self.max_tasks:
+            return 0.0
+        # Room once all but max_tasks - 1 of the young ones are old.
+        return young[len(young) - self.max_tasks] + self.patience_s - now
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for every task to end, then cancel what is left (and
