@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from lending.redis.inflight import InFlight
 
 
@@ -101,3 +103,8 @@ async def test_without_max_tasks_only_places_count() -> None:
         inflight.start([item], work())
     assert await inflight.wait_for_room(1, timeout_s=0.05)
     gate.set()
+
+
+def test_max_tasks_is_at_least_one() -> None:
+    with pytest.raises(ValueError, match="max_tasks"):
+        InFlight(3, max_tasks=0)

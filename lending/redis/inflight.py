@@ -22,6 +22,9 @@ from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
+#: The shortest wait for a task to turn old, in seconds.
+MIN_WAIT_S = 0.001
+
 
 class InFlight(Generic[K]):
     """Tasks in flight, by the items (e.g. stream entries) they work on.
@@ -32,6 +35,8 @@ class InFlight(Generic[K]):
     """
 
     def __init__(self, limit: int, max_tasks: int | None = None, patience_s: float = 0.05) -> None:
+        if max_tasks is not None and max_tasks < 1:
+            raise ValueError(f"max_tasks must be at least 1 (or None), not {max_tasks}")
         self.limit = limit
         self.max_tasks = max_tasks
         self.patience_s = patience_s
@@ -89,11 +94,13 @@ class InFlight(Generic[K]):
             return math.inf
         if self.max_tasks is None:
             return 0.0
-        young = sorted(t for t in self._started.values() if now - t < self.patience_s)
-        if len(young) < self.max_tasks:
+        # When each young task turns old, earliest first.
+        ends = sorted(e for t in self._started.values() if (e := t + self.patience_s) > now)
+        if len(ends) < self.max_tasks:
             return 0.0
-        # Room once all but max_tasks - 1 of the young ones are old.
-        return young[len(young) - self.max_tasks] + self.patience_s - now
+        # Room once all but max_tasks - 1 of them are old. At least a millisecond: uvloop's
+        # clock moves by milliseconds, and a shorter wait would come back to the same time.
+        return max(ends[len(ends) - self.max_tasks] - now, MIN_WAIT_S)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for every task to end, then cancel what is left (and
